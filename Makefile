@@ -1,0 +1,29 @@
+# Plain entry points. `make compress` and `make test` each do all set-up first (idempotent).
+PYTHON ?= python3
+PIP ?= $(PYTHON) -m pip
+
+.PHONY: setup data compress test test-slow lint bench
+
+setup: data
+	$(PIP) install -q -e '.[dev]'
+
+# Fashion-MNIST from Debian's package (no network needed at run time); skipped where apt is not available.
+data:
+	@if [ -d /usr/share/datasets/fashion-mnist ]; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		(apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
+		 (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null)) \
+		|| echo "note: dataset-fashion-mnist not installed; pf-ray will try torchvision's download"; \
+	else echo "note: no apt; pf-ray will look in \$$PF_RAY_DATA, then try torchvision's download"; fi
+
+compress: setup
+	pf-ray compress
+
+test: setup
+	$(PYTHON) -m pytest -q
+
+test-slow: setup
+	$(PYTHON) -m pytest -q -m slow
+
+lint:
+	ruff check pf_ray trainables search_algs tests bench

@@ -1,0 +1,130 @@
+"""One candidate compressed model: per-layer search values -> learner config -> compressed, fine-tuned model.
+
+Everything a trial does that is not Ray lives here, so the same code runs in a trial's own process, in each
+Ray Train worker and in the final retraining, and is tested without Ray.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from pf_ray.config import ExperimentConfig, TrainConfig, to_dict
+from pf_ray.data import DataBundle
+from pf_ray.learners import build_learner
+from pf_ray.metrics import model_stats
+from pf_ray.train import Report, fit, subset
+
+# Metric keys a candidate adds to every epoch's report.
+MACS = "macs"
+PARAMS = "params"
+MACS_RATIO = "macs_ratio"  # candidate MACs / baseline MACs
+LAYER_VALUES = "layer_values"  # the projected per-layer vector the learner used (e.g. keep ratios)
+
+# How per-layer values appear in a Tune config: flat keys (nested spaces break HyperOpt's initial points).
+LAYER_KEY = "layer_{:02d}"
+
+
+@dataclass(frozen=True)
+class PerLayerSpace:
+    """What the searchers search for one learner: one value per layer (or channel group), in model order."""
+
+    field: str  # the learner config's tuple field the values go into, e.g. "layer_keep_ratios"
+    names: tuple[str, ...]  # readable layer/group names, for reports
+    low: float
+    high: float
+
+    def keys(self) -> list[str]:
+        return [LAYER_KEY.format(i) for i in range(len(self.names))]
+
+    def values_from(self, config: dict[str, Any]) -> tuple[float, ...]:
+        return tuple(float(config[key]) for key in self.keys())
+
+
+def per_layer_space(experiment: ExperimentConfig, model: nn.Module,
+                    input_shape: tuple[int, int, int]) -> PerLayerSpace | None:
+    """The learner's per-layer search space on ``model``, or None for a learner with nothing to search."""
+    if experiment.learner.name == "channel_pruning":
+        from pf_ray.learners.channel_pruning import search_dimensions
+
+        learner_config = experiment.learner_config()
+        names = tuple(search_dimensions(model, input_shape))
+        return PerLayerSpace("layer_keep_ratios", names, low=learner_config.min_keep_ratio, high=1.0)
+    return None
+
+
+def project(experiment: ExperimentConfig, model: nn.Module, input_shape: tuple[int, int, int],
+            values: Sequence[float]) -> tuple[float, ...]:
+    """Project a proposal onto the budget, so no candidate that misses it is ever scored."""
+    if experiment.learner.name == "channel_pruning":
+        from pf_ray.ops.pruning import project_to_budget
+
+        learner_config = experiment.learner_config()
+        return tuple(project_to_budget(model, input_shape, values, experiment.search.target_macs_ratio,
+                                       round_to=learner_config.round_to,
+                                       min_ratio=learner_config.min_keep_ratio))
+    return tuple(values)
+
+
+def candidate_learner_config(experiment: ExperimentConfig, model: nn.Module, input_shape: tuple[int, int, int],
+                             values: Sequence[float] | None) -> Any:
+    """The learner's typed config with the (projected) per-layer values filled in."""
+    learner_config = experiment.learner_config()
+    space = per_layer_space(experiment, model, input_shape)
+    if space is None or values is None:
+        return learner_config
+    return replace(learner_config, **{space.field: project(experiment, model, input_shape, values)})
+
+
+@dataclass(frozen=True)
+class Candidate:
+    model: nn.Module
+    learner: Any
+    learner_config: Any
+    static_metrics: dict[str, Any]  # MACs, params, ratio, per-layer values: the same every epoch
+
+
+def compress(experiment: ExperimentConfig, baseline: nn.Module, data: DataBundle,
+             learner_config: Any) -> Candidate:
+    """Apply the learner to a copy of ``baseline`` (the baseline itself is left untouched)."""
+    learner = build_learner(experiment.learner.name, learner_config)
+    model = learner.prepare(copy.deepcopy(baseline), data)
+    baseline_macs = model_stats(baseline, data.input_shape).macs
+    stats = model_stats(model, data.input_shape)
+    static = {MACS: stats.macs, PARAMS: stats.params, MACS_RATIO: stats.macs / max(baseline_macs, 1)}
+    space_field = getattr(learner_config, "layer_keep_ratios", None)
+    if space_field:
+        static[LAYER_VALUES] = list(space_field)
+    return Candidate(model, learner, learner_config, static)
+
+
+def fine_tune(candidate: Candidate, data: DataBundle, train_config: TrainConfig, *,
+              validation_subset: int | None, report: Report | None, seed: int = 0,
+              wrap: Callable[[nn.Module], nn.Module] | None = None, distributed: bool = False,
+              device: str | torch.device = "cpu", start_epoch: int = 0,
+              log: Callable[[str], None] | None = None) -> nn.Module:
+    """Fine-tune the candidate; every epoch's report carries its static metrics too. Returns the final model.
+
+    Args:
+        wrap: e.g. Ray Train's ``prepare_model`` (DDP) in a distributed worker.
+    """
+    model = candidate.model
+    trained = wrap(model) if wrap is not None else model
+
+    def report_with_static(metrics: dict[str, Any]) -> None:
+        if report is not None:
+            report({**metrics, **candidate.static_metrics})
+
+    fit(trained, data.train, train_config, validation_set=subset(data.validation, validation_subset),
+        on_step=candidate.learner.on_step, report=report_with_static, seed=seed, distributed=distributed,
+        device=device, start_epoch=start_epoch, log=log)
+    return candidate.learner.finalize(model)
+
+
+def describe(learner_config: Any) -> dict[str, Any]:
+    return to_dict(learner_config)

@@ -1,0 +1,134 @@
+"""Checkpoints: an architecture description plus a state dict, loaded with ``torch.load(weights_only=True)``.
+
+A checkpoint never pickles code. It stores the model's config (registered name or user function), the input
+shape and class count, the state dict and plain metadata. A pruned model is rebuilt as its unpruned
+architecture whose layers are then resized to the shapes found in the state dict.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pf_ray.config import ModelConfig, from_dict, to_dict
+from pf_ray.errors import CheckpointError, ConfigError, PfRayError
+
+FORMAT = "pf-ray-checkpoint/1"
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    path: Path
+    model: ModelConfig
+    input_shape: tuple[int, int, int]
+    num_classes: int
+    metrics: dict[str, Any]
+    extra: dict[str, Any]
+    sha256: str
+
+
+def sha256_of(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: nn.Module,
+    *,
+    model_config: ModelConfig,
+    input_shape: tuple[int, int, int],
+    num_classes: int,
+    metrics: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write atomically (temporary file + rename): a reader never sees half a checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": FORMAT,
+        "model": to_dict(model_config),
+        "input_shape": list(input_shape),
+        "num_classes": int(num_classes),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "metrics": dict(metrics or {}),
+        "extra": dict(extra or {}),
+    }
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        torch.save(payload, temporary)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+    return path
+
+
+def read_checkpoint(path: str | Path) -> tuple[CheckpointInfo, dict[str, torch.Tensor]]:
+    """The checkpoint's description and state dict, without building the model."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many kinds for a corrupt or foreign file
+        raise CheckpointError(f"checkpoint {str(path)!r} cannot be read ({type(error).__name__}): "
+                              f"not a pf-ray checkpoint or corrupt") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {str(path)!r} is not a pf-ray checkpoint (expected format {FORMAT})")
+    try:
+        info = CheckpointInfo(
+            path=path,
+            model=from_dict(ModelConfig, payload["model"], path="checkpoint.model"),
+            input_shape=tuple(int(v) for v in payload["input_shape"]),  # type: ignore[arg-type]
+            num_classes=int(payload["num_classes"]),
+            metrics=dict(payload.get("metrics", {})),
+            extra=dict(payload.get("extra", {})),
+            sha256=sha256_of(path),
+        )
+    except (KeyError, TypeError, ValueError, ConfigError) as error:
+        raise CheckpointError(f"checkpoint {str(path)!r} has a malformed header: {error}") from None
+    return info, payload["state_dict"]
+
+
+def load_checkpoint(
+    path: str | Path,
+    *,
+    expect_input_shape: tuple[int, int, int] | None = None,
+    expect_num_classes: int | None = None,
+) -> tuple[nn.Module, CheckpointInfo]:
+    """Rebuild the model (pruned layers resized to the stored shapes) and load its weights."""
+    from pf_ray.models import build_model
+    from pf_ray.ops.pruning import resize_to_state_dict_
+
+    info, state_dict = read_checkpoint(path)
+    if expect_input_shape is not None and tuple(expect_input_shape) != info.input_shape:
+        raise CheckpointError(f"checkpoint {str(path)!r} was trained on inputs {info.input_shape}; "
+                              f"the dataset gives {tuple(expect_input_shape)}")
+    if expect_num_classes is not None and expect_num_classes != info.num_classes:
+        raise CheckpointError(f"checkpoint {str(path)!r} has {info.num_classes} classes; "
+                              f"the dataset has {expect_num_classes}")
+    try:
+        model = build_model(info.model, in_channels=info.input_shape[0], num_classes=info.num_classes)
+    except PfRayError as error:
+        raise CheckpointError(f"checkpoint {str(path)!r}: cannot rebuild its model: {error}") from None
+    try:
+        resize_to_state_dict_(model, state_dict)
+        model.load_state_dict(state_dict)
+    except (RuntimeError, KeyError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0]
+        raise CheckpointError(f"checkpoint {str(path)!r} does not match model {info.model.name!r}: "
+                              f"{first_line}") from None
+    model.eval()
+    return model, info

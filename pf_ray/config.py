@@ -1,0 +1,399 @@
+"""Typed, frozen configuration: strict ``from_dict`` / ``to_dict``, YAML loading and ``--set`` overrides.
+
+Every section of an experiment is a frozen dataclass. ``from_dict`` is the one way a dict becomes a config:
+unknown keys, wrong types and out-of-range values raise ``ConfigError`` naming the dotted field, the value and
+what is allowed; ``str`` becomes an enum, ``list`` becomes a tuple. ``to_dict`` is its inverse, so a config
+round-trips through YAML, Ray Tune results, checkpoints and reports.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from pf_ray.errors import ConfigError
+
+T = TypeVar("T")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Validation helpers, used in the dataclasses' __post_init__.
+
+
+def check_range(
+    name: str,
+    value: float,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_inclusive: bool = True,
+    high_inclusive: bool = True,
+) -> None:
+    """Raise ConfigError unless ``low <= value <= high`` (bounds optional, each inclusive or not)."""
+    if isinstance(value, float) and math.isnan(value):
+        raise ConfigError(f"{name}: got nan; expected a number")
+    too_low = low is not None and (value < low if low_inclusive else value <= low)
+    too_high = high is not None and (value > high if high_inclusive else value >= high)
+    if too_low or too_high:
+        left = "[" if low_inclusive else "("
+        right = "]" if high_inclusive else ")"
+        low_text = "-inf" if low is None else f"{low:g}"
+        high_text = "inf" if high is None else f"{high:g}"
+        raise ConfigError(f"{name}: got {value!r}; allowed range is {left}{low_text}, {high_text}{right}")
+
+
+def check_choice(name: str, value: Any, choices: typing.Iterable[Any]) -> None:
+    choices = list(choices)
+    if value not in choices:
+        raise ConfigError(f"{name}: got {value!r}; allowed: {', '.join(map(str, choices))}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Generic strict conversion between dicts and (nested) frozen dataclasses.
+
+
+def from_dict(cls: type[T], data: Any, *, path: str = "") -> T:
+    """Build dataclass ``cls`` from ``data`` strictly. ``path`` prefixes field names in error messages."""
+    if isinstance(data, cls):
+        return data
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or cls.__name__}: got {_describe(data)}; expected a mapping of fields")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(map(str, data)) - set(fields))
+    if unknown:
+        where = f"{path}." if path else ""
+        raise ConfigError(
+            f"unknown field {where}{unknown[0]}; valid fields of {path or cls.__name__}: {', '.join(fields)}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _convert(hints[name], value, _join(path, name))
+    try:
+        return cls(**kwargs)
+    except ConfigError as error:
+        # __post_init__ checks name the bare field; prefix the section so the user can find it.
+        message = str(error)
+        if path and not message.startswith(path):
+            message = f"{path}.{message}"
+        raise ConfigError(message) from None
+    except TypeError as error:  # a required field is missing
+        raise ConfigError(f"{path or cls.__name__}: {error}") from None
+
+
+def to_dict(config: Any) -> Any:
+    """Inverse of ``from_dict``: plain dicts, lists, strings and numbers only (YAML- and JSON-safe)."""
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        return {f.name: to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    if isinstance(config, enum.Enum):
+        return config.value
+    if isinstance(config, (list, tuple)):
+        return [to_dict(v) for v in config]
+    if isinstance(config, dict):
+        return {str(k): to_dict(v) for k, v in config.items()}
+    return config
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def _describe(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+def _convert(hint: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _convert(option, value, path)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{path}: got {_describe(value)}; "
+                          f"expected one of {', '.join(_type_name(a) for a in args)}")
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, path=path)
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        if isinstance(value, hint):
+            return value
+        allowed = [m.value for m in hint]
+        if value not in allowed:
+            raise ConfigError(f"{path}: got {value!r}; allowed: {', '.join(map(str, allowed))}")
+        return hint(value)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: got {_describe(value)}; expected a list")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(args[0], v, f"{path}[{i}]") for i, v in enumerate(value))
+        if len(args) != len(value):
+            raise ConfigError(f"{path}: got {len(value)} values; expected {len(args)}")
+        return tuple(_convert(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: got {_describe(value)}; expected a mapping")
+        return dict(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: got {_describe(value)}; expected true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: got {_describe(value)}; expected an integer")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: got {_describe(value)}; expected a number")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: got {_describe(value)}; expected a string")
+        return value
+    raise TypeError(f"config type {hint!r} of {path} is not supported by from_dict")
+
+
+def _type_name(hint: Any) -> str:
+    return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The experiment's sections.
+
+
+class SearchAlgorithm(str, enum.Enum):
+    RANDOM = "random"
+    TPE = "tpe"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "resnet20"  # a registered name, "path/to/file.py:function" or "package.module:function"
+    width_multiplier: float = 1.0  # MobileNets only: scales every layer's channel count
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ConfigError("model.name: got ''; expected a model name")
+        check_range("model.width_multiplier", self.width_multiplier, low=0.0, low_inclusive=False, high=4.0)
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    name: str = "fashion_mnist"
+    data_dir: str | None = None  # searched first; then $PF_RAY_DATA, Debian's folder, torchvision's cache
+    validation_fraction: float = 0.1  # carved from the training set; the search scores on it
+    train_subset: int | None = None  # use only this many training examples (None = all)
+    test_subset: int | None = None  # evaluate on only this many test examples (None = all)
+
+    def __post_init__(self) -> None:
+        check_range("dataset.validation_fraction", self.validation_fraction, low=0.0, high=0.5,
+                    low_inclusive=False)
+        for name in ("train_subset", "test_subset"):
+            value = getattr(self, name)
+            if value is not None:
+                check_range(f"dataset.{name}", value, low=1)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """An optimisation schedule: SGD with momentum and cosine decay (the CIFAR ResNet recipe)."""
+
+    epochs: int = 1
+    batch_size: int = 128
+    learning_rate: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    train_subset: int | None = None  # use only this many training examples (None = all)
+
+    def __post_init__(self) -> None:
+        check_range("epochs", self.epochs, low=1)
+        check_range("batch_size", self.batch_size, low=1)
+        check_range("learning_rate", self.learning_rate, low=0.0, low_inclusive=False, high=10.0)
+        check_range("momentum", self.momentum, low=0.0, high=1.0, high_inclusive=False)
+        check_range("weight_decay", self.weight_decay, low=0.0, high=1.0)
+        if self.train_subset is not None:
+            check_range("train_subset", self.train_subset, low=1)
+
+
+@dataclass(frozen=True)
+class BaselineConfig:
+    checkpoint: str | None = None  # a trained checkpoint; None = train one (cached under storage.path)
+    # The embedded default is sized so the whole quick-start runs in about ten minutes on two CPU cores.
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=2, learning_rate=0.1,
+                                                                   train_subset=20000))
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    """Which learner compresses the model and its options (validated by the learner's own config class)."""
+
+    name: str = "channel_pruning"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    algorithm: SearchAlgorithm = SearchAlgorithm.TPE
+    num_trials: int = 8
+    target_macs_ratio: float = 0.5  # keep this fraction of the baseline's MACs (every candidate is projected)
+    fine_tune: TrainConfig = field(
+        default_factory=lambda: TrainConfig(epochs=2, learning_rate=0.01, train_subset=4096)
+    )
+    grace_period: int = 1  # ASHA: epochs every trial runs before it may be stopped
+    reduction_factor: int = 2  # ASHA: keep the best 1/reduction_factor at each rung
+    validation_subset: int | None = 2000  # validation examples used to score trials (None = all)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_range("search.num_trials", self.num_trials, low=1)
+        check_range("search.target_macs_ratio", self.target_macs_ratio, low=0.0, high=1.0,
+                    low_inclusive=False)
+        check_range("search.grace_period", self.grace_period, low=1)
+        check_range("search.reduction_factor", self.reduction_factor, low=2)
+        if self.validation_subset is not None:
+            check_range("search.validation_subset", self.validation_subset, low=1)
+
+
+@dataclass(frozen=True)
+class RetrainConfig:
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=2, learning_rate=0.02,
+                                                                   train_subset=20000))
+    num_workers: int = 1  # Ray Train workers (DDP); 1 still runs under Ray Train for checkpointing
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    formats: tuple[str, ...] = ("onnx", "onnx_int8")
+    opset: int = 17
+    calibration_samples: int = 256  # training images used to calibrate INT8 activations
+    latency_threads: int = 1  # ONNX Runtime intra-op threads when timing
+    latency_batch_sizes: tuple[int, ...] = (1,)
+    latency_repeats: int = 200  # timed runs per measurement (after warm-up); the median is reported
+
+    def __post_init__(self) -> None:
+        for fmt in self.formats:
+            check_choice("export.formats", fmt, ("onnx", "onnx_int8"))
+        check_range("export.opset", self.opset, low=13, high=21)
+        check_range("export.calibration_samples", self.calibration_samples, low=1)
+        check_range("export.latency_threads", self.latency_threads, low=1)
+        check_range("export.latency_repeats", self.latency_repeats, low=1)
+        for size in self.latency_batch_sizes:
+            check_range("export.latency_batch_sizes", size, low=1)
+
+
+@dataclass(frozen=True)
+class ResourcesConfig:
+    ray_address: str | None = None  # None = start a local Ray on 127.0.0.1
+    num_cpus: int | None = None  # local Ray only; None = all cores
+    cpus_per_trial: int = 1  # the trial's own process (and torch threads when it trains in-process)
+    workers_per_trial: int = 1  # >1: fine-tune with a Ray Train TorchTrainer (DDP) inside the trial
+    cpus_per_worker: int = 1
+    use_gpu: bool = False
+
+    def __post_init__(self) -> None:
+        if self.num_cpus is not None:
+            check_range("resources.num_cpus", self.num_cpus, low=1)
+        check_range("resources.cpus_per_trial", self.cpus_per_trial, low=1)
+        check_range("resources.workers_per_trial", self.workers_per_trial, low=1)
+        check_range("resources.cpus_per_worker", self.cpus_per_worker, low=1)
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    path: str = "runs"  # run folders and the baseline cache go here (local path, s3:// or gs://)
+    name: str | None = None  # run folder name; None = "<model>-<learner>-<timestamp>"
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    retrain: RetrainConfig = field(default_factory=RetrainConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    seed: int = 0
+
+    def learner_config(self) -> Any:
+        """The learner's own typed config (validated; raises ConfigError naming ``learner.options.*``)."""
+        from pf_ray.learners import learner_config_class
+
+        return from_dict(learner_config_class(self.learner.name), self.learner.options,
+                         path="learner.options")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# YAML files and --set overrides.
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(path)!r} does not exist") from None
+    except OSError as error:
+        raise ConfigError(f"config file {str(path)!r} cannot be read: {error.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or "malformed YAML"
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r}: got {_describe(data)}; expected a mapping of sections")
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: typing.Iterable[str]) -> dict[str, Any]:
+    """Apply ``dotted.key=value`` strings (value parsed as YAML) to a copy of ``data``."""
+    import copy
+
+    data = copy.deepcopy(data)
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {override!r}: expected dotted.key=value")
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {override!r}: {part} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def load_experiment(path: str | Path | None = None, overrides: typing.Iterable[str] = ()) -> ExperimentConfig:
+    """Load an experiment: the embedded defaults, then the YAML file (if any), then ``--set`` overrides."""
+    data = load_yaml(path) if path is not None else {}
+    data = apply_overrides(data, overrides)
+    config = from_dict(ExperimentConfig, data)
+    config.learner_config()  # validate the learner's options now, not inside a trial
+    return config

@@ -1,0 +1,31 @@
+"""pf-ray's errors: one flat set. Each message names the field, the value received and what is allowed."""
+
+from __future__ import annotations
+
+
+class PfRayError(Exception):
+    """Base class: the CLI prints these as one line and exits with code 2."""
+
+
+class ConfigError(PfRayError):
+    """A configuration value is unknown, of the wrong type, out of range or inconsistent."""
+
+
+class DataError(PfRayError):
+    """A dataset cannot be found, read, or has the wrong shape."""
+
+
+class ModelError(PfRayError):
+    """A model cannot be built, loaded or handled (e.g. nothing prunable)."""
+
+
+class CheckpointError(PfRayError):
+    """A checkpoint is missing, corrupt, or does not match the model."""
+
+
+class ExportError(PfRayError):
+    """An artifact cannot be exported or fails verification."""
+
+
+class SearchError(PfRayError):
+    """The search could not produce a usable result (e.g. every trial failed)."""

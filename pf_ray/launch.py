@@ -1,0 +1,380 @@
+"""The composition root: baseline -> search (Ray Tune) -> retrain (Ray Train) -> export -> verify -> results.
+
+This is the only module of ``pf_ray`` that wires Ray, the trainables and the search algorithms together, and
+it imports them lazily, so ``import pf_ray`` works without Ray.
+
+Run folder (``<storage.path>/<storage.name>``)::
+
+    config.yaml            the resolved experiment (every default filled in)
+    search/                the Ray Tune experiment (one folder per trial)
+    retrain/               the Ray Train run of the best candidate (checkpoints per epoch)
+    artifacts/             baseline.onnx, compressed.pt, compressed.onnx, compressed.int8.onnx
+    results.json           machine-readable summary: baseline, every trial, the choice, the artifacts
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from pf_ray.candidate import MACS_RATIO, PerLayerSpace, per_layer_space, project
+from pf_ray.checkpoint import load_checkpoint, save_checkpoint
+from pf_ray.config import ExperimentConfig, from_dict, to_dict
+from pf_ray.data import DataBundle, load_data
+from pf_ray.errors import ConfigError, PfRayError, SearchError
+from pf_ray.metrics import model_stats
+from pf_ray.models import build_model
+from pf_ray.train import ACCURACY, EPOCH, evaluate, fit
+
+Log = Callable[[str], None]
+
+# A trial that runs a TorchTrainer only waits for its workers: it reserves a sliver of a CPU, so that the
+# workers' own CPUs (which Tune does not reserve for it) are what limits concurrency.
+TRAIN_DRIVER_CPUS = 0.25
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Everything checked before the run folder is created (so bad input leaves nothing on disk)."""
+
+    config: ExperimentConfig
+    data: DataBundle
+    baseline_path: Path | None  # None: the baseline must be trained first
+    run_dir: Path
+
+
+def _cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Baseline.
+
+
+def baseline_cache_path(config: ExperimentConfig) -> Path:
+    """Where ``pf-ray train`` caches the baseline: keyed by everything that changes the trained weights."""
+    key = json.dumps([to_dict(config.model), to_dict(config.dataset), to_dict(config.baseline.train),
+                      config.seed], sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    return Path(config.storage.path) / "baselines" / f"{config.model.name.replace('/', '_').replace(':', '_')}-" \
+                                                     f"{config.dataset.name}-{digest}.pt"
+
+
+def train_baseline(config: ExperimentConfig, data: DataBundle, *, log: Log = print, force: bool = False) -> Path:
+    """Train the full-precision baseline in this process (all cores) and cache it; reuse the cache if present."""
+    path = Path(config.baseline.checkpoint) if config.baseline.checkpoint else baseline_cache_path(config)
+    if path.exists() and not force:
+        log(f"baseline: using {path}")
+        return path
+    torch.manual_seed(config.seed)
+    torch.set_num_threads(config.resources.num_cpus or _cpu_count())
+    model = build_model(config.model, in_channels=data.input_shape[0], num_classes=data.num_classes)
+    train = config.baseline.train
+    size = min(len(data.train), train.train_subset or len(data.train))
+    log(f"baseline: training {config.model.name} on {config.dataset.name} for {train.epochs} epoch(s), "
+        f"{size} images")
+    fit(model, data.train, train, validation_set=data.validation, seed=config.seed, log=log)
+    metrics = evaluate(model, data.validation)
+    save_checkpoint(path, model, model_config=config.model, input_shape=data.input_shape,
+                    num_classes=data.num_classes, metrics={"validation_" + k: v for k, v in metrics.items()},
+                    extra={"config": to_dict(config)})
+    log(f"baseline: validation accuracy {metrics[ACCURACY]:.4f}; saved {path}")
+    return path
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Checks before anything is written.
+
+
+def prepare(config: ExperimentConfig, *, log: Log = print) -> Prepared:
+    """Validate every input that can be checked up front: learner options, data, model, checkpoint, budget."""
+    config.learner_config()
+    data = load_data(config.dataset, seed=config.seed)
+    model = build_model(config.model, in_channels=data.input_shape[0], num_classes=data.num_classes)
+    baseline_path: Path | None = None
+    if config.baseline.checkpoint:
+        baseline_path = Path(config.baseline.checkpoint)
+        model, info = load_checkpoint(baseline_path, expect_input_shape=data.input_shape,
+                                      expect_num_classes=data.num_classes)
+        if info.model != config.model:
+            raise ConfigError(f"baseline.checkpoint: {str(baseline_path)!r} holds model {info.model.name!r}; "
+                              f"model.name is {config.model.name!r}")
+    elif baseline_cache_path(config).exists():
+        baseline_path = baseline_cache_path(config)
+    space = per_layer_space(config, model, data.input_shape)
+    if space is not None:
+        project(config, model, data.input_shape, [space.low] * len(space.names))  # raises if out of reach
+    workers_cpus = config.resources.workers_per_trial * config.resources.cpus_per_worker
+    available = config.resources.num_cpus or (_cpu_count() if config.resources.ray_address is None else None)
+    if available is not None and config.resources.workers_per_trial > 1 and workers_cpus > available:
+        raise ConfigError(f"resources.workers_per_trial: {config.resources.workers_per_trial} workers x "
+                          f"{config.resources.cpus_per_worker} CPU need {workers_cpus} CPUs; "
+                          f"this machine has {available}")
+    name = config.storage.name or f"{config.model.name.replace('/', '_').replace(':', '_')}-" \
+                                  f"{config.learner.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = Path(config.storage.path).resolve() / name
+    if run_dir.exists():
+        raise ConfigError(f"storage.name: run folder {str(run_dir)!r} already exists; choose another name")
+    return Prepared(config, data, baseline_path, run_dir)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Ray.
+
+
+def start_ray(config: ExperimentConfig, *, log: Log = print) -> bool:
+    """Connect to the configured cluster, or start a local Ray on 127.0.0.1. Returns True if we started it."""
+    # Keep every address of a local Ray on loopback (by default Ray advertises the machine's interface).
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if config.resources.ray_address:
+        ray.init(address=config.resources.ray_address, logging_level="WARNING", log_to_driver=False)
+    else:
+        ray.init(num_cpus=config.resources.num_cpus or _cpu_count(), include_dashboard=False,
+                 _node_ip_address="127.0.0.1", logging_level="WARNING", log_to_driver=False)
+    resources = ray.cluster_resources()
+    log(f"ray: {int(resources.get('CPU', 0))} CPUs, {int(resources.get('GPU', 0))} GPUs")
+    return True
+
+
+def trial_cost(config: ExperimentConfig) -> tuple[dict[str, float], float]:
+    """The resources a trial reserves through Tune, and the CPUs it really occupies (its Train workers too)."""
+    resources = config.resources
+    if resources.workers_per_trial == 1:
+        reserve = {"cpu": float(resources.cpus_per_trial), "gpu": 1.0 if resources.use_gpu else 0.0}
+        return reserve, float(resources.cpus_per_trial)
+    workers = resources.workers_per_trial * resources.cpus_per_worker
+    return {"cpu": TRAIN_DRIVER_CPUS}, TRAIN_DRIVER_CPUS + workers
+
+
+def max_concurrent_trials(config: ExperimentConfig, cluster_cpus: float) -> int:
+    """How many trials fit at once, so nested Train workers never wait for CPUs held by other trials."""
+    _, cost = trial_cost(config)
+    if cost > cluster_cpus:
+        raise ConfigError(f"resources: one trial needs {cost:g} CPUs (driver + workers_per_trial x "
+                          f"cpus_per_worker); the cluster has {cluster_cpus:g}")
+    return max(1, int(cluster_cpus // cost))
+
+
+def run_search(config: ExperimentConfig, space: PerLayerSpace, baseline_path: Path, run_dir: Path, *,
+               log: Log = print) -> list[dict[str, Any]]:
+    """Ray Tune search with ASHA; returns one record per trial (values, last metrics, status, error)."""
+    import ray
+    from ray import tune
+
+    from search_algs import make_searcher
+    from search_algs.schedulers import make_asha
+    from trainables import get_trainable
+
+    search = config.search
+    searcher, param_space = make_searcher(search.algorithm, space, metric=ACCURACY, mode="max",
+                                          seed=search.seed, num_trials=search.num_trials)
+    concurrency = max_concurrent_trials(config, ray.cluster_resources().get("CPU", 1.0))
+    reserve, _ = trial_cost(config)
+    trainable = tune.with_resources(
+        tune.with_parameters(get_trainable(config.learner.name), experiment=to_dict(config),
+                             baseline_checkpoint=str(baseline_path)),
+        reserve,
+    )
+    log(f"search: {search.algorithm.value}, {search.num_trials} trials over {len(space.names)} layer groups, "
+        f"{concurrency} at a time, ASHA over {search.fine_tune.epochs} fine-tuning epoch(s)")
+    tuner = tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(
+            search_alg=searcher,
+            scheduler=make_asha(max_epochs=search.fine_tune.epochs, grace_period=search.grace_period,
+                                reduction_factor=search.reduction_factor),
+            metric=ACCURACY,
+            mode="max",
+            num_samples=search.num_trials,
+            max_concurrent_trials=concurrency,
+            trial_dirname_creator=lambda trial: trial.trial_id,
+        ),
+        run_config=tune.RunConfig(name="search", storage_path=str(run_dir), verbose=1,
+                                  failure_config=tune.FailureConfig(max_failures=1)),
+    )
+    grid = tuner.fit()
+    trials = []
+    for result in grid:
+        metrics = dict(result.metrics or {})
+        values = [float(result.config[key]) for key in space.keys()] if result.config else []
+        trials.append({
+            "trial_id": metrics.get("trial_id", Path(result.path).name),
+            "proposal": values,
+            "layer_values": metrics.get("layer_values"),
+            ACCURACY: metrics.get(ACCURACY),
+            EPOCH: metrics.get(EPOCH, 0),
+            MACS_RATIO: metrics.get(MACS_RATIO),
+            "macs": metrics.get("macs"),
+            "params": metrics.get("params"),
+            "error": None if result.error is None else f"{type(result.error).__name__}: {result.error}"[:500],
+        })
+    return trials
+
+
+def choose_best(trials: list[dict[str, Any]], max_epochs: int) -> dict[str, Any]:
+    """The most accurate trial among those that finished every epoch (ASHA stopped the rest early)."""
+    finished = [t for t in trials if t["error"] is None and t[ACCURACY] is not None
+                and not math.isnan(t[ACCURACY])]
+    if not finished:
+        errors = [t["error"] for t in trials if t["error"]]
+        raise SearchError(f"every trial failed; first error: {errors[0] if errors else 'no metrics reported'}")
+    complete = [t for t in finished if t[EPOCH] >= max_epochs] or finished
+    return max(complete, key=lambda t: t[ACCURACY])
+
+
+def retrain(config: ExperimentConfig, learner_config: Any, baseline_path: Path, run_dir: Path, *,
+            log: Log = print) -> torch.nn.Module:
+    """Compress the baseline with the chosen settings and fine-tune it with the full budget on Ray Train."""
+    from trainables._common import MODEL_FILE, ray_train_fit
+
+    log(f"retrain: {config.retrain.train.epochs} epoch(s) on {config.retrain.num_workers} Ray Train worker(s)")
+    import ray
+
+    # The retrain runs alone: its workers share every CPU of the cluster.
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    result = ray_train_fit(
+        config,
+        learner_config=to_dict(learner_config),
+        baseline_checkpoint=str(baseline_path),
+        train_config=config.retrain.train,
+        validation_subset=None,
+        num_workers=config.retrain.num_workers,
+        cpus_per_worker=max(1, cpus // config.retrain.num_workers),
+        name="retrain",
+        storage_path=str(run_dir),
+    )
+    if result.error is not None:
+        raise SearchError(f"retraining failed: {result.error}")
+    for epoch_metrics in result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None \
+            else []:
+        log(f"  epoch {epoch_metrics.get(EPOCH)}: validation accuracy {epoch_metrics.get(ACCURACY, float('nan')):.4f}")
+    with result.checkpoint.as_directory() as directory:
+        model, _ = load_checkpoint(Path(directory) / MODEL_FILE)
+    return model
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The whole pipeline.
+
+
+def compress(config: ExperimentConfig, *, log: Log = print, command: str | None = None) -> dict[str, Any]:
+    """Run the whole pipeline; returns the results dict (also written to ``results.json``)."""
+    from pf_ray.candidate import candidate_learner_config
+    from pf_ray.export import export_all
+    from pf_ray.export.verify import verify_artifact
+
+    started = time.time()
+    prepared = prepare(config, log=log)
+    data, run_dir = prepared.data, prepared.run_dir
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    log(f"run folder: {run_dir}")
+    try:
+        baseline_path = prepared.baseline_path or train_baseline(config, data, log=log)
+        baseline, baseline_info = load_checkpoint(baseline_path, expect_input_shape=data.input_shape,
+                                                  expect_num_classes=data.num_classes)
+
+        started_ray = start_ray(config, log=log)
+        try:
+            space = per_layer_space(config, baseline, data.input_shape)
+            trials: list[dict[str, Any]] = []
+            best: dict[str, Any] | None = None
+            if space is not None:
+                trials = run_search(config, space, baseline_path, run_dir, log=log)
+                best = choose_best(trials, config.search.fine_tune.epochs)
+                learner_config = candidate_learner_config(config, baseline, data.input_shape, best["proposal"])
+                log(f"search: best trial {best['trial_id']}: validation accuracy {best[ACCURACY]:.4f} at "
+                    f"{best[MACS_RATIO]:.3f} of the baseline MACs")
+            else:
+                learner_config = config.learner_config()
+            model = retrain(config, learner_config, baseline_path, run_dir, log=log)
+        finally:
+            if started_ray:
+                import ray
+
+                ray.shutdown()
+
+        artifacts_dir = run_dir / "artifacts"
+        save_checkpoint(artifacts_dir / "compressed.pt", model, model_config=config.model,
+                        input_shape=data.input_shape, num_classes=data.num_classes,
+                        extra={"learner": config.learner.name, "learner_config": to_dict(learner_config)})
+        torch.set_num_threads(config.resources.num_cpus or _cpu_count())
+        reports = []
+        for stem, net in (("baseline", baseline), ("compressed", model)):
+            stats = model_stats(net, data.input_shape)
+            paths = export_all(net, data, config.export, artifacts_dir, stem=stem)
+            for fmt, path in paths.items():
+                log(f"verify: {path.name} ({fmt}) in ONNX Runtime")
+                report = verify_artifact(path, model=net, data=data, threads=config.export.latency_threads,
+                                         batch_sizes=config.export.latency_batch_sizes,
+                                         repeats=config.export.latency_repeats,
+                                         reference_inputs=_reference_inputs(data))
+                reports.append({"model": stem, "format": fmt, "macs": stats.macs, "params": stats.params,
+                                **report.to_dict()})
+        results = {
+            "command": command,
+            "config": to_dict(config),
+            "baseline": {"checkpoint": str(baseline_path), "sha256": baseline_info.sha256,
+                         **model_stats(baseline, data.input_shape).__dict__},
+            "search": {"algorithm": config.search.algorithm.value if space else None,
+                       "layer_names": list(space.names) if space else [], "trials": trials, "best": best},
+            "learner_config": to_dict(learner_config),
+            "compressed": {"checkpoint": str(artifacts_dir / "compressed.pt"),
+                           **model_stats(model, data.input_shape).__dict__},
+            "artifacts": reports,
+            "seconds": round(time.time() - started, 1),
+        }
+        _write_json(run_dir / "results.json", results)
+        log(summary_table(results, config))
+        log(f"artifacts: {artifacts_dir}")
+        log(f"results:   {run_dir / 'results.json'}")
+        return results
+    except BaseException:
+        log(f"run failed; partial run folder left for inspection: {run_dir}")
+        raise
+
+
+def _reference_inputs(data: DataBundle) -> torch.Tensor:
+    count = min(256, len(data.test))
+    return torch.stack([data.test[i][0] for i in range(count)])
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    temporary = path.with_suffix(".json.tmp")
+    temporary.write_text(json.dumps(payload, indent=2, default=str))
+    os.replace(temporary, path)
+
+
+def summary_table(results: dict[str, Any], config: ExperimentConfig) -> str:
+    """The before/after table printed at the end of ``pf-ray compress``."""
+    batch = config.export.latency_batch_sizes[0]
+    rows = results["artifacts"]
+    reference = next((r for r in rows if r["model"] == "baseline" and r["format"] == "onnx"), rows[0])
+    base_latency = reference["latency"][str(batch)]["median_ms"]
+    header = (f"| artifact | test accuracy | MACs | params | file size | latency b{batch} "
+              f"({config.export.latency_threads} thread) | speed-up |")
+    lines = ["", header, "|---|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        latency = row["latency"][str(batch)]["median_ms"]
+        lines.append(
+            f"| {Path(row['path']).name} | {100 * row['test_accuracy']:.2f}% | {row['macs'] / 1e6:.2f}M | "
+            f"{row['params'] / 1e3:.1f}k | {row['size_bytes'] / 1024:.0f} KiB | {latency:.3f} ms | "
+            f"{base_latency / latency:.2f}x |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,17 @@
+"""The learners, one module each; importing this package registers them all in ``LEARNERS``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pf_ray.registry import LEARNERS
+from pf_ray.learners import channel_pruning, full_precision  # noqa: F401  (registration)
+
+
+def learner_config_class(name: str) -> type:
+    return LEARNERS.entry(name).meta["config"]
+
+
+def build_learner(name: str, config: Any):
+    """The registered learner ``name`` built from its typed config."""
+    return LEARNERS.get(name)(config)

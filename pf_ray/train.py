@@ -1,0 +1,159 @@
+"""Training and evaluation: an explicit loop; metrics leave through a ``report`` callback (no Ray in here).
+
+The same ``fit`` runs in a trial's own process and inside each Ray Train worker: with ``distributed=True`` the
+caller has already wrapped the model in DDP and started the process group; ``fit`` then shards the data with a
+``DistributedSampler`` and all-reduces the metrics, so every rank reports the same numbers.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+
+from pf_ray.config import TrainConfig
+
+# Metric keys: the same strings in trial results, results.json and reports.
+EPOCH = "epoch"
+ACCURACY = "accuracy"  # validation top-1 during search and retraining, as a fraction in [0, 1]
+LOSS = "loss"  # mean training loss over the epoch
+TRAIN_ACCURACY = "train_accuracy"
+SECONDS = "epoch_seconds"
+
+Report = Callable[[dict[str, Any]], None]
+
+
+def subset(dataset: Dataset, size: int | None) -> Dataset:
+    """The first ``size`` examples (datasets are shuffled once when split, so this is a random subset)."""
+    if size is None or size >= len(dataset):  # type: ignore[arg-type]
+        return dataset
+    return Subset(dataset, range(size))
+
+
+def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int = 0,
+                distributed: bool = False) -> DataLoader:
+    if distributed:
+        sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed)
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler)
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator)
+
+
+def _all_reduce_sum(values: list[float], distributed: bool, device: torch.device) -> list[float]:
+    if not distributed:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(tensor)
+    return tensor.tolist()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int = 512, distributed: bool = False,
+             device: str | torch.device = "cpu") -> dict[str, float]:
+    """Top-1 accuracy and mean cross-entropy of ``model`` on ``dataset`` (eval mode; mode restored)."""
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    correct = total = loss_sum = 0.0
+    for inputs, labels in make_loader(dataset, batch_size, shuffle=False, distributed=distributed):
+        inputs, labels = inputs.to(device), labels.to(device)
+        logits = model(inputs)
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+        correct += (logits.argmax(dim=1) == labels).sum().item()
+        total += labels.numel()
+    model.train(was_training)
+    correct, total, loss_sum = _all_reduce_sum([correct, total, loss_sum], distributed, device)
+    if total == 0:
+        return {ACCURACY: float("nan"), LOSS: float("nan")}
+    return {ACCURACY: correct / total, LOSS: loss_sum / total}
+
+
+def fit(
+    model: nn.Module,
+    train_set: Dataset,
+    config: TrainConfig,
+    *,
+    validation_set: Dataset | None = None,
+    on_step: Callable[[nn.Module, int], None] | None = None,
+    report: Report | None = None,
+    start_epoch: int = 0,
+    seed: int = 0,
+    distributed: bool = False,
+    device: str | torch.device = "cpu",
+    log: Callable[[str], None] | None = None,
+) -> nn.Module:
+    """Train ``model`` in place with SGD + Nesterov momentum and a per-step cosine learning rate.
+
+    Args:
+        on_step: the learner's hook, called after every optimiser step with the global step number.
+        report: called once per epoch with ``{epoch, accuracy, loss, train_accuracy, epoch_seconds}``; a caller
+            that checkpoints saves the model it passed in from there.
+        start_epoch: resume after this many finished epochs (the learning-rate schedule continues; the
+            optimiser's momentum starts afresh).
+        distributed: ``model`` is DDP-wrapped and a process group is up; shard data, all-reduce metrics.
+        log: receives one progress line per epoch (``print`` on the command line; None in trials).
+
+    Raises:
+        FloatingPointError: the training loss became NaN or infinite (the trial fails with this reason).
+    """
+    device = torch.device(device)
+    train_set = subset(train_set, config.train_subset)
+    loader = make_loader(train_set, config.batch_size, shuffle=True, seed=seed, distributed=distributed)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.learning_rate, momentum=config.momentum,
+                                weight_decay=config.weight_decay, nesterov=config.momentum > 0)
+    steps_per_epoch = max(1, len(loader))
+    total_steps = steps_per_epoch * config.epochs
+
+    def learning_rate(step: int) -> float:  # cosine decay from the configured rate to 0 over the whole run
+        return 0.5 * config.learning_rate * (1.0 + math.cos(math.pi * step / total_steps))
+
+    step = start_epoch * steps_per_epoch
+    for epoch in range(start_epoch, config.epochs):
+        if isinstance(loader.sampler, DistributedSampler):
+            loader.sampler.set_epoch(epoch)
+        model.train()
+        started = time.perf_counter()
+        loss_sum = correct = seen = 0.0
+        for inputs, labels in loader:
+            inputs, labels = inputs.to(device), labels.to(device)
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step)
+            logits = model(inputs)
+            loss = F.cross_entropy(logits, labels)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"training diverged: loss is {loss.item()} at epoch {epoch + 1}, "
+                                         f"step {step}; lower the learning rate")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            if on_step is not None:
+                on_step(_unwrap(model), step)
+            loss_sum += loss.item() * labels.numel()
+            correct += (logits.argmax(dim=1) == labels).sum().item()
+            seen += labels.numel()
+        loss_sum, correct, seen = _all_reduce_sum([loss_sum, correct, seen], distributed, device)
+        metrics: dict[str, Any] = {
+            EPOCH: epoch + 1,
+            LOSS: loss_sum / max(seen, 1),
+            TRAIN_ACCURACY: correct / max(seen, 1),
+            SECONDS: time.perf_counter() - started,
+        }
+        if validation_set is not None:
+            metrics[ACCURACY] = evaluate(model, validation_set, distributed=distributed, device=device)[ACCURACY]
+        if log is not None:
+            shown = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+            log(f"  epoch {epoch + 1}/{config.epochs}: {shown}")
+        if report is not None:
+            report(metrics)
+    return model
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model

@@ -1,0 +1,22 @@
+"""TPE (Bergstra et al., NeurIPS 2011) through Ray Tune's HyperOptSearch, over the per-layer space."""
+
+from __future__ import annotations
+
+from pf_ray.candidate import PerLayerSpace
+from search_algs.spaces import tune_space, uniform_starting_point
+
+
+def make_tpe(space: PerLayerSpace, *, metric: str, mode: str, seed: int, num_trials: int):
+    from ray.tune.search.hyperopt import HyperOptSearch
+
+    # hyperopt's default of 20 random start-up points would leave a small search with no model-based step:
+    # use about a third of the budget (at least 2) for random exploration.
+    n_initial_points = max(2, min(20, num_trials // 3))
+    return HyperOptSearch(
+        space=tune_space(space),
+        metric=metric,
+        mode=mode,
+        points_to_evaluate=[uniform_starting_point(space)],
+        n_initial_points=n_initial_points,
+        random_state_seed=seed,
+    )

@@ -1,0 +1,159 @@
+"""The Ray edge of a trial: Tune config in, ``tune.report`` per epoch out; Ray Train (DDP) when asked.
+
+A trial fine-tunes one candidate. With ``resources.workers_per_trial == 1`` it trains in its own process (no
+worker-group start-up cost); with more it runs a ``TorchTrainer`` inside the trial (DDP, gloo on CPU, nccl on
+GPU), named after the trial id so a restarted trial resumes from its last checkpoint, its rank-0 metrics
+forwarded to Tune by ``TuneReportCallback`` (``fit`` all-reduces them first, so rank 0 speaks for all).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pf_ray.candidate import Candidate, candidate_learner_config, compress, fine_tune, per_layer_space
+from pf_ray.checkpoint import load_checkpoint, save_checkpoint
+from pf_ray.config import ExperimentConfig, TrainConfig, from_dict, to_dict
+from pf_ray.data import load_data
+from pf_ray.errors import ConfigError
+from pf_ray.learners import build_learner, learner_config_class
+from pf_ray.train import EPOCH
+
+MODEL_FILE = "model.pt"  # inside each Ray Train checkpoint directory
+
+
+def run_trial(learner_name: str, config: dict[str, Any], *, experiment: dict[str, Any],
+              baseline_checkpoint: str) -> None:
+    """Fine-tune the candidate that ``config`` (flat per-layer values) describes; report every epoch."""
+    from ray import tune
+
+    spec = from_dict(ExperimentConfig, experiment)
+    if spec.learner.name != learner_name:
+        raise ConfigError(f"trainable {learner_name!r} was given learner {spec.learner.name!r}")
+    data = load_data(spec.dataset, seed=spec.seed)
+    baseline, _ = load_checkpoint(baseline_checkpoint, expect_input_shape=data.input_shape,
+                                  expect_num_classes=data.num_classes)
+    space = per_layer_space(spec, baseline, data.input_shape)
+    values = space.values_from(config) if space is not None else None
+    learner_config = candidate_learner_config(spec, baseline, data.input_shape, values)
+
+    if spec.resources.workers_per_trial == 1:
+        torch.set_num_threads(spec.resources.cpus_per_trial)
+        candidate = compress(spec, baseline, data, learner_config)
+        fine_tune(candidate, data, spec.search.fine_tune, validation_subset=spec.search.validation_subset,
+                  report=tune.report, seed=spec.seed)
+        return
+
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    context = tune.get_context()
+    ray_train_fit(
+        spec,
+        learner_config=to_dict(learner_config),
+        baseline_checkpoint=baseline_checkpoint,
+        train_config=spec.search.fine_tune,
+        validation_subset=spec.search.validation_subset,
+        num_workers=spec.resources.workers_per_trial,
+        cpus_per_worker=spec.resources.cpus_per_worker,
+        name=context.get_trial_id(),
+        storage_path=str(Path(context.get_trial_dir()) / "train"),
+        callbacks=[TuneReportCallback()],
+    )
+
+
+def ray_train_fit(
+    spec: ExperimentConfig,
+    *,
+    learner_config: dict[str, Any],
+    baseline_checkpoint: str,
+    train_config: TrainConfig,
+    validation_subset: int | None,
+    num_workers: int,
+    cpus_per_worker: int,
+    name: str,
+    storage_path: str,
+    callbacks: list[Any] = (),
+    max_failures: int = 2,
+):
+    """Compress + fine-tune with a ``TorchTrainer`` of ``num_workers``; returns the ``ray.train.Result``.
+
+    Resumes from the last checkpoint of the run ``(storage_path, name)`` if there is one, and retries a worker
+    group that died (a lost node) up to ``max_failures`` times from its last checkpoint.
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(
+        _train_loop_per_worker,
+        train_loop_config={
+            "experiment": to_dict(spec),
+            "learner_config": learner_config,
+            "baseline_checkpoint": baseline_checkpoint,
+            "train_config": to_dict(train_config),
+            "validation_subset": validation_subset,
+            "cpus_per_worker": cpus_per_worker,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=num_workers,
+            use_gpu=spec.resources.use_gpu,
+            resources_per_worker={"CPU": cpus_per_worker},
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage_path,
+            callbacks=list(callbacks),
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    return trainer.fit()
+
+
+def _train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    spec = from_dict(ExperimentConfig, loop_config["experiment"])
+    learner_config = from_dict(learner_config_class(spec.learner.name), loop_config["learner_config"])
+    train_config = from_dict(TrainConfig, loop_config["train_config"])
+    torch.set_num_threads(loop_config["cpus_per_worker"])
+    context = ray.train.get_context()
+    distributed = context.get_world_size() > 1
+    data = load_data(spec.dataset, seed=spec.seed)
+
+    start_epoch = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:  # a restarted worker group: continue after the last finished epoch
+        with checkpoint.as_directory() as directory:
+            model, info = load_checkpoint(Path(directory) / MODEL_FILE)
+        start_epoch = int(info.extra[EPOCH])
+        candidate = Candidate(model, build_learner(spec.learner.name, learner_config), learner_config,
+                              dict(info.extra["static_metrics"]))
+    else:
+        baseline, _ = load_checkpoint(loop_config["baseline_checkpoint"], expect_input_shape=data.input_shape,
+                                      expect_num_classes=data.num_classes)
+        candidate = compress(spec, baseline, data, learner_config)
+
+    def report(metrics: dict[str, Any]) -> None:
+        # Every rank must call report; only rank 0 writes the (identical) model.
+        with tempfile.TemporaryDirectory() as directory:
+            saved = None
+            if context.get_world_rank() == 0:
+                save_checkpoint(
+                    os.path.join(directory, MODEL_FILE), candidate.model, model_config=spec.model,
+                    input_shape=data.input_shape, num_classes=data.num_classes, metrics=metrics,
+                    extra={EPOCH: metrics[EPOCH], "learner": spec.learner.name,
+                           "learner_config": to_dict(learner_config),
+                           "static_metrics": candidate.static_metrics},
+                )
+                saved = ray.train.Checkpoint.from_directory(directory)
+            ray.train.report(metrics, checkpoint=saved)
+
+    fine_tune(candidate, data, train_config, validation_subset=loop_config["validation_subset"],
+              report=report, seed=spec.seed, wrap=ray.train.torch.prepare_model, distributed=distributed,
+              device=ray.train.torch.get_device(), start_epoch=start_epoch)
+
