@@ -288,7 +288,7 @@ class ExportConfig:
     def __post_init__(self) -> None:
         for fmt in self.formats:
             check_choice("export.formats", fmt, ("onnx", "onnx_int8"))
-        check_range("export.opset", self.opset, low=13, high=21)
+        check_range("export.opset", self.opset, low=13, high=20)  # the TorchScript exporter stops at 20
         check_range("export.calibration_samples", self.calibration_samples, low=1)
         check_range("export.latency_threads", self.latency_threads, low=1)
         check_range("export.latency_repeats", self.latency_repeats, low=1)

@@ -35,7 +35,7 @@ from pf_ray.config import ExperimentConfig, from_dict, to_dict
 from pf_ray.data import DataBundle, load_data
 from pf_ray.errors import ConfigError, PfRayError, SearchError
 from pf_ray.metrics import model_stats
-from pf_ray.models import build_model
+from pf_ray.models import absolute_model_name, build_model
 from pf_ray.train import ACCURACY, EPOCH, evaluate, fit
 
 Log = Callable[[str], None]
@@ -100,6 +100,8 @@ def train_baseline(config: ExperimentConfig, data: DataBundle, *, log: Log = pri
 
 def prepare(config: ExperimentConfig, *, log: Log = print) -> Prepared:
     """Validate every input that can be checked up front: learner options, data, model, checkpoint, budget."""
+    # Trials run in their own working directories: make a user model's file path absolute first.
+    config = replace(config, model=replace(config.model, name=absolute_model_name(config.model.name)))
     config.learner_config()
     data = load_data(config.dataset, seed=config.seed)
     model = build_model(config.model, in_channels=data.input_shape[0], num_classes=data.num_classes)
@@ -282,7 +284,7 @@ def compress(config: ExperimentConfig, *, log: Log = print, command: str | None 
 
     started = time.time()
     prepared = prepare(config, log=log)
-    data, run_dir = prepared.data, prepared.run_dir
+    config, data, run_dir = prepared.config, prepared.data, prepared.run_dir
     run_dir.mkdir(parents=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
     log(f"run folder: {run_dir}")

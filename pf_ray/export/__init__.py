@@ -1,0 +1,93 @@
+"""Deployable artifacts: FP32 ONNX, INT8 QDQ ONNX (ONNX Runtime), and their verification on the runtime.
+
+Every format is registered in ``EXPORTERS`` under its ``ExportConfig.formats`` name. An exporter is called as
+``exporter(model, data, config, out_dir, stem, artifacts)``, where ``artifacts`` holds the files already written
+by this ``export_all`` call (the INT8 exporter quantizes the FP32 file instead of exporting it again).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from torch import nn
+
+from pf_ray.config import ExportConfig
+from pf_ray.data import DataBundle
+from pf_ray.export.int8 import CalibrationMethod, quantize_onnx_int8
+from pf_ray.export.onnx import export_onnx
+from pf_ray.export.verify import (
+    ArtifactReport,
+    agreement,
+    dataset_inputs,
+    measure_latency,
+    onnx_session,
+    runtime_accuracy,
+    torch_latency,
+    verify_artifact,
+)
+from pf_ray.registry import EXPORTERS
+
+__all__ = [
+    "ArtifactReport",
+    "CalibrationMethod",
+    "agreement",
+    "export_all",
+    "export_onnx",
+    "measure_latency",
+    "onnx_session",
+    "quantize_onnx_int8",
+    "runtime_accuracy",
+    "torch_latency",
+    "verify_artifact",
+]
+
+
+def export_all(
+    model: nn.Module, data: DataBundle, config: ExportConfig, out_dir: str | Path, *, stem: str
+) -> dict[str, Path]:
+    """Write ``<stem>.onnx`` and every other format in ``config.formats`` into ``out_dir``.
+
+    The FP32 file is always written: it is the deployable baseline and the INT8 file is derived from it.
+
+    Returns:
+        format name -> file, e.g. {"onnx": out/model.onnx, "onnx_int8": out/model.int8.onnx}.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    artifacts: dict[str, Path] = {}
+    for format_name in ("onnx", *(f for f in config.formats if f != "onnx")):
+        exporter = EXPORTERS.get(format_name)  # ConfigError listing the known formats
+        artifacts[format_name] = exporter(model, data, config, out_dir, stem, artifacts)
+    return artifacts
+
+
+@EXPORTERS.register("onnx", suffix=".onnx")
+def _export_fp32(
+    model: nn.Module,
+    data: DataBundle,
+    config: ExportConfig,
+    out_dir: Path,
+    stem: str,
+    artifacts: dict[str, Path],
+) -> Path:
+    return export_onnx(model, data.input_shape, out_dir / f"{stem}.onnx", opset=config.opset)
+
+
+@EXPORTERS.register("onnx_int8", suffix=".int8.onnx")
+def _export_int8(
+    model: nn.Module,
+    data: DataBundle,
+    config: ExportConfig,
+    out_dir: Path,
+    stem: str,
+    artifacts: dict[str, Path],
+) -> Path:
+    # Calibrate on the first training images: fixed, so two exports of one model give the same file.
+    calibration = dataset_inputs(data.train, limit=config.calibration_samples)
+    int8_path = out_dir / f"{stem}.int8.onnx"
+    if "onnx" in artifacts:
+        return quantize_onnx_int8(artifacts["onnx"], int8_path, calibration)
+    with tempfile.TemporaryDirectory(prefix="pf_ray_export_") as work:
+        fp32_path = export_onnx(model, data.input_shape, Path(work) / f"{stem}.onnx", opset=config.opset)
+        return quantize_onnx_int8(fp32_path, int8_path, calibration)

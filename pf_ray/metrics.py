@@ -1,0 +1,129 @@
+"""MACs, parameters and size of a model, and the per-layer table (the DDPG agent's state, He et al. AMC 2018).
+
+One definition, used everywhere in pf-ray:
+
+- **MACs** are the multiply-accumulates of ``nn.Conv2d`` and ``nn.Linear`` layers for one image:
+  a convolution does ``out_h * out_w * out_channels * (in_channels / groups) * k_h * k_w``, a linear layer
+  ``in_features * out_features`` (times any extra leading dimensions of its input, e.g. tokens).
+  Biases, batch norm, activations, pooling and residual additions are not counted. A layer called twice in one
+  forward counts (and appears in the table) twice.
+- **Params** are all parameters of the model (``numel``), counted once even when shared.
+- **Size** is ``4 * (parameters + buffers)`` bytes: the model stored in FP32 (BN statistics included).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pf_ray.errors import ModelError
+
+CONV = "conv"
+DEPTHWISE_CONV = "depthwise_conv"
+LINEAR = "linear"
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    name: str  # the module's qualified name, e.g. "layer1.0.conv1"
+    kind: str  # CONV, DEPTHWISE_CONV (groups == in_channels > 1) or LINEAR
+    in_channels: int  # in_features for linear layers
+    out_channels: int  # out_features for linear layers
+    kernel_size: tuple[int, int]  # (1, 1) for linear
+    stride: tuple[int, int]  # (1, 1) for linear
+    groups: int  # 1 for linear
+    output_size: tuple[int, int]  # (height, width) of the output feature map; (1, 1) for linear
+    macs: int  # per image
+    params: int  # this layer's weight + bias
+
+
+@dataclass(frozen=True)
+class ModelStats:
+    macs: int  # per image, Conv2d + Linear only (see the module docstring)
+    params: int
+    size_bytes: int  # FP32 bytes of parameters + buffers
+
+
+def layer_table(model: nn.Module, input_shape: tuple[int, int, int]) -> list[LayerInfo]:
+    """The Conv2d and Linear layers in the order they run, from one batch-1 forward pass.
+
+    Args:
+        model: left in the train/eval mode it came in (the pass itself runs in eval mode, without gradients).
+        input_shape: (channels, height, width) of one image.
+    """
+    if len(input_shape) != 3 or not all(isinstance(d, int) and d > 0 for d in input_shape):
+        raise ModelError(f"input_shape: got {input_shape!r}; expected (channels, height, width) of positive ints")
+    names = {module: name for name, module in model.named_modules()}
+    rows: list[LayerInfo] = []
+
+    def record(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        rows.append(_describe(names[module], module, output))
+
+    handles = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    modes = {module: module.training for module in model.modules()}
+    reference = next(model.parameters(), None)
+    example = torch.zeros(
+        (1, *input_shape),
+        device=reference.device if reference is not None else None,
+        dtype=reference.dtype if reference is not None and reference.is_floating_point() else torch.float32,
+    )
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(example)
+    except Exception as error:
+        raise ModelError(
+            f"model forward failed on an input of shape {tuple(example.shape)}: {type(error).__name__}: {error}"
+        ) from error
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, training in modes.items():
+            module.training = training
+    return rows
+
+
+def model_stats(model: nn.Module, input_shape: tuple[int, int, int]) -> ModelStats:
+    """Total MACs per image, parameter count and FP32 size of ``model`` (definitions in the module docstring)."""
+    macs = sum(row.macs for row in layer_table(model, input_shape))
+    params = sum(p.numel() for p in model.parameters())
+    buffers = sum(b.numel() for b in model.buffers())
+    return ModelStats(macs=macs, params=params, size_bytes=4 * (params + buffers))
+
+
+def _describe(name: str, module: nn.Module, output: torch.Tensor) -> LayerInfo:
+    params = sum(p.numel() for p in module.parameters(recurse=False))
+    if isinstance(module, nn.Linear):
+        # output: (1, ..., out_features); every leading position repeats the matrix product
+        positions = output.numel() // module.out_features
+        return LayerInfo(
+            name=name,
+            kind=LINEAR,
+            in_channels=module.in_features,
+            out_channels=module.out_features,
+            kernel_size=(1, 1),
+            stride=(1, 1),
+            groups=1,
+            output_size=(1, 1),
+            macs=positions * module.in_features * module.out_features,
+            params=params,
+        )
+    assert isinstance(module, nn.Conv2d)
+    out_h, out_w = output.shape[-2:]  # output: (1, out_channels, out_h, out_w)
+    k_h, k_w = module.kernel_size
+    depthwise = module.groups > 1 and module.groups == module.in_channels
+    macs = out_h * out_w * module.out_channels * (module.in_channels // module.groups) * k_h * k_w
+    return LayerInfo(
+        name=name,
+        kind=DEPTHWISE_CONV if depthwise else CONV,
+        in_channels=module.in_channels,
+        out_channels=module.out_channels,
+        kernel_size=(k_h, k_w),
+        stride=tuple(module.stride),
+        groups=module.groups,
+        output_size=(int(out_h), int(out_w)),
+        macs=int(macs),
+        params=params,
+    )

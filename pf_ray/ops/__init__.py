@@ -1,0 +1,1 @@
+"""The maths of compression as pure functions: channel selection and structural surgery, masks, quantizers."""

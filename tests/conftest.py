@@ -1,0 +1,23 @@
+"""Shared fixtures. Ray tests share one local Ray (on 127.0.0.1, no dashboard, no auth token file)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Before Ray is imported anywhere: keep every Ray address on loopback, and don't write ~/.ray/auth_token.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A local Ray for the whole test session, with 4 logical CPUs so nested Train workers fit."""
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="WARNING",
+             log_to_driver=False)
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,66 @@
+"""Import rules: pf_ray imports without Ray; torch-pruning stays in ops/pruning.py; trainables and
+search_algs do not import each other."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+BLOCK_RAY = """
+import importlib.abc, sys
+class BlockRay(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "ray" or name.startswith("ray."):
+            raise ImportError("ray is blocked in this test")
+sys.meta_path.insert(0, BlockRay())
+import pkgutil, importlib, pf_ray
+names = [m.name for m in pkgutil.walk_packages(pf_ray.__path__, "pf_ray.")]
+for name in names:
+    importlib.import_module(name)
+assert "ray" not in sys.modules
+print(len(names))
+"""
+
+
+def test_every_pf_ray_module_imports_without_ray():
+    result = subprocess.run([sys.executable, "-c", BLOCK_RAY], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert int(result.stdout.strip()) >= 15  # every module was really imported
+
+
+def _imported_modules(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+def _python_files(folder: str) -> list[Path]:
+    return sorted((ROOT / folder).rglob("*.py"))
+
+
+def test_torch_pruning_is_imported_only_by_ops_pruning():
+    users = [p.relative_to(ROOT).as_posix() for p in _python_files("pf_ray")
+             if any(n.split(".")[0] == "torch_pruning" for n in _imported_modules(p))]
+    assert users == ["pf_ray/ops/pruning.py"]
+
+
+def test_trainables_and_search_algs_do_not_import_each_other():
+    for folder, forbidden in (("trainables", "search_algs"), ("search_algs", "trainables")):
+        for path in _python_files(folder):
+            assert not any(n.split(".")[0] == forbidden for n in _imported_modules(path)), path
+
+
+def test_ray_is_imported_in_pf_ray_only_by_launch():
+    users = [p.relative_to(ROOT).as_posix() for p in _python_files("pf_ray")
+             if any(n.split(".")[0] == "ray" for n in _imported_modules(p))]
+    assert users == ["pf_ray/launch.py"]

@@ -1,0 +1,98 @@
+"""Ray paths on the tiny model: an in-process trial, a 2-worker Ray Train trial, a TPE + ASHA search."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pf_ray.candidate import MACS_RATIO, per_layer_space
+from pf_ray.checkpoint import save_checkpoint
+from pf_ray.config import ExperimentConfig, from_dict, to_dict
+from pf_ray.data import load_data
+from pf_ray.models import build_model
+from pf_ray.train import ACCURACY, EPOCH
+
+pytestmark = pytest.mark.ray
+
+TINY = {
+    "model": {"name": "resnet20"},
+    "dataset": {"name": "synthetic"},
+    "learner": {"name": "channel_pruning", "options": {"round_to": 4}},
+    "search": {"num_trials": 4, "target_macs_ratio": 0.5, "validation_subset": 64,
+               "fine_tune": {"epochs": 2, "batch_size": 64, "learning_rate": 0.01, "train_subset": 128}},
+    "resources": {"cpus_per_trial": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory) -> Path:
+    config = from_dict(ExperimentConfig, TINY)
+    data = load_data(config.dataset)
+    model = build_model(config.model, in_channels=data.input_shape[0], num_classes=data.num_classes)
+    return save_checkpoint(tmp_path_factory.mktemp("baseline") / "baseline.pt", model, model_config=config.model,
+                           input_shape=data.input_shape, num_classes=data.num_classes)
+
+
+def _run_one_trial(config: ExperimentConfig, baseline: Path, storage: Path):
+    from ray import tune
+
+    from pf_ray.launch import trial_cost
+    from trainables import get_trainable
+
+    data = load_data(config.dataset)
+    model = build_model(config.model, in_channels=data.input_shape[0], num_classes=data.num_classes)
+    space = per_layer_space(config, model, data.input_shape)
+    point = {key: 1.0 for key in space.keys()}
+    trainable = tune.with_resources(
+        tune.with_parameters(get_trainable("channel_pruning"), experiment=to_dict(config),
+                             baseline_checkpoint=str(baseline)),
+        trial_cost(config)[0],
+    )
+    tuner = tune.Tuner(trainable, param_space=point,
+                       run_config=tune.RunConfig(name="one", storage_path=str(storage), verbose=0))
+    return tuner.fit()
+
+
+def test_in_process_trial_reports_every_epoch_within_the_budget(ray_session, baseline, tmp_path):
+    config = from_dict(ExperimentConfig, TINY)
+    grid = _run_one_trial(config, baseline, tmp_path)
+    result = grid[0]
+    assert result.error is None
+    history = result.metrics_dataframe
+    assert list(history[EPOCH]) == [1, 2]
+    assert history[ACCURACY].between(0, 1).all()
+    assert result.metrics[MACS_RATIO] <= 0.5
+
+
+def test_two_worker_ray_train_trial_reports_and_checkpoints(ray_session, baseline, tmp_path):
+    config = from_dict(ExperimentConfig, {**TINY, "resources": {"workers_per_trial": 2, "cpus_per_worker": 1}})
+    grid = _run_one_trial(config, baseline, tmp_path)
+    result = grid[0]
+    assert result.error is None, result.error
+    assert list(result.metrics_dataframe[EPOCH]) == [1, 2]
+    assert result.metrics[MACS_RATIO] <= 0.5
+    # The Train run is named after the trial id and left a checkpoint per epoch (2 kept).
+    trial_id = result.metrics["trial_id"]
+    checkpoints = sorted(p for p in (Path(result.path) / "train" / trial_id).glob("checkpoint_*") if p.is_dir())
+    assert len(checkpoints) == 2
+    assert all((c / "model.pt").is_file() for c in checkpoints)
+
+
+def test_tpe_search_with_asha_scores_only_candidates_within_budget(ray_session, baseline, tmp_path):
+    from pf_ray.launch import choose_best, run_search
+
+    config = from_dict(ExperimentConfig, TINY)
+    data = load_data(config.dataset)
+    model = build_model(config.model, in_channels=data.input_shape[0], num_classes=data.num_classes)
+    space = per_layer_space(config, model, data.input_shape)
+    trials = run_search(config, space, baseline, tmp_path, log=lambda line: None)
+    assert len(trials) == 4
+    assert all(t["error"] is None for t in trials)
+    assert all(t[MACS_RATIO] <= 0.5 + 1e-9 for t in trials)
+    assert all(1 <= t[EPOCH] <= 2 for t in trials)
+    # The first proposal is the uniform one: every layer the same before projection.
+    assert len(set(trials[0]["proposal"])) == 1 or any(len(set(t["proposal"])) == 1 for t in trials)
+    best = choose_best(trials, max_epochs=2)
+    assert best[EPOCH] == 2
+    assert best[ACCURACY] == max(t[ACCURACY] for t in trials if t[EPOCH] == 2)
