@@ -49,8 +49,9 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     config = load_experiment(args.config, args.overrides)
     if args.command == "train":
         from pf_ray.data import load_data
-        from pf_ray.launch import train_baseline
+        from pf_ray.launch import train_baseline, with_absolute_paths
 
+        config = with_absolute_paths(config)
         train_baseline(config, load_data(config.dataset, seed=config.seed), force=args.force)
         return 0
     from pf_ray.launch import compress

@@ -144,7 +144,7 @@ def _convert(hint: Any, value: Any, path: str) -> Any:
             return tuple(_convert(args[0], v, f"{path}[{i}]") for i, v in enumerate(value))
         if len(args) != len(value):
             raise ConfigError(f"{path}: got {len(value)} values; expected {len(args)}")
-        return tuple(_convert(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+        return tuple(_convert(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: got {_describe(value)}; expected a mapping")
@@ -176,7 +176,7 @@ def _type_name(hint: Any) -> str:
 # The experiment's sections.
 
 
-class SearchAlgorithm(str, enum.Enum):
+class SearchAlgorithm(enum.StrEnum):
     RANDOM = "random"
     TPE = "tpe"
 

@@ -14,12 +14,10 @@ Run folder (``<storage.path>/<storage.name>``)::
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -31,9 +29,9 @@ import yaml
 
 from pf_ray.candidate import MACS_RATIO, PerLayerSpace, per_layer_space, project
 from pf_ray.checkpoint import load_checkpoint, save_checkpoint
-from pf_ray.config import ExperimentConfig, from_dict, to_dict
+from pf_ray.config import ExperimentConfig, to_dict
 from pf_ray.data import DataBundle, load_data
-from pf_ray.errors import ConfigError, PfRayError, SearchError
+from pf_ray.errors import ConfigError, SearchError
 from pf_ray.metrics import model_stats
 from pf_ray.models import absolute_model_name, build_model
 from pf_ray.train import ACCURACY, EPOCH, evaluate, fit
@@ -98,10 +96,26 @@ def train_baseline(config: ExperimentConfig, data: DataBundle, *, log: Log = pri
 # Checks before anything is written.
 
 
+def _absolute(path: str | None) -> str | None:
+    if path is None or "://" in path:  # None, or a URI (s3://, gs://) that is not ours to resolve
+        return path
+    return str(Path(path).expanduser().resolve())
+
+
+def with_absolute_paths(config: ExperimentConfig) -> ExperimentConfig:
+    """Trials and Train workers run in their own working directories: resolve every relative path first."""
+    return replace(
+        config,
+        model=replace(config.model, name=absolute_model_name(config.model.name)),
+        dataset=replace(config.dataset, data_dir=_absolute(config.dataset.data_dir)),
+        baseline=replace(config.baseline, checkpoint=_absolute(config.baseline.checkpoint)),
+        storage=replace(config.storage, path=_absolute(config.storage.path)),
+    )
+
+
 def prepare(config: ExperimentConfig, *, log: Log = print) -> Prepared:
     """Validate every input that can be checked up front: learner options, data, model, checkpoint, budget."""
-    # Trials run in their own working directories: make a user model's file path absolute first.
-    config = replace(config, model=replace(config.model, name=absolute_model_name(config.model.name)))
+    config = with_absolute_paths(config)
     config.learner_config()
     data = load_data(config.dataset, seed=config.seed)
     model = build_model(config.model, in_channels=data.input_shape[0], num_classes=data.num_classes)
@@ -126,7 +140,7 @@ def prepare(config: ExperimentConfig, *, log: Log = print) -> Prepared:
                           f"this machine has {available}")
     name = config.storage.name or f"{config.model.name.replace('/', '_').replace(':', '_')}-" \
                                   f"{config.learner.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = Path(config.storage.path).resolve() / name
+    run_dir = Path(config.storage.path) / name
     if run_dir.exists():
         raise ConfigError(f"storage.name: run folder {str(run_dir)!r} already exists; choose another name")
     return Prepared(config, data, baseline_path, run_dir)

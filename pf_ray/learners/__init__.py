@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from pf_ray.registry import LEARNERS
 from pf_ray.learners import channel_pruning, full_precision  # noqa: F401  (registration)
+from pf_ray.registry import LEARNERS
 
 
 def learner_config_class(name: str) -> type:
