@@ -187,6 +187,26 @@ def max_concurrent_trials(config: ExperimentConfig, cluster_cpus: float) -> int:
     return max(1, int(cluster_cpus // cost))
 
 
+def _trial_log(log: Log, max_epochs: int):
+    """A Tune callback that prints one short line per trial event (instead of Tune's wide tables)."""
+    from ray import tune
+
+    class TrialLog(tune.Callback):
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            log(f"  trial {trial.trial_id}: epoch {result.get(EPOCH)}/{max_epochs}, validation accuracy "
+                f"{result.get(ACCURACY, float('nan')):.4f}, {result.get(MACS_RATIO, float('nan')):.3f} of the MACs")
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            epochs = (trial.last_result or {}).get(EPOCH, 0)
+            if epochs < max_epochs:
+                log(f"  trial {trial.trial_id}: stopped by ASHA after epoch {epochs}")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            log(f"  trial {trial.trial_id}: failed (details in {trial.local_path}/error.txt)")
+
+    return TrialLog()
+
+
 def run_search(config: ExperimentConfig, space: PerLayerSpace, baseline_path: Path, run_dir: Path, *,
                log: Log = print) -> list[dict[str, Any]]:
     """Ray Tune search with ASHA; returns one record per trial (values, last metrics, status, error)."""
@@ -222,7 +242,8 @@ def run_search(config: ExperimentConfig, space: PerLayerSpace, baseline_path: Pa
             max_concurrent_trials=concurrency,
             trial_dirname_creator=lambda trial: trial.trial_id,
         ),
-        run_config=tune.RunConfig(name="search", storage_path=str(run_dir), verbose=1,
+        run_config=tune.RunConfig(name="search", storage_path=str(run_dir), verbose=0,
+                                  callbacks=[_trial_log(log, search.fine_tune.epochs)],
                                   failure_config=tune.FailureConfig(max_failures=1)),
     )
     grid = tuner.fit()

@@ -1,0 +1,65 @@
+"""A candidate: flat search values -> projected learner config -> pruned, fine-tuned model (no Ray)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pf_ray.candidate import (
+    LAYER_VALUES,
+    MACS_RATIO,
+    candidate_learner_config,
+    compress,
+    fine_tune,
+    per_layer_space,
+)
+from pf_ray.config import ExperimentConfig, TrainConfig, from_dict
+from pf_ray.data import load_data
+from pf_ray.metrics import model_stats
+from pf_ray.models import build_model
+from pf_ray.train import ACCURACY, EPOCH
+
+
+@pytest.fixture(scope="module")
+def setup():
+    config = from_dict(ExperimentConfig, {"dataset": {"name": "synthetic"},
+                                          "learner": {"options": {"round_to": 4}},
+                                          "search": {"target_macs_ratio": 0.4}})
+    data = load_data(config.dataset)
+    torch.manual_seed(0)
+    model = build_model(config.model, in_channels=data.input_shape[0], num_classes=data.num_classes)
+    return config, data, model
+
+
+def test_space_has_one_key_per_channel_group(setup):
+    config, data, model = setup
+    space = per_layer_space(config, model, data.input_shape)
+    assert space.field == "layer_keep_ratios"
+    assert len(space.names) == 12 and space.keys()[0] == "layer_00" and space.keys()[-1] == "layer_11"
+    assert (space.low, space.high) == (0.1, 1.0)
+    assert space.values_from({k: 0.5 for k in space.keys()}) == (0.5,) * 12
+
+
+def test_every_candidate_meets_the_budget_and_keeps_the_proposal_shape(setup):
+    config, data, model = setup
+    space = per_layer_space(config, model, data.input_shape)
+    proposal = [1.0 if i % 2 else 0.5 for i in range(len(space.names))]
+    learner_config = candidate_learner_config(config, model, data.input_shape, proposal)
+    ratios = learner_config.layer_keep_ratios
+    assert all(ratios[i] > ratios[i - 1] for i in range(1, len(ratios), 2))  # shape kept: odd > even
+    candidate = compress(config, model, data, learner_config)
+    measured = model_stats(candidate.model, data.input_shape).macs / model_stats(model, data.input_shape).macs
+    assert measured <= 0.4
+    assert candidate.static_metrics[MACS_RATIO] == pytest.approx(measured)
+    assert candidate.static_metrics[LAYER_VALUES] == list(ratios)
+    assert model_stats(model, data.input_shape).params > candidate.static_metrics["params"]  # baseline intact
+
+
+def test_fine_tune_reports_static_metrics_every_epoch(setup):
+    config, data, model = setup
+    candidate = compress(config, model, data, candidate_learner_config(config, model, data.input_shape, None))
+    reports: list[dict] = []
+    fine_tune(candidate, data, TrainConfig(epochs=2, batch_size=64, learning_rate=0.01, train_subset=128),
+              validation_subset=64, report=reports.append)
+    assert [r[EPOCH] for r in reports] == [1, 2]
+    assert all(MACS_RATIO in r and 0 <= r[ACCURACY] <= 1 for r in reports)

@@ -1,0 +1,61 @@
+"""`pf-ray compress` end to end on the tiny synthetic set: search, retrain, export, verify, results.json."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pf_ray.cli import main
+
+pytestmark = pytest.mark.ray
+
+TINY = [
+    "dataset.name=synthetic",
+    "baseline.train.epochs=2",
+    "baseline.train.train_subset=null",
+    "learner.options.round_to=4",
+    "search.num_trials=3",
+    "search.fine_tune.epochs=1",
+    "search.fine_tune.train_subset=128",
+    "search.validation_subset=64",
+    "retrain.train.epochs=1",
+    "retrain.train.train_subset=null",
+    "export.calibration_samples=32",
+    "export.latency_repeats=20",
+    "storage.name=tiny",
+]
+
+
+def test_compress_writes_verified_artifacts_and_results(ray_session, tmp_path, capsys):
+    args = ["compress"]
+    for override in [*TINY, f"storage.path={tmp_path}"]:
+        args += ["--set", override]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    run = tmp_path / "tiny"
+    results = json.loads((run / "results.json").read_text())
+
+    trials = results["search"]["trials"]
+    assert len(trials) == 3 and results["search"]["best"]["trial_id"] in {t["trial_id"] for t in trials}
+    assert all(t["macs_ratio"] <= 0.5 for t in trials if t["error"] is None)
+    assert results["compressed"]["macs"] <= 0.5 * results["baseline"]["macs"]
+    assert len(results["baseline"]["sha256"]) == 64
+
+    artifacts = {(a["model"], a["format"]): a for a in results["artifacts"]}
+    assert set(artifacts) == {("baseline", "onnx"), ("baseline", "onnx_int8"),
+                              ("compressed", "onnx"), ("compressed", "onnx_int8")}
+    for artifact in artifacts.values():
+        assert (run / "artifacts" / artifact["path"].split("/")[-1]).is_file()
+        assert 0.0 <= artifact["test_accuracy"] <= 1.0
+        assert artifact["latency"]["1"]["median_ms"] > 0
+    fp32 = artifacts[("compressed", "onnx")]
+    assert fp32["top1_agreement"] == 1.0 and fp32["max_abs_diff"] < 1e-3
+    assert artifacts[("compressed", "onnx")]["size_bytes"] < artifacts[("baseline", "onnx")]["size_bytes"]
+    assert artifacts[("compressed", "onnx_int8")]["size_bytes"] < artifacts[("compressed", "onnx")]["size_bytes"]
+
+    # The before/after table names every artifact, and the run says where things are.
+    for name in ("baseline.onnx", "baseline.int8.onnx", "compressed.onnx", "compressed.int8.onnx"):
+        assert f"| {name} |" in out
+    assert f"artifacts: {run / 'artifacts'}" in out
+    assert (run / "config.yaml").is_file() and (run / "artifacts" / "compressed.pt").is_file()
