@@ -132,12 +132,9 @@ def prepare(config: ExperimentConfig, *, log: Log = print) -> Prepared:
     space = per_layer_space(config, model, data.input_shape)
     if space is not None:
         project(config, model, data.input_shape, [space.low] * len(space.names))  # raises if out of reach
-    workers_cpus = config.resources.workers_per_trial * config.resources.cpus_per_worker
     available = config.resources.num_cpus or (_cpu_count() if config.resources.ray_address is None else None)
-    if available is not None and config.resources.workers_per_trial > 1 and workers_cpus > available:
-        raise ConfigError(f"resources.workers_per_trial: {config.resources.workers_per_trial} workers x "
-                          f"{config.resources.cpus_per_worker} CPU need {workers_cpus} CPUs; "
-                          f"this machine has {available}")
+    if available is not None:  # a local Ray: its size is known now (a remote cluster's is checked at search)
+        max_concurrent_trials(config, available)
     name = config.storage.name or f"{config.model.name.replace('/', '_').replace(':', '_')}-" \
                                   f"{config.learner.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(config.storage.path) / name
@@ -182,8 +179,9 @@ def max_concurrent_trials(config: ExperimentConfig, cluster_cpus: float) -> int:
     """How many trials fit at once, so nested Train workers never wait for CPUs held by other trials."""
     _, cost = trial_cost(config)
     if cost > cluster_cpus:
-        raise ConfigError(f"resources: one trial needs {cost:g} CPUs (driver + workers_per_trial x "
-                          f"cpus_per_worker); the cluster has {cluster_cpus:g}")
+        raise ConfigError(f"resources.workers_per_trial: one trial needs {cost:g} CPUs (driver "
+                          f"{TRAIN_DRIVER_CPUS:g} + {config.resources.workers_per_trial} workers x "
+                          f"{config.resources.cpus_per_worker} CPU); the cluster has {cluster_cpus:g}")
     return max(1, int(cluster_cpus // cost))
 
 

@@ -29,7 +29,9 @@ def _run(args: list[str], capsys) -> tuple[int, str]:
         (["model.name=resnet21"], "unknown model 'resnet21'; known: mobilenet_v1, mobilenet_v2, resnet20"),
         (["dataset.name=mnist"], "unknown dataset 'mnist'; known: cifar10, digits, fashion_mnist"),
         (["learner.name=lasso"], "unknown learner 'lasso'; known: channel_pruning, full_precision"),
-        (["dataset.name=fashion_mnist", "dataset.data_dir=/nonexistent/fmnist"], "dataset.data_dir: '/nonexistent/fmnist' does not exist"),
+        (["dataset.name=fashion_mnist", "dataset.data_dir=/nonexistent/fmnist"],
+         "dataset.data_dir: '/nonexistent/fmnist' does not exist"),
+        (["resources.workers_per_trial=64"], "resources.workers_per_trial: one trial needs 64.25 CPUs"),
         (["baseline.checkpoint=/nonexistent/model.pt"], "checkpoint '/nonexistent/model.pt' does not exist"),
     ],
 )
