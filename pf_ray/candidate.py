@@ -9,15 +9,16 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from pf_ray.config import ExperimentConfig, TrainConfig, to_dict
+from pf_ray.config import ExperimentConfig, TrainConfig
 from pf_ray.data import DataBundle
 from pf_ray.learners import build_learner
-from pf_ray.metrics import model_stats
+from pf_ray.metrics import layer_table, model_stats
+from pf_ray.ops.pruning import MacsTable, macs_table
 from pf_ray.train import Report, fit, subset
 
 # Metric keys a candidate adds to every epoch's report.
@@ -30,6 +31,31 @@ LAYER_VALUES = "layer_values"  # the projected per-layer vector the learner used
 LAYER_KEY = "layer_{:02d}"
 
 
+class Budget(Protocol):
+    """What a per-layer vector costs as a fraction of the baseline (e.g. of its MACs), and the allowed fraction."""
+
+    target: float
+
+    def cost(self, values: Sequence[float]) -> float: ...
+
+
+@dataclass(frozen=True)
+class MacsBudget:
+    """Channel pruning's budget: the MACs left by per-group keep ratios (after rounding), as a fraction."""
+
+    target: float
+    table: MacsTable  # plain data (no model): searchers carry it to the Ray driver
+    round_to: int
+
+    def cost(self, values: Sequence[float]) -> float:
+        full = self.table.macs([1.0] * len(self.table.sizes), self.round_to)
+        return self.table.macs(values, self.round_to) / full
+
+
+# Columns of PerLayerSpace.features (the static part of the DDPG agent's per-layer state).
+LAYER_FEATURES = ("index", "channels", "in_channels", "kernel", "stride", "output_positions", "macs")
+
+
 @dataclass(frozen=True)
 class PerLayerSpace:
     """What the searchers search for one learner: one value per layer (or channel group), in model order."""
@@ -38,6 +64,8 @@ class PerLayerSpace:
     names: tuple[str, ...]  # readable layer/group names, for reports
     low: float
     high: float
+    budget: Budget | None = None  # None: the learner has no budget to respect
+    features: tuple[tuple[float, ...], ...] = ()  # per layer, columns LAYER_FEATURES (raw, not normalised)
 
     def keys(self) -> list[str]:
         return [LAYER_KEY.format(i) for i in range(len(self.names))]
@@ -54,8 +82,24 @@ def per_layer_space(experiment: ExperimentConfig, model: nn.Module,
 
         learner_config = experiment.learner_config()
         names = tuple(search_dimensions(model, input_shape))
-        return PerLayerSpace("layer_keep_ratios", names, low=learner_config.min_keep_ratio, high=1.0)
+        budget = MacsBudget(experiment.search.target_macs_ratio, macs_table(model, input_shape),
+                            learner_config.round_to)
+        return PerLayerSpace("layer_keep_ratios", names, low=learner_config.min_keep_ratio, high=1.0,
+                             budget=budget, features=_layer_features(model, input_shape, names))
     return None
+
+
+def _layer_features(model: nn.Module, input_shape: tuple[int, int, int],
+                    names: Sequence[str]) -> tuple[tuple[float, ...], ...]:
+    """One row of LAYER_FEATURES per searched layer, from the layer (conv/linear) that each name refers to."""
+    rows = {layer.name: layer for layer in layer_table(model, input_shape)}
+    features = []
+    for index, name in enumerate(names):
+        layer = rows[name]
+        features.append((float(index), float(layer.out_channels), float(layer.in_channels),
+                         float(layer.kernel_size[0] * layer.kernel_size[1]), float(layer.stride[0]),
+                         float(layer.output_size[0] * layer.output_size[1]), float(layer.macs)))
+    return tuple(features)
 
 
 def project(experiment: ExperimentConfig, model: nn.Module, input_shape: tuple[int, int, int],
@@ -125,6 +169,3 @@ def fine_tune(candidate: Candidate, data: DataBundle, train_config: TrainConfig,
         device=device, start_epoch=start_epoch, log=log)
     return candidate.learner.finalize(model)
 
-
-def describe(learner_config: Any) -> dict[str, Any]:
-    return to_dict(learner_config)

@@ -78,11 +78,11 @@ class _Trace:
     graph: tp.DependencyGraph
     groups: list[PrunableGroup]
     modules: dict[str, nn.Module]
-    layers: list[_LayerMacs]
+    layers: list[LayerMacs]
 
 
 @dataclass
-class _LayerMacs:
+class LayerMacs:
     """One call of a conv/linear layer: MACs = positions * kernel * in_channels/groups * out_channels."""
 
     name: str
@@ -143,7 +143,7 @@ def _trace(model: nn.Module, input_shape: Sequence[int]) -> _Trace:
             in_channels, out_channels, conv_groups = module.in_features, module.out_features, 1
         else:
             in_channels, out_channels, conv_groups = module.in_channels, module.out_channels, module.groups
-        layer = _LayerMacs(name, positions, kernel, in_channels, out_channels, conv_groups)
+        layer = LayerMacs(name, positions, kernel, in_channels, out_channels, conv_groups)
         for index, group in enumerate(groups):
             for member in group.members:
                 if member.module == name:
@@ -324,12 +324,12 @@ def prune_channels_(
 
 
 @dataclass(frozen=True)
-class _MacsTable:
+class MacsTable:
     """The groups' sizes and every conv/linear call: plain data, no reference to the model."""
 
     names: tuple[str, ...]  # prunable groups, in order
     sizes: tuple[int, ...]  # channels per prunable group
-    layers: tuple[_LayerMacs, ...]
+    layers: tuple[LayerMacs, ...]
 
     def macs(self, keep_ratios: Sequence[float], round_to: int) -> int:
         kept = [kept_channel_count(n, r, round_to) for n, r in zip(self.sizes, keep_ratios, strict=True)]
@@ -337,16 +337,17 @@ class _MacsTable:
 
 
 # model -> (parameter shapes, input shape, table); a pruned or resized model gets a fresh table
-_TABLES: weakref.WeakKeyDictionary[nn.Module, tuple[Any, tuple[int, ...], _MacsTable]] = weakref.WeakKeyDictionary()
+_TABLES: weakref.WeakKeyDictionary[nn.Module, tuple[Any, tuple[int, ...], MacsTable]] = weakref.WeakKeyDictionary()
 
 
-def _macs_table(model: nn.Module, input_shape: Sequence[int]) -> _MacsTable:
+def macs_table(model: nn.Module, input_shape: Sequence[int]) -> MacsTable:
+    """The model's MACs as a function of per-group keep ratios (picklable: searchers carry it to the budget)."""
     fingerprint = tuple((name, tuple(p.shape)) for name, p in model.named_parameters())
     cached = _TABLES.get(model)
     if cached is not None and cached[0] == fingerprint and cached[1] == tuple(input_shape):
         return cached[2]
     trace = _trace(model, input_shape)
-    table = _MacsTable(
+    table = MacsTable(
         tuple(g.name for g in trace.groups), tuple(g.num_channels for g in trace.groups), tuple(trace.layers)
     )
     _TABLES[model] = (fingerprint, tuple(input_shape), table)
@@ -356,7 +357,7 @@ def _macs_table(model: nn.Module, input_shape: Sequence[int]) -> _MacsTable:
 def macs_after(model: nn.Module, input_shape: Sequence[int], keep_ratios: Sequence[float], round_to: int) -> int:
     """Conv + linear multiply-accumulates per example that ``prune_channels_`` with these arguments leaves
     (bias additions not counted). Computed from a per-layer table, without pruning anything."""
-    table = _macs_table(model, input_shape)
+    table = macs_table(model, input_shape)
     _check_length(keep_ratios, table.names)
     return table.macs(keep_ratios, round_to)
 
@@ -381,7 +382,7 @@ def project_to_budget(
         raise ConfigError(f"search.target_macs_ratio: got {target_macs_ratio!r}; allowed range is (0, 1]")
     if not 0.0 < min_ratio <= 1.0:
         raise ConfigError(f"min_keep_ratio: got {min_ratio!r}; allowed range is (0, 1]")
-    table = _macs_table(model, input_shape)
+    table = macs_table(model, input_shape)
     _check_length(keep_ratios, table.names)
     budget = target_macs_ratio * table.macs([1.0] * len(table.names), round_to)
 
