@@ -7,6 +7,7 @@ Ray Train worker and in the final retraining, and is tested without Ray.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
@@ -14,14 +15,16 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from pf_ray.config import ExperimentConfig, TrainConfig
+from pf_ray.config import ExperimentConfig, Reward, TrainConfig
 from pf_ray.data import DataBundle
 from pf_ray.learners import build_learner
 from pf_ray.metrics import layer_table, model_stats
 from pf_ray.ops.pruning import MacsTable, macs_table
-from pf_ray.train import Report, fit, subset
+from pf_ray.train import ACCURACY, Report, evaluate, fit, subset
 
 # Metric keys a candidate adds to every epoch's report.
+SCORE = "score"  # what searchers and ASHA maximise (search.reward applied to the search.scoring accuracy)
+PROXY_ACCURACY = "proxy_accuracy"  # validation accuracy right after compression, before any fine-tuning
 MACS = "macs"
 PARAMS = "params"
 MACS_RATIO = "macs_ratio"  # candidate MACs / baseline MACs
@@ -81,6 +84,8 @@ def per_layer_space(experiment: ExperimentConfig, model: nn.Module,
         from pf_ray.learners.channel_pruning import search_dimensions
 
         learner_config = experiment.learner_config()
+        if getattr(learner_config, "mode", "auto") != "auto":  # uniform or list: the ratios are given
+            return None
         names = tuple(search_dimensions(model, input_shape))
         budget = MacsBudget(experiment.search.target_macs_ratio, macs_table(model, input_shape),
                             learner_config.round_to)
@@ -144,11 +149,22 @@ def compress(experiment: ExperimentConfig, baseline: nn.Module, data: DataBundle
     space_field = getattr(learner_config, "layer_keep_ratios", None)
     if space_field:
         static[LAYER_VALUES] = list(space_field)
+    # The fast proxy (PocketFlow's reward): accuracy right after compression, before any fine-tuning.
+    static[PROXY_ACCURACY] = evaluate(model, subset(data.validation, experiment.search.validation_subset))[ACCURACY]
     return Candidate(model, learner, learner_config, static)
 
 
+def score(accuracy: float, macs: int, reward: Reward) -> float:
+    """The number searchers maximise. AMC's reward is -error * ln(MACs): with MACs fixed by the budget it
+    ranks like accuracy, but it lets a candidate under budget trade accuracy for fewer MACs."""
+    if reward is Reward.AMC:
+        return -(1.0 - accuracy) * math.log(max(macs, 1))
+    return accuracy
+
+
 def fine_tune(candidate: Candidate, data: DataBundle, train_config: TrainConfig, *,
-              validation_subset: int | None, report: Report | None, seed: int = 0,
+              validation_subset: int | None, report: Report | None, reward: Reward = Reward.ACCURACY,
+              seed: int = 0,
               wrap: Callable[[nn.Module], nn.Module] | None = None, distributed: bool = False,
               device: str | torch.device = "cpu", start_epoch: int = 0,
               log: Callable[[str], None] | None = None) -> nn.Module:
@@ -162,7 +178,8 @@ def fine_tune(candidate: Candidate, data: DataBundle, train_config: TrainConfig,
 
     def report_with_static(metrics: dict[str, Any]) -> None:
         if report is not None:
-            report({**metrics, **candidate.static_metrics})
+            macs = candidate.static_metrics[MACS]
+            report({**metrics, **candidate.static_metrics, SCORE: score(metrics[ACCURACY], macs, reward)})
 
     fit(trained, data.train, train_config, validation_set=subset(data.validation, validation_subset),
         on_step=candidate.learner.on_step, report=report_with_static, seed=seed, distributed=distributed,

@@ -181,6 +181,16 @@ class SearchAlgorithm(enum.StrEnum):
     TPE = "tpe"
 
 
+class Scoring(enum.StrEnum):
+    FINE_TUNED = "fine_tuned"  # validation accuracy after each fine-tuning epoch (ASHA compares per epoch)
+    PROXY = "proxy"  # validation accuracy right after compression, no fine-tuning (PocketFlow's fast reward)
+
+
+class Reward(enum.StrEnum):
+    ACCURACY = "accuracy"  # the score is the accuracy itself
+    AMC = "amc"  # -(1 - accuracy) * ln(MACs) (He et al., AMC, ECCV 2018): trades accuracy against MACs
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = "resnet20"  # a registered name, "path/to/file.py:function" or "package.module:function"
@@ -250,6 +260,8 @@ class LearnerConfig:
 class SearchConfig:
     algorithm: SearchAlgorithm = SearchAlgorithm.TPE
     num_trials: int = 8
+    scoring: Scoring = Scoring.FINE_TUNED
+    reward: Reward = Reward.ACCURACY
     target_macs_ratio: float = 0.5  # keep this fraction of the baseline's MACs (every candidate is projected)
     fine_tune: TrainConfig = field(
         default_factory=lambda: TrainConfig(epochs=2, learning_rate=0.01, train_subset=4096)

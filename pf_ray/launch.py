@@ -14,10 +14,12 @@ Run folder (``<storage.path>/<storage.name>``)::
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -27,9 +29,9 @@ from typing import Any
 import torch
 import yaml
 
-from pf_ray.candidate import MACS_RATIO, PerLayerSpace, per_layer_space, project
+from pf_ray.candidate import MACS_RATIO, PROXY_ACCURACY, SCORE, PerLayerSpace, per_layer_space, project
 from pf_ray.checkpoint import load_checkpoint, save_checkpoint
-from pf_ray.config import ExperimentConfig, to_dict
+from pf_ray.config import ExperimentConfig, Scoring, to_dict
 from pf_ray.data import DataBundle, load_data
 from pf_ray.errors import ConfigError, SearchError
 from pf_ray.metrics import model_stats
@@ -190,19 +192,30 @@ def _trial_log(log: Log, max_epochs: int):
     from ray import tune
 
     class TrialLog(tune.Callback):
+        def __init__(self, log_function: Log) -> None:  # an argument, not a closure: the class is pickled
+            self.log = log_function
+
+        def __getstate__(self) -> dict[str, Any]:  # Tune pickles its callbacks; a log function need not travel
+            return {}
+
+        def __setstate__(self, state: dict[str, Any]) -> None:
+            self.log = print
+
         def on_trial_result(self, iteration, trials, trial, result, **info):
-            log(f"  trial {trial.trial_id}: epoch {result.get(EPOCH)}/{max_epochs}, validation accuracy "
-                f"{result.get(ACCURACY, float('nan')):.4f}, {result.get(MACS_RATIO, float('nan')):.3f} of the MACs")
+            self.log(f"  trial {trial.trial_id}: epoch {result.get(EPOCH)}/{max_epochs}, validation accuracy "
+                     f"{result.get(ACCURACY, float('nan')):.4f} (before fine-tuning "
+                     f"{result.get(PROXY_ACCURACY, float('nan')):.4f}), "
+                     f"{result.get(MACS_RATIO, float('nan')):.3f} of the MACs")
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             epochs = (trial.last_result or {}).get(EPOCH, 0)
             if epochs < max_epochs:
-                log(f"  trial {trial.trial_id}: stopped by ASHA after epoch {epochs}")
+                self.log(f"  trial {trial.trial_id}: stopped by ASHA after epoch {epochs}")
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            log(f"  trial {trial.trial_id}: failed (details in {trial.local_path}/error.txt)")
+            self.log(f"  trial {trial.trial_id}: failed (details in {trial.local_path}/error.txt)")
 
-    return TrialLog()
+    return TrialLog(log)
 
 
 def run_search(config: ExperimentConfig, space: PerLayerSpace, baseline_path: Path, run_dir: Path, *,
@@ -216,7 +229,8 @@ def run_search(config: ExperimentConfig, space: PerLayerSpace, baseline_path: Pa
     from trainables import get_trainable
 
     search = config.search
-    searcher, param_space = make_searcher(search.algorithm, space, metric=ACCURACY, mode="max",
+    max_epochs = search_epochs(config)
+    searcher, param_space = make_searcher(search.algorithm, space, metric=SCORE, mode="max",
                                           seed=search.seed, num_trials=search.num_trials)
     concurrency = max_concurrent_trials(config, ray.cluster_resources().get("CPU", 1.0))
     reserve, _ = trial_cost(config)
@@ -226,22 +240,24 @@ def run_search(config: ExperimentConfig, space: PerLayerSpace, baseline_path: Pa
         reserve,
     )
     log(f"search: {search.algorithm.value}, {search.num_trials} trials over {len(space.names)} layer groups, "
-        f"{concurrency} at a time, ASHA over {search.fine_tune.epochs} fine-tuning epoch(s)")
+        f"{concurrency} at a time, scored by {search.reward.value} "
+        + ("right after compression (proxy)" if search.scoring is Scoring.PROXY
+           else f"after each of {max_epochs} fine-tuning epoch(s), ASHA stopping the weak"))
     tuner = tune.Tuner(
         trainable,
         param_space=param_space,
         tune_config=tune.TuneConfig(
             search_alg=searcher,
-            scheduler=make_asha(max_epochs=search.fine_tune.epochs, grace_period=search.grace_period,
+            scheduler=make_asha(max_epochs=max_epochs, grace_period=search.grace_period,
                                 reduction_factor=search.reduction_factor),
-            metric=ACCURACY,
+            metric=SCORE,
             mode="max",
             num_samples=search.num_trials,
             max_concurrent_trials=concurrency,
             trial_dirname_creator=lambda trial: trial.trial_id,
         ),
         run_config=tune.RunConfig(name="search", storage_path=str(run_dir), verbose=0,
-                                  callbacks=[_trial_log(log, search.fine_tune.epochs)],
+                                  callbacks=[_trial_log(log, max_epochs)],
                                   failure_config=tune.FailureConfig(max_failures=1)),
     )
     grid = tuner.fit()
@@ -253,7 +269,9 @@ def run_search(config: ExperimentConfig, space: PerLayerSpace, baseline_path: Pa
             "trial_id": metrics.get("trial_id", Path(result.path).name),
             "proposal": values,
             "layer_values": metrics.get("layer_values"),
+            SCORE: metrics.get(SCORE),
             ACCURACY: metrics.get(ACCURACY),
+            PROXY_ACCURACY: metrics.get(PROXY_ACCURACY),
             EPOCH: metrics.get(EPOCH, 0),
             MACS_RATIO: metrics.get(MACS_RATIO),
             "macs": metrics.get("macs"),
@@ -263,15 +281,47 @@ def run_search(config: ExperimentConfig, space: PerLayerSpace, baseline_path: Pa
     return trials
 
 
+def search_epochs(config: ExperimentConfig) -> int:
+    """How many results a full trial reports: one per fine-tuning epoch, or one for proxy scoring."""
+    return 1 if config.search.scoring is Scoring.PROXY else config.search.fine_tune.epochs
+
+
 def choose_best(trials: list[dict[str, Any]], max_epochs: int) -> dict[str, Any]:
-    """The most accurate trial among those that finished every epoch (ASHA stopped the rest early)."""
-    finished = [t for t in trials if t["error"] is None and t[ACCURACY] is not None
-                and not math.isnan(t[ACCURACY])]
+    """The best-scoring trial among those that finished every epoch (ASHA stopped the rest early)."""
+    finished = [t for t in trials if t["error"] is None and t[SCORE] is not None and not math.isnan(t[SCORE])]
     if not finished:
         errors = [t["error"] for t in trials if t["error"]]
         raise SearchError(f"every trial failed; first error: {errors[0] if errors else 'no metrics reported'}")
     complete = [t for t in finished if t[EPOCH] >= max_epochs] or finished
-    return max(complete, key=lambda t: t[ACCURACY])
+    return max(complete, key=lambda t: t[SCORE])
+
+
+@contextlib.contextmanager
+def _follow(path: Path, log: Log, interval: float = 0.5):
+    """While the block runs, pass every line appended to ``path`` (by a Ray Train worker) to ``log``."""
+    done = threading.Event()
+
+    def follow() -> None:
+        position = 0
+        while True:
+            finished = done.is_set()
+            if path.exists():
+                with open(path) as handle:
+                    handle.seek(position)
+                    for line in handle.readlines():
+                        log(line.rstrip("\n"))
+                    position = handle.tell()
+            if finished:
+                return
+            done.wait(interval)
+
+    thread = threading.Thread(target=follow, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
 
 
 def retrain(config: ExperimentConfig, learner_config: Any, baseline_path: Path, run_dir: Path, *,
@@ -284,22 +334,24 @@ def retrain(config: ExperimentConfig, learner_config: Any, baseline_path: Path, 
 
     # The retrain runs alone: its workers share every CPU of the cluster.
     cpus = int(ray.cluster_resources().get("CPU", 1))
-    result = ray_train_fit(
-        config,
-        learner_config=to_dict(learner_config),
-        baseline_checkpoint=str(baseline_path),
-        train_config=config.retrain.train,
-        validation_subset=None,
-        num_workers=config.retrain.num_workers,
-        cpus_per_worker=max(1, cpus // config.retrain.num_workers),
-        name="retrain",
-        storage_path=str(run_dir),
-    )
+    progress = run_dir / "retrain" / "progress.log"
+    with _follow(progress, log):
+        result = ray_train_fit(
+            config,
+            learner_config=to_dict(learner_config),
+            baseline_checkpoint=str(baseline_path),
+            train_config=config.retrain.train,
+            validation_subset=None,
+            num_workers=config.retrain.num_workers,
+            cpus_per_worker=max(1, cpus // config.retrain.num_workers),
+            name="retrain",
+            storage_path=str(run_dir),
+            progress_file=str(progress),
+        )
     if result.error is not None:
         raise SearchError(f"retraining failed: {result.error}")
-    for epoch_metrics in result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None \
-            else []:
-        log(f"  epoch {epoch_metrics.get(EPOCH)}: validation accuracy {epoch_metrics.get(ACCURACY, float('nan')):.4f}")
+    log(f"retrain: validation accuracy {result.metrics.get(ACCURACY, float('nan')):.4f} after "
+        f"{result.metrics.get(EPOCH)} epoch(s)")
     with result.checkpoint.as_directory() as directory:
         model, _ = load_checkpoint(Path(directory) / MODEL_FILE)
     return model
@@ -333,7 +385,7 @@ def compress(config: ExperimentConfig, *, log: Log = print, command: str | None 
             best: dict[str, Any] | None = None
             if space is not None:
                 trials = run_search(config, space, baseline_path, run_dir, log=log)
-                best = choose_best(trials, config.search.fine_tune.epochs)
+                best = choose_best(trials, search_epochs(config))
                 learner_config = candidate_learner_config(config, baseline, data.input_shape, best["proposal"])
                 log(f"search: best trial {best['trial_id']}: validation accuracy {best[ACCURACY]:.4f} at "
                     f"{best[MACS_RATIO]:.3f} of the baseline MACs")

@@ -13,7 +13,8 @@ def make_tpe(space: PerLayerSpace, *, metric: str, mode: str, seed: int, num_tri
     # use about a third of the budget (at least 2) for random exploration.
     n_initial_points = max(2, min(20, num_trials // 3))
     return HyperOptSearch(
-        space=tune_space(space),
+        # hyperopt's own space objects (converting here, not in the Tuner, keeps the searcher usable alone)
+        space=HyperOptSearch.convert_search_space(tune_space(space)),
         metric=metric,
         mode=mode,
         points_to_evaluate=[uniform_starting_point(space)],

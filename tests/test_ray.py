@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
 
-from pf_ray.candidate import MACS_RATIO, per_layer_space
+from pf_ray.candidate import MACS_RATIO, PROXY_ACCURACY, SCORE, per_layer_space
 from pf_ray.checkpoint import save_checkpoint
 from pf_ray.config import ExperimentConfig, from_dict, to_dict
 from pf_ray.data import load_data
@@ -95,4 +96,20 @@ def test_tpe_search_with_asha_scores_only_candidates_within_budget(ray_session, 
     assert len(set(trials[0]["proposal"])) == 1 or any(len(set(t["proposal"])) == 1 for t in trials)
     best = choose_best(trials, max_epochs=2)
     assert best[EPOCH] == 2
-    assert best[ACCURACY] == max(t[ACCURACY] for t in trials if t[EPOCH] == 2)
+    assert best[SCORE] == max(t[SCORE] for t in trials if t[EPOCH] == 2)
+    assert all(t[SCORE] == t[ACCURACY] for t in trials)  # reward "accuracy": the score is the accuracy
+    assert all(0 <= t[PROXY_ACCURACY] <= 1 for t in trials)
+
+
+def test_proxy_scoring_runs_no_fine_tuning_and_amc_reward(ray_session, baseline, tmp_path):
+    from pf_ray.launch import run_search
+
+    config = from_dict(ExperimentConfig, {**TINY, "search": {**TINY["search"], "num_trials": 2,
+                                                             "scoring": "proxy", "reward": "amc"}})
+    data = load_data(config.dataset)
+    model = build_model(config.model, in_channels=data.input_shape[0], num_classes=data.num_classes)
+    trials = run_search(config, per_layer_space(config, model, data.input_shape), baseline, tmp_path,
+                        log=lambda line: None)
+    for trial in trials:
+        assert trial[EPOCH] == 1 and trial[ACCURACY] == trial[PROXY_ACCURACY]
+        assert trial[SCORE] == pytest.approx(-(1 - trial[ACCURACY]) * math.log(trial["macs"]))

@@ -15,13 +15,23 @@ from typing import Any
 
 import torch
 
-from pf_ray.candidate import Candidate, candidate_learner_config, compress, fine_tune, per_layer_space
+from pf_ray.candidate import (
+    MACS,
+    PROXY_ACCURACY,
+    SCORE,
+    Candidate,
+    candidate_learner_config,
+    compress,
+    fine_tune,
+    per_layer_space,
+    score,
+)
 from pf_ray.checkpoint import load_checkpoint, save_checkpoint
-from pf_ray.config import ExperimentConfig, TrainConfig, from_dict, to_dict
+from pf_ray.config import ExperimentConfig, Scoring, TrainConfig, from_dict, to_dict
 from pf_ray.data import load_data
 from pf_ray.errors import ConfigError
 from pf_ray.learners import build_learner, learner_config_class
-from pf_ray.train import EPOCH
+from pf_ray.train import ACCURACY, EPOCH
 
 MODEL_FILE = "model.pt"  # inside each Ray Train checkpoint directory
 
@@ -41,11 +51,16 @@ def run_trial(learner_name: str, config: dict[str, Any], *, experiment: dict[str
     values = space.values_from(config) if space is not None else None
     learner_config = candidate_learner_config(spec, baseline, data.input_shape, values)
 
-    if spec.resources.workers_per_trial == 1:
+    if spec.resources.workers_per_trial == 1 or spec.search.scoring is Scoring.PROXY:
         torch.set_num_threads(spec.resources.cpus_per_trial)
         candidate = compress(spec, baseline, data, learner_config)
+        if spec.search.scoring is Scoring.PROXY:  # no fine-tuning: one report, the proxy is the accuracy
+            proxy = candidate.static_metrics[PROXY_ACCURACY]
+            tune.report({EPOCH: 1, ACCURACY: proxy, **candidate.static_metrics,
+                         SCORE: score(proxy, candidate.static_metrics[MACS], spec.search.reward)})
+            return
         fine_tune(candidate, data, spec.search.fine_tune, validation_subset=spec.search.validation_subset,
-                  report=tune.report, seed=spec.seed)
+                  report=tune.report, reward=spec.search.reward, seed=spec.seed)
         return
 
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -78,11 +93,14 @@ def ray_train_fit(
     storage_path: str,
     callbacks: list[Any] = (),
     max_failures: int = 2,
+    progress_file: str | None = None,
 ):
     """Compress + fine-tune with a ``TorchTrainer`` of ``num_workers``; returns the ``ray.train.Result``.
 
     Resumes from the last checkpoint of the run ``(storage_path, name)`` if there is one, and retries a worker
-    group that died (a lost node) up to ``max_failures`` times from its last checkpoint.
+    group that died (a lost node) up to ``max_failures`` times from its last checkpoint. ``progress_file``:
+    rank 0 appends a line per epoch to it (on the driver's file system: local runs only), which the driver
+    follows to show progress without forwarding all of Ray's worker output.
     """
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -96,6 +114,7 @@ def ray_train_fit(
             "train_config": to_dict(train_config),
             "validation_subset": validation_subset,
             "cpus_per_worker": cpus_per_worker,
+            "progress_file": progress_file,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=num_workers,
@@ -154,6 +173,19 @@ def _train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             ray.train.report(metrics, checkpoint=saved)
 
     fine_tune(candidate, data, train_config, validation_subset=loop_config["validation_subset"],
-              report=report, seed=spec.seed, wrap=ray.train.torch.prepare_model, distributed=distributed,
-              device=ray.train.torch.get_device(), start_epoch=start_epoch)
+              report=report, reward=spec.search.reward, seed=spec.seed, wrap=ray.train.torch.prepare_model,
+              distributed=distributed, device=ray.train.torch.get_device(), start_epoch=start_epoch,
+              log=_progress_log(loop_config["progress_file"]) if context.get_world_rank() == 0 else None)
+
+
+def _progress_log(path: str | None):
+    if path is None:
+        return None
+
+    def log(line: str) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as handle:
+            handle.write(line + "\n")
+
+    return log
 
