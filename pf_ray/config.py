@@ -177,8 +177,10 @@ def _type_name(hint: Any) -> str:
 
 
 class SearchAlgorithm(enum.StrEnum):
-    RANDOM = "random"
-    TPE = "tpe"
+    RANDOM = "random"  # uniform sampling of the per-layer box: the control
+    TPE = "tpe"  # tree-structured Parzen estimator (hyperopt)
+    GP = "gp"  # Gaussian-process Bayesian optimisation (bayesian-optimization 3.x)
+    DDPG = "ddpg"  # the AMC / PocketFlow reinforcement-learning agent, one layer per step
 
 
 class Scoring(enum.StrEnum):

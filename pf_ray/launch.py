@@ -112,6 +112,9 @@ def with_absolute_paths(config: ExperimentConfig) -> ExperimentConfig:
         dataset=replace(config.dataset, data_dir=_absolute(config.dataset.data_dir)),
         baseline=replace(config.baseline, checkpoint=_absolute(config.baseline.checkpoint)),
         storage=replace(config.storage, path=_absolute(config.storage.path)),
+        learner=replace(config.learner, options={
+            key: _absolute(value) if key == "ratios_file" else value
+            for key, value in config.learner.options.items()}),
     )
 
 
@@ -231,7 +234,7 @@ def run_search(config: ExperimentConfig, space: PerLayerSpace, baseline_path: Pa
     search = config.search
     max_epochs = search_epochs(config)
     searcher, param_space = make_searcher(search.algorithm, space, metric=SCORE, mode="max",
-                                          seed=search.seed, num_trials=search.num_trials)
+                                          seed=search.seed, num_trials=search.num_trials, max_epochs=max_epochs)
     concurrency = max_concurrent_trials(config, ray.cluster_resources().get("CPU", 1.0))
     reserve, _ = trial_cost(config)
     trainable = tune.with_resources(

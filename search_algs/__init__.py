@@ -6,11 +6,10 @@ from typing import Any
 
 from pf_ray.candidate import PerLayerSpace
 from pf_ray.config import SearchAlgorithm
-from search_algs.spaces import tune_space, uniform_starting_point
 
 
 def make_searcher(algorithm: SearchAlgorithm, space: PerLayerSpace, *, metric: str, mode: str, seed: int,
-                  num_trials: int) -> tuple[Any, dict[str, Any]]:
+                  num_trials: int, max_epochs: int) -> tuple[Any, dict[str, Any]]:
     """A Ray Tune search algorithm for ``space`` and the Tuner's ``param_space`` that goes with it.
 
     The first trial is always the uniform candidate, so every search contains the classic baseline.
@@ -20,9 +19,19 @@ def make_searcher(algorithm: SearchAlgorithm, space: PerLayerSpace, *, metric: s
 
         # HyperOptSearch owns the space; the Tuner must not be given it a second time.
         return make_tpe(space, metric=metric, mode=mode, seed=seed, num_trials=num_trials), {}
-    if algorithm is SearchAlgorithm.RANDOM:
-        from ray.tune.search.basic_variant import BasicVariantGenerator
+    # Our own searchers get metric and mode here: Tune passes them on only when param_space is not empty.
+    if algorithm is SearchAlgorithm.GP:
+        from search_algs.gp import GPSearcher
 
-        searcher = BasicVariantGenerator(points_to_evaluate=[uniform_starting_point(space)], random_state=seed)
-        return searcher, tune_space(space)
+        return GPSearcher(space, metric=metric, mode=mode, seed=seed,
+                          num_initial_points=max(2, min(10, num_trials // 4))), {}
+    if algorithm is SearchAlgorithm.DDPG:
+        from search_algs.ddpg.searcher import DDPGSearcher
+
+        return DDPGSearcher(space, metric=metric, mode=mode, seed=seed, num_trials=num_trials,
+                            max_epochs=max_epochs), {}
+    if algorithm is SearchAlgorithm.RANDOM:
+        from search_algs.random_search import RandomSearcher
+
+        return RandomSearcher(space, metric=metric, mode=mode, seed=seed), {}
     raise ValueError(f"no searcher for {algorithm!r}")  # unreachable: the config enum is checked on load

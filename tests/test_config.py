@@ -41,7 +41,7 @@ def test_ints_are_accepted_where_floats_are_expected():
         ({"search": {"num_trials": True}}, "search.num_trials: got True (bool); expected an integer"),
         ({"search": {"num_trials": 0}}, "search.num_trials: got 0; allowed range is [1, inf]"),
         ({"search": {"target_macs_ratio": 1.5}}, "search.target_macs_ratio: got 1.5; allowed range is (0, 1]"),
-        ({"search": {"algorithm": "grid"}}, "search.algorithm: got 'grid'; allowed: random, tpe"),
+        ({"search": {"algorithm": "grid"}}, "search.algorithm: got 'grid'; allowed: random, tpe, gp, ddpg"),
         ({"search": {"fine_tune": {"learning_rate": -1}}},
          "search.fine_tune.learning_rate: got -1.0; allowed range is (0, 10]"),
         ({"dataset": {"validation_fraction": 0.9}}, "dataset.validation_fraction: got 0.9"),
@@ -89,7 +89,7 @@ def test_yaml_top_level_must_be_a_mapping(tmp_path):
 
 
 def test_learner_options_are_validated_by_the_learners_own_config(tmp_path):
-    with pytest.raises(ConfigError, match="unknown learner 'prune_everything'; known: channel_pruning"):
+    with pytest.raises(ConfigError, match="unknown learner 'prune_everything'; known: channel_pruning, discrim"):
         load_experiment(None, ["learner.name=prune_everything"])
     with pytest.raises(ConfigError, match="learner.options.keep_ratio"):
         load_experiment(None, ["learner.options.keep_ratio=1.5"])

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -10,8 +13,13 @@ from torch.utils.data import TensorDataset
 from pf_ray.config import ModelConfig, from_dict
 from pf_ray.data import DataBundle
 from pf_ray.errors import ConfigError, ModelError
-from pf_ray.learners import build_learner, learner_config_class
-from pf_ray.learners.channel_pruning import ChannelPruning, ChannelPruningConfig, search_dimensions
+from pf_ray.learners import build_learner, channel_pruning, learner_config_class
+from pf_ray.learners.channel_pruning import (
+    ChannelPruning,
+    ChannelPruningConfig,
+    read_ratios_file,
+    search_dimensions,
+)
 from pf_ray.models import build_model
 from pf_ray.registry import LEARNERS
 
@@ -85,9 +93,29 @@ def test_layer_keep_ratios_of_the_wrong_length_name_the_field():
         ({"layer_keep_ratios": [0.5, 0.0]}, r"learner\.options\.layer_keep_ratios\[1\]: got 0\.0"),
         ({"keep_ratio": 1.5}, r"learner\.options\.keep_ratio: got 1\.5; allowed range is \(0, 1\]"),
         ({"round_to": 0}, r"learner\.options\.round_to: got 0"),
-        ({"criterion": "lasso"}, r"learner\.options\.criterion: got 'lasso'; allowed: l1"),
+        ({"criterion": "taylor"}, r"learner\.options\.criterion: got 'taylor'; allowed: l1, lasso"),
         ({"min_keep_ratio": 0.0}, r"learner\.options\.min_keep_ratio: got 0\.0"),
         ({"keep_ratios": 0.5}, r"unknown field learner\.options\.keep_ratios"),
+        ({"mode": "manual"}, r"learner\.options\.mode: got 'manual'; allowed: uniform, list, auto"),
+        ({"mode": "list"}, r"learner\.options\.mode: got 'list' without ratios; set layer_keep_ratios or ratios_file"),
+        (
+            {"mode": "uniform", "layer_keep_ratios": [0.5]},
+            r"learner\.options\.layer_keep_ratios: got 1 values with mode 'uniform'",
+        ),
+        (
+            {"mode": "list", "ratios_file": "/nonexistent/ratios.yaml"},
+            r"learner\.options\.ratios_file: '/nonexistent/ratios\.yaml' does not exist",
+        ),
+        (
+            {"mode": "auto", "ratios_file": "/nonexistent/ratios.yaml"},
+            r"learner\.options\.ratios_file: got '/nonexistent/ratios\.yaml' with mode 'auto'",
+        ),
+        ({"reconstruct": "yes"}, r"learner\.options\.reconstruct: got 'yes' \(str\); expected true or false"),
+        ({"num_batches": 0}, r"learner\.options\.num_batches: got 0; allowed range is \[1, inf\]"),
+        ({"points_per_image": 0}, r"learner\.options\.points_per_image: got 0"),
+        ({"group_size": -1}, r"learner\.options\.group_size: got -1; allowed range is \[0, inf\]"),
+        ({"group_fine_tune_steps": -5}, r"learner\.options\.group_fine_tune_steps: got -5"),
+        ({"group_learning_rate": 0.0}, r"learner\.options\.group_learning_rate: got 0\.0"),
     ],
 )
 def test_channel_pruning_config_is_validated(options, message):
@@ -104,3 +132,149 @@ def test_a_model_with_nothing_to_prune_is_a_model_error():
     model = nn.Sequential(nn.Flatten(), nn.Linear(256, 10))  # its only layer produces the output
     with pytest.raises(ModelError, match="no prunable channel group"):
         ChannelPruning(ChannelPruningConfig()).prepare(model, _data())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# channel_pruning: criteria, modes, ratios files, group fine-tuning
+
+
+@pytest.mark.parametrize("criterion", ["l1", "lasso"])
+@pytest.mark.parametrize("group_size", [0, 6])
+def test_channel_pruning_contract_for_both_criteria(criterion, group_size):
+    data = _data()
+    config = ChannelPruningConfig(
+        criterion=criterion, keep_ratio=0.5, round_to=4, num_batches=1, group_size=group_size, group_fine_tune_steps=2
+    )
+    learner = ChannelPruning(config)
+    model = learner.prepare(_resnet20(), data)
+    assert learner.kept_channels == {
+        name: n // 2
+        for name, n in zip(search_dimensions(_resnet20(), SHAPE), [16] * 4 + [32] * 4 + [64] * 4, strict=True)
+    }
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    inputs, labels = data.train.tensors
+    for step in (1, 2):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(inputs[:8]), labels[:8]).backward()
+        optimizer.step()
+        learner.on_step(model, step)
+    model = learner.finalize(model).eval()
+    with torch.no_grad():
+        assert torch.isfinite(model(inputs)).all()
+
+
+def _kept(options: dict) -> dict[str, int]:
+    learner = ChannelPruning(
+        from_dict(ChannelPruningConfig, {"criterion": "l1", "round_to": 1, **options}, path="learner.options")
+    )
+    learner.prepare(_resnet20(), _data())
+    return learner.kept_channels
+
+
+RATIOS = [0.25, 0.5, 0.75, 1.0, 0.5, 0.5, 0.25, 0.75, 0.5, 0.25, 1.0, 0.5]  # one per ResNet-20 group
+SIZES = [16] * 4 + [32] * 4 + [64] * 4
+
+
+def test_modes_uniform_list_and_auto():
+    names = search_dimensions(_resnet20(), SHAPE)
+    expected_list = {name: round(n * r) for name, n, r in zip(names, SIZES, RATIOS, strict=True)}
+    assert _kept({"mode": "uniform", "keep_ratio": 0.75}) == {n: s * 3 // 4 for n, s in zip(names, SIZES, strict=True)}
+    assert _kept({"mode": "list", "layer_keep_ratios": RATIOS}) == expected_list
+    assert _kept({"mode": "auto", "layer_keep_ratios": RATIOS}) == expected_list  # what the search filled in
+    # auto before any search has filled layer_keep_ratios: keep_ratio everywhere
+    assert _kept({"mode": "auto", "keep_ratio": 0.25}) == {n: s // 4 for n, s in zip(names, SIZES, strict=True)}
+
+
+@pytest.mark.parametrize(
+    "file_name, text",
+    [
+        ("ratios.json", json.dumps(RATIOS)),
+        ("ratios.yaml", "".join(f"- {r}\n" for r in RATIOS)),
+        (
+            "ratios.txt",
+            "# keep ratios, stem first\n"
+            + ", ".join(map(str, RATIOS[:6]))
+            + "\n"
+            + "\n".join(map(str, RATIOS[6:]))
+            + "  # stage 3\n",
+        ),
+    ],
+    ids=["json", "yaml", "text"],
+)
+def test_mode_list_reads_a_ratios_file(tmp_path, file_name, text):
+    path = tmp_path / file_name
+    path.write_text(text)
+    assert read_ratios_file(str(path)) == tuple(RATIOS)
+    names = search_dimensions(_resnet20(), SHAPE)
+    assert _kept({"mode": "list", "ratios_file": str(path)}) == {
+        name: round(n * r) for name, n, r in zip(names, SIZES, RATIOS, strict=True)
+    }
+
+
+@pytest.mark.parametrize(
+    "file_name, text, message",
+    [
+        ("short.json", "[0.5, 0.5]", r"ratios_file: '.*short\.json' holds 2 ratios; expected 12"),
+        ("bad.yaml", "{a: 1}", r"ratios_file: '.*bad\.yaml' holds dict; expected a list of numbers"),
+        ("bad.txt", "0.5 half", r"ratios_file: '.*bad\.txt' is not a list of numbers"),
+        ("zero.txt", "0.5 0.0", r"ratios_file: value 1 of '.*zero\.txt' is 0\.0; allowed: numbers in \(0, 1\]"),
+    ],
+    ids=["length", "mapping", "word", "zero"],
+)
+def test_bad_ratios_files_name_the_field(tmp_path, file_name, text, message):
+    path = tmp_path / file_name
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=r"learner\.options\." + message):
+        _kept({"mode": "list", "ratios_file": str(path)})
+
+
+class _SmallNet(nn.Module):
+    """Two prunable groups: conv1 (8 channels) and conv2 (8 channels)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+        return self.fc(x.mean((2, 3)))
+
+
+def _small_net() -> nn.Module:
+    torch.manual_seed(0)
+    return _SmallNet()
+
+
+@pytest.mark.parametrize("steps", [0, 3])
+def test_group_fine_tuning_prunes_one_group_at_a_time_and_trains_in_between(monkeypatch, steps):
+    calls, after = [], []
+    real = channel_pruning.prune_channels_
+
+    def spy(model, input_shape, keep_ratios, **options):
+        calls.append((list(keep_ratios), copy.deepcopy(model.state_dict())))
+        kept = real(model, input_shape, keep_ratios, **options)
+        after.append(copy.deepcopy(model.state_dict()))
+        return kept
+
+    monkeypatch.setattr(channel_pruning, "prune_channels_", spy)
+    config = ChannelPruningConfig(
+        mode="uniform", keep_ratio=0.5, round_to=1, num_batches=1, group_size=1, group_fine_tune_steps=steps
+    )
+    learner = ChannelPruning(config)
+    model = learner.prepare(_small_net(), _data())
+
+    assert [names for names, _ in calls] == [["conv1"], ["conv2"]]
+    assert learner.kept_channels == {"conv1": 4, "conv2": 4}
+    assert (model.conv1.out_channels, model.conv2.in_channels, model.conv2.out_channels) == (4, 4, 4)
+    assert model.fc.in_features == 4
+    # conv1 is not touched by the second pruning: what changed it in between is the fine-tuning
+    fine_tuned = not torch.equal(after[0]["conv1.weight"], calls[1][1]["conv1.weight"])
+    assert fine_tuned == (steps > 0)
+    # seeded: the same config on the same model gives the same weights
+    again = ChannelPruning(config).prepare(_small_net(), _data())
+    assert model.state_dict().keys() == again.state_dict().keys()
+    assert all(torch.equal(value, again.state_dict()[key]) for key, value in model.state_dict().items())

@@ -18,6 +18,7 @@ from pf_ray.ops.pruning import (
     kept_channel_count,
     l1_channel_scores,
     macs_after,
+    macs_table,
     project_to_budget,
     prunable_groups,
     prune_channels_,
@@ -182,7 +183,12 @@ def test_wrong_number_of_ratios_names_the_field(resnet20):
 
 
 def test_unknown_criterion_lists_the_known_ones(resnet20):
-    with pytest.raises(ConfigError, match="criterion: got 'lasso'; allowed: l1"):
+    with pytest.raises(ConfigError, match="criterion: got 'taylor'; allowed: l1, lasso"):
+        prune_channels_(copy.deepcopy(resnet20), SHAPE, [0.5] * 12, criterion="taylor")
+
+
+def test_lasso_without_data_says_what_it_needs(resnet20):
+    with pytest.raises(ConfigError, match="criterion 'lasso' needs training data: pass batches="):
         prune_channels_(copy.deepcopy(resnet20), SHAPE, [0.5] * 12, criterion="lasso")
 
 
@@ -210,27 +216,62 @@ def test_analytic_macs_equal_measured_macs(build, shape):
 # Budget projection
 
 
-def _scale_of(ratios, projected, min_ratio):
-    """The scale s of a projection: any ratio that was not clipped is s * proposal."""
-    return next(p / r for r, p in zip(ratios, projected, strict=True) if min_ratio < p < 1.0)
+def _is_count(ratio: float, size: int) -> bool:
+    """A topped-up group's ratio is kept / size exactly."""
+    return abs(ratio * size - round(ratio * size)) < 1e-9
 
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_projection_spends_the_budget_and_keeps_the_shape(resnet20, seed):
     rng = random.Random(seed)
     ratios = [rng.uniform(0.2, 1.0) for _ in range(12)]
-    baseline = macs_after(resnet20, SHAPE, [1.0] * 12, 8)
+    table = macs_table(resnet20, SHAPE)
+    budget = 0.5 * table.macs([1.0] * 12, 8)
     projected = project_to_budget(resnet20, SHAPE, ratios, 0.5, round_to=8, min_ratio=0.1)
 
-    assert macs_after(resnet20, SHAPE, projected, 8) <= 0.5 * baseline
-    # the next scale up overshoots: no headroom of even one rounding step is left unused
-    scale = _scale_of(ratios, projected, 0.1) * (1 + 1e-6)
-    grown = [min(max(scale * r, 0.1), 1.0) for r in ratios]
-    assert macs_after(resnet20, SHAPE, grown, 8) > 0.5 * baseline
-    for i in range(12):
-        for j in range(12):
-            if ratios[i] <= ratios[j]:
-                assert projected[i] <= projected[j]
+    kept = [kept_channel_count(n, p, 8) for n, p in zip(table.sizes, projected, strict=True)]
+    assert table.macs_of_counts(kept) == macs_after(resnet20, SHAPE, projected, 8) <= budget
+    # nothing left to spend: no group can keep one more rounding step of channels within the budget
+    for group, size in enumerate(table.sizes):
+        if kept[group] < size:
+            grown = kept[:group] + [min(kept[group] + 8, size)] + kept[group + 1 :]
+            assert table.macs_of_counts(grown) > budget
+    # the groups the top-up left alone are the proposal times one common scale (clipped to [0.1, 1])
+    scales = [
+        p / r for r, p, n in zip(ratios, projected, table.sizes, strict=True) if 0.1 < p < 1.0 and not _is_count(p, n)
+    ]
+    assert len(scales) >= 3 and max(scales) == pytest.approx(min(scales), rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    "build, shape",
+    [
+        (_resnet20, (1, 8, 8)),
+        (lambda: build_model(ModelConfig("mobilenet_v2"), in_channels=1, num_classes=10), (1, 8, 8)),
+        (lambda: build_model(ModelConfig("torchvision_resnet18"), in_channels=1, num_classes=10), (1, 32, 32)),
+    ],
+    ids=["resnet20", "mobilenet_v2", "torchvision_resnet18"],
+)
+def test_projection_with_round_to_1_lands_within_2_percent_of_the_target(build, shape):
+    model = build()
+    table = macs_table(model, shape)
+    baseline = table.macs([1.0] * len(table.names), 1)
+    rng = random.Random(0)
+    for target in (0.21, 0.5, 0.74):
+        proposal = [rng.uniform(0.05, 1.0) for _ in table.names]
+        projected = project_to_budget(model, shape, proposal, target, round_to=1, min_ratio=0.1)
+        assert 0.98 * target <= table.macs(projected, 1) / baseline <= target
+
+
+def test_lasso_pruned_resnet20_has_the_projected_macs():
+    model = _resnet20()
+    shape = (1, 8, 8)
+    proposal = [random.Random(3).uniform(0.2, 1.0) for _ in range(12)]
+    projected = project_to_budget(model, shape, proposal, 0.4, round_to=1, min_ratio=0.1)
+    baseline = model_stats(model, shape).macs
+    batches = [torch.randn(16, *shape, generator=torch.Generator().manual_seed(0))]
+    prune_channels_(model, shape, projected, round_to=1, criterion="lasso", batches=batches)
+    assert 0.98 * 0.4 <= model_stats(model, shape).macs / baseline <= 0.4
 
 
 def test_projection_grows_a_proposal_far_under_budget(resnet20):

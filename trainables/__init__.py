@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from pf_ray.errors import ConfigError
 
-NAMES = ("channel_pruning", "full_precision")
+NAMES = ("channel_pruning", "discrimination_aware_pruning", "full_precision")
 
 
 def get_trainable(learner_name: str) -> Callable:

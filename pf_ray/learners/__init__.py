@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from pf_ray.learners import channel_pruning, full_precision  # noqa: F401  (registration)
+from pf_ray.learners import (  # noqa: F401  (registration)
+    channel_pruning,
+    discrimination_aware_pruning,
+    full_precision,
+)
 from pf_ray.registry import LEARNERS
 
 

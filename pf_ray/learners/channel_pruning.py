@@ -1,40 +1,121 @@
 """Channel pruning: remove whole channels, residual trunks included (He et al., "Channel Pruning for
 Accelerating Very Deep Neural Networks", ICCV 2017; dependency groups after Fang et al., DepGraph, CVPR 2023).
 
-Channels are chosen by the L1 norm of their filters (PocketFlow's non-LASSO option) and removed physically, so
-the fine-tuned model is really smaller. Kept counts are rounded to ``round_to`` because runtimes compute in
-channel blocks: unaligned counts made a 48%-MACs ResNet-20 slower than the original under ONNX Runtime.
-LASSO selection with least-squares reconstruction (He et al.) is a later ``criterion``.
+Channels are chosen by LASSO regression on features sampled from training batches, and the layers that consume
+them are refit by least squares (``criterion="lasso"``, the paper's method), or by the L1 norm of their filters
+(``"l1"``, PocketFlow's data-free option). They are removed physically, so the fine-tuned model is really
+smaller. Kept counts are rounded to ``round_to`` because runtimes compute in channel blocks: unaligned counts
+made a 48%-MACs ResNet-20 slower than the original under ONNX Runtime.
+
+Modes (PocketFlow's): ``uniform`` keeps ``keep_ratio`` of every group; ``list`` takes one ratio per group from
+``layer_keep_ratios`` or ``ratios_file``; ``auto`` lets the search choose ``layer_keep_ratios`` under the MACs
+budget. Group fine-tuning (``group_size`` > 0) prunes a few groups at a time, each on features of the partly
+pruned model, with a short Adam fine-tuning in between.
 """
 
 from __future__ import annotations
 
+import json
+import math
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
+import torch
+import torch.nn.functional as F
+import yaml
 from torch import nn
+from torch.utils.data import DataLoader
 
 from pf_ray.config import check_choice, check_range
 from pf_ray.data import DataBundle
-from pf_ray.errors import ModelError
-from pf_ray.ops.pruning import CRITERIA, prunable_groups, prune_channels_
+from pf_ray.errors import ConfigError, ModelError
+from pf_ray.ops.pruning import CRITERIA, KEEP_RATIOS_FIELD, prunable_groups, prune_channels_
 from pf_ray.registry import LEARNERS
+from pf_ray.train import make_loader
+
+MODES = ("uniform", "list", "auto")
+RATIOS_FILE_FIELD = "learner.options.ratios_file"
+FEATURE_BATCH_SIZE = 64  # images per mini-batch for LASSO's feature sampling and for group fine-tuning
 
 
 @dataclass(frozen=True)
 class ChannelPruningConfig:
-    layer_keep_ratios: tuple[float, ...] = ()  # one per prunable group, in model order; empty = uniform
-    keep_ratio: float = 0.5  # used when layer_keep_ratios is empty
+    mode: str = "auto"  # "uniform": keep_ratio everywhere; "list": given ratios; "auto": the search picks them
+    layer_keep_ratios: tuple[float, ...] = ()  # one per prunable group, in model order (mode list / auto)
+    keep_ratio: float = 0.5  # mode uniform; also auto before the search has filled layer_keep_ratios
+    ratios_file: str | None = None  # mode list: a YAML/JSON list or a text file of numbers, one per group
     round_to: int = 8  # kept channel counts are multiples of this (ONNX Runtime's x86 convs use blocks of 8)
-    criterion: str = "l1"  # how channels are ranked: a key of pf_ray.ops.pruning.CRITERIA
-    min_keep_ratio: float = 0.1  # the search's lower bound for every layer's keep ratio
+    min_keep_ratio: float = 0.1  # the search's lower bound for every group's keep ratio
+    criterion: str = "lasso"  # how channels are chosen: a key of pf_ray.ops.pruning.CRITERIA
+    reconstruct: bool = True  # lasso: refit the consumers of pruned channels by least squares
+    num_batches: int = 10  # lasso: training mini-batches (of 64) whose features drive selection
+    points_per_image: int = 10  # lasso: output positions sampled per image and layer
+    group_size: int = 0  # 0: prune every group at once; k: k groups at a time, fine-tuning in between
+    group_fine_tune_steps: int = 50  # Adam steps after each group of groups (group_size > 0)
+    group_learning_rate: float = 0.001  # Adam's learning rate for those steps
+    seed: int = 0  # feature batches, sampled positions and group fine-tuning order
 
     def __post_init__(self) -> None:
+        check_choice("mode", self.mode, MODES)
         for index, ratio in enumerate(self.layer_keep_ratios):
             check_range(f"layer_keep_ratios[{index}]", ratio, low=0.0, high=1.0, low_inclusive=False)
         check_range("keep_ratio", self.keep_ratio, low=0.0, high=1.0, low_inclusive=False)
         check_range("round_to", self.round_to, low=1)
-        check_choice("criterion", self.criterion, CRITERIA)
         check_range("min_keep_ratio", self.min_keep_ratio, low=0.0, high=1.0, low_inclusive=False)
+        check_choice("criterion", self.criterion, CRITERIA)
+        check_range("num_batches", self.num_batches, low=1)
+        check_range("points_per_image", self.points_per_image, low=1)
+        check_range("group_size", self.group_size, low=0)
+        check_range("group_fine_tune_steps", self.group_fine_tune_steps, low=0)
+        check_range("group_learning_rate", self.group_learning_rate, low=0.0, low_inclusive=False, high=1.0)
+        if self.mode == "uniform" and self.layer_keep_ratios:
+            raise ConfigError(
+                f"layer_keep_ratios: got {len(self.layer_keep_ratios)} values with mode 'uniform', which keeps "
+                "keep_ratio everywhere; use mode 'list' (or 'auto') for per-group ratios"
+            )
+        if self.ratios_file is not None:
+            if self.mode != "list":
+                raise ConfigError(
+                    f"ratios_file: got {self.ratios_file!r} with mode {self.mode!r}; "
+                    "a ratios file is read in mode 'list' only"
+                )
+            if self.layer_keep_ratios:
+                raise ConfigError("ratios_file: given together with layer_keep_ratios; give one of them")
+            read_ratios_file(self.ratios_file)  # fail now, where the config is read, not in a trial
+        elif self.mode == "list" and not self.layer_keep_ratios:
+            raise ConfigError("mode: got 'list' without ratios; set layer_keep_ratios or ratios_file")
+
+
+def read_ratios_file(path: str) -> tuple[float, ...]:
+    """Keep ratios from a file: ``.json``/``.yaml``/``.yml`` holding a list of numbers, or any other file
+    holding numbers separated by spaces, commas or new lines (``#`` starts a comment)."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ConfigError(f"{RATIOS_FILE_FIELD}: {path!r} does not exist (or is not a file)")
+    text = file.read_text()
+    try:
+        if file.suffix.lower() == ".json":
+            values = json.loads(text)
+        elif file.suffix.lower() in (".yaml", ".yml"):
+            values = yaml.safe_load(text)
+        else:
+            lines = (line.split("#", 1)[0] for line in text.splitlines())
+            values = [float(token) for line in lines for token in line.replace(",", " ").split()]
+    except (ValueError, yaml.YAMLError) as error:
+        raise ConfigError(f"{RATIOS_FILE_FIELD}: {path!r} is not a list of numbers: {error}") from None
+    if not isinstance(values, list) or not values:
+        held = "nothing" if values in ([], None) else type(values).__name__
+        raise ConfigError(f"{RATIOS_FILE_FIELD}: {path!r} holds {held}; expected a list of numbers")
+    ratios = []
+    for index, value in enumerate(values):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+            raise ConfigError(
+                f"{RATIOS_FILE_FIELD}: value {index} of {path!r} is {value!r}; allowed: numbers in (0, 1]"
+            )
+        ratios.append(float(value))
+    return tuple(ratios)
 
 
 def search_dimensions(model: nn.Module, input_shape: tuple[int, int, int]) -> list[str]:
@@ -44,27 +125,105 @@ def search_dimensions(model: nn.Module, input_shape: tuple[int, int, int]) -> li
 
 @LEARNERS.register("channel_pruning", config=ChannelPruningConfig)
 class ChannelPruning:
-    """One-shot pruning in ``prepare``; fine-tuning then trains the smaller model as it is."""
+    """Pruning (and group fine-tuning) in ``prepare``; fine-tuning then trains the smaller model as it is."""
 
     def __init__(self, config: ChannelPruningConfig) -> None:
         self.config = config
         self.kept_channels: dict[str, int] = {}  # group name -> channels kept, filled by prepare
 
     def prepare(self, model: nn.Module, data: DataBundle) -> nn.Module:
-        num_groups = len(search_dimensions(model, data.input_shape))
-        if num_groups == 0:
+        config = self.config
+        names = search_dimensions(model, data.input_shape)
+        if not names:
             raise ModelError(
                 f"channel_pruning: the model ({type(model).__name__}) has no prunable channel group: "
                 "no conv/linear layer whose outputs can be removed without changing the model's output"
             )
-        ratios = self.config.layer_keep_ratios or (self.config.keep_ratio,) * num_groups
-        self.kept_channels = prune_channels_(
-            model, data.input_shape, ratios, round_to=self.config.round_to, criterion=self.config.criterion
-        )
+        ratios = dict(zip(names, self._keep_ratios(len(names)), strict=True))
+        batches = None
+        if config.criterion == "lasso":
+            loader = make_loader(data.train, FEATURE_BATCH_SIZE, shuffle=True, seed=config.seed)
+            batches = [inputs for inputs, _ in _take(loader, config.num_batches)]
+        options = {
+            "round_to": config.round_to,
+            "criterion": config.criterion,
+            "batches": batches,
+            "points_per_image": config.points_per_image,
+            "seed": config.seed,
+            "reconstruct": config.reconstruct,
+        }
+        if config.group_size == 0:
+            self.kept_channels = prune_channels_(model, data.input_shape, list(ratios.values()), **options)
+            return model
+        # group fine-tuning: each chunk is selected on features of the model pruned and fine-tuned so far
+        self.kept_channels = {}
+        chunks = [names[i : i + config.group_size] for i in range(0, len(names), config.group_size)]
+        for index, chunk in enumerate(chunks):
+            kept = prune_channels_(model, data.input_shape, {name: ratios[name] for name in chunk}, **options)
+            self.kept_channels.update({name: kept[name] for name in chunk})
+            if index < len(chunks) - 1:  # after the last chunk the trial's own fine-tuning takes over
+                self._fine_tune(model, data, seed=config.seed + index)
         return model
+
+    def _keep_ratios(self, num_groups: int) -> tuple[float, ...]:
+        config = self.config
+        if config.mode == "list" and config.ratios_file is not None:
+            ratios = read_ratios_file(config.ratios_file)
+            if len(ratios) != num_groups:
+                raise ConfigError(
+                    f"{RATIOS_FILE_FIELD}: {config.ratios_file!r} holds {len(ratios)} ratios; "
+                    f"expected {num_groups} (one per prunable group of this model)"
+                )
+            return ratios
+        if config.mode == "uniform" or not config.layer_keep_ratios:
+            return (config.keep_ratio,) * num_groups  # auto before any search: uniform
+        if len(config.layer_keep_ratios) != num_groups:
+            raise ConfigError(
+                f"{KEEP_RATIOS_FIELD}: got {len(config.layer_keep_ratios)} values; expected "
+                f"{num_groups} (one per prunable group of this model)"
+            )
+        return config.layer_keep_ratios
+
+    def _fine_tune(self, model: nn.Module, data: DataBundle, *, seed: int) -> None:
+        """``group_fine_tune_steps`` Adam steps of cross-entropy on the training set (PocketFlow: Adam, small
+        learning rate, a fraction of the schedule). Train mode; the caller's mode is restored."""
+        steps = self.config.group_fine_tune_steps
+        if steps == 0:
+            return
+        parameter = next(model.parameters())
+        optimizer = torch.optim.Adam(model.parameters(), lr=self.config.group_learning_rate)
+        loader = make_loader(data.train, FEATURE_BATCH_SIZE, shuffle=True, seed=seed)
+        was_training = model.training
+        model.train()
+        for step, (inputs, labels) in enumerate(_take(loader, steps, repeat=True)):
+            loss = F.cross_entropy(model(inputs.to(parameter.device)), labels.to(parameter.device))
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"group fine-tuning diverged: loss is {loss.item()} at step {step}; "
+                    "lower learner.options.group_learning_rate"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        model.train(was_training)
 
     def on_step(self, model: nn.Module, step: int) -> None:
         pass  # nothing to re-apply: the removed channels no longer exist
 
     def finalize(self, model: nn.Module) -> nn.Module:
         return model
+
+
+def _take(loader: DataLoader, count: int, *, repeat: bool = False) -> Iterator[Any]:
+    """The first ``count`` batches of ``loader`` (cycling through it again if ``repeat`` and it is shorter)."""
+    taken = 0
+    rounds = math.inf if repeat else 1
+    while taken < count and rounds > 0:
+        rounds -= 1
+        for batch in loader:
+            if taken == count:
+                return
+            yield batch
+            taken += 1
+        if taken == 0:
+            return  # an empty loader

@@ -2,8 +2,9 @@
 
 Channels are removed from the weights, not masked: every layer that shares a channel (a residual trunk, the
 batch norm after a conv, the next conv's inputs, a depthwise conv in between) loses it together, so the pruned
-model is really smaller and faster. Channel selection follows PocketFlow's non-LASSO option (L1 norm of the
-filters, Li et al., ICLR 2017); LASSO selection (He et al., ICCV 2017) plugs in as another ``CRITERIA`` entry.
+model is really smaller and faster. Channels are chosen by the L1 norm of the filters (PocketFlow's non-LASSO
+option, Li et al., ICLR 2017) or by LASSO regression on sampled features followed by a least-squares refit of
+the layers that consume them (He et al., ICCV 2017; the maths in ``pf_ray.ops.lasso``).
 
 This is the only module of pf_ray that imports torch-pruning.
 """
@@ -11,8 +12,9 @@ This is the only module of pf_ray that imports torch-pruning.
 from __future__ import annotations
 
 import math
+import warnings
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +23,7 @@ import torch_pruning as tp
 from torch import nn
 
 from pf_ray.errors import ConfigError, ModelError
+from pf_ray.ops import lasso
 
 # The field a user sets to choose per-group ratios; named in errors about the ratio vector.
 KEEP_RATIOS_FIELD = "learner.options.layer_keep_ratios"
@@ -79,6 +82,25 @@ class _Trace:
     groups: list[PrunableGroup]
     modules: dict[str, nn.Module]
     layers: list[LayerMacs]
+    names: dict[nn.Module, str]
+    order: dict[str, int]  # layer name -> position of its first call in the forward pass
+
+    def current_group(self, name: str) -> PrunableGroup | None:
+        """Group ``name`` as it is now, after other groups were pruned through this trace's graph (indices
+        shift when a layer's channels are removed); None once it has fewer than 2 channels."""
+        root = self.modules[name]
+        pruner = self.graph.get_pruner_of_module(root)
+        channels = list(range(self.graph.get_out_channels(root)))
+        return _describe_group(
+            self.graph, self.graph.get_pruning_group(root, pruner.prune_out_channels, channels), self.names, self.order
+        )
+
+    def remove_(self, name: str, channels: Sequence[int]) -> None:
+        """Physically remove ``channels`` (indices of group ``name``) from every member of the group."""
+        if channels:
+            root = self.modules[name]
+            pruner = self.graph.get_pruner_of_module(root)
+            self.graph.get_pruning_group(root, pruner.prune_out_channels, list(channels)).prune()
 
 
 @dataclass
@@ -150,7 +172,7 @@ def _trace(model: nn.Module, input_shape: Sequence[int]) -> _Trace:
                     target = layer.out_members if member.dim == "out" else layer.in_members
                     target.append((index, len(member.indices)))
         layers.append(layer)
-    return _Trace(graph, groups, modules, layers)
+    return _Trace(graph, groups, modules, layers, names, order)
 
 
 def _record_layer_calls(
@@ -218,9 +240,9 @@ def _describe_group(
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Channel importance: a criterion is a plain callable (model, group) -> Tensor(num_channels), higher = keep.
+# Channel importance: a criterion is a callable (model, group) -> Tensor(num_channels), higher = keep.
 
-Criterion = Callable[[nn.Module, PrunableGroup], torch.Tensor]
+Criterion = Callable[..., torch.Tensor]  # (model, group, **data) -> (num_channels,) scores
 
 
 def l1_channel_scores(model: nn.Module, group: PrunableGroup) -> torch.Tensor:
@@ -238,7 +260,96 @@ def l1_channel_scores(model: nn.Module, group: PrunableGroup) -> torch.Tensor:
     return scores
 
 
-CRITERIA: dict[str, Criterion] = {"l1": l1_channel_scores}
+# Widest consumer (input features of the group x kernel positions) that LASSO regresses on: its Gram matrix grows
+# with the square (5000^2 float64 = 200 MB). A wider one sends its group to L1 selection.
+MAX_LASSO_FEATURES = 5000
+
+
+def lasso_channel_scores(
+    model: nn.Module,
+    group: PrunableGroup,
+    *,
+    batches: Sequence[torch.Tensor] | None = None,
+    num_kept: int | None = None,
+    points_per_image: int = 10,
+    seed: int = 0,
+) -> torch.Tensor:
+    """(num_channels,) scores whose top ``num_kept`` are the LASSO selection (He et al.) for ``group``: the
+    group's consumers are sampled on ``batches`` through ``model`` as it is now, and their own outputs are the
+    regression target. Selection only; ``prune_channels_(criterion="lasso")`` also reconstructs.
+
+    Groups that LASSO cannot regress (see ``lasso_consumers``) get ``l1_channel_scores``, with a warning.
+    """
+    if batches is None or num_kept is None:
+        raise ConfigError(
+            "criterion 'lasso' needs training data: pass batches= and num_kept= (prune_channels_(..., "
+            "criterion='lasso', batches=...) does)"
+        )
+    consumers, reason = lasso_consumers(model, group)
+    if reason:
+        warnings.warn(f"group {group.name!r}: {reason}; its channels are chosen by L1 norm", stacklevel=2)
+        return l1_channel_scores(model, group)
+    names = [member.module for member in consumers]
+    samples = lasso.sample_layers(model, names, batches, points_per_image=points_per_image, seed=seed)
+    targets = {name: samples[name].outputs for name in names}
+    return lasso.selection_scores(lasso.select_channels(_problem(model, group, consumers, samples, targets), num_kept))
+
+
+CRITERIA: dict[str, Criterion] = {"l1": l1_channel_scores, "lasso": lasso_channel_scores}
+
+
+def lasso_consumers(model: nn.Module, group: PrunableGroup) -> tuple[list[GroupMember], str]:
+    """The members of ``group`` that LASSO regresses: the dense conv/linear layers whose inputs are the group's
+    channels. A depthwise conv between producer and consumer is no consumer: its channels go with the group (one
+    filter per channel) and the dense layer after it is regressed on the depthwise outputs, which is what
+    removing a channel changes. Returns (consumers, "") or ([], why LASSO cannot select this group's channels).
+    """
+    modules = dict(model.named_modules())
+    consumers = []
+    for member in group.members:
+        module = modules[member.module]
+        if member.dim != "in":
+            continue
+        if isinstance(module, nn.Conv2d) and module.groups != 1:
+            continue  # grouped/depthwise: its channels follow the group; it is not regressed
+        if not isinstance(module, (nn.Conv2d, nn.Linear)):
+            continue
+        kernel = math.prod(module.kernel_size) if isinstance(module, nn.Conv2d) else 1
+        if len(member.indices) * kernel > MAX_LASSO_FEATURES:
+            return [], (
+                f"consumer {member.module!r} has {len(member.indices)} x {kernel} input features "
+                f"(LASSO handles up to {MAX_LASSO_FEATURES})"
+            )
+        consumers.append(member)
+    if not consumers:
+        return [], "no dense conv/linear layer consumes its channels"
+    return consumers, ""
+
+
+def _problem(
+    model: nn.Module,
+    group: PrunableGroup,
+    consumers: Sequence[GroupMember],
+    samples: Mapping[str, lasso.LayerSamples],
+    targets: Mapping[str, torch.Tensor],
+) -> lasso.ChannelProblem:
+    """The group's regression: one problem per consumer, stacked (channel c has one coefficient for all)."""
+    modules = dict(model.named_modules())
+    problems = [
+        lasso.channel_problem(
+            samples[m.module].inputs,
+            modules[m.module].weight,
+            targets[m.module],
+            m.indices,
+            m.group_indices,
+            group.num_channels,
+        )
+        for m in consumers
+    ]
+    total = problems[0]
+    for problem in problems[1:]:
+        total = total + problem
+    return total
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -271,6 +382,19 @@ def _check_length(keep_ratios: Sequence[float], names: Sequence[str]) -> None:
             raise ConfigError(f"{KEEP_RATIOS_FIELD}[{index}]: got {ratio!r}; allowed range is (0, 1]")
 
 
+def _ratios_per_group(keep_ratios: Sequence[float] | Mapping[str, float], names: Sequence[str]) -> list[float]:
+    if not isinstance(keep_ratios, Mapping):
+        _check_length(keep_ratios, names)
+        return list(keep_ratios)
+    unknown = sorted(set(keep_ratios) - set(names))
+    if unknown:
+        raise ConfigError(f"keep ratio for group {unknown[0]!r}: no such prunable group; known: {', '.join(names)}")
+    for name, ratio in keep_ratios.items():
+        if not 0.0 < ratio <= 1.0:
+            raise ConfigError(f"keep ratio for group {name!r}: got {ratio!r}; allowed range is (0, 1]")
+    return [keep_ratios.get(name, 1.0) for name in names]
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Pruning
 
@@ -278,45 +402,179 @@ def _check_length(keep_ratios: Sequence[float], names: Sequence[str]) -> None:
 def prune_channels_(
     model: nn.Module,
     input_shape: Sequence[int],
-    keep_ratios: Sequence[float],
+    keep_ratios: Sequence[float] | Mapping[str, float],
     *,
     round_to: int = 8,
     criterion: str = "l1",
+    batches: Iterable[torch.Tensor] | None = None,
+    points_per_image: int = 10,
+    seed: int = 0,
+    reconstruct: bool = True,
 ) -> dict[str, int]:
     """Remove channels from ``model`` in place: group i keeps its best kept_channel_count(n_i, ratio_i)
-    channels by ``criterion``. Returns the kept count per group name.
+    channels by ``criterion``. Returns the kept count of every group, by name.
+
+    - ``"l1"``: every group is scored on the model as passed in, then all are pruned.
+    - ``"lasso"``: groups are pruned one at a time in forward order, each selected on features sampled from
+      the model as it is then (earlier groups already pruned and reconstructed); the regression target is the
+      output of the model as passed in (He et al.), for a layer that feeds a residual add corrected by the drift
+      of the add's other operand (``lasso.residual_target``). With ``reconstruct`` the consumers of each group
+      are then refit by least squares on the kept channels. Groups that LASSO cannot regress fall back to L1,
+      with a warning.
 
     Args:
-        keep_ratios: one per group of ``prunable_groups(model, input_shape)``, in that order.
+        keep_ratios: one per group of ``prunable_groups(model, input_shape)``, in that order; or a mapping
+            group name -> ratio, the groups not named keeping all their channels.
         round_to: kept counts are multiples of this (8 suits ONNX Runtime's x86 convolution kernels).
         criterion: a key of ``CRITERIA``.
+        batches: ``"lasso"`` only (required): input mini-batches run through the model to sample features.
+        points_per_image: ``"lasso"`` only: output positions sampled per image and layer.
+        seed: ``"lasso"`` only: the sampled positions depend on it alone (with the layer and batch).
+        reconstruct: ``"lasso"`` only: refit the consumers' weights after selection.
     """
     if criterion not in CRITERIA:
         raise ConfigError(f"criterion: got {criterion!r}; allowed: {', '.join(CRITERIA)}")
+    if criterion == "lasso" and batches is None:
+        raise ConfigError("criterion 'lasso' needs training data: pass batches= (input mini-batches)")
     trace = _trace(model, input_shape)
-    _check_length(keep_ratios, [g.name for g in trace.groups])
+    ratios = _ratios_per_group(keep_ratios, [g.name for g in trace.groups])
+    counts = [kept_channel_count(g.num_channels, r, round_to) for g, r in zip(trace.groups, ratios, strict=True)]
+    if criterion == "lasso":
+        _prune_lasso_(
+            model,
+            trace,
+            counts,
+            list(batches or ()),
+            points_per_image=points_per_image,
+            seed=seed,
+            reconstruct=reconstruct,
+        )
+        return {group.name: kept for group, kept in zip(trace.groups, counts, strict=True)}
+
     score = CRITERIA[criterion]
     # score every group before touching any weights, so no score sees a half-pruned model
     plans = []
-    for group, ratio in zip(trace.groups, keep_ratios, strict=True):
-        kept = kept_channel_count(group.num_channels, ratio, round_to)
+    for group, kept in zip(trace.groups, counts, strict=True):
         scores = score(model, group)
         if scores.shape != (group.num_channels,):
             raise ModelError(
                 f"criterion {criterion!r} returned shape {tuple(scores.shape)} for group "
                 f"{group.name!r}; expected ({group.num_channels},)"
             )
-        # stable sort: among equal scores the lower channel index is kept
-        keep = set(torch.argsort(scores, descending=True, stable=True)[:kept].tolist())
-        plans.append((group, kept, [i for i in range(group.num_channels) if i not in keep]))
-
-    graph = trace.graph
+        plans.append((group, kept, _unkept(scores, kept)))
     for group, _, remove in plans:
-        if remove:
-            root = trace.modules[group.name]
-            pruner = graph.get_pruner_of_module(root)
-            graph.get_pruning_group(root, pruner.prune_out_channels, remove).prune()
+        trace.remove_(group.name, remove)
     return {group.name: kept for group, kept, _ in plans}
+
+
+def _unkept(scores: torch.Tensor, kept: int) -> list[int]:
+    # stable sort: among equal scores the lower channel index is kept
+    keep = set(torch.argsort(scores, descending=True, stable=True)[:kept].tolist())
+    return [i for i in range(len(scores)) if i not in keep]
+
+
+def _prune_lasso_(
+    model: nn.Module,
+    trace: _Trace,
+    counts: Sequence[int],
+    batches: list[torch.Tensor],
+    *,
+    points_per_image: int,
+    seed: int,
+    reconstruct: bool,
+) -> None:
+    todo = [(g.name, kept) for g, kept in zip(trace.groups, counts, strict=True) if kept < g.num_channels]
+    if not todo:
+        return
+    if not batches:
+        raise ConfigError("criterion 'lasso' needs training data: batches= is empty")
+    sampling = {"points_per_image": points_per_image, "seed": seed}
+    pruned = {name for name, _ in todo}
+    observed = list(
+        dict.fromkeys(m.module for g in trace.groups if g.name in pruned for m in lasso_consumers(model, g)[0])
+    )
+    # targets: the model as passed in (its outputs and residual partners), sampled once for every group
+    reference = lasso.sample_layers(model, observed, batches, keep_inputs=False, **sampling)
+    # which reference output channel each current output channel of an observed layer is
+    channels = {name: torch.arange(reference[name].outputs.shape[1]) for name in observed}
+
+    for name, kept in todo:
+        group = trace.current_group(name)
+        if group is None or kept >= group.num_channels:
+            continue
+        consumers, reason = lasso_consumers(model, group)
+        refits: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        if reason:
+            warnings.warn(f"group {name!r}: {reason}; its channels are chosen by L1 norm", stacklevel=3)
+            remove = _unkept(l1_channel_scores(model, group), kept)
+        else:
+            names = [member.module for member in consumers]
+            partners = [n for n in names if reference[n].partner is not None]
+            current = lasso.sample_layers(model, names, batches, keep_outputs=False, partners=partners, **sampling)
+            targets = {n: lasso.residual_target(reference[n], current[n], channels[n]) for n in names}
+            selection = lasso.select_channels(_problem(model, group, consumers, current, targets), kept)
+            remove = sorted(set(range(group.num_channels)) - set(selection.keep))
+            if reconstruct:
+                refits = _refits(trace, group, consumers, current, targets, set(remove))
+        trace.remove_(name, remove)
+        _forget_channels(group, remove, channels)
+        for module_name, (weight, bias_change) in refits.items():
+            _write_weights_(trace.modules[module_name], weight, bias_change)
+
+
+def _refits(
+    trace: _Trace,
+    group: PrunableGroup,
+    consumers: Sequence[GroupMember],
+    samples: Mapping[str, lasso.LayerSamples],
+    targets: Mapping[str, torch.Tensor],
+    removed: set[int],
+) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+    """Least-squares weights of every consumer for the input features (and output channels) that remain."""
+    refits = {}
+    for member in consumers:
+        module = trace.modules[member.module]
+        inputs = samples[member.module].inputs
+        dropped = {f for f, c in zip(member.indices, member.group_indices, strict=True) if c in removed}
+        kept_features = [f for f in range(inputs.shape[1]) if f not in dropped]
+        weight = module.weight.detach().reshape(module.weight.shape[0], module.weight.shape[1], -1)
+        target = targets[member.module]
+        # a consumer inside the group's residual stream loses some of its outputs too: refit only those that stay
+        lost = {
+            i
+            for m in group.members
+            if m.module == member.module and m.dim == "out"
+            for i, c in zip(m.indices, m.group_indices, strict=True)
+            if c in removed
+        }
+        if lost:
+            stay = [i for i in range(target.shape[1]) if i not in lost]
+            target, weight = target[:, stay], weight[stay]
+        refits[member.module] = lasso.least_squares_weights(
+            inputs, target, kept_features, weight, bias=module.bias is not None
+        )
+    return refits
+
+
+def _forget_channels(group: PrunableGroup, removed: Sequence[int], channels: dict[str, torch.Tensor]) -> None:
+    """Keep ``channels`` (layer -> reference channel of each current output) in step with a removal."""
+    removed_set = set(removed)
+    for member in group.members:
+        if member.dim == "out" and member.module in channels:
+            gone = {i for i, c in zip(member.indices, member.group_indices, strict=True) if c in removed_set}
+            keep = [i for i in range(len(channels[member.module])) if i not in gone]
+            channels[member.module] = channels[member.module][keep]
+
+
+def _write_weights_(module: nn.Module, weight: torch.Tensor, bias_change: torch.Tensor | None) -> None:
+    if weight.numel() != module.weight.numel():
+        raise ModelError(
+            f"reconstruction produced {tuple(weight.shape)} weights for a layer of shape {tuple(module.weight.shape)}"
+        )
+    with torch.no_grad():
+        module.weight.copy_(weight.reshape(module.weight.shape))
+        if bias_change is not None:
+            module.bias.add_(bias_change.to(module.bias.dtype))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -333,6 +591,10 @@ class MacsTable:
 
     def macs(self, keep_ratios: Sequence[float], round_to: int) -> int:
         kept = [kept_channel_count(n, r, round_to) for n, r in zip(self.sizes, keep_ratios, strict=True)]
+        return self.macs_of_counts(kept)
+
+    def macs_of_counts(self, kept: Sequence[int]) -> int:
+        """MACs with ``kept[i]`` channels left in group i."""
         return sum(layer.macs(kept, self.sizes) for layer in self.layers)
 
 
@@ -372,11 +634,19 @@ def project_to_budget(
     min_ratio: float,
 ) -> tuple[float, ...]:
     """Scale a proposal so that it spends the MACs budget: ratios clip(s * r_i, min_ratio, 1) with the
-    largest s for which MACs after rounding <= target_macs_ratio * the unpruned MACs.
+    largest s for which MACs after rounding <= target_macs_ratio * the unpruned MACs; then top up.
 
     s may exceed 1: a proposal far under budget grows toward it (accuracy grows with MACs). The relative shape
     (and the order) of the ratios is kept, except where clipping flattens it. Raises ConfigError if even every
     ratio at ``min_ratio`` misses the target.
+
+    Top-up: kept counts move in whole channels (multiples of ``round_to``), and at the largest s the next
+    channel of several groups may cross at once, so the scaled proposal can land well under the budget (7.8%
+    under for a ResNet-20 at a 0.21 target, round_to=1). The remainder is spent greedily, one group and one
+    rounding step at a time, while the step fits: first the steps that keep the proposal's order (a group never
+    overtakes the ratio of a group proposed higher), largest MACs gain first; when none of those fits, any step
+    that fits, largest gain first (with round_to=8 a ResNet-20 was otherwise left up to 21% under its budget).
+    Topped-up groups get ratio kept / channels exactly.
     """
     if not 0.0 < target_macs_ratio <= 1.0:
         raise ConfigError(f"search.target_macs_ratio: got {target_macs_ratio!r}; allowed range is (0, 1]")
@@ -405,7 +675,37 @@ def project_to_budget(
     for _ in range(40):
         middle = (low + high) / 2
         low, high = (middle, high) if fits(middle) else (low, middle)
-    return scaled(low)
+    return _top_up(table, scaled(low), keep_ratios, budget, round_to)
+
+
+def _top_up(
+    table: MacsTable, ratios: Sequence[float], proposal: Sequence[float], budget: float, round_to: int
+) -> tuple[float, ...]:
+    """Grow single groups by one rounding step while the MACs still fit (see ``project_to_budget``)."""
+    ratios = list(ratios)
+    kept = [kept_channel_count(n, r, round_to) for n, r in zip(table.sizes, ratios, strict=True)]
+    macs = table.macs_of_counts(kept)
+    while True:
+        best: tuple[tuple[bool, int, float, int], int, int] | None = None
+        for group, size in enumerate(table.sizes):
+            if kept[group] >= size:
+                continue
+            grown = min(kept[group] + round_to, size)
+            gain = table.macs_of_counts(kept[:group] + [grown] + kept[group + 1 :]) - macs
+            if macs + gain > budget:
+                continue
+            keeps_order = all(
+                grown / size <= ratios[other] for other in range(len(ratios)) if proposal[other] > proposal[group]
+            )
+            key = (keeps_order, gain, proposal[group], -group)
+            if best is None or key > best[0]:
+                best = (key, group, grown)
+        if best is None:
+            return tuple(ratios)
+        _, group, grown = best
+        macs += best[0][1]
+        kept[group] = grown
+        ratios[group] = grown / table.sizes[group]
 
 
 # --------------------------------------------------------------------------------------------------------------

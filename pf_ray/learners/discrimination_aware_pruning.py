@@ -1,0 +1,364 @@
+"""Discrimination-aware channel pruning (Zhuang et al., "Discrimination-aware Channel Pruning for Deep Neural
+Networks", NeurIPS 2018).
+
+The prunable groups, in forward order, are split into ``num_stages`` stages of (nearly) equal size; after the
+last layer of each stage but the last sits an auxiliary head (BN, ReLU, global average pool, linear, softmax
+cross-entropy). Stage by stage: fine-tune the model on the stage's auxiliary loss + the final loss, then for each
+group of the stage select the channels its consumers (the conv/linear layers reading it) keep, greedily by the
+gradient norm of (reconstruction against the frozen original + auxiliary loss). Channels are masked during
+selection and removed physically once at the end, so the returned model is the input's class, really smaller;
+the heads are thrown away. The paper's final whole-network fine-tune is the trial's fine-tuning after ``prepare``.
+
+Differences from the paper (all deliberate):
+
+- Groups, not layers: a group is every layer sharing a set of channels (a residual trunk with all its blocks,
+  see ``pf_ray.ops.pruning``). Its consumers' input channels are selected together, with the gradient norms of
+  all its consumers summed and the reconstruction losses of all of them added. Trunk groups are included.
+- A stage's "last layer" is the consumer of its groups that runs last; the head reads that layer's output (for
+  a ResNet stage ending at a downsampling block, the projection shortcut of the next block).
+- ``channel_fine_tune_steps`` = 0 (the default) skips the paper's fine-tuning of a layer after each added
+  channel: kept channels keep their stage-fine-tuned weights. It is the cheap approximation (one forward and
+  backward per kept channel); the paper's setting costs ``channel_fine_tune_steps`` more per kept channel.
+- Batch norms are frozen (eval mode) while channels are selected and layers fine-tuned: with most channels
+  masked, batch statistics would be meaningless. Stage fine-tuning trains them as usual.
+- Optimiser: SGD with Nesterov momentum 0.9 and a constant rate, for both fine-tunings (PocketFlow used Adam).
+- Masks stand in for removal until the end. That is exact through convs, batch norms, depthwise convs and residual
+  additions, not through a layer normalising across channels (LayerNorm/GroupNorm over C), which sees the
+  removal only at the end. A layer called twice in one forward is scored on its last call.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections.abc import Collection, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from pf_ray.config import check_range
+from pf_ray.data import DataBundle
+from pf_ray.errors import ConfigError, DataError, ModelError
+from pf_ray.ops.dcp import (
+    CONSUMER_LAYERS,
+    AuxiliaryHead,
+    Consumer,
+    channel_mask,
+    mask_consumer_inputs_,
+    reconstruction_loss,
+    select_channels_greedily_,
+)
+from pf_ray.ops.pruning import (
+    CRITERIA,
+    GroupMember,
+    PrunableGroup,
+    kept_channel_count,
+    prunable_groups,
+    prune_channels_,
+)
+from pf_ray.registry import LEARNERS
+from pf_ray.train import make_loader
+
+MOMENTUM = 0.9  # of both fine-tunings' SGD
+
+
+@dataclass(frozen=True)
+class DiscriminationAwarePruningConfig:
+    keep_ratio: float = 0.5  # fraction of every group's channels kept (uniform, as in the paper)
+    num_stages: int = 3  # P + 1 stages over the prunable groups; auxiliary heads after the first P
+    round_to: int = 8  # kept channel counts are multiples of this (ONNX Runtime's x86 convs use blocks of 8)
+    stage_fine_tune_steps: int = 50  # SGD steps on auxiliary + final loss per stage (0: heads stay untrained)
+    channel_fine_tune_steps: int = 0  # SGD steps on a group's consumers after each added channel; 0 = skip
+    reconstruction_weight: float = 1.0  # weight of the reconstruction loss against the auxiliary loss
+    learning_rate: float = 0.01  # of both fine-tunings
+    batch_size: int = 64  # examples per step, for fine-tuning and for each greedy gradient
+    seed: int = 0  # heads' initial weights and the order of the training batches
+
+    def __post_init__(self) -> None:
+        check_range("keep_ratio", self.keep_ratio, low=0.0, high=1.0, low_inclusive=False)
+        check_range("num_stages", self.num_stages, low=1)
+        check_range("round_to", self.round_to, low=1)
+        check_range("stage_fine_tune_steps", self.stage_fine_tune_steps, low=0)
+        check_range("channel_fine_tune_steps", self.channel_fine_tune_steps, low=0)
+        check_range("reconstruction_weight", self.reconstruction_weight, low=0.0)
+        check_range("learning_rate", self.learning_rate, low=0.0, high=10.0, low_inclusive=False)
+        check_range("batch_size", self.batch_size, low=1)
+
+
+@LEARNERS.register("discrimination_aware_pruning", config=DiscriminationAwarePruningConfig)
+class DiscriminationAwarePruning:
+    """Selection and removal in ``prepare``; fine-tuning then trains the smaller model as it is."""
+
+    def __init__(self, config: DiscriminationAwarePruningConfig) -> None:
+        self.config = config
+        self.kept_channels: dict[str, int] = {}  # group name -> channels kept, filled by prepare
+
+    def prepare(self, model: nn.Module, data: DataBundle) -> nn.Module:
+        groups = prunable_groups(model, data.input_shape)
+        if not groups:
+            raise ModelError(
+                f"discrimination_aware_pruning: the model ({type(model).__name__}) has no prunable channel group: "
+                "no conv/linear layer whose outputs can be removed without changing the model's output"
+            )
+        if self.config.num_stages > len(groups):
+            raise ConfigError(
+                f"learner.options.num_stages: got {self.config.num_stages}; this model has {len(groups)} "
+                f"prunable channel groups, so at most {len(groups)} stages"
+            )
+        if len(data.train) == 0:  # type: ignore[arg-type]
+            raise DataError("discrimination_aware_pruning: the training set is empty; channel selection needs data")
+        was_training = model.training
+        with torch.random.fork_rng(devices=[]):  # seeded heads without touching the caller's random state
+            torch.manual_seed(self.config.seed)
+            kept = _Selection(self.config, model, data, groups).run()
+        self.kept_channels = _remove_unkept_channels_(model, data.input_shape, groups, kept)
+        model.train(was_training)
+        return model
+
+    def on_step(self, model: nn.Module, step: int) -> None:
+        pass  # nothing to re-apply: the removed channels no longer exist
+
+    def finalize(self, model: nn.Module) -> nn.Module:
+        return model
+
+
+class _StopForward(Exception):
+    """Raised by a hook once every feature a loss needs exists: the rest of the forward pass would be waste."""
+
+
+class _Selection:
+    """One run of the algorithm on ``model`` (masks only; nothing is removed here)."""
+
+    def __init__(
+        self, config: DiscriminationAwarePruningConfig, model: nn.Module, data: DataBundle, groups: list[PrunableGroup]
+    ) -> None:
+        self.config = config
+        self.model = model
+        self.original = copy.deepcopy(model).eval().requires_grad_(False)  # targets of the reconstruction losses
+        self.num_classes = data.num_classes
+        self.device = next(model.parameters()).device
+        self.batches = _batches(data.train, config.batch_size, config.seed, self.device)
+        self.modules = dict(model.named_modules())
+        original_modules = dict(self.original.named_modules())
+        self.original_of = {module: original_modules[name] for name, module in self.modules.items()}
+        self.groups = groups
+        self.kept = {group.name: torch.ones(group.num_channels, dtype=torch.bool) for group in groups}
+        self.consumers = {group.name: self._consumers(group) for group in groups}
+        # layer -> (member, its group's kept mask) for every group the layer produces channels of
+        self.produces: dict[nn.Module, list[tuple[GroupMember, torch.Tensor]]] = {}
+        for group in groups:
+            for member in group.members:
+                if member.dim == "out":
+                    self.produces.setdefault(self.modules[member.module], []).append((member, self.kept[group.name]))
+        self.call_order = _call_order(model, data.input_shape, self.device)
+
+    def _consumers(self, group: PrunableGroup) -> list[Consumer]:
+        consumers = []
+        for member in group.members:
+            if member.dim != "in":
+                continue
+            module = self.modules[member.module]
+            if not isinstance(module, CONSUMER_LAYERS):
+                raise ModelError(
+                    f"discrimination_aware_pruning: layer {member.module!r} ({type(module).__name__}) reads the "
+                    f"channels of group {group.name!r}; only Conv2d and Linear readers can be masked"
+                )
+            consumers.append((module, member))
+        if not consumers:
+            raise ModelError(
+                f"discrimination_aware_pruning: no conv/linear layer reads the channels of group {group.name!r}, "
+                "so there are no kernel slices to score"
+            )
+        return consumers
+
+    def run(self) -> dict[str, torch.Tensor]:
+        """Returns the kept channels of every group: (num_channels,) bool, by group name."""
+        num_stages = self.config.num_stages
+        sizes = [
+            len(self.groups) // num_stages + (index < len(self.groups) % num_stages) for index in range(num_stages)
+        ]
+        start = 0
+        for index, size in enumerate(sizes):
+            stage = self.groups[start : start + size]
+            start += size
+            head_layer, head = None, None
+            if index < num_stages - 1:  # the last stage's discrimination-aware loss is the final loss itself
+                head_layer = max(
+                    (module for group in stage for module, _ in self.consumers[group.name]),
+                    key=lambda module: self.call_order[module],
+                )
+                head = self._head(head_layer)
+            self._fine_tune_stage(head_layer, head)
+            for group in stage:
+                self._select(group, head_layer, head)
+        return self.kept
+
+    # -- pieces of a stage ----------------------------------------------------------------------------------------
+
+    def _head(self, layer: nn.Module) -> AuxiliaryHead:
+        if isinstance(layer, nn.Linear):
+            return AuxiliaryHead(layer.out_features, self.num_classes, spatial=False).to(self.device)
+        return AuxiliaryHead(layer.out_channels, self.num_classes).to(self.device)
+
+    def _fine_tune_stage(self, head_layer: nn.Module | None, head: AuxiliaryHead | None) -> None:
+        """The paper's "fine-tune M with L_S^p and L_f": every weight and the head, on auxiliary + final loss."""
+        parameters = list(self.model.parameters()) + (list(head.parameters()) if head is not None else [])
+        optimizer = torch.optim.SGD(parameters, lr=self.config.learning_rate, momentum=MOMENTUM, nesterov=True)
+        self.model.train()
+        if head is not None:
+            head.train()
+        record = [head_layer] if head_layer is not None else []
+        for _ in range(self.config.stage_fine_tune_steps):
+            inputs, labels = next(self.batches)
+            features, logits = _forward(self.model, inputs, record)
+            loss = F.cross_entropy(logits, labels)
+            if head is not None:
+                loss = loss + F.cross_entropy(head(features[head_layer], self._output_mask(head_layer)), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            self._apply_masks_()  # channels removed in earlier stages stay removed
+
+    def _select(self, group: PrunableGroup, head_layer: nn.Module | None, head: AuxiliaryHead | None) -> None:
+        num_keep = kept_channel_count(group.num_channels, self.config.keep_ratio, self.config.round_to)
+        if num_keep == group.num_channels:
+            return  # e.g. 4 channels with round_to=8: nothing to remove, nothing to choose
+        consumers = self.consumers[group.name]
+        layers = list(dict.fromkeys(module for module, _ in consumers))
+        last_layer = max(layers, key=self.call_order.__getitem__)  # the original model can stop after it
+        self.model.eval()
+        if head is not None:
+            head.eval()
+
+        def loss_fn() -> torch.Tensor:
+            """reconstruction_weight * L_M (every consumer of the group) + the stage's auxiliary loss."""
+            inputs, labels = next(self.batches)
+            features, logits = _forward(
+                self.model, inputs, [*layers, head_layer] if head else layers, stop_after=head_layer
+            )
+            with torch.no_grad():
+                targets, _ = _forward(
+                    self.original,
+                    inputs,
+                    [self.original_of[m] for m in layers],
+                    stop_after=self.original_of[last_layer],
+                )
+            reconstruction = sum(
+                reconstruction_loss(features[m], targets[self.original_of[m]], self._output_mask(m)) for m in layers
+            )
+            if head is not None:
+                auxiliary = F.cross_entropy(head(features[head_layer], self._output_mask(head_layer)), labels)
+            else:
+                auxiliary = F.cross_entropy(logits, labels)
+            return self.config.reconstruction_weight * reconstruction + auxiliary
+
+        after_addition = None
+        if self.config.channel_fine_tune_steps > 0:
+            optimizer = torch.optim.SGD(
+                [m.weight for m in layers], lr=self.config.learning_rate, momentum=MOMENTUM, nesterov=True
+            )
+
+            def after_addition() -> None:  # the paper's step 6: fine-tune the kept slices of the consumers
+                for _ in range(self.config.channel_fine_tune_steps):
+                    optimizer.zero_grad(set_to_none=True)
+                    loss_fn().backward()
+                    optimizer.step()
+                    self._apply_masks_()
+
+        select_channels_greedily_(consumers, self.kept[group.name], num_keep, loss_fn, after_addition=after_addition)
+
+    # -- masks ----------------------------------------------------------------------------------------------------
+
+    def _output_mask(self, layer: nn.Module) -> torch.Tensor:
+        """(out channels,) bool: False for the layer's output channels of unkept group channels."""
+        channels = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+        return channel_mask(channels, self.produces.get(layer, [])).to(self.device)
+
+    def _apply_masks_(self) -> None:
+        """Zero every consumer's kernel slices of unkept channels (after an optimiser step moved them)."""
+        for group in self.groups:
+            if not bool(self.kept[group.name].all()):
+                mask_consumer_inputs_(self.consumers[group.name], self.kept[group.name])
+
+
+def _remove_unkept_channels_(
+    model: nn.Module, input_shape: tuple[int, int, int], groups: list[PrunableGroup], kept: dict[str, torch.Tensor]
+) -> dict[str, int]:
+    """Physically remove the unkept channels through ``prune_channels_``; returns the kept count per group.
+
+    ``prune_channels_`` keeps, in each group, the k best channels by a criterion named in ``CRITERIA``. Scoring
+    kept channels 1 and the others 0, with k = the number kept (ratio k / n and round_to=1, so no rounding can
+    move k), makes it keep exactly the selected channels. That criterion is registered under a private key for
+    this one call and removed afterwards.
+    """
+    key = f"_discrimination_aware_selection_{id(kept)}"
+    CRITERIA[key] = lambda _model, group: kept[group.name].to(torch.float64)
+    ratios = [int(kept[group.name].sum()) / group.num_channels for group in groups]
+    try:
+        return prune_channels_(model, input_shape, ratios, round_to=1, criterion=key)
+    finally:
+        del CRITERIA[key]
+
+
+def _forward(
+    model: nn.Module, inputs: torch.Tensor, record: Collection[nn.Module], stop_after: nn.Module | None = None
+) -> tuple[dict[nn.Module, torch.Tensor], torch.Tensor | None]:
+    """Run ``model`` and return (the outputs of the ``record`` layers, the model's output or None if stopped).
+
+    Recorded outputs are clones, so a later in-place activation cannot change them; the forward stops right
+    after ``stop_after`` runs (None: runs to the end).
+    """
+    outputs: dict[nn.Module, torch.Tensor] = {}
+
+    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        if module in record:
+            outputs[module] = output.clone()
+        if module is stop_after:
+            raise _StopForward
+
+    handles = [module.register_forward_hook(hook) for module in {*record, stop_after} if module is not None]
+    try:
+        return outputs, model(inputs)
+    except _StopForward:
+        return outputs, None
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _call_order(model: nn.Module, input_shape: tuple[int, int, int], device: torch.device) -> dict[nn.Module, int]:
+    """Position of each conv/linear layer's last call in one forward pass."""
+    order: dict[nn.Module, int] = {}
+    calls = itertools.count()
+    hook = lambda module, args, output: order.__setitem__(module, next(calls))
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, CONSUMER_LAYERS)]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, *input_shape, device=device))
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return order
+
+
+def _batches(
+    dataset: Dataset, batch_size: int, seed: int, device: torch.device
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Training batches forever, reshuffled (seed + epoch) every pass over the data.
+
+    Only full batches (unless the data set is smaller than one): every greedy gradient averages as many examples,
+    and no batch norm trains on a single example.
+    """
+    batch_size = min(batch_size, len(dataset))
+    epoch = 0
+    while True:
+        for inputs, labels in make_loader(dataset, batch_size, shuffle=True, seed=seed + epoch):
+            if len(labels) == batch_size:
+                yield inputs.to(device), labels.to(device)
+        epoch += 1

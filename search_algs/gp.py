@@ -1,0 +1,306 @@
+"""Gaussian-process Bayesian optimisation over the per-layer space (Snoek, Larochelle & Adams, NeurIPS 2012).
+
+Ray's own ``BayesOptSearch`` calls ``UtilityFunction``, which bayesian-optimization 2 removed, so this is a small
+Ray Tune ``Searcher`` on the 3.x pieces: ``TargetSpace.register()``, ``UpperConfidenceBound`` / ``ExpectedImprovement``
+``.suggest()``, and the GP that ``BayesianOptimization`` itself builds.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import pickle
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from bayes_opt.acquisition import AcquisitionFunction, ExpectedImprovement, UpperConfidenceBound
+from bayes_opt.target_space import TargetSpace
+from ray.tune.search import Searcher
+from sklearn.gaussian_process import GaussianProcessRegressor
+from sklearn.gaussian_process.kernels import Matern
+from threadpoolctl import threadpool_limits
+
+from pf_ray.candidate import PerLayerSpace
+from search_algs.spaces import uniform_starting_point
+
+logger = logging.getLogger(__name__)
+
+EPOCH = "epoch"  # the result key ASHA's time_attr counts in; tells a truncated trial from a finished one
+MODES = ("min", "max")
+MIN_OBSERVATIONS = 2  # fewer finite observations than this and the GP has nothing to fit: sample at random
+NUM_RANDOM_CANDIDATES = 10_000  # acquisition evaluated at this many random points (one vectorised GP call)...
+NUM_LOCAL_SEARCHES = 3  # ...and the best few refined by L-BFGS-B
+_STATE_VERSION = 1
+
+Point = tuple[float, ...]  # one value per layer, in space.keys() order
+
+
+class Acquisition(StrEnum):
+    UCB = "ucb"  # upper confidence bound: mean + kappa * std
+    EI = "ei"  # expected improvement over the best observation by more than xi
+
+
+class GPSearcher(Searcher):
+    """GP-based Bayesian optimisation over the box ``[space.low, space.high]^n``, one flat key per layer.
+
+    Suggestions, in order: the uniform point (every layer at ``space.high``, the classic baseline once the trial
+    projects it onto the budget), then ``num_initial_points`` uniformly random points, then the maximiser of the
+    acquisition function of a GP (Matern 5/2, as bayesian-optimization sets it up) fitted to every observation.
+    The GP steps start only once ``MIN_OBSERVATIONS`` trials have reported finite metrics; until then (start-up
+    trials still running, or failed) further random points are suggested.
+
+    What a finished trial teaches the GP (``on_trial_complete``):
+
+    - a trial that **errored** teaches nothing: a crash, an out-of-memory kill or a lost spot node says nothing
+      about how good the point is, and a made-up metric would mislead the GP (STYLE: never turn a failure into a
+      fake metric). Its point leaves the pending set, so it no longer repels other suggestions;
+    - a trial whose metric is **NaN, infinite or missing** (diverged fine-tuning, no report before it ended) is
+      treated the same way: the GP cannot fit a non-finite value, and any finite stand-in would be invented;
+    - a trial **stopped early by ASHA** (its last ``result["epoch"]`` is below the largest epoch seen so far) is
+      registered with its truncated metric, as Tune's own searchers do. ASHA stopped it because it was behind its
+      peers at the same epoch, so a lower value than it might have reached points the GP the right way, and it
+      can never pass for the best point (finished trials outrank it). Skipping these trials instead would hide
+      most of the search from the GP (with reduction factor 4, three trials in four stop at the first rung), and
+      the GP would keep proposing the regions ASHA has just rejected. ``counts["early_stopped"]`` counts them.
+
+    ``on_trial_result`` is not overridden: intermediate results are ASHA's business; the GP learns from the last
+    result only.
+
+    Args:
+        space: the per-layer search space; suggestions use its flat keys ``space.keys()``.
+        metric: the result key to optimise. May come later through ``set_search_properties`` from
+            ``TuneConfig(metric=..., mode=...)``, but Tune calls that only when the Tuner's param_space is not empty.
+        mode: "max" or "min"; "min" is minimised by maximising the negated metric.
+        seed: seeds the random start-up points and the GP's optimisers (one ``numpy`` RandomState).
+        num_initial_points: random points after the uniform one, before the first GP suggestion.
+        acquisition: "ucb" (upper confidence bound) or "ei" (expected improvement).
+        kappa: UCB's exploration weight, in standard deviations.
+        xi: EI's required improvement, in the metric's own units (0.01 = one accuracy point for accuracy in [0, 1]).
+    """
+
+    def __init__(self, space: PerLayerSpace, *, metric: str | None = None, mode: str | None = None, seed: int = 0,
+                 num_initial_points: int = 3, acquisition: str = "ucb", kappa: float = 2.576,
+                 xi: float = 0.01) -> None:
+        _check_mode(mode)
+        if not space.low < space.high:
+            raise ValueError(f"GPSearcher needs space.low < space.high, but got low={space.low}, high={space.high}")
+        if not space.keys():
+            raise ValueError(f"GPSearcher needs at least one layer to search, but space {space.field!r} has none")
+        if not isinstance(num_initial_points, int) or num_initial_points < 0:
+            raise ValueError(f"num_initial_points must be an integer >= 0, but got {num_initial_points!r}")
+        allowed = [choice.value for choice in Acquisition]
+        if acquisition not in allowed:
+            raise ValueError(f"unknown acquisition {acquisition!r}; allowed: {allowed}")
+        if kappa < 0 or xi < 0:
+            raise ValueError(f"kappa and xi must be >= 0, but got kappa={kappa}, xi={xi}")
+        super().__init__(metric=metric, mode=mode)
+
+        self._space = space
+        self._keys = space.keys()
+        self._bounds = {key: (float(space.low), float(space.high)) for key in self._keys}
+        self._num_initial_points = num_initial_points
+        self._acquisition = Acquisition(acquisition)
+        self._kappa = float(kappa)
+        self._xi = float(xi)
+
+        # Everything below is the search state that save() keeps.
+        self._rng = np.random.RandomState(seed)  # the only source of randomness, the GP's optimisers included
+        self._observations: list[tuple[Point, float]] = []  # (point, metric as reported, not sign-flipped)
+        self._pending: dict[str, Point] = {}  # trial id -> point, for trials suggested but not yet complete
+        self._num_suggested = 0
+        self._max_epoch = -math.inf
+        self.counts = {"errored": 0, "invalid_metric": 0, "early_stopped": 0}
+
+    def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
+        """Take metric and mode from the Tuner (where given) and check that ``config`` leaves nothing to sample.
+
+        The searcher owns its space: ``config`` may repeat the per-layer keys (Tune overwrites them with the
+        suggestion) but must not hold other values to sample, which nothing here would ever fill in.
+        """
+        from ray.tune.search.variant_generator import parse_spec_vars
+
+        _check_mode(mode)
+        _, domain_vars, grid_vars = parse_spec_vars(config or {})
+        foreign = ["/".join(map(str, path)) for path, _ in domain_vars + grid_vars
+                   if len(path) != 1 or path[0] not in self._keys]
+        if foreign:
+            raise ValueError(f"GPSearcher samples only the per-layer keys {self._keys[0]}..{self._keys[-1]}, but "
+                             f"the Tuner's param_space also asks it to sample {foreign}; make those fixed values")
+        self._metric = metric or self._metric
+        self._mode = mode or self._mode
+        self._require_metric_and_mode(f"set_search_properties(metric={metric!r}, mode={mode!r})")
+        return True
+
+    def suggest(self, trial_id: str) -> dict[str, float]:
+        self._require_metric_and_mode("suggest()")
+        if self._num_suggested == 0:
+            point = tuple(float(uniform_starting_point(self._space)[key]) for key in self._keys)
+        elif self._num_suggested <= self._num_initial_points or len(self._distinct_observations()) < MIN_OBSERVATIONS:
+            point = self._random_point()
+        else:
+            # One BLAS thread: the GP's matrices are tiny (observations x observations), so extra threads only
+            # spin, and on a busy driver they compete with the trials (3-4x slower seen on a loaded 2-core host).
+            with threadpool_limits(limits=1, user_api="blas"):
+                point = self._gp_point()
+        self._num_suggested += 1
+        self._pending[trial_id] = point
+        return dict(zip(self._keys, point, strict=True))
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        """Register the trial's last metric; errored and non-finite trials are dropped (see the class docstring)."""
+        point = self._pending.pop(trial_id, None)
+        if point is None:
+            logger.debug("GPSearcher: ignoring trial %s, which it did not suggest", trial_id)
+            return
+        if error:
+            self.counts["errored"] += 1
+            return
+        value = _finite_metric(result, self._metric)
+        if value is None:
+            self.counts["invalid_metric"] += 1
+            logger.warning("GPSearcher: trial %s ended without a finite %r (got %r); not registered", trial_id,
+                           self._metric, None if result is None else result.get(self._metric))
+            return
+        epoch = result.get(EPOCH)
+        if epoch is not None:
+            if epoch < self._max_epoch:
+                self.counts["early_stopped"] += 1
+            self._max_epoch = max(self._max_epoch, epoch)
+        self._observations.append((point, value))
+
+    def get_state(self) -> dict[str, Any]:
+        return {
+            "version": _STATE_VERSION,
+            "keys": list(self._keys),
+            "bounds": (float(self._space.low), float(self._space.high)),
+            "metric": self._metric,
+            "mode": self._mode,
+            "observations": list(self._observations),
+            "pending": dict(self._pending),
+            "rng": self._rng.get_state(),
+            "num_suggested": self._num_suggested,
+            "max_epoch": self._max_epoch,
+            "counts": dict(self.counts),
+        }
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Continue a saved search; the space must be the same, and so must metric and mode where both are set."""
+        if state.get("version") != _STATE_VERSION:
+            raise ValueError(f"GPSearcher state version {state.get('version')!r} is not the supported {_STATE_VERSION}")
+        saved_space = (state["keys"], state["bounds"])
+        this_space = (list(self._keys), (float(self._space.low), float(self._space.high)))
+        if saved_space != this_space:
+            raise ValueError(f"the saved GP search ran over {len(state['keys'])} layers in {state['bounds']}, "
+                             f"but this searcher's space has {len(self._keys)} layers in {this_space[1]}")
+        for name in ("metric", "mode"):
+            mine, saved = getattr(self, f"_{name}"), state[name]
+            if mine is not None and saved is not None and mine != saved:
+                raise ValueError(f"the saved GP search used {name}={saved!r}, but this searcher has {name}={mine!r}")
+        self._metric = self._metric or state["metric"]
+        self._mode = self._mode or state["mode"]
+        self._observations = list(state["observations"])
+        self._pending = dict(state["pending"])
+        self._rng.set_state(state["rng"])
+        self._num_suggested = state["num_suggested"]
+        self._max_epoch = state["max_epoch"]
+        self.counts = dict(state["counts"])
+
+    def save(self, checkpoint_path: str) -> None:
+        # Pickle, like Tune's own searchers (HyperOptSearch, OptunaSearch): the state is plain Python + numpy.
+        Path(checkpoint_path).write_bytes(pickle.dumps(self.get_state()))
+
+    def restore(self, checkpoint_path: str) -> None:
+        self.set_state(pickle.loads(Path(checkpoint_path).read_bytes()))
+
+    @property
+    def observations(self) -> list[tuple[dict[str, float], float]]:
+        """Every registered (config, metric) pair, in completion order."""
+        return [(dict(zip(self._keys, point, strict=True)), value) for point, value in self._observations]
+
+    @property
+    def pending(self) -> dict[str, dict[str, float]]:
+        """Trial id -> config, for the trials suggested and not yet complete."""
+        return {trial_id: dict(zip(self._keys, point, strict=True)) for trial_id, point in self._pending.items()}
+
+    def _require_metric_and_mode(self, caller: str) -> None:
+        if not self._metric or self._mode not in MODES:
+            raise ValueError(f"GPSearcher needs a metric and a mode in {MODES} before {caller}, but has "
+                             f"metric={self._metric!r}, mode={self._mode!r}; pass them to GPSearcher(...) "
+                             f"(Tune hands TuneConfig's metric and mode on only when param_space is not empty)")
+
+    def _random_point(self) -> Point:
+        values = self._rng.uniform(self._space.low, self._space.high, size=len(self._keys))
+        return tuple(float(v) for v in values)
+
+    def _distinct_observations(self) -> dict[Point, float]:
+        """Point -> value to maximise; a point observed twice keeps its first value (the GP's space rejects
+        duplicates, and re-evaluations happen only through restarts)."""
+        sign = 1.0 if self._mode == "max" else -1.0
+        distinct: dict[Point, float] = {}
+        for point, value in self._observations:
+            distinct.setdefault(point, sign * value)
+        return distinct
+
+    def _gp_point(self) -> Point:
+        """The acquisition maximiser of a GP fitted to the observations plus a constant lie at each pending point.
+
+        Concurrency: each pending point is registered with the worst value observed so far (the pessimistic
+        "constant liar", Ginsbourger et al. 2010), so the GP's mean is low and its variance near zero there and
+        the acquisition looks elsewhere: trials in flight at once get distinct points. We keep the lies ourselves
+        rather than use bayes_opt's ``ConstantLiar`` wrapper because that wrapper knows only the points it
+        suggested itself (not the uniform and random start-up points still running), drops a lie only when an
+        observation lands on it (so the point of an errored or NaN trial would repel suggestions for ever), and
+        keeps its lies in its own state, apart from Tune's trial ids. A fresh GP per suggestion, fed from our own
+        records, makes the GP a pure function of (observations, pending, RNG state), which is also what
+        makes save/restore exact.
+        """
+        observed = self._distinct_observations()
+        data = TargetSpace(None, self._bounds)
+        for point, target in observed.items():
+            data.register(np.array(point), target)
+        lie = min(observed.values())
+        for point in dict.fromkeys(self._pending.values()):  # distinct, in suggestion order
+            if point not in observed:
+                data.register(np.array(point), lie)
+        # bayesian-optimization's own GP (BayesianOptimization builds the same one); its suggest() would fix the
+        # local searches at 10, each with finite-difference gradients: ~15 s per suggestion at 27 layers (seen on
+        # a loaded 2-core host; ~3 s with 3 local searches).
+        gp = GaussianProcessRegressor(kernel=Matern(nu=2.5), alpha=1e-6, normalize_y=True, n_restarts_optimizer=5,
+                                      random_state=self._rng)
+        suggestion = self._make_acquisition().suggest(gp, data, n_random=NUM_RANDOM_CANDIDATES,
+                                                      n_smart=NUM_LOCAL_SEARCHES, random_state=self._rng)
+        point = tuple(float(np.clip(v, self._space.low, self._space.high)) for v in suggestion)
+        if not all(math.isfinite(v) for v in point) or self._is_known(point):
+            # The acquisition optimiser failed or landed on a point already tried or running: a random point
+            # still teaches the GP something, a repeat would not.
+            logger.debug("GPSearcher: GP suggestion %s unusable, taking a random point", point)
+            return self._random_point()
+        return point
+
+    def _make_acquisition(self) -> AcquisitionFunction:
+        if self._acquisition is Acquisition.UCB:
+            return UpperConfidenceBound(kappa=self._kappa)
+        return ExpectedImprovement(xi=self._xi)
+
+    def _is_known(self, point: Point) -> bool:
+        tolerance = 1e-6 * (self._space.high - self._space.low)
+        known = [p for p, _ in self._observations] + list(self._pending.values())
+        return any(max(abs(a - b) for a, b in zip(point, other, strict=True)) <= tolerance for other in known)
+
+
+def _check_mode(mode: str | None) -> None:
+    if mode is not None and mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, but got {mode!r}")
+
+
+def _finite_metric(result: dict | None, metric: str) -> float | None:
+    """The metric as a float, or None when it is missing, not a number, NaN or infinite."""
+    if not result or metric not in result:
+        return None
+    try:
+        value = float(result[metric])
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None

@@ -1,0 +1,160 @@
+"""One contract every searcher keeps (no Ray cluster needed): bounds, suggest/complete cycles, NaN, errored and
+early-stopped trials, concurrent suggestions, save/restore. A new searcher is tested by adding its factory to
+SEARCHERS."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import pytest
+from ray.tune.search import Searcher
+
+from pf_ray.candidate import PerLayerSpace
+
+METRIC = "accuracy"
+MODE = "max"
+MAX_EPOCHS = 2
+
+
+@dataclass(frozen=True)
+class MeanBudget:
+    """Cost = the mean value (keep ratios of equal-sized layers); at most half the baseline's cost."""
+
+    target: float = 0.5
+
+    def cost(self, values: Sequence[float]) -> float:
+        return sum(values) / len(values)
+
+
+def small_space(layers: int = 4) -> PerLayerSpace:
+    features = tuple((float(i), 16.0, 16.0, 9.0, 1.0 + (i == 2), 64.0 / (1 + (i >= 2)), 1000.0 + 500.0 * i)
+                     for i in range(layers))
+    return PerLayerSpace("layer_keep_ratios", tuple(f"block{i}.conv" for i in range(layers)), low=0.2, high=1.0,
+                         budget=MeanBudget(), features=features)
+
+
+def make_tpe(space: PerLayerSpace, seed: int) -> Searcher:
+    from search_algs.tpe import make_tpe
+
+    return make_tpe(space, metric=METRIC, mode=MODE, seed=seed, num_trials=12)
+
+
+def make_random(space: PerLayerSpace, seed: int) -> Searcher:
+    from search_algs.random_search import RandomSearcher
+
+    return RandomSearcher(space, metric=METRIC, mode=MODE, seed=seed)
+
+
+def make_ddpg(space: PerLayerSpace, seed: int) -> Searcher:
+    from search_algs.ddpg.searcher import DDPGSearcher
+
+    return DDPGSearcher(space, metric=METRIC, mode=MODE, seed=seed, num_warmup=3, num_trials=12,
+                        max_epochs=MAX_EPOCHS)
+
+
+def make_gp(space: PerLayerSpace, seed: int) -> Searcher:
+    from search_algs.gp import GPSearcher
+
+    return GPSearcher(space, metric=METRIC, mode=MODE, seed=seed)
+
+
+# name -> factory(space, seed); every searcher here is seeded (same seed and results -> same suggestions).
+SEARCHERS: dict[str, Callable[[PerLayerSpace, int], Searcher]] = {
+    "tpe": make_tpe,
+    "random": make_random,
+    "ddpg": make_ddpg,
+    "gp": make_gp,
+}
+
+
+@pytest.fixture(params=sorted(SEARCHERS))
+def factory(request) -> Callable[[PerLayerSpace, int], Searcher]:
+    return SEARCHERS[request.param]
+
+
+def score(config: dict[str, float]) -> float:
+    """A smooth stand-in for accuracy, best with every layer at 0.5."""
+    values = [config[key] for key in sorted(config)]
+    return 0.9 - sum((v - 0.5) ** 2 for v in values) / len(values)
+
+
+def report(searcher: Searcher, trial_id: str, config: dict[str, float], *, epochs: int = MAX_EPOCHS,
+           value: float | None = None) -> None:
+    """What Tune does for a trial: one result per epoch, then completion with the last result."""
+    final = score(config) if value is None else value
+    result = {}
+    for epoch in range(1, epochs + 1):
+        result = {METRIC: final - 0.05 * (epochs - epoch) if not math.isnan(final) else final, "epoch": epoch}
+        searcher.on_trial_result(trial_id, result)
+    searcher.on_trial_complete(trial_id, result=result)
+
+
+def check_config(config: dict[str, float], space: PerLayerSpace) -> None:
+    assert sorted(config) == space.keys()
+    for key, value in config.items():
+        assert isinstance(value, float) and math.isfinite(value), (key, value)
+        assert space.low <= value <= space.high, (key, value)
+
+
+def test_suggestions_cover_every_layer_within_bounds_over_suggest_complete_cycles(factory):
+    space = small_space()
+    searcher = factory(space, 0)
+    for i in range(10):
+        config = searcher.suggest(f"t{i}")
+        check_config(config, space)
+        report(searcher, f"t{i}", config)
+
+
+def test_nan_errored_and_early_stopped_trials_are_taken_and_poison_nothing(factory):
+    space = small_space()
+    searcher = factory(space, 1)
+    for i in range(10):
+        config = searcher.suggest(f"t{i}")
+        check_config(config, space)
+        kind = i % 4
+        if kind == 1:
+            report(searcher, f"t{i}", config, value=math.nan)
+        elif kind == 2:
+            searcher.on_trial_complete(f"t{i}", result=None, error=True)
+        elif kind == 3:
+            report(searcher, f"t{i}", config, epochs=1)  # stopped by ASHA after the first epoch
+        else:
+            report(searcher, f"t{i}", config)
+    for i in range(10, 15):  # model-based steps (where a searcher has them) after every kind of outcome
+        config = searcher.suggest(f"t{i}")
+        check_config(config, space)
+        report(searcher, f"t{i}", config)
+
+
+def test_concurrent_suggestions_before_any_completion_are_distinct(factory):
+    space = small_space()
+    searcher = factory(space, 2)
+    configs = [searcher.suggest(f"t{i}") for i in range(4)]
+    for config in configs:
+        check_config(config, space)
+    assert len({tuple(sorted(c.items())) for c in configs}) == 4
+    for i, config in reversed(list(enumerate(configs))):  # completions in another order than suggestions
+        report(searcher, f"t{i}", config)
+    check_config(searcher.suggest("t4"), space)
+
+
+def test_save_then_restore_into_a_fresh_searcher_continues_the_same_search(factory, tmp_path):
+    space = small_space()
+    original = factory(space, 3)
+    configs = {f"t{i}": original.suggest(f"t{i}") for i in range(7)}
+    for trial_id in ("t0", "t1", "t2", "t3", "t4"):
+        report(original, trial_id, configs[trial_id], epochs=1 if trial_id == "t3" else MAX_EPOCHS)
+    path = tmp_path / "searcher.pkl"
+    original.save(str(path))
+
+    restored = factory(space, 4)  # another seed: everything must come from the checkpoint
+    restored.restore(str(path))
+    for searcher in (original, restored):  # t5 and t6 were running across the restore
+        report(searcher, "t5", configs["t5"])
+        searcher.on_trial_complete("t6", result=None, error=True)
+    following = [[searcher.suggest(f"n{i}") for i in range(3)] for searcher in (original, restored)]
+    for config in following[1]:
+        check_config(config, space)
+    assert following[0] == following[1]
