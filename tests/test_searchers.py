@@ -158,3 +158,21 @@ def test_save_then_restore_into_a_fresh_searcher_continues_the_same_search(facto
     for config in following[1]:
         check_config(config, space)
     assert following[0] == following[1]
+
+
+
+def test_tpe_does_not_feed_nan_to_hyperopt():
+    import hyperopt
+
+    from search_algs import tpe
+
+    space = PerLayerSpace("layer_keep_ratios", ("a", "b"), low=0.2, high=1.0)
+    searcher = tpe.make_tpe(space, metric="score", mode="max", seed=0, num_trials=8)
+    searcher.suggest("a")
+    searcher.on_trial_complete("a", {"score": float("nan"), "epoch": 2})
+    searcher.suggest("b")
+    searcher.on_trial_complete("b", {"score": 0.5, "epoch": 2})
+    # The NaN trial is marked failed (hyperopt leaves failed trials out of its model); only 0.5 is a loss.
+    states = [t["state"] for t in searcher._hpopt_trials._dynamic_trials]
+    assert states == [hyperopt.base.JOB_STATE_ERROR, hyperopt.base.JOB_STATE_DONE]
+    assert searcher._hpopt_trials.losses() == [-0.5]
