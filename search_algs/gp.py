@@ -23,7 +23,7 @@ from sklearn.gaussian_process.kernels import Matern
 from threadpoolctl import threadpool_limits
 
 from pf_ray.candidate import PerLayerSpace
-from search_algs.spaces import uniform_starting_point
+from search_algs.spaces import check_state_header, state_header, uniform_starting_point
 
 logger = logging.getLogger(__name__)
 
@@ -172,11 +172,7 @@ class GPSearcher(Searcher):
 
     def get_state(self) -> dict[str, Any]:
         return {
-            "version": _STATE_VERSION,
-            "keys": list(self._keys),
-            "bounds": (float(self._space.low), float(self._space.high)),
-            "metric": self._metric,
-            "mode": self._mode,
+            **state_header(self._space, self._metric, self._mode, _STATE_VERSION),
             "observations": list(self._observations),
             "pending": dict(self._pending),
             "rng": self._rng.get_state(),
@@ -187,19 +183,8 @@ class GPSearcher(Searcher):
 
     def set_state(self, state: dict[str, Any]) -> None:
         """Continue a saved search; the space must be the same, and so must metric and mode where both are set."""
-        if state.get("version") != _STATE_VERSION:
-            raise ValueError(f"GPSearcher state version {state.get('version')!r} is not the supported {_STATE_VERSION}")
-        saved_space = (state["keys"], state["bounds"])
-        this_space = (list(self._keys), (float(self._space.low), float(self._space.high)))
-        if saved_space != this_space:
-            raise ValueError(f"the saved GP search ran over {len(state['keys'])} layers in {state['bounds']}, "
-                             f"but this searcher's space has {len(self._keys)} layers in {this_space[1]}")
-        for name in ("metric", "mode"):
-            mine, saved = getattr(self, f"_{name}"), state[name]
-            if mine is not None and saved is not None and mine != saved:
-                raise ValueError(f"the saved GP search used {name}={saved!r}, but this searcher has {name}={mine!r}")
-        self._metric = self._metric or state["metric"]
-        self._mode = self._mode or state["mode"]
+        self._metric, self._mode = check_state_header("GP", state, self._space, self._metric, self._mode,
+                                                      _STATE_VERSION)
         self._observations = list(state["observations"])
         self._pending = dict(state["pending"])
         self._rng.set_state(state["rng"])

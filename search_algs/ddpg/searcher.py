@@ -19,6 +19,7 @@ from ray.tune.search import Searcher
 
 from pf_ray.candidate import PerLayerSpace
 from search_algs.ddpg.agent import AgentConfig, DDPGAgent
+from search_algs.spaces import check_state_header, state_header
 
 logger = logging.getLogger(__name__)
 
@@ -200,11 +201,7 @@ class DDPGSearcher(Searcher):
 
     def get_state(self) -> dict[str, Any]:
         return {
-            "version": _STATE_VERSION,
-            "keys": list(self._keys),
-            "bounds": (float(self._space.low), float(self._space.high)),
-            "metric": self._metric,
-            "mode": self._mode,
+            **state_header(self._space, self._metric, self._mode, _STATE_VERSION),
             "agent": self.agent.state_dict(),
             "pending": dict(self._pending),
             "history": {trial_id: dict(h) for trial_id, h in self._history.items()},
@@ -216,21 +213,8 @@ class DDPGSearcher(Searcher):
 
     def set_state(self, state: dict[str, Any]) -> None:
         """Continue a saved search; the space must be the same, and so must metric and mode where both are set."""
-        if state.get("version") != _STATE_VERSION:
-            raise ValueError(f"DDPGSearcher: saved state version {state.get('version')!r}; supported: "
-                             f"{_STATE_VERSION}")
-        saved_space = (list(state["keys"]), tuple(state["bounds"]))
-        this_space = (list(self._keys), (float(self._space.low), float(self._space.high)))
-        if saved_space != this_space:
-            raise ValueError(f"DDPGSearcher: the saved search ran over {len(saved_space[0])} layers in "
-                             f"{saved_space[1]}; this searcher's space has {len(self._keys)} layers in {this_space[1]}")
-        for name in ("metric", "mode"):
-            mine, saved = getattr(self, f"_{name}"), state[name]
-            if mine is not None and saved is not None and mine != saved:
-                raise ValueError(f"DDPGSearcher: the saved search used {name}={saved!r}; this searcher has "
-                                 f"{name}={mine!r}")
-        self._metric = self._metric or state["metric"]
-        self._mode = self._mode or state["mode"]
+        self._metric, self._mode = check_state_header("DDPG", state, self._space, self._metric, self._mode,
+                                                      _STATE_VERSION)
         self.agent.load_state_dict(state["agent"])
         self._pending = dict(state["pending"])
         self._history = {trial_id: dict(h) for trial_id, h in state["history"].items()}
