@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 
-.PHONY: setup data compress test test-slow lint bench
+.PHONY: setup data browser compress test test-slow lint bench
 
 setup: data
 	$(PIP) install -q -e '.[dev]'
@@ -19,7 +19,17 @@ data:
 compress: setup
 	pf-ray compress
 
-test: setup
+# Headless Chromium (Debian's package) lets tests/test_report_browser.py render the HTML report; the test skips
+# where it cannot be installed.
+browser:
+	@if command -v chromium >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		(apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 || \
+		 (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null)) \
+		|| echo "note: chromium not installed; the report's browser test will be skipped"; \
+	else echo "note: no apt; the report's browser test will be skipped"; fi
+
+test: setup browser
 	$(PYTHON) -m pytest -q
 
 test-slow: setup

@@ -1,18 +1,24 @@
-"""The ``pf-ray`` command: ``compress`` (the whole pipeline) and ``train`` (cache a baseline).
+"""The ``pf-ray`` command: ``compress`` (the whole pipeline), ``train`` (cache a baseline), ``export`` (a checkpoint
+to verified artifacts), ``verify`` (one artifact on its runtime) and ``report`` (rebuild a run's report).
 
-A ``PfRayError`` (bad input) ends as one line on stderr and exit code 2; anything else is a bug and keeps its
-traceback.
+Exit codes: 0 done; 2 bad input (a ``PfRayError``: one line on stderr, nothing half-written); 3 an artifact failed
+the accuracy guard (``AccuracyGuardError``: the files and results are kept for inspection). Anything else is a bug
+and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
+from pathlib import Path
+from typing import Any
 
-from pf_ray.errors import PfRayError
+from pf_ray.errors import AccuracyGuardError, PfRayError
 
 EXIT_BAD_INPUT = 2
+EXIT_GUARD = 3
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,6 +26,19 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
                                                   "ResNet-20 on Fashion-MNIST, channel pruning to 50%% MACs)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one field, e.g. --set search.num_trials=16 (repeatable)")
+
+
+def _add_verify_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset", help="dataset to verify on (default: the one recorded with the checkpoint "
+                                          "or in the artifact folder's manifest.json)")
+    parser.add_argument("--data-dir", help="where the dataset's files are (default: the usual places)")
+    parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads for timing")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1], help="latency batch sizes")
+    parser.add_argument("--repeats", type=int, default=200, help="timed runs per batch size")
+    parser.add_argument("--max-accuracy-drop", type=float, default=0.02,
+                        help="fail (exit 3) if an artifact is this much less accurate than its PyTorch model "
+                             "(a fraction; default 0.02 = 2 points)")
+    parser.add_argument("--json", action="store_true", help="print the verification as JSON")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,6 +49,22 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train the full-precision baseline and cache it as a checkpoint")
     _add_config_arguments(train)
     train.add_argument("--force", action="store_true", help="retrain even if a cached checkpoint exists")
+
+    export = commands.add_parser("export", help="export a pf-ray checkpoint to verified deployable artifacts")
+    export.add_argument("checkpoint", help="a .pt written by pf-ray (e.g. RUN/artifacts/compressed.pt)")
+    export.add_argument("--out", help="output folder (default: <checkpoint folder>/<checkpoint name>-export)")
+    export.add_argument("--formats", nargs="+", help="formats to write (default: all: onnx onnx_int8 ort ort_int8)")
+    export.add_argument("--calibration-samples", type=int, default=256, help="training images for INT8")
+    _add_verify_arguments(export)
+
+    verify = commands.add_parser("verify", help="run one artifact on its runtime: accuracy, parity, latency")
+    verify.add_argument("artifact", help="a .onnx, .int8.onnx, .ort or .int8.ort file")
+    verify.add_argument("--checkpoint", help="the PyTorch checkpoint it came from: adds parity and the guard")
+    _add_verify_arguments(verify)
+
+    report = commands.add_parser("report", help="rebuild report.md and report.html of a finished or "
+                                                "interrupted run")
+    report.add_argument("run_dir", help="the run folder (holds config.yaml)")
     return parser
 
 
@@ -38,12 +73,26 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return _run(args, argv)
+    except AccuracyGuardError as error:
+        print(f"pf-ray: accuracy guard: {error}", file=sys.stderr)
+        return EXIT_GUARD
     except PfRayError as error:
         print(f"pf-ray: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
 
 def _run(args: argparse.Namespace, argv: list[str]) -> int:
+    if args.command == "export":
+        return _export(args)
+    if args.command == "verify":
+        return _verify(args)
+    if args.command == "report":
+        from pf_ray.report import write_report
+
+        for path in write_report(args.run_dir):
+            print(path)
+        return 0
+
     from pf_ray.config import load_experiment
 
     config = load_experiment(args.config, args.overrides)
@@ -58,6 +107,123 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
 
     compress(config, command=shlex.join(["pf-ray", *argv]))
     return 0
+
+
+# --------------------------------------------------------------------------------------------------------------
+# export and verify
+
+
+def _export(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from pf_ray.checkpoint import load_checkpoint, read_checkpoint
+    from pf_ray.config import EXPORT_FORMATS, ExperimentConfig, ExportConfig
+    from pf_ray.data import load_data
+    from pf_ray.export.verify import accuracy_guard
+    from pf_ray.launch import export_and_verify
+
+    export = ExportConfig(formats=tuple(args.formats or EXPORT_FORMATS), calibration_samples=args.calibration_samples,
+                          latency_threads=args.threads, latency_batch_sizes=tuple(args.batch_sizes),
+                          latency_repeats=args.repeats, max_accuracy_drop=args.max_accuracy_drop)
+    info, _ = read_checkpoint(args.checkpoint)
+    dataset = _dataset_config(args, info.extra, manifest=None)
+    data = load_data(dataset)
+    model, _ = load_checkpoint(args.checkpoint, expect_input_shape=data.input_shape,
+                               expect_num_classes=data.num_classes)
+    checkpoint = Path(args.checkpoint)
+    out = Path(args.out) if args.out else checkpoint.parent / f"{checkpoint.stem}-export"
+    config = replace(ExperimentConfig(), dataset=dataset, export=export)
+    rows = export_and_verify({checkpoint.stem: model}, data, config, out, log=_stderr)
+    _print_rows(rows, args.json)
+    failures = accuracy_guard(rows, export.max_accuracy_drop)
+    if failures:
+        from pf_ray.errors import AccuracyGuardError
+
+        raise AccuracyGuardError("; ".join(failures))
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from pf_ray.checkpoint import load_checkpoint, read_checkpoint
+    from pf_ray.config import check_range
+    from pf_ray.data import load_data
+    from pf_ray.errors import AccuracyGuardError, ConfigError
+    from pf_ray.export.manifest import MANIFEST_FILE, check_manifest
+    from pf_ray.export.verify import accuracy_guard, artifact_format, verify_artifact
+    from pf_ray.train import ACCURACY, evaluate
+
+    artifact = Path(args.artifact)
+    if not artifact.is_file():
+        raise ConfigError(f"artifact: {args.artifact!r} does not exist (or is not a file)")
+    format_name = artifact_format(artifact)
+    for name in ("threads", "repeats"):
+        check_range(f"--{name}", getattr(args, name), low=1)
+    manifest_path = artifact.parent / MANIFEST_FILE
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
+    extra: dict[str, Any] = {}
+    if args.checkpoint:
+        info, _ = read_checkpoint(args.checkpoint)
+        extra = info.extra
+    data = load_data(_dataset_config(args, extra, manifest=manifest))
+    model = None
+    if args.checkpoint:
+        model, _ = load_checkpoint(args.checkpoint, expect_input_shape=data.input_shape,
+                                   expect_num_classes=data.num_classes)
+    if manifest is not None:
+        changed = [p for p in check_manifest(manifest_path) if p.startswith(artifact.name + ":")]
+        if changed:
+            _stderr(f"warning: {changed[0]} ({manifest_path})")
+    report = verify_artifact(artifact, model=model, data=data, threads=args.threads,
+                             batch_sizes=tuple(args.batch_sizes), repeats=args.repeats, format_name=format_name)
+    row = {"model": artifact.name, **report.to_dict()}
+    if model is not None:
+        row["torch_test_accuracy"] = evaluate(model, data.test)[ACCURACY]
+    _print_rows([row], args.json)
+    failures = accuracy_guard([row], args.max_accuracy_drop) if model is not None else []
+    if failures:
+        raise AccuracyGuardError("; ".join(failures))
+    return 0
+
+
+def _dataset_config(args: argparse.Namespace, extra: dict[str, Any], manifest: dict[str, Any] | None):
+    """The dataset to verify on: --dataset, else the checkpoint's record, else the artifact folder's manifest."""
+    from pf_ray.config import DatasetConfig, from_dict
+    from pf_ray.errors import ConfigError
+
+    recorded = extra.get("dataset") or (extra.get("config") or {}).get("dataset")
+    if args.dataset:
+        dataset = DatasetConfig(name=args.dataset)
+    elif recorded:
+        dataset = from_dict(DatasetConfig, recorded, path="checkpoint dataset")
+    elif manifest and manifest.get("preprocessing", {}).get("dataset"):
+        dataset = DatasetConfig(name=manifest["preprocessing"]["dataset"])
+    else:
+        raise ConfigError("--dataset: nothing records which dataset this model was trained on; name it, "
+                          "e.g. --dataset fashion_mnist")
+    if args.data_dir:
+        from dataclasses import replace
+
+        dataset = replace(dataset, data_dir=args.data_dir)
+    return dataset
+
+
+def _print_rows(rows: list[dict[str, Any]], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        latency = ", ".join(f"b{batch} {stats['median_ms']:.3f} ms (p95 {stats['p95_ms']:.3f})"
+                            for batch, stats in row["latency"].items())
+        parity = ("" if row.get("top1_agreement") is None else
+                  f", top-1 agreement {100 * row['top1_agreement']:.1f}%, max |diff| {row['max_abs_diff']:.4f}")
+        reference = ("" if "torch_test_accuracy" not in row else
+                     f" (PyTorch {100 * row['torch_test_accuracy']:.2f}%)")
+        print(f"{Path(row['path']).name} [{row['format']}]: test accuracy {100 * row['test_accuracy']:.2f}%"
+              f"{reference}{parity}; {row['size_bytes'] / 1024:.0f} KiB; {latency}")
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -290,24 +290,34 @@ class RetrainConfig:
     num_workers: int = 1  # Ray Train workers (DDP); 1 still runs under Ray Train for checkpointing
 
 
+EXPORT_FORMATS = ("onnx", "onnx_int8", "ort", "ort_int8")
+
+
 @dataclass(frozen=True)
 class ExportConfig:
-    formats: tuple[str, ...] = ("onnx", "onnx_int8")
+    # onnx: FP32 ONNX (always written); onnx_int8: ONNX Runtime static INT8 QDQ; ort / ort_int8: the same two in
+    # ONNX Runtime Mobile's .ort format (Android, iOS)
+    formats: tuple[str, ...] = ("onnx", "onnx_int8", "ort", "ort_int8")
     opset: int = 17
     calibration_samples: int = 256  # training images used to calibrate INT8 activations
     latency_threads: int = 1  # ONNX Runtime intra-op threads when timing
     latency_batch_sizes: tuple[int, ...] = (1,)
     latency_repeats: int = 200  # timed runs per measurement (after warm-up); the median is reported
+    # The accuracy guard: the run fails if an artifact's test accuracy on its runtime is more than this below its
+    # PyTorch model's (a fraction: 0.02 = 2 points). None: report only.
+    max_accuracy_drop: float | None = 0.02
 
     def __post_init__(self) -> None:
         for fmt in self.formats:
-            check_choice("export.formats", fmt, ("onnx", "onnx_int8"))
+            check_choice("export.formats", fmt, EXPORT_FORMATS)
         check_range("export.opset", self.opset, low=13, high=20)  # the TorchScript exporter stops at 20
         check_range("export.calibration_samples", self.calibration_samples, low=1)
         check_range("export.latency_threads", self.latency_threads, low=1)
         check_range("export.latency_repeats", self.latency_repeats, low=1)
         for size in self.latency_batch_sizes:
             check_range("export.latency_batch_sizes", size, low=1)
+        if self.max_accuracy_drop is not None:
+            check_range("export.max_accuracy_drop", self.max_accuracy_drop, low=0.0, high=1.0)
 
 
 @dataclass(frozen=True)

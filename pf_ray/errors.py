@@ -27,5 +27,10 @@ class ExportError(PfRayError):
     """An artifact cannot be exported or fails verification."""
 
 
+class AccuracyGuardError(ExportError):
+    """An artifact lost more test accuracy on its runtime than ``export.max_accuracy_drop`` allows (exit code 3:
+    the input was fine, the product is not)."""
+
+
 class SearchError(PfRayError):
     """The search could not produce a usable result (e.g. every trial failed)."""

@@ -8,8 +8,11 @@ Run folder (``<storage.path>/<storage.name>``)::
     config.yaml            the resolved experiment (every default filled in)
     search/                the Ray Tune experiment (one folder per trial)
     retrain/               the Ray Train run of the best candidate (checkpoints per epoch)
-    artifacts/             baseline.onnx, compressed.pt, compressed.onnx, compressed.int8.onnx
+    artifacts/             compressed.pt; baseline and compressed as .onnx, .int8.onnx, .ort, .int8.ort;
+                           manifest.json (sizes, SHA-256, inputs, preprocessing, verified figures)
     results.json           machine-readable summary: baseline, every trial, the choice, the artifacts
+    report.md, report.html the readable report (plots under report_files/, embedded in the HTML);
+                           `pf-ray report RUN_DIR` rebuilds them, also for an interrupted run
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from pf_ray.candidate import MACS_RATIO, PROXY_ACCURACY, SCORE, PerLayerSpace, p
 from pf_ray.checkpoint import load_checkpoint, save_checkpoint
 from pf_ray.config import ExperimentConfig, Scoring, to_dict
 from pf_ray.data import DataBundle, load_data
-from pf_ray.errors import ConfigError, SearchError
+from pf_ray.errors import AccuracyGuardError, ConfigError, SearchError
 from pf_ray.metrics import model_stats
 from pf_ray.models import absolute_model_name, build_model
 from pf_ray.train import ACCURACY, EPOCH, evaluate, fit
@@ -280,6 +283,7 @@ def run_search(config: ExperimentConfig, space: PerLayerSpace, baseline_path: Pa
             "macs": metrics.get("macs"),
             "params": metrics.get("params"),
             "error": None if result.error is None else f"{type(result.error).__name__}: {result.error}"[:500],
+            "timestamp": metrics.get("timestamp"),  # when its last result came (orders the report's progress plot)
         })
     return trials
 
@@ -367,8 +371,8 @@ def retrain(config: ExperimentConfig, learner_config: Any, baseline_path: Path, 
 def compress(config: ExperimentConfig, *, log: Log = print, command: str | None = None) -> dict[str, Any]:
     """Run the whole pipeline; returns the results dict (also written to ``results.json``)."""
     from pf_ray.candidate import candidate_learner_config
-    from pf_ray.export import export_all
-    from pf_ray.export.verify import verify_artifact
+    from pf_ray.export.verify import accuracy_guard
+    from pf_ray.report import write_report
 
     started = time.time()
     prepared = prepare(config, log=log)
@@ -404,20 +408,11 @@ def compress(config: ExperimentConfig, *, log: Log = print, command: str | None 
         artifacts_dir = run_dir / "artifacts"
         save_checkpoint(artifacts_dir / "compressed.pt", model, model_config=config.model,
                         input_shape=data.input_shape, num_classes=data.num_classes,
-                        extra={"learner": config.learner.name, "learner_config": to_dict(learner_config)})
+                        extra={"learner": config.learner.name, "learner_config": to_dict(learner_config),
+                               "dataset": to_dict(config.dataset)})
         torch.set_num_threads(config.resources.num_cpus or _cpu_count())
-        reports = []
-        for stem, net in (("baseline", baseline), ("compressed", model)):
-            stats = model_stats(net, data.input_shape)
-            paths = export_all(net, data, config.export, artifacts_dir, stem=stem)
-            for fmt, path in paths.items():
-                log(f"verify: {path.name} ({fmt}) in ONNX Runtime")
-                report = verify_artifact(path, model=net, data=data, threads=config.export.latency_threads,
-                                         batch_sizes=config.export.latency_batch_sizes,
-                                         repeats=config.export.latency_repeats,
-                                         reference_inputs=_reference_inputs(data))
-                reports.append({"model": stem, "format": fmt, "macs": stats.macs, "params": stats.params,
-                                **report.to_dict()})
+        reports = export_and_verify({"baseline": baseline, "compressed": model}, data, config, artifacts_dir,
+                                    log=log)
         results = {
             "command": command,
             "config": to_dict(config),
@@ -429,16 +424,54 @@ def compress(config: ExperimentConfig, *, log: Log = print, command: str | None 
             "compressed": {"checkpoint": str(artifacts_dir / "compressed.pt"),
                            **model_stats(model, data.input_shape).__dict__},
             "artifacts": reports,
+            "accuracy_guard": {"max_accuracy_drop": config.export.max_accuracy_drop,
+                               "failures": accuracy_guard(reports, config.export.max_accuracy_drop)},
             "seconds": round(time.time() - started, 1),
         }
         _write_json(run_dir / "results.json", results)
+        report_md, report_html = write_report(run_dir)
+        if results["accuracy_guard"]["failures"]:
+            raise AccuracyGuardError("; ".join(results["accuracy_guard"]["failures"]))
         log(summary_table(results, config))
         log(f"artifacts: {artifacts_dir}")
         log(f"results:   {run_dir / 'results.json'}")
+        log(f"report:    {report_html} (and {report_md.name})")
         return results
     except BaseException:
         log(f"run failed; partial run folder left for inspection: {run_dir}")
         raise
+
+
+def export_and_verify(models: dict[str, torch.nn.Module], data: DataBundle, config: ExperimentConfig,
+                      artifacts_dir: Path, *, log: Log = print) -> list[dict[str, Any]]:
+    """Export each model in every configured format, verify each file on its runtime, write the manifest.
+
+    Returns one row per artifact: the verification report plus the model's MACs, params and PyTorch accuracy.
+    """
+    from pf_ray.export import export_all
+    from pf_ray.export.manifest import artifact_entry, preprocessing, write_manifest
+    from pf_ray.export.verify import verify_artifact
+
+    rows, entries = [], []
+    for stem, net in models.items():
+        stats = model_stats(net, data.input_shape)
+        torch_accuracy = evaluate(net, data.test)[ACCURACY]
+        paths = export_all(net, data, config.export, artifacts_dir, stem=stem)
+        for fmt, path in paths.items():
+            log(f"verify: {path.name} ({fmt}) in ONNX Runtime")
+            report = verify_artifact(path, model=net, data=data, threads=config.export.latency_threads,
+                                     batch_sizes=config.export.latency_batch_sizes,
+                                     repeats=config.export.latency_repeats,
+                                     reference_inputs=_reference_inputs(data), format_name=fmt)
+            row = {"model": stem, "format": fmt, "macs": stats.macs, "params": stats.params,
+                   "torch_test_accuracy": torch_accuracy, **report.to_dict()}
+            rows.append(row)
+            entries.append(artifact_entry(path, format_name=fmt, model=stem, verified={
+                key: row[key] for key in ("test_accuracy", "torch_test_accuracy", "top1_agreement",
+                                          "max_abs_diff", "latency")}))
+    manifest = write_manifest(artifacts_dir, entries, preprocessing_info=preprocessing(data, config.dataset.name))
+    log(f"manifest: {manifest}")
+    return rows
 
 
 def _reference_inputs(data: DataBundle) -> torch.Tensor:

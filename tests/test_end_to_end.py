@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from pf_ray.checkpoint import sha256_of
 from pf_ray.cli import main
 
 pytestmark = pytest.mark.ray
@@ -43,12 +44,20 @@ def test_compress_writes_verified_artifacts_and_results(ray_session, tmp_path, c
     assert len(results["baseline"]["sha256"]) == 64
 
     artifacts = {(a["model"], a["format"]): a for a in results["artifacts"]}
-    assert set(artifacts) == {("baseline", "onnx"), ("baseline", "onnx_int8"),
-                              ("compressed", "onnx"), ("compressed", "onnx_int8")}
+    assert set(artifacts) == {(model, fmt) for model in ("baseline", "compressed")
+                              for fmt in ("onnx", "onnx_int8", "ort", "ort_int8")}
+    manifest = json.loads((run / "artifacts" / "manifest.json").read_text())
+    assert {entry["file"] for entry in manifest["artifacts"]} == {a["path"].split("/")[-1]
+                                                                   for a in artifacts.values()}
+    for entry in manifest["artifacts"]:
+        assert entry["sha256"] == sha256_of(run / "artifacts" / entry["file"])
     for artifact in artifacts.values():
         assert (run / "artifacts" / artifact["path"].split("/")[-1]).is_file()
         assert 0.0 <= artifact["test_accuracy"] <= 1.0
         assert artifact["latency"]["1"]["median_ms"] > 0
+    assert results["accuracy_guard"] == {"max_accuracy_drop": 0.02, "failures": []}
+    report = (run / "report.md").read_text()
+    assert "compressed.int8.ort" in report and (run / "report.html").stat().st_size > 10_000
     fp32 = artifacts[("compressed", "onnx")]
     assert fp32["top1_agreement"] == 1.0 and fp32["max_abs_diff"] < 1e-3
     assert artifacts[("compressed", "onnx")]["size_bytes"] < artifacts[("baseline", "onnx")]["size_bytes"]

@@ -221,12 +221,15 @@ def test_export_all_and_verify_artifact(model, images, known_labels, tmp_path) -
     )
     config = ExportConfig(calibration_samples=32, latency_repeats=5)
     artifacts = export_all(model, data, config, tmp_path / "out", stem="tiny")
-    assert {"onnx", "onnx_int8"} <= set(EXPORTERS.names())
+    assert {"onnx", "onnx_int8", "ort", "ort_int8"} <= set(EXPORTERS.names())
     assert {name: path.name for name, path in artifacts.items()} == {
         "onnx": "tiny.onnx",
         "onnx_int8": "tiny.int8.onnx",
+        "ort": "tiny.ort",
+        "ort_int8": "tiny.int8.ort",
     }
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["tiny.int8.onnx", "tiny.onnx"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["tiny.int8.onnx", "tiny.int8.ort", "tiny.onnx",
+                                                                   "tiny.ort"]
 
     reports = {
         name: verify_artifact(
@@ -234,8 +237,10 @@ def test_export_all_and_verify_artifact(model, images, known_labels, tmp_path) -
         )
         for name, path in artifacts.items()
     }
-    assert {name: report.format for name, report in reports.items()} == {"onnx": "onnx", "onnx_int8": "onnx_int8"}
+    assert {name: report.format for name, report in reports.items()} == {name: name for name in artifacts}
     fp32 = reports["onnx"]
+    assert reports["ort"].test_accuracy == fp32.test_accuracy and reports["ort"].max_abs_diff < 1e-4
+    assert reports["ort_int8"].test_accuracy == reports["onnx_int8"].test_accuracy
     assert fp32.test_accuracy == 0.5 and fp32.top1_agreement == 1.0 and fp32.max_abs_diff < 1e-4
     assert reports["onnx_int8"].size_bytes < fp32.size_bytes
     assert set(fp32.latency) == {1, 4}
@@ -247,10 +252,17 @@ def test_export_all_and_verify_artifact(model, images, known_labels, tmp_path) -
         model, data, ExportConfig(formats=("onnx_int8",), calibration_samples=32), tmp_path / "int8", stem="m"
     )
     assert only_int8["onnx_int8"].is_file()
+    # The INT8 .ort alone quantizes in a temporary folder too: only the FP32 file (always written) and it remain.
+    only_ort_int8 = export_all(
+        model, data, ExportConfig(formats=("ort_int8",), calibration_samples=32), tmp_path / "ort8", stem="m"
+    )
+    assert sorted(p.name for p in (tmp_path / "ort8").iterdir()) == ["m.int8.ort", "m.onnx"]
+    assert only_ort_int8["ort_int8"].is_file()
 
 
 def test_artifact_format_from_file_name() -> None:
     assert artifact_format("a/model.int8.onnx") == "onnx_int8"
     assert artifact_format("model.onnx") == "onnx"
+    assert artifact_format("model.int8.ort") == "ort_int8" and artifact_format("m.ort") == "ort"
     with pytest.raises(ExportError, match="known endings"):
         artifact_format("model.pte")

@@ -1,4 +1,5 @@
-"""Deployable artifacts: FP32 ONNX, INT8 QDQ ONNX (ONNX Runtime), and their verification on the runtime.
+"""Deployable artifacts: FP32 ONNX, INT8 QDQ ONNX, both again in ONNX Runtime Mobile's ``.ort`` format, a
+manifest, and their verification on the runtime.
 
 Every format is registered in ``EXPORTERS`` under its ``ExportConfig.formats`` name. An exporter is called as
 ``exporter(model, data, config, out_dir, stem, artifacts)``, where ``artifacts`` holds the files already written
@@ -16,6 +17,7 @@ from pf_ray.config import ExportConfig
 from pf_ray.data import DataBundle
 from pf_ray.export.int8 import CalibrationMethod, quantize_onnx_int8
 from pf_ray.export.onnx import export_onnx
+from pf_ray.export.ort_format import convert_to_ort
 from pf_ray.export.verify import (
     ArtifactReport,
     agreement,
@@ -32,6 +34,7 @@ __all__ = [
     "ArtifactReport",
     "CalibrationMethod",
     "agreement",
+    "convert_to_ort",
     "export_all",
     "export_onnx",
     "measure_latency",
@@ -91,3 +94,31 @@ def _export_int8(
     with tempfile.TemporaryDirectory(prefix="pf_ray_export_") as work:
         fp32_path = export_onnx(model, data.input_shape, Path(work) / f"{stem}.onnx", opset=config.opset)
         return quantize_onnx_int8(fp32_path, int8_path, calibration)
+
+
+@EXPORTERS.register("ort", suffix=".ort")
+def _export_ort(
+    model: nn.Module,
+    data: DataBundle,
+    config: ExportConfig,
+    out_dir: Path,
+    stem: str,
+    artifacts: dict[str, Path],
+) -> Path:
+    return convert_to_ort(artifacts["onnx"], out_dir / f"{stem}.ort")  # export_all writes the FP32 file first
+
+
+@EXPORTERS.register("ort_int8", suffix=".int8.ort")
+def _export_ort_int8(
+    model: nn.Module,
+    data: DataBundle,
+    config: ExportConfig,
+    out_dir: Path,
+    stem: str,
+    artifacts: dict[str, Path],
+) -> Path:
+    if "onnx_int8" in artifacts:
+        return convert_to_ort(artifacts["onnx_int8"], out_dir / f"{stem}.int8.ort")
+    with tempfile.TemporaryDirectory(prefix="pf_ray_export_") as work:
+        int8_path = _export_int8(model, data, config, Path(work), stem, artifacts)
+        return convert_to_ort(int8_path, out_dir / f"{stem}.int8.ort")

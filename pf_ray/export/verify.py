@@ -26,7 +26,7 @@ P95_MS = "p95_ms"
 MEAN_MS = "mean_ms"
 
 # Artifact formats by file-name ending (the longest ending first).
-_FORMAT_SUFFIXES = ((".int8.onnx", "onnx_int8"), (".onnx", "onnx"))
+_FORMAT_SUFFIXES = ((".int8.onnx", "onnx_int8"), (".int8.ort", "ort_int8"), (".onnx", "onnx"), (".ort", "ort"))
 
 
 def onnx_session(path: str | Path, threads: int = 1) -> ort.InferenceSession:
@@ -119,11 +119,11 @@ class ArtifactReport:
     """What one exported file is: its size and how it behaves on its runtime."""
 
     path: Path
-    format: str  # an EXPORTERS name: "onnx" or "onnx_int8"
+    format: str  # an EXPORTERS name: "onnx", "onnx_int8", "ort" or "ort_int8"
     size_bytes: int
     test_accuracy: float  # top-1 on the test set, computed by the runtime
-    top1_agreement: float  # with the PyTorch model, on the reference inputs
-    max_abs_diff: float  # largest |logit difference| with the PyTorch model, on the reference inputs
+    top1_agreement: float | None  # with the PyTorch model, on the reference inputs (None: no model given)
+    max_abs_diff: float | None  # largest |logit difference| with the PyTorch model, on the reference inputs
     latency: dict[int, dict[str, float]] = field(default_factory=dict)  # batch size -> {median_ms, ...}
 
     def to_dict(self) -> dict[str, Any]:
@@ -142,7 +142,7 @@ class ArtifactReport:
 def verify_artifact(
     path: str | Path,
     *,
-    model: nn.Module,
+    model: nn.Module | None,
     data: DataBundle,
     threads: int = 1,
     batch_sizes: Sequence[int] = (1,),
@@ -150,27 +150,30 @@ def verify_artifact(
     reference_inputs: torch.Tensor | None = None,
     format_name: str | None = None,
 ) -> ArtifactReport:
-    """Run an ONNX artifact in ONNX Runtime and report its test accuracy, parity with ``model``, latency, size.
+    """Run an ONNX or ORT-format artifact in ONNX Runtime: its test accuracy, parity with ``model``, latency, size.
 
     The numbers are reported, not judged: the caller decides what accuracy loss or slowdown is acceptable.
 
     Args:
-        path: the ``.onnx`` or ``.int8.onnx`` file.
-        model: the PyTorch model it was exported from (the reference for parity).
+        path: the ``.onnx``, ``.int8.onnx``, ``.ort`` or ``.int8.ort`` file.
+        model: the PyTorch model it was exported from (the reference for parity); None skips the parity check.
         data: test accuracy is measured on ``data.test``; latency on inputs of ``data.input_shape``.
         threads: ONNX Runtime intra-op threads.
         batch_sizes: latency is measured at each of these.
         repeats: timed runs per batch size (after 20 warm-up runs).
         reference_inputs: inputs for the parity check; None = the first 256 test images.
-        format_name: "onnx" or "onnx_int8"; None = from the file name.
+        format_name: an EXPORTERS name; None = from the file name.
     """
     path = Path(path)
     if not path.is_file():
         raise ExportError(f"artifact {str(path)!r} does not exist")
     session = onnx_session(path, threads=threads)
-    if reference_inputs is None:
-        reference_inputs = dataset_inputs(data.test, limit=256)
-    parity = agreement(model, session, reference_inputs)
+    if model is None:
+        parity = {TOP1_AGREEMENT: None, MAX_ABS_DIFF: None}
+    else:
+        if reference_inputs is None:
+            reference_inputs = dataset_inputs(data.test, limit=256)
+        parity = agreement(model, session, reference_inputs)
     return ArtifactReport(
         path=path,
         format=format_name or artifact_format(path),
@@ -183,7 +186,7 @@ def verify_artifact(
 
 
 def artifact_format(path: str | Path) -> str:
-    """The EXPORTERS name of a file, from its name: ``x.int8.onnx`` -> "onnx_int8", ``x.onnx`` -> "onnx"."""
+    """The EXPORTERS name of a file, from its name: ``x.int8.onnx`` -> "onnx_int8", ``x.ort`` -> "ort"."""
     name = Path(path).name
     for suffix, format_name in _FORMAT_SUFFIXES:
         if name.endswith(suffix):
@@ -231,3 +234,20 @@ def _time(step: Callable[[], object], *, warmup: int, repeats: int) -> dict[str,
         P95_MS: float(np.percentile(milliseconds, 95)),
         MEAN_MS: float(milliseconds.mean()),
     }
+
+
+def accuracy_guard(rows: Sequence[dict[str, Any]], max_drop: float | None) -> list[str]:
+    """One message per artifact row whose runtime test accuracy is more than ``max_drop`` below its PyTorch model's.
+
+    Each row needs ``path``, ``test_accuracy`` (measured by the runtime) and ``torch_test_accuracy``.
+    """
+    if max_drop is None:
+        return []
+    failures = []
+    for row in rows:
+        drop = row["torch_test_accuracy"] - row["test_accuracy"]
+        if drop > max_drop:
+            failures.append(f"{Path(row['path']).name} lost {100 * drop:.2f} pt of test accuracy on its runtime "
+                            f"({100 * row['test_accuracy']:.2f}% vs {100 * row['torch_test_accuracy']:.2f}% in "
+                            f"PyTorch); export.max_accuracy_drop allows {100 * max_drop:.2f} pt")
+    return failures

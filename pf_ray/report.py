@@ -1,0 +1,443 @@
+"""A run report people want to read (report.md + one self-contained report.html), rebuilt from a run folder.
+
+A finished run is read from ``results.json``; an interrupted one from Ray Tune's trial folders under
+``search/``, so a run stopped half-way can still be looked at. matplotlib is imported only when plotting, and
+through its object API on the Agg canvas, so ``import pf_ray.report`` is cheap and no global backend changes.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pf_ray.errors import ConfigError, PfRayError
+
+FILES_DIR = "report_files"  # the PNGs report.md links to (report.html embeds them)
+# What an interrupted run keeps of a trial's last result.json line: results.json's trial keys, plus latency.
+TRIAL_KEYS = ("score", "accuracy", "proxy_accuracy", "epoch", "macs_ratio", "macs", "params", "layer_values",
+              "latency_ms", "timestamp")
+CSS = """body{font-family:system-ui,sans-serif;max-width:72rem;margin:2rem auto;padding:0 1rem;color:#222}
+table{border-collapse:collapse;margin:1rem 0;font-size:.9rem}th,td{border:1px solid #ccc;padding:.2rem .5rem}
+th{background:#f0f0f0}td{text-align:right}td:first-child{text-align:left}img{max-width:100%}
+pre{background:#f6f6f6;padding:1rem;overflow:auto}.warn{background:#fff3cd;border-left:4px solid #e0a800;
+padding:.5rem 1rem}"""
+
+# ("h1" | "h2" | "p" | "warn", text), ("code", text, language), ("table", headers, rows), ("img", name, caption)
+Block = tuple
+
+
+@dataclass
+class RunRecord:
+    """What a report shows, the same whether it came from results.json or from the trial folders."""
+
+    run_dir: Path
+    finished: bool  # results.json exists: the pipeline ran to the end
+    config: dict[str, Any]
+    config_text: str  # config.yaml verbatim: the exact experiment
+    command: str  # how to run it again
+    trials: list[dict[str, Any]]  # results.json's trial records, ordered by timestamp (else by trial id)
+    best: dict[str, Any] | None  # the chosen trial (an interrupted run: the best so far)
+    layer_names: list[str]
+    chosen_values: list[float]  # per-layer values of the final model (or of the best trial); may be empty
+    artifacts: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float | None = None
+    guard_failures: list[str] = field(default_factory=list)  # artifacts that lost too much accuracy on export
+
+
+def load_run(run_dir: str | Path) -> RunRecord:
+    """Read a run folder: results.json when the run finished, else the search rebuilt from search/*/."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ConfigError(f"run folder {str(run_dir)!r} does not exist")
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise ConfigError(f"{str(run_dir)!r} is not a run folder: it has no config.yaml")
+    config_text = config_path.read_text()
+    try:
+        config = yaml.safe_load(config_text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{config_path}: not valid YAML: {str(error).splitlines()[0]}") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{config_path}: got {type(config).__name__}; expected a mapping of fields")
+    command = f"pf-ray compress {config_path}"
+    results_path = run_dir / "results.json"
+    if not results_path.is_file():
+        trials, names = _trials_from_tune(run_dir / "search")
+        best = _best(trials, _max_epochs(config))
+        chosen = (best or {}).get("layer_values") or (best or {}).get("proposal") or []
+        return RunRecord(run_dir, False, config, config_text, command, _ordered(trials), best, names,
+                         [float(v) for v in chosen])
+    results = _read_json(results_path)
+    search = results.get("search") or {}
+    best = search.get("best")
+    chosen = (results.get("learner_config") or {}).get("layer_keep_ratios") or (best or {}).get("layer_values")
+    return RunRecord(run_dir, True, config, config_text, results.get("command") or command,
+                     _ordered(list(search.get("trials") or [])), best, list(search.get("layer_names") or []),
+                     [float(v) for v in chosen or []], list(results.get("artifacts") or []), results.get("seconds"),
+                     list((results.get("accuracy_guard") or {}).get("failures") or []))
+
+
+def write_report(run_dir: str | Path) -> tuple[Path, Path]:
+    """Write report.md (+ report_files/*.png) and a self-contained report.html; returns their paths."""
+    record = load_run(run_dir)
+    figures = _figures(record)
+    (record.run_dir / FILES_DIR).mkdir(exist_ok=True)
+    for name, png in figures.items():
+        _write_atomic(record.run_dir / FILES_DIR / name, png)
+    blocks = _blocks(record, figures)
+    markdown_path, html_path = record.run_dir / "report.md", record.run_dir / "report.html"
+    _write_atomic(markdown_path, _markdown(blocks).encode())
+    _write_atomic(html_path, _html(blocks, figures).encode())
+    return markdown_path, html_path
+
+
+# Reading.
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"{path}: cannot be read as JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: got {type(data).__name__}; expected a JSON object")
+    return data
+
+
+def _json_lines(path: Path) -> list[dict[str, Any]]:
+    """Tune's result.json: one JSON object per line; a line cut short by an interruption is skipped."""
+    rows = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def _trials_from_tune(search_dir: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """One results.json-style record per trial folder (a folder with params.json or result.json)."""
+    trials: list[dict[str, Any]] = []
+    names: list[str] = []
+    for folder in sorted(p for p in search_dir.glob("*") if p.is_dir()):
+        if not ((folder / "params.json").is_file() or (folder / "result.json").is_file()):
+            continue  # not a trial: Tune's own state or checkpoints
+        try:
+            params = _read_json(folder / "params.json")
+        except ConfigError:  # missing or cut short: the trial is still listed, without its proposal
+            params = {}
+        keys = sorted(k for k in params if k.startswith("layer_"))
+        names = names or keys
+        lines = _json_lines(folder / "result.json")
+        last = lines[-1] if lines else {}
+        error_file = folder / "error.txt"  # Tune writes the traceback of a failed trial here
+        error = error_file.read_text().strip().splitlines()[-1:] if error_file.is_file() else []
+        trial = {key: last.get(key) for key in TRIAL_KEYS}
+        trial.update(trial_id=str(last.get("trial_id") or folder.name),
+                     proposal=[v for v in map(_number, (params[k] for k in keys)) if v is not None],
+                     error=(error[0][:500] if error else None) or (None if lines else "no result reported"))
+        trials.append(trial)
+    return trials, names
+
+
+def _number(value: Any) -> float | None:
+    """A finite float, or None for missing, NaN and non-numbers (what a failed trial leaves)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _ordered(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """By timestamp when every trial has one; else by trial id (Tune numbers trials in creation order)."""
+    if trials and all(_number(t.get("timestamp")) is not None for t in trials):
+        return sorted(trials, key=lambda t: (_number(t["timestamp"]), str(t["trial_id"])))
+    return sorted(trials, key=lambda t: str(t["trial_id"]))
+
+
+def _max_epochs(config: dict[str, Any]) -> int:
+    search = config.get("search") or {}
+    return 1 if search.get("scoring") == "proxy" else int((search.get("fine_tune") or {}).get("epochs") or 1)
+
+
+def _best(trials: list[dict[str, Any]], max_epochs: int) -> dict[str, Any] | None:
+    """launch.choose_best's rule, without raising: the top score among trials that ran every epoch."""
+    scored = [t for t in trials if not t.get("error") and _number(t.get("score")) is not None]
+    complete = [t for t in scored if (_number(t.get("epoch")) or 0) >= max_epochs] or scored
+    return max(complete, key=lambda t: _number(t["score"]), default=None)
+
+
+def _accuracy(trial: dict[str, Any]) -> float | None:
+    value = _number(trial.get("accuracy"))
+    return value if value is not None else _number(trial.get("proxy_accuracy"))
+
+
+# Plots.
+
+
+def _figure(width: float, height: float, panels: int = 1) -> tuple[Any, list[Any]]:
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise PfRayError("the run report's plots need matplotlib: pip install matplotlib") from None
+
+    figure = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure, [figure.add_subplot(1, panels, i + 1) for i in range(panels)]
+
+
+def _png(figure: Any) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", metadata={"Software": None})  # no version stamp: stable bytes
+    return buffer.getvalue()
+
+
+def _pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Points no other point beats on both cost (x, lower is better) and accuracy (y, higher is better)."""
+    front: list[tuple[float, float]] = []
+    for x, y in sorted(points, key=lambda p: (p[0], -p[1])):
+        if not front or y > front[-1][1]:
+            front.append((x, y))
+    return front
+
+
+def _pareto_png(record: RunRecord) -> bytes | None:
+    axes_keys = [("macs_ratio", "MACs ratio (of the baseline)")]
+    if any(_number(t.get("latency_ms")) is not None for t in record.trials):
+        axes_keys.append(("latency_ms", "latency (ms)"))
+    figure, axes = _figure(5.5 * len(axes_keys), 4.2, len(axes_keys))
+    plotted = False
+    for ax, (key, label) in zip(axes, axes_keys, strict=True):
+        points = [(_number(t.get(key)), _accuracy(t)) for t in record.trials]
+        points = [(x, y) for x, y in points if x is not None and y is not None]
+        if not points:
+            continue
+        plotted = True
+        ax.scatter(*zip(*points, strict=True), s=22, color="0.55", label="trials")
+        ax.step(*zip(*_pareto_front(points), strict=True), where="post", color="C0", label="Pareto front")
+        best_x = _number((record.best or {}).get(key))
+        best_y = _accuracy(record.best or {})
+        if best_x is not None and best_y is not None:
+            ax.scatter([best_x], [best_y], marker="*", s=220, color="C3", zorder=3,
+                       label="chosen" if record.finished else "best so far")
+        ax.set(xlabel=label, ylabel="validation accuracy", title=f"accuracy vs {label.split(' (')[0]}")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="best")
+    return _png(figure) if plotted else None
+
+
+def _value_label(record: RunRecord) -> str:
+    """What the per-layer values are, by learner: the bar chart's y label."""
+    learner = str((record.config.get("learner") or {}).get("name", ""))
+    if learner == "channel_pruning":
+        return "keep ratio"
+    if learner == "weight_sparsification":
+        return "sparsity"
+    return "bits" if learner.endswith("quantization") else "value"
+
+
+def _layer_names(record: RunRecord) -> list[str]:
+    if len(record.layer_names) == len(record.chosen_values):
+        return record.layer_names
+    return [f"layer {i}" for i in range(len(record.chosen_values))]
+
+
+def _layers_png(record: RunRecord) -> bytes:
+    values, names = record.chosen_values, _layer_names(record)
+    figure, (ax,) = _figure(max(6.0, 0.4 * len(values) + 2), 4.2)
+    ax.bar(range(len(values)), values, color="C0")
+    ax.set_xticks(range(len(values)), names, rotation=60, ha="right", fontsize=8)
+    ax.set(ylabel=_value_label(record), title=f"chosen {_value_label(record)} per layer")
+    ax.grid(axis="y", alpha=0.3)
+    return _png(figure)
+
+
+def _progress_png(record: RunRecord) -> bytes | None:
+    scores = [_number(t.get("score")) for t in record.trials]
+    points = [(i + 1, s) for i, s in enumerate(scores) if s is not None]
+    if not points:
+        return None
+    steps = [(i, max(s for _, s in points[:k + 1])) for k, (i, _) in enumerate(points)]
+    steps.append((len(scores), steps[-1][1]))  # the best-so-far line runs to the last trial, failed or not
+    figure, (ax,) = _figure(6.0, 3.8)
+    ax.scatter(*zip(*points, strict=True), s=22, color="0.55", label="trial score", zorder=3)
+    ax.step(*zip(*steps, strict=True), where="post", color="C0", label="best so far")
+    failed = [i + 1 for i, s in enumerate(scores) if s is None]
+    if failed:  # no score to plot: a cross on the x axis says the trial was there
+        ax.scatter(failed, [0.02] * len(failed), marker="x", color="C3", transform=ax.get_xaxis_transform(),
+                   label="failed / no score")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set(xlabel="trial number (in start order)", ylabel="score", title="search progress")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best")
+    return _png(figure)
+
+
+def _figures(record: RunRecord) -> dict[str, bytes]:
+    pngs = {"pareto.png": _pareto_png(record) if record.trials else None,
+            "layers.png": _layers_png(record) if record.chosen_values else None,
+            "progress.png": _progress_png(record) if record.trials else None}
+    return {name: png for name, png in pngs.items() if png is not None}
+
+
+# Content, shared by both formats.
+
+
+def _fmt(value: Any, pattern: str = "{:.4f}", scale: float = 1.0) -> str:
+    number = _number(value)
+    return "-" if number is None else pattern.format(number * scale)
+
+
+def _size(num_bytes: Any) -> str:
+    number = _number(num_bytes)
+    if number is None:
+        return "-"
+    return f"{number / 2**20:.2f} MiB" if number >= 2**20 else f"{number / 1024:.1f} KiB"
+
+
+def _artifact_table(artifacts: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    batches = sorted({b for row in artifacts for b in (row.get("latency") or {})}, key=int)
+    reference = next((r for r in artifacts if r.get("model") == "baseline" and r.get("format") == "onnx"), None)
+    headers = ["artifact", "test accuracy", "top-1 agreement", "MACs", "params", "file size"]
+    for batch in batches:
+        headers += [f"latency b{batch} median / p95", f"speed-up b{batch}"]
+    rows = []
+    for row in artifacts:
+        cells = [f"{row.get('model')} {row.get('format')}", _fmt(row.get("test_accuracy"), "{:.2f}%", 100),
+                 _fmt(row.get("top1_agreement"), "{:.2f}%", 100), _fmt(row.get("macs"), "{:.2f}M", 1e-6),
+                 _fmt(row.get("params"), "{:.1f}k", 1e-3), _size(row.get("size_bytes"))]
+        for batch in batches:
+            stats = (row.get("latency") or {}).get(batch) or {}
+            base = _number(((reference or {}).get("latency") or {}).get(batch, {}).get("median_ms"))
+            median = _number(stats.get("median_ms"))
+            cells += [f"{_fmt(median, '{:.3f}')} / {_fmt(stats.get('p95_ms'), '{:.3f}')} ms",
+                      f"{base / median:.2f}x" if base and median else "-"]
+        rows.append(cells)
+    return headers, rows
+
+
+def _trial_table(record: RunRecord) -> tuple[list[str], list[list[str]]]:
+    headers = ["#", "trial", "score", "accuracy", "MACs ratio", "epochs", "status"]
+    rows = []
+    for number, trial in enumerate(record.trials, start=1):
+        chosen = record.best and trial["trial_id"] == record.best.get("trial_id")
+        status = ("chosen" if record.finished else "best so far") if chosen else "ok"
+        rows.append([str(number), str(trial["trial_id"]), _fmt(trial.get("score")), _fmt(_accuracy(trial)),
+                     _fmt(trial.get("macs_ratio"), "{:.3f}"), _fmt(trial.get("epoch"), "{:.0f}"),
+                     f"failed: {trial['error']}" if trial.get("error") else status])
+    return headers, rows
+
+
+def _blocks(record: RunRecord, figures: dict[str, bytes]) -> list[Block]:
+    run_name = (record.config.get("storage") or {}).get("name") or record.run_dir.name
+    blocks: list[Block] = [("h1", f"pf-ray run report: {run_name}")]
+    if record.finished:
+        took = f" in {record.seconds:.0f} s" if _number(record.seconds) is not None else ""
+        blocks += [("h2", "Baseline vs compressed"),
+                   ("p", f"The run finished{took}. Accuracy and latency are measured by ONNX Runtime on each "
+                         "exported file; speed-up is against the baseline FP32 ONNX model."),
+                   ("table", *_artifact_table(record.artifacts))]
+        blocks += [("warn", f"Accuracy guard failed: {failure}") for failure in record.guard_failures]
+    else:
+        blocks.append(("warn", "The run did not finish (no results.json): only the search is shown, rebuilt "
+                               "from the trial folders under search/. The chosen trial is the best so far."))
+    blocks.append(("h2", "Search"))
+    if not record.trials:
+        blocks.append(("p", "No search: the learner's settings were given." if record.finished
+                       else "No trial reported a result before the run stopped."))
+    else:
+        failed = sum(1 for t in record.trials if t.get("error"))
+        chosen = "chosen" if record.finished else "best so far"
+        best = f"; {chosen}: trial {record.best['trial_id']}" if record.best else "; no trial succeeded"
+        blocks.append(("p", f"{len(record.trials)} trials ({failed} failed or reported nothing){best}."))
+        if "pareto.png" in figures:
+            blocks.append(("img", "pareto.png", "Accuracy vs cost of every trial, Pareto front, chosen trial"))
+        if "progress.png" in figures:
+            blocks.append(("img", "progress.png", "Best score so far vs trial number"))
+        blocks.append(("table", *_trial_table(record)))
+    blocks.append(("h2", "Chosen per-layer values"))
+    if "layers.png" in figures:
+        label = _value_label(record)
+        pairs = zip(_layer_names(record), record.chosen_values, strict=True)
+        blocks += [("img", "layers.png", f"Chosen {label} per layer"),
+                   ("table", ["layer", label], [[name, f"{value:.4g}"] for name, value in pairs])]
+    else:
+        blocks.append(("p", "No per-layer values: the learner used one setting for every layer."))
+    blocks += [("h2", "Reproduce"), ("p", "Command:"), ("code", record.command, "bash")]
+    if (record.config.get("storage") or {}).get("name"):  # prepare() refuses a run folder that exists
+        blocks.append(("p", "This config fixes storage.name: add --set storage.name=NEW to run it again."))
+    blocks += [("p", "The exact config (config.yaml):"), ("code", record.config_text, "yaml")]
+    return blocks
+
+
+# Rendering.
+
+
+def _md_cell(text: str) -> str:
+    return html.escape(text, quote=False).replace("|", "\\|").replace("\n", " ")  # a cell is inline HTML too
+
+
+def _markdown(blocks: list[Block]) -> str:
+    out = []
+    for kind, *rest in blocks:
+        if kind in ("h1", "h2"):
+            out.append(f"{'#' * int(kind[1])} {rest[0]}")
+        elif kind == "p":
+            out.append(rest[0])
+        elif kind == "warn":
+            out.append(f"> **{rest[0]}**")
+        elif kind == "code":
+            fence = "`" * max(3, max(map(len, re.findall("`+", rest[0])), default=0) + 1)  # outlasts any inside
+            out.append(f"{fence}{rest[1]}\n{rest[0].rstrip()}\n{fence}")
+        elif kind == "img":
+            out.append(f"![{rest[1]}]({FILES_DIR}/{rest[0]})")
+        else:
+            headers, rows = rest
+            lines = ["| " + " | ".join(map(_md_cell, headers)) + " |", "|---" + "|---:" * (len(headers) - 1) + "|"]
+            out.append("\n".join(lines + ["| " + " | ".join(map(_md_cell, r)) + " |" for r in rows]))
+    return "\n\n".join(out) + "\n"
+
+
+def _html(blocks: list[Block], figures: dict[str, bytes]) -> str:
+    e = html.escape
+    body = []
+    for kind, *rest in blocks:
+        if kind in ("h1", "h2", "p"):
+            body.append(f"<{kind}>{e(rest[0])}</{kind}>")
+        elif kind == "warn":
+            body.append(f'<p class="warn"><strong>{e(rest[0])}</strong></p>')
+        elif kind == "code":
+            body.append(f"<pre><code>{e(rest[0])}</code></pre>")
+        elif kind == "img":
+            data = base64.b64encode(figures[rest[0]]).decode("ascii")
+            body.append(f'<figure><img src="data:image/png;base64,{data}" alt="{e(rest[1])}">'
+                        f"<figcaption>{e(rest[1])}</figcaption></figure>")
+        else:
+            headers, rows = rest
+            head = "".join(f"<th>{e(h)}</th>" for h in headers)
+            cells = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows)
+            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{cells}</tbody></table>")
+    title = e(blocks[0][1])
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
+            f"<style>{CSS}</style></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n")
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """A reader (or a browser refresh) never sees half a file: write aside, then rename over."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_bytes(data)
+    os.replace(temporary, path)
