@@ -5,7 +5,7 @@ PIP ?= $(PYTHON) -m pip
 .PHONY: setup data browser compress test test-slow lint bench
 
 setup: data
-	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q -e '.[dev,executorch]'
 
 # Fashion-MNIST from Debian's package (no network needed at run time); skipped where apt is not available.
 data:

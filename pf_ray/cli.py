@@ -32,7 +32,8 @@ def _add_verify_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", help="dataset to verify on (default: the one recorded with the checkpoint "
                                           "or in the artifact folder's manifest.json)")
     parser.add_argument("--data-dir", help="where the dataset's files are (default: the usual places)")
-    parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads for timing")
+    parser.add_argument("--threads", type=int, default=1, help="runtime threads for timing (ONNX Runtime intra-op; "
+                                                                   "ExecuTorch's XNNPACK pool)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1], help="latency batch sizes")
     parser.add_argument("--repeats", type=int, default=200, help="timed runs per batch size")
     parser.add_argument("--max-accuracy-drop", type=float, default=0.02,
@@ -53,12 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="export a pf-ray checkpoint to verified deployable artifacts")
     export.add_argument("checkpoint", help="a .pt written by pf-ray (e.g. RUN/artifacts/compressed.pt)")
     export.add_argument("--out", help="output folder (default: <checkpoint folder>/<checkpoint name>-export)")
-    export.add_argument("--formats", nargs="+", help="formats to write (default: all: onnx onnx_int8 ort ort_int8)")
+    export.add_argument("--formats", nargs="+", help="formats to write (default: all this installation can: "
+                                                     "onnx onnx_int8 ort ort_int8, and pte pte_int8 with ExecuTorch)")
     export.add_argument("--calibration-samples", type=int, default=256, help="training images for INT8")
     _add_verify_arguments(export)
 
     verify = commands.add_parser("verify", help="run one artifact on its runtime: accuracy, parity, latency")
-    verify.add_argument("artifact", help="a .onnx, .int8.onnx, .ort or .int8.ort file")
+    verify.add_argument("artifact", help="a .onnx, .ort or .pte file (.int8.onnx etc. for INT8)")
     verify.add_argument("--checkpoint", help="the PyTorch checkpoint it came from: adds parity and the guard")
     _add_verify_arguments(verify)
 
@@ -117,14 +119,15 @@ def _export(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from pf_ray.checkpoint import load_checkpoint, read_checkpoint
-    from pf_ray.config import EXPORT_FORMATS, ExperimentConfig, ExportConfig
+    from pf_ray.config import ExperimentConfig, ExportConfig, default_export_formats
     from pf_ray.data import load_data
     from pf_ray.export.verify import accuracy_guard
     from pf_ray.launch import export_and_verify
 
-    export = ExportConfig(formats=tuple(args.formats or EXPORT_FORMATS), calibration_samples=args.calibration_samples,
-                          latency_threads=args.threads, latency_batch_sizes=tuple(args.batch_sizes),
-                          latency_repeats=args.repeats, max_accuracy_drop=args.max_accuracy_drop)
+    export = ExportConfig(formats=tuple(args.formats or default_export_formats()),
+                          calibration_samples=args.calibration_samples, latency_threads=args.threads,
+                          latency_batch_sizes=tuple(args.batch_sizes), latency_repeats=args.repeats,
+                          max_accuracy_drop=args.max_accuracy_drop)
     info, _ = read_checkpoint(args.checkpoint)
     dataset = _dataset_config(args, info.extra, manifest=None)
     data = load_data(dataset)

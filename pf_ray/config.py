@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import importlib.util
 import math
 import types
 import typing
@@ -290,14 +291,26 @@ class RetrainConfig:
     num_workers: int = 1  # Ray Train workers (DDP); 1 still runs under Ray Train for checkpointing
 
 
-EXPORT_FORMATS = ("onnx", "onnx_int8", "ort", "ort_int8")
+EXPORT_FORMATS = ("onnx", "onnx_int8", "ort", "ort_int8", "pte", "pte_int8")
+EXECUTORCH_FORMATS = ("pte", "pte_int8")  # need the optional ExecuTorch extra
+
+
+def executorch_installed() -> bool:
+    return importlib.util.find_spec("executorch") is not None
+
+
+def default_export_formats() -> tuple[str, ...]:
+    """Every format this installation can write: the ExecuTorch ones only where ExecuTorch is installed."""
+    return EXPORT_FORMATS if executorch_installed() else tuple(f for f in EXPORT_FORMATS
+                                                                if f not in EXECUTORCH_FORMATS)
 
 
 @dataclass(frozen=True)
 class ExportConfig:
     # onnx: FP32 ONNX (always written); onnx_int8: ONNX Runtime static INT8 QDQ; ort / ort_int8: the same two in
-    # ONNX Runtime Mobile's .ort format (Android, iOS)
-    formats: tuple[str, ...] = ("onnx", "onnx_int8", "ort", "ort_int8")
+    # ONNX Runtime Mobile's .ort format (Android, iOS); pte / pte_int8: ExecuTorch programs with the XNNPACK
+    # delegate (optional extra). The default: every format this installation can write.
+    formats: tuple[str, ...] = field(default_factory=default_export_formats)
     opset: int = 17
     calibration_samples: int = 256  # training images used to calibrate INT8 activations
     latency_threads: int = 1  # ONNX Runtime intra-op threads when timing
@@ -310,6 +323,9 @@ class ExportConfig:
     def __post_init__(self) -> None:
         for fmt in self.formats:
             check_choice("export.formats", fmt, EXPORT_FORMATS)
+            if fmt in EXECUTORCH_FORMATS and not executorch_installed():
+                raise ConfigError(f"export.formats: {fmt!r} needs ExecuTorch, which is not installed; "
+                                  "pip install 'pf-ray[executorch]', or leave it out")
         check_range("export.opset", self.opset, low=13, high=20)  # the TorchScript exporter stops at 20
         check_range("export.calibration_samples", self.calibration_samples, low=1)
         check_range("export.latency_threads", self.latency_threads, low=1)

@@ -458,7 +458,7 @@ def export_and_verify(models: dict[str, torch.nn.Module], data: DataBundle, conf
         torch_accuracy = evaluate(net, data.test)[ACCURACY]
         paths = export_all(net, data, config.export, artifacts_dir, stem=stem)
         for fmt, path in paths.items():
-            log(f"verify: {path.name} ({fmt}) in ONNX Runtime")
+            log(f"verify: {path.name} ({fmt}) on {'ExecuTorch' if fmt.startswith('pte') else 'ONNX Runtime'}")
             report = verify_artifact(path, model=net, data=data, threads=config.export.latency_threads,
                                      batch_sizes=config.export.latency_batch_sizes,
                                      repeats=config.export.latency_repeats,

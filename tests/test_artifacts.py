@@ -1,5 +1,6 @@
-"""Deployable artifacts end to end without Ray: ORT-format conversion, the manifest, the accuracy guard, and the
-``pf-ray export`` / ``pf-ray verify`` commands, on ResNet-20 briefly trained on scikit-learn's 8x8 digits."""
+"""Deployable artifacts end to end without Ray: ORT-format conversion, ExecuTorch programs (where the optional
+extra is installed), the manifest, the accuracy guard, and the ``pf-ray export`` / ``pf-ray verify`` commands, on
+ResNet-20 briefly trained on scikit-learn's 8x8 digits."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from onnx import numpy_helper
 
 from pf_ray.checkpoint import save_checkpoint, sha256_of
 from pf_ray.cli import EXIT_BAD_INPUT, EXIT_GUARD, main
-from pf_ray.config import DatasetConfig, ModelConfig, TrainConfig, to_dict
+from pf_ray.config import DatasetConfig, ModelConfig, TrainConfig, executorch_installed, to_dict
 from pf_ray.data import load_data
 from pf_ray.errors import ExportError
 from pf_ray.export import convert_to_ort, export_onnx, onnx_session
@@ -75,19 +76,15 @@ def test_export_command_writes_verified_artifacts_and_a_manifest_whose_hashes_ma
                                                                                     capsys) -> None:
     checkpoint, torch_accuracy = trained
     out = tmp_path / "export"
+    formats = ["onnx", "onnx_int8", "ort", "ort_int8"]  # ExecuTorch's: test_executorch_programs (slow)
     assert main(["export", str(checkpoint), "--out", str(out), "--json", "--calibration-samples", "64",
-                 *FAST]) == 0
+                 "--formats", *formats, *FAST]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert sorted(p.name for p in out.iterdir()) == ["digits.int8.onnx", "digits.int8.ort", "digits.onnx",
                                                      "digits.ort", "manifest.json"]
     by_format = {row["format"]: row for row in rows}
-    assert set(by_format) == {"onnx", "onnx_int8", "ort", "ort_int8"}
-    for row in rows:
-        assert row["torch_test_accuracy"] == pytest.approx(torch_accuracy)
-    # FP32 files agree with PyTorch; INT8 accuracy is the runtime's own (it differs from PyTorch's somewhere).
-    assert by_format["onnx"]["top1_agreement"] == 1.0 and by_format["ort"]["top1_agreement"] == 1.0
-    assert by_format["onnx"]["test_accuracy"] == pytest.approx(torch_accuracy)
-    assert by_format["onnx_int8"]["max_abs_diff"] > 1e-4
+    assert set(by_format) == set(formats)
+    _check_rows(by_format, torch_accuracy)
 
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["preprocessing"]["dataset"] == "digits"
@@ -95,14 +92,49 @@ def test_export_command_writes_verified_artifacts_and_a_manifest_whose_hashes_ma
     for entry in manifest["artifacts"]:
         file = out / entry["file"]
         assert entry["sha256"] == sha256_of(file) and entry["size_bytes"] == file.stat().st_size
-        assert entry["input"] == {"name": "input", "dtype": "float32", "layout": "NCHW",
-                                  "shape": ["batch", *data.input_shape]}
-        assert entry["output"]["shape"] == ["batch", data.num_classes]
+        _check_entry(entry, out, data)
     assert check_manifest(out / "manifest.json") == []
     content = bytearray((out / "digits.ort").read_bytes())
     content[len(content) // 2] ^= 0xFF  # one flipped byte, same size
     (out / "digits.ort").write_bytes(bytes(content))
     assert check_manifest(out / "manifest.json") == ["digits.ort: changed since the manifest was written"]
+
+
+def _check_rows(by_format: dict[str, dict], torch_accuracy: float) -> None:
+    """FP32 files agree with PyTorch; INT8 accuracy is the runtime's own (its logits differ from PyTorch's)."""
+    for fmt, row in by_format.items():
+        assert row["torch_test_accuracy"] == pytest.approx(torch_accuracy)
+        if "int8" in fmt:
+            assert row["max_abs_diff"] > 1e-4 and row["test_accuracy"] > torch_accuracy - 0.05
+        else:
+            assert row["top1_agreement"] == 1.0 and row["max_abs_diff"] < 1e-3
+            assert row["test_accuracy"] == pytest.approx(torch_accuracy)
+
+
+def _check_entry(entry: dict, folder: Path, data) -> None:
+    file = folder / entry["file"]
+    assert entry["sha256"] == sha256_of(file) and entry["size_bytes"] == file.stat().st_size
+    batch = 1 if entry["format"].startswith("pte") else "batch"  # ExecuTorch programs: a fixed batch of 1
+    assert entry["input"] == {"name": "input", "dtype": "float32", "layout": "NCHW",
+                              "shape": [batch, *data.input_shape]}
+    assert entry["output"]["shape"] == [batch, data.num_classes]
+
+
+@pytest.mark.slow  # ExecuTorch's first lowering in a process takes tens of seconds, ResNet-20's INT8 more
+@pytest.mark.skipif(not executorch_installed(), reason="ExecuTorch (the optional extra) is not installed")
+def test_executorch_programs_run_on_executorch_with_their_own_accuracy(data, trained, tmp_path, capsys) -> None:
+    checkpoint, torch_accuracy = trained
+    out = tmp_path / "pte"
+    assert main(["export", str(checkpoint), "--out", str(out), "--json", "--calibration-samples", "32",
+                 "--formats", "pte", "pte_int8", *FAST]) == 0
+    by_format = {row["format"]: row for row in json.loads(capsys.readouterr().out)}
+    assert set(by_format) == {"onnx", "pte", "pte_int8"}  # the FP32 ONNX file is always written
+    _check_rows(by_format, torch_accuracy)
+    assert by_format["pte_int8"]["size_bytes"] < 0.5 * by_format["pte"]["size_bytes"]
+    for entry in json.loads((out / "manifest.json").read_text())["artifacts"]:
+        _check_entry(entry, out, data)
+    assert main(["verify", str(out / "digits.int8.pte"), "--checkpoint", str(checkpoint), *FAST]) == 0
+    assert "digits.int8.pte [pte_int8]: test accuracy" in capsys.readouterr().out
 
 
 def _break_classifier(source: Path, target: Path) -> Path:

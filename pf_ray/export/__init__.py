@@ -1,5 +1,6 @@
-"""Deployable artifacts: FP32 ONNX, INT8 QDQ ONNX, both again in ONNX Runtime Mobile's ``.ort`` format, a
-manifest, and their verification on the runtime.
+"""Deployable artifacts: FP32 ONNX, INT8 QDQ ONNX, both again in ONNX Runtime Mobile's ``.ort`` format,
+ExecuTorch ``.pte`` programs (FP32 and INT8, XNNPACK; optional extra), a manifest, and their verification on
+each file's own runtime.
 
 Every format is registered in ``EXPORTERS`` under its ``ExportConfig.formats`` name. An exporter is called as
 ``exporter(model, data, config, out_dir, stem, artifacts)``, where ``artifacts`` holds the files already written
@@ -15,6 +16,7 @@ from torch import nn
 
 from pf_ray.config import ExportConfig
 from pf_ray.data import DataBundle
+from pf_ray.export.executorch_pte import export_pte
 from pf_ray.export.int8 import CalibrationMethod, quantize_onnx_int8
 from pf_ray.export.onnx import export_onnx
 from pf_ray.export.ort_format import convert_to_ort
@@ -35,6 +37,7 @@ __all__ = [
     "CalibrationMethod",
     "agreement",
     "convert_to_ort",
+    "export_pte",
     "export_all",
     "export_onnx",
     "measure_latency",
@@ -122,3 +125,28 @@ def _export_ort_int8(
     with tempfile.TemporaryDirectory(prefix="pf_ray_export_") as work:
         int8_path = _export_int8(model, data, config, Path(work), stem, artifacts)
         return convert_to_ort(int8_path, out_dir / f"{stem}.int8.ort")
+
+
+@EXPORTERS.register("pte", suffix=".pte")
+def _export_pte(
+    model: nn.Module,
+    data: DataBundle,
+    config: ExportConfig,
+    out_dir: Path,
+    stem: str,
+    artifacts: dict[str, Path],
+) -> Path:
+    return export_pte(model, data.input_shape, out_dir / f"{stem}.pte")
+
+
+@EXPORTERS.register("pte_int8", suffix=".int8.pte")
+def _export_pte_int8(
+    model: nn.Module,
+    data: DataBundle,
+    config: ExportConfig,
+    out_dir: Path,
+    stem: str,
+    artifacts: dict[str, Path],
+) -> Path:
+    calibration = dataset_inputs(data.train, limit=config.calibration_samples)  # the same images as ONNX INT8
+    return export_pte(model, data.input_shape, out_dir / f"{stem}.int8.pte", calibration=calibration)

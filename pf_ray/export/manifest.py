@@ -24,14 +24,16 @@ RUNTIMES = {
     "onnx_int8": "ONNX Runtime (any platform), INT8 QDQ: int8 weights, uint8 activations",
     "ort": "ONNX Runtime Mobile (Android, iOS; also desktop ONNX Runtime), FP32",
     "ort_int8": "ONNX Runtime Mobile (Android, iOS; also desktop ONNX Runtime), INT8 QDQ",
+    "pte": "ExecuTorch with the XNNPACK delegate, FP32, batch 1",
+    "pte_int8": "ExecuTorch with the XNNPACK delegate, INT8 (int8 weights per channel, int8 activations), batch 1",
 }
 
 
 def artifact_entry(path: Path, *, format_name: str, model: str, verified: dict[str, Any] | None = None) -> dict:
     """One manifest row; input and output names are read from the file itself."""
-    from pf_ray.export.verify import onnx_session
+    from pf_ray.export.verify import open_session
 
-    session = onnx_session(path, threads=1)
+    session = open_session(path, threads=1)
     inputs, outputs = session.get_inputs(), session.get_outputs()
     return {
         "file": path.name,

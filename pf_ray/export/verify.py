@@ -26,7 +26,8 @@ P95_MS = "p95_ms"
 MEAN_MS = "mean_ms"
 
 # Artifact formats by file-name ending (the longest ending first).
-_FORMAT_SUFFIXES = ((".int8.onnx", "onnx_int8"), (".int8.ort", "ort_int8"), (".onnx", "onnx"), (".ort", "ort"))
+_FORMAT_SUFFIXES = ((".int8.onnx", "onnx_int8"), (".int8.ort", "ort_int8"), (".int8.pte", "pte_int8"),
+                    (".onnx", "onnx"), (".ort", "ort"), (".pte", "pte"))
 
 
 def onnx_session(path: str | Path, threads: int = 1) -> ort.InferenceSession:
@@ -42,6 +43,15 @@ def onnx_session(path: str | Path, threads: int = 1) -> ort.InferenceSession:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as error:  # onnxruntime's own exception types (Fail, InvalidGraph, NoSuchFile, ...)
         raise ExportError(f"ONNX Runtime cannot load {str(path)!r}: {error}") from error
+
+
+def open_session(path: str | Path, threads: int = 1) -> Any:
+    """The file's own runtime: ExecuTorch for ``.pte``, ONNX Runtime for ``.onnx`` and ``.ort``."""
+    if Path(path).suffix == ".pte":
+        from pf_ray.export.executorch_pte import PteSession
+
+        return PteSession(path, threads=threads)
+    return onnx_session(path, threads=threads)
 
 
 def runtime_accuracy(session: ort.InferenceSession, dataset: Dataset, batch_size: int = 256) -> float:
@@ -119,7 +129,7 @@ class ArtifactReport:
     """What one exported file is: its size and how it behaves on its runtime."""
 
     path: Path
-    format: str  # an EXPORTERS name: "onnx", "onnx_int8", "ort" or "ort_int8"
+    format: str  # an EXPORTERS name: "onnx", "onnx_int8", "ort", "ort_int8", "pte" or "pte_int8"
     size_bytes: int
     test_accuracy: float  # top-1 on the test set, computed by the runtime
     top1_agreement: float | None  # with the PyTorch model, on the reference inputs (None: no model given)
@@ -150,12 +160,12 @@ def verify_artifact(
     reference_inputs: torch.Tensor | None = None,
     format_name: str | None = None,
 ) -> ArtifactReport:
-    """Run an ONNX or ORT-format artifact in ONNX Runtime: its test accuracy, parity with ``model``, latency, size.
+    """Run an artifact on its own runtime: its test accuracy, parity with ``model``, latency, size.
 
     The numbers are reported, not judged: the caller decides what accuracy loss or slowdown is acceptable.
 
     Args:
-        path: the ``.onnx``, ``.int8.onnx``, ``.ort`` or ``.int8.ort`` file.
+        path: a ``.onnx``, ``.ort`` or ``.pte`` file (``.int8.`` before the suffix for INT8).
         model: the PyTorch model it was exported from (the reference for parity); None skips the parity check.
         data: test accuracy is measured on ``data.test``; latency on inputs of ``data.input_shape``.
         threads: ONNX Runtime intra-op threads.
@@ -167,7 +177,7 @@ def verify_artifact(
     path = Path(path)
     if not path.is_file():
         raise ExportError(f"artifact {str(path)!r} does not exist")
-    session = onnx_session(path, threads=threads)
+    session = open_session(path, threads=threads)
     if model is None:
         parity = {TOP1_AGREEMENT: None, MAX_ABS_DIFF: None}
     else:

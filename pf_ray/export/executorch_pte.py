@@ -1,0 +1,136 @@
+"""ExecuTorch programs (``.pte``) with the XNNPACK delegate: what an Android/iOS app built on PyTorch runs.
+
+FP32: ``torch.export`` -> ``to_edge_transform_and_lower`` with the ``XnnpackPartitioner`` -> ``.pte``.
+INT8: the same after PyTorch 2 export quantization (pt2e) with XNNPACK's quantizer: int8 weights per output
+channel, int8 activations calibrated on training images (post-training; a learner that trains with fake
+quantization hands over an already-quantized graph instead).
+
+The program has a fixed batch of 1 (phones infer one image at a time). ``PteSession`` runs a ``.pte`` through
+ExecuTorch's own runtime with the small part of ONNX Runtime's session interface that verification uses; a
+batch of N images runs as N calls. ExecuTorch is an optional extra (``pip install 'pf-ray[executorch]'``);
+without it the formats ``pte`` / ``pte_int8`` are refused when the config is read.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pf_ray.errors import ExportError
+from pf_ray.export.onnx import eval_on_cpu
+
+PTE_BATCH = 1
+INSTALL_HINT = "pip install 'pf-ray[executorch]' (ExecuTorch 1.5)"
+
+
+def executorch_available() -> bool:
+    return importlib.util.find_spec("executorch") is not None
+
+
+def _require_executorch() -> None:
+    if not executorch_available():
+        raise ExportError(f"the .pte formats need ExecuTorch, which is not installed: {INSTALL_HINT}")
+
+
+def export_pte(model: nn.Module, input_shape: tuple[int, ...], path: str | Path, *,
+               calibration: torch.Tensor | None = None, batch_size: int = PTE_BATCH) -> Path:
+    """Write ``model`` as an XNNPACK-delegated ExecuTorch program; INT8 when ``calibration`` images are given.
+
+    ``batch_size`` fixes the program's batch (1 for phones; a larger one to measure throughput)."""
+    _require_executorch()
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    path = Path(path)
+    example = (torch.zeros(batch_size, *input_shape),)
+    with eval_on_cpu(model) as cpu_model, torch.no_grad():
+        try:
+            graph = torch.export.export(cpu_model, example)
+            if calibration is not None:
+                graph = torch.export.export(_quantized(graph.module(), calibration, batch_size), example)
+            program = to_edge_transform_and_lower(graph, partitioner=[XnnpackPartitioner()]).to_executorch()
+        except Exception as error:  # torch.export / ExecuTorch raise many types; all mean "cannot lower this"
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ExportError(f"ExecuTorch cannot lower {type(model).__name__} to {path.name}: {first}") from error
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(handle, "wb") as file:
+        file.write(program.buffer)
+    os.replace(temporary, path)
+    return path
+
+
+def _quantized(graph_module: torch.fx.GraphModule, calibration: torch.Tensor,
+               batch_size: int) -> torch.fx.GraphModule:
+    """pt2e post-training quantization for XNNPACK: symmetric int8, weights per output channel."""
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+        XNNPACKQuantizer,
+        get_symmetric_quantization_config,
+    )
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    quantizer = XNNPACKQuantizer()
+    quantizer.set_global(get_symmetric_quantization_config(is_per_channel=True))
+    prepared = prepare_pt2e(graph_module, quantizer)
+    for start in range(0, len(calibration), batch_size):  # the graph's batch is fixed
+        chunk = calibration[start : start + batch_size]
+        if len(chunk) < batch_size:  # a last, short chunk: repeat its images up to the batch
+            chunk = chunk.repeat(-(-batch_size // len(chunk)), 1, 1, 1)[:batch_size]
+        prepared(chunk)
+    return convert_pt2e(prepared)
+
+
+@dataclass(frozen=True)
+class _Input:
+    name: str
+    shape: list[Any]
+
+
+class PteSession:
+    """A ``.pte`` run by ExecuTorch's runtime, looking enough like an ONNX Runtime session for verification."""
+
+    def __init__(self, path: str | Path, threads: int = 1) -> None:
+        _require_executorch()
+        from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+        from executorch.runtime import Runtime
+
+        path = Path(path)
+        if not path.is_file():
+            raise ExportError(f"artifact {str(path)!r} does not exist")
+        _unsafe_reset_threadpool(threads)  # XNNPACK's pool is process-wide: set it for this measurement
+        try:
+            self._method = Runtime.get().load_program(path).load_method("forward")
+        except Exception as error:
+            raise ExportError(f"ExecuTorch cannot load {str(path)!r}: {error}") from error
+        meta = self._method.metadata
+        shapes = [list(meta.input_tensor_meta(i).sizes()) for i in range(meta.num_inputs())]
+        outputs = [list(meta.output_tensor_meta(i).sizes()) for i in range(meta.num_outputs())]
+        self._batch = shapes[0][0]  # the program's fixed batch
+        self._inputs = [_Input("input", [*shape]) for shape in shapes]
+        self._outputs = [_Input("logits", [*shape]) for shape in outputs]
+
+    def get_inputs(self) -> list[_Input]:
+        return self._inputs
+
+    def get_outputs(self) -> list[_Input]:
+        return self._outputs
+
+    def run(self, output_names: Any, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Outputs for a batch of any size: the fixed-batch program is called once per chunk of its batch size
+        (a last, shorter chunk is padded with zeros and the padding's outputs dropped)."""
+        (inputs,) = feed.values()
+        tensor = torch.from_numpy(np.ascontiguousarray(inputs, dtype=np.float32))
+        outputs = []
+        for start in range(0, len(tensor), self._batch):
+            chunk = tensor[start : start + self._batch]
+            padded = torch.cat([chunk, chunk.new_zeros(self._batch - len(chunk), *chunk.shape[1:])])
+            outputs.append(self._method.execute([padded])[0][: len(chunk)])
+        return [torch.cat(outputs).numpy()]
