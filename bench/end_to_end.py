@@ -133,10 +133,10 @@ def _measure(artifacts, models, data, args) -> list[dict[str, Any]]:
                 batched = measure_latency(open_session(entry["throughput_path"], threads), data.input_shape,
                                           THROUGHPUT_BATCH, repeats=max(10, args.repeats // 10))
                 row["throughput_b32"][str(threads)].append(1000.0 * THROUGHPUT_BATCH / batched["median_ms"])
-    for row in rows.values():  # the median over rounds
-        for per_threads in row["latency_b1"].values():
-            for key, values in per_threads.items():
-                per_threads[key] = statistics.median(values)
+    for row in rows.values():  # the median over rounds; each round's figure is kept too
+        row["rounds"] = {"latency_b1": row["latency_b1"], "throughput_b32": row["throughput_b32"]}
+        row["latency_b1"] = {t: {key: statistics.median(values) for key, values in per_threads.items()}
+                             for t, per_threads in row["latency_b1"].items()}
         row["throughput_b32"] = {t: statistics.median(v) for t, v in row["throughput_b32"].items()}
     return list(rows.values())
 

@@ -348,8 +348,9 @@ def _blocks(record: RunRecord, figures: dict[str, bytes]) -> list[Block]:
     if record.finished:
         took = f" in {record.seconds:.0f} s" if _number(record.seconds) is not None else ""
         blocks += [("h2", "Baseline vs compressed"),
-                   ("p", f"The run finished{took}. Accuracy and latency are measured by ONNX Runtime on each "
-                         "exported file; speed-up is against the baseline FP32 ONNX model."),
+                   ("p", f"The run finished{took}. Accuracy and latency are measured on each file's own runtime "
+                         "(ONNX Runtime for .onnx/.ort, ExecuTorch for .pte); speed-up is against the baseline "
+                         "FP32 ONNX model. Latency depends on the machine that measured it."),
                    ("table", *_artifact_table(record.artifacts))]
         blocks += [("warn", f"Accuracy guard failed: {failure}") for failure in record.guard_failures]
     else:
