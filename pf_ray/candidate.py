@@ -26,6 +26,9 @@ from pf_ray.train import ACCURACY, Report, evaluate, fit, subset
 SCORE = "score"  # what searchers and ASHA maximise (search.reward applied to the search.scoring accuracy)
 PROXY_ACCURACY = "proxy_accuracy"  # validation accuracy right after compression, before any fine-tuning
 MACS = "macs"
+LATENCY_MS = "latency_ms"  # batch-1 ONNX Runtime latency on the trial's node (search.reward: latency)
+LATENCY_RATIO = "latency_ratio"  # candidate latency / (target_macs_ratio * baseline latency), same node
+LATENCY_EXPONENT = -0.07  # MnasNet's soft-constraint exponent: 2x over the target costs 5% of the reward
 PARAMS = "params"
 MACS_RATIO = "macs_ratio"  # candidate MACs / baseline MACs
 LAYER_VALUES = "layer_values"  # the projected per-layer vector the learner used (e.g. keep ratios)
@@ -149,16 +152,28 @@ def compress(experiment: ExperimentConfig, baseline: nn.Module, data: DataBundle
     space_field = getattr(learner_config, "layer_keep_ratios", None)
     if space_field:
         static[LAYER_VALUES] = list(space_field)
+    if experiment.search.reward is Reward.LATENCY:
+        from pf_ray.export.latency import latency_ms
+
+        static[LATENCY_MS] = latency_ms(model, data.input_shape)
+        target = experiment.search.target_macs_ratio * latency_ms(baseline, data.input_shape)
+        static[LATENCY_RATIO] = static[LATENCY_MS] / target
     # The fast proxy (PocketFlow's reward): accuracy right after compression, before any fine-tuning.
     static[PROXY_ACCURACY] = evaluate(model, subset(data.validation, experiment.search.validation_subset))[ACCURACY]
     return Candidate(model, learner, learner_config, static)
 
 
-def score(accuracy: float, macs: int, reward: Reward) -> float:
-    """The number searchers maximise. AMC's reward is -error * ln(MACs): with MACs fixed by the budget it
-    ranks like accuracy, but it lets a candidate under budget trade accuracy for fewer MACs."""
+def score(accuracy: float, static: dict[str, Any], reward: Reward) -> float:
+    """The number searchers maximise, from an accuracy and the candidate's static metrics.
+
+    AMC's reward is -error * ln(MACs): with MACs fixed by the budget it ranks like accuracy, but it lets a
+    candidate under budget trade accuracy for fewer MACs. The latency reward multiplies accuracy by
+    (latency / target) ** -0.07, so between candidates of equal MACs the one faster on the runtime wins.
+    """
     if reward is Reward.AMC:
-        return -(1.0 - accuracy) * math.log(max(macs, 1))
+        return -(1.0 - accuracy) * math.log(max(static[MACS], 1))
+    if reward is Reward.LATENCY:
+        return accuracy * static[LATENCY_RATIO] ** LATENCY_EXPONENT
     return accuracy
 
 
@@ -178,8 +193,8 @@ def fine_tune(candidate: Candidate, data: DataBundle, train_config: TrainConfig,
 
     def report_with_static(metrics: dict[str, Any]) -> None:
         if report is not None:
-            macs = candidate.static_metrics[MACS]
-            report({**metrics, **candidate.static_metrics, SCORE: score(metrics[ACCURACY], macs, reward)})
+            static = candidate.static_metrics
+            report({**metrics, **static, SCORE: score(metrics[ACCURACY], static, reward)})
 
     fit(trained, data.train, train_config, validation_set=subset(data.validation, validation_subset),
         on_step=candidate.learner.on_step, report=report_with_static, seed=seed, distributed=distributed,

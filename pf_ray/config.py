@@ -192,6 +192,9 @@ class Scoring(enum.StrEnum):
 class Reward(enum.StrEnum):
     ACCURACY = "accuracy"  # the score is the accuracy itself
     AMC = "amc"  # -(1 - accuracy) * ln(MACs) (He et al., AMC, ECCV 2018): trades accuracy against MACs
+    # accuracy * (latency / target)^-0.07 (MnasNet's soft constraint, Tan et al., CVPR 2019), latency measured
+    # in ONNX Runtime on the trial's node, target = target_macs_ratio * the baseline's latency there
+    LATENCY = "latency"
 
 
 @dataclass(frozen=True)

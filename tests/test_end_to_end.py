@@ -58,7 +58,7 @@ def test_compress_writes_verified_artifacts_and_results(ray_session, tmp_path, c
         assert artifact["latency"]["1"]["median_ms"] > 0
     assert results["accuracy_guard"] == {"max_accuracy_drop": 0.02, "failures": []}
     report = (run / "report.md").read_text()
-    assert "compressed.int8.ort" in report and (run / "report.html").stat().st_size > 10_000
+    assert "| compressed ort_int8 |" in report and (run / "report.html").stat().st_size > 10_000
     fp32 = artifacts[("compressed", "onnx")]
     assert fp32["top1_agreement"] == 1.0 and fp32["max_abs_diff"] < 1e-3
     assert artifacts[("compressed", "onnx")]["size_bytes"] < artifacts[("baseline", "onnx")]["size_bytes"]

@@ -63,3 +63,15 @@ def test_evaluate_counts_correct_predictions():
     assert result[ACCURACY] == pytest.approx(0.7)
     expected_loss = torch.nn.functional.cross_entropy(torch.tensor([[0.0, 1.0]] * 10), labels).item()
     assert result[LOSS] == pytest.approx(expected_loss)
+
+
+def test_a_log_gets_progress_lines_within_an_epoch(monkeypatch):
+    import pf_ray.train as train
+
+    monkeypatch.setattr(train, "PROGRESS_SECONDS", 0.0)  # a progress line after every step
+    lines: list[str] = []
+    fit(_tiny_model(), _linearly_separable(128), TrainConfig(epochs=1, batch_size=32), log=lines.append)
+    progress = [line for line in lines if "steps)" in line]
+    assert [line.split(": ")[1].split(" (")[0] for line in progress] == ["25%", "50%", "75%", "100%"]
+    assert "(4/4 steps), loss " in progress[-1]
+    assert lines[-1].startswith("  epoch 1/1: epoch 1, loss ")  # the epoch's summary comes last

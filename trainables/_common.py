@@ -16,7 +16,6 @@ from typing import Any
 import torch
 
 from pf_ray.candidate import (
-    MACS,
     PROXY_ACCURACY,
     SCORE,
     Candidate,
@@ -57,7 +56,7 @@ def run_trial(learner_name: str, config: dict[str, Any], *, experiment: dict[str
         if spec.search.scoring is Scoring.PROXY:  # no fine-tuning: one report, the proxy is the accuracy
             proxy = candidate.static_metrics[PROXY_ACCURACY]
             tune.report({EPOCH: 1, ACCURACY: proxy, **candidate.static_metrics,
-                         SCORE: score(proxy, candidate.static_metrics[MACS], spec.search.reward)})
+                         SCORE: score(proxy, candidate.static_metrics, spec.search.reward)})
             return
         fine_tune(candidate, data, spec.search.fine_tune, validation_subset=spec.search.validation_subset,
                   report=tune.report, reward=spec.search.reward, seed=spec.seed)
