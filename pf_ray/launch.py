@@ -281,7 +281,8 @@ def run_search(config: ExperimentConfig, space: PerLayerSpace, baseline_path: Pa
             EPOCH: metrics.get(EPOCH, 0),
             MACS_RATIO: metrics.get(MACS_RATIO),
             "macs": metrics.get("macs"),
-            "latency_ms": metrics.get("latency_ms"),  # search.reward latency only
+            "latency_ms": metrics.get("latency_ms"),  # these two with search.reward latency only
+            "latency_ratio": metrics.get("latency_ratio"),
             "params": metrics.get("params"),
             "error": None if result.error is None else f"{type(result.error).__name__}: {result.error}"[:500],
             "timestamp": metrics.get("timestamp"),  # when its last result came (orders the report's progress plot)

@@ -114,3 +114,20 @@ def test_proxy_scoring_runs_no_fine_tuning_and_amc_reward(ray_session, baseline,
     for trial in trials:
         assert trial[EPOCH] == 1 and trial[ACCURACY] == trial[PROXY_ACCURACY]
         assert trial[SCORE] == pytest.approx(-(1 - trial[ACCURACY]) * math.log(trial["macs"]))
+
+
+def test_latency_reward_measures_each_candidate_on_its_node(ray_session, baseline, tmp_path):
+    """The trials (Ray workers started before this test) use the default cache, ~/.cache/pf_ray/latency; the
+    cache itself is tested in test_latency.py."""
+    from pf_ray.launch import run_search
+
+    config = from_dict(ExperimentConfig, {**TINY, "search": {**TINY["search"], "num_trials": 2,
+                                                             "scoring": "proxy", "reward": "latency"}})
+    data = load_data(config.dataset)
+    model = build_model(config.model, in_channels=data.input_shape[0], num_classes=data.num_classes)
+    trials = run_search(config, per_layer_space(config, model, data.input_shape), baseline, tmp_path / "run",
+                        log=lambda line: None)
+    assert len(trials) == 2
+    for trial in trials:
+        assert trial["error"] is None and trial["latency_ms"] > 0
+        assert trial[SCORE] == pytest.approx(trial[ACCURACY] * trial["latency_ratio"] ** -0.07)
