@@ -7,7 +7,8 @@ Run folder (``<storage.path>/<storage.name>``)::
 
     config.yaml            the resolved experiment (every default filled in)
     search/                the Ray Tune experiment (one folder per trial)
-    retrain/               the Ray Train run of the best candidate (checkpoints per epoch)
+    retrain/               the Ray Train run of the best candidate (checkpoints per epoch, progress.log,
+                           tensorboard/ with each epoch's metrics); search/<trial>/ has Tune's TensorBoard files
     artifacts/             compressed.pt; baseline and compressed as .onnx, .int8.onnx, .ort, .int8.ort;
                            manifest.json (sizes, SHA-256, inputs, preprocessing, verified figures)
     results.json           machine-readable summary: baseline, every trial, the choice, the artifacts
@@ -356,6 +357,7 @@ def retrain(config: ExperimentConfig, learner_config: Any, baseline_path: Path, 
             name="retrain",
             storage_path=str(run_dir),
             progress_file=str(progress),
+            tensorboard_dir=str(run_dir / "retrain" / "tensorboard"),
         )
     if result.error is not None:
         raise SearchError(f"retraining failed: {result.error}")

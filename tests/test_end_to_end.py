@@ -59,6 +59,9 @@ def test_compress_writes_verified_artifacts_and_results(ray_session, tmp_path, c
     assert results["accuracy_guard"] == {"max_accuracy_drop": 0.02, "failures": []}
     report = (run / "report.md").read_text()
     assert "| compressed ort_int8 |" in report and (run / "report.html").stat().st_size > 10_000
+    # TensorBoard: Tune's files per search trial, and the retrain's own (one scalar set per epoch).
+    assert list((run / "search").glob("*/events.out.tfevents.*"))
+    assert list((run / "retrain" / "tensorboard").glob("events.out.tfevents.*"))
     fp32 = artifacts[("compressed", "onnx")]
     assert fp32["top1_agreement"] == 1.0 and fp32["max_abs_diff"] < 1e-3
     assert artifacts[("compressed", "onnx")]["size_bytes"] < artifacts[("baseline", "onnx")]["size_bytes"]

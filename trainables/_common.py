@@ -93,13 +93,15 @@ def ray_train_fit(
     callbacks: list[Any] = (),
     max_failures: int = 2,
     progress_file: str | None = None,
+    tensorboard_dir: str | None = None,
 ):
     """Compress + fine-tune with a ``TorchTrainer`` of ``num_workers``; returns the ``ray.train.Result``.
 
     Resumes from the last checkpoint of the run ``(storage_path, name)`` if there is one, and retries a worker
     group that died (a lost node) up to ``max_failures`` times from its last checkpoint. ``progress_file``:
     rank 0 appends a line per epoch to it (on the driver's file system: local runs only), which the driver
-    follows to show progress without forwarding all of Ray's worker output.
+    follows to show progress without forwarding all of Ray's worker output. ``tensorboard_dir``: rank 0 writes
+    each epoch's metrics there as TensorBoard scalars (also the driver's file system).
     """
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -114,6 +116,7 @@ def ray_train_fit(
             "validation_subset": validation_subset,
             "cpus_per_worker": cpus_per_worker,
             "progress_file": progress_file,
+            "tensorboard_dir": tensorboard_dir,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=num_workers,
@@ -156,10 +159,21 @@ def _train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                                       expect_num_classes=data.num_classes)
         candidate = compress(spec, baseline, data, learner_config)
 
+    board = None
+    if loop_config.get("tensorboard_dir") and context.get_world_rank() == 0:
+        from tensorboardX import SummaryWriter  # Ray Tune's own TensorBoard writer, installed with ray[tune]
+
+        board = SummaryWriter(loop_config["tensorboard_dir"])
+
     def report(metrics: dict[str, Any]) -> None:
         # Every rank must call report; only rank 0 writes the (identical) model.
         with tempfile.TemporaryDirectory() as directory:
             saved = None
+            if board is not None:
+                for key, value in metrics.items():
+                    if isinstance(value, (int, float)) and key != EPOCH:
+                        board.add_scalar(f"retrain/{key}", value, global_step=metrics[EPOCH])
+                board.flush()
             if context.get_world_rank() == 0:
                 save_checkpoint(
                     os.path.join(directory, MODEL_FILE), candidate.model, model_config=spec.model,
@@ -175,6 +189,8 @@ def _train_loop_per_worker(loop_config: dict[str, Any]) -> None:
               report=report, reward=spec.search.reward, seed=spec.seed, wrap=ray.train.torch.prepare_model,
               distributed=distributed, device=ray.train.torch.get_device(), start_epoch=start_epoch,
               log=_progress_log(loop_config["progress_file"]) if context.get_world_rank() == 0 else None)
+    if board is not None:
+        board.close()
 
 
 def _progress_log(path: str | None):
