@@ -263,7 +263,7 @@ def run_search(config: ExperimentConfig, space: PerLayerSpace, baseline_path: Pa
             max_concurrent_trials=concurrency,
             trial_dirname_creator=lambda trial: trial.trial_id,
         ),
-        run_config=tune.RunConfig(name="search", storage_path=str(run_dir), verbose=0,
+        run_config=tune.RunConfig(name="search", storage_path=str(run_dir), verbose=1,
                                   callbacks=[_trial_log(log, max_epochs)],
                                   failure_config=tune.FailureConfig(max_failures=1)),
     )
