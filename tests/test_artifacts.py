@@ -76,7 +76,7 @@ def test_export_command_writes_verified_artifacts_and_a_manifest_whose_hashes_ma
                                                                                     capsys) -> None:
     checkpoint, torch_accuracy = trained
     out = tmp_path / "export"
-    formats = ["onnx", "onnx_int8", "ort", "ort_int8"]  # ExecuTorch's: test_executorch_programs (slow)
+    formats = ["onnx", "onnx_int8", "ort", "ort_int8"]  # ExecuTorch's: test_executorch_programs_...
     assert main(["export", str(checkpoint), "--out", str(out), "--json", "--calibration-samples", "64",
                  "--formats", *formats, *FAST]) == 0
     rows = json.loads(capsys.readouterr().out)
@@ -120,7 +120,7 @@ def _check_entry(entry: dict, folder: Path, data) -> None:
     assert entry["output"]["shape"] == [batch, data.num_classes]
 
 
-@pytest.mark.slow  # ExecuTorch's first lowering in a process takes tens of seconds, ResNet-20's INT8 more
+# About 40 s on 2 idle cores: ExecuTorch's first lowering in a process dominates.
 @pytest.mark.skipif(not executorch_installed(), reason="ExecuTorch (the optional extra) is not installed")
 def test_executorch_programs_run_on_executorch_with_their_own_accuracy(data, trained, tmp_path, capsys) -> None:
     checkpoint, torch_accuracy = trained
