@@ -18,7 +18,7 @@ from torch import nn
 from pf_ray.config import ExperimentConfig, Reward, TrainConfig
 from pf_ray.data import DataBundle
 from pf_ray.learners import build_learner
-from pf_ray.metrics import layer_table, model_stats
+from pf_ray.metrics import finite_number, layer_table, model_stats
 from pf_ray.ops.pruning import MacsTable, macs_table
 from pf_ray.train import ACCURACY, Report, evaluate, fit, subset
 
@@ -161,6 +161,15 @@ def compress(experiment: ExperimentConfig, baseline: nn.Module, data: DataBundle
     # The fast proxy (PocketFlow's reward): accuracy right after compression, before any fine-tuning.
     static[PROXY_ACCURACY] = evaluate(model, subset(data.validation, experiment.search.validation_subset))[ACCURACY]
     return Candidate(model, learner, learner_config, static)
+
+
+def best_trial(trials: list[dict[str, Any]], max_epochs: int) -> dict[str, Any] | None:
+    """The top-scoring trial record among those that ran every epoch (ASHA stopped the rest early), else among
+    all that reported a finite score; None if none did. Records are results.json's (``error``, ``score``,
+    ``epoch`` keys)."""
+    scored = [t for t in trials if not t.get("error") and finite_number(t.get(SCORE)) is not None]
+    complete = [t for t in scored if (finite_number(t.get("epoch")) or 0) >= max_epochs] or scored
+    return max(complete, key=lambda t: finite_number(t[SCORE]), default=None)
 
 
 def score(accuracy: float, static: dict[str, Any], reward: Reward) -> float:

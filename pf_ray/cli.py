@@ -140,8 +140,6 @@ def _export(args: argparse.Namespace) -> int:
     _print_rows(rows, args.json)
     failures = accuracy_guard(rows, export.max_accuracy_drop)
     if failures:
-        from pf_ray.errors import AccuracyGuardError
-
         raise AccuracyGuardError("; ".join(failures))
     return 0
 
@@ -150,7 +148,7 @@ def _verify(args: argparse.Namespace) -> int:
     from pf_ray.checkpoint import load_checkpoint, read_checkpoint
     from pf_ray.config import check_range
     from pf_ray.data import load_data
-    from pf_ray.errors import AccuracyGuardError, ConfigError
+    from pf_ray.errors import ConfigError
     from pf_ray.export.manifest import MANIFEST_FILE, check_manifest
     from pf_ray.export.verify import accuracy_guard, artifact_format, verify_artifact
     from pf_ray.train import ACCURACY, evaluate
@@ -162,7 +160,13 @@ def _verify(args: argparse.Namespace) -> int:
     for name in ("threads", "repeats"):
         check_range(f"--{name}", getattr(args, name), low=1)
     manifest_path = artifact.parent / MANIFEST_FILE
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
+    manifest = None
+    if manifest_path.is_file():
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise ConfigError(f"{manifest_path}: cannot be read as JSON ({error}); move it away or fix it") \
+                from None
     extra: dict[str, Any] = {}
     if args.checkpoint:
         info, _ = read_checkpoint(args.checkpoint)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
 import os
 import threading
 import time
@@ -33,7 +32,15 @@ from typing import Any
 import torch
 import yaml
 
-from pf_ray.candidate import MACS_RATIO, PROXY_ACCURACY, SCORE, PerLayerSpace, per_layer_space, project
+from pf_ray.candidate import (
+    MACS_RATIO,
+    PROXY_ACCURACY,
+    SCORE,
+    PerLayerSpace,
+    best_trial,
+    per_layer_space,
+    project,
+)
 from pf_ray.checkpoint import load_checkpoint, save_checkpoint
 from pf_ray.config import ExperimentConfig, Scoring, to_dict
 from pf_ray.data import DataBundle, load_data
@@ -297,13 +304,12 @@ def search_epochs(config: ExperimentConfig) -> int:
 
 
 def choose_best(trials: list[dict[str, Any]], max_epochs: int) -> dict[str, Any]:
-    """The best-scoring trial among those that finished every epoch (ASHA stopped the rest early)."""
-    finished = [t for t in trials if t["error"] is None and t[SCORE] is not None and not math.isnan(t[SCORE])]
-    if not finished:
+    """The best-scoring trial among those that finished every epoch (``best_trial``); SearchError if none scored."""
+    best = best_trial(trials, max_epochs)
+    if best is None:
         errors = [t["error"] for t in trials if t["error"]]
         raise SearchError(f"every trial failed; first error: {errors[0] if errors else 'no metrics reported'}")
-    complete = [t for t in finished if t[EPOCH] >= max_epochs] or finished
-    return max(complete, key=lambda t: t[SCORE])
+    return best
 
 
 @contextlib.contextmanager

@@ -13,7 +13,9 @@ One definition, used everywhere in pf-ray:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -127,3 +129,13 @@ def _describe(name: str, module: nn.Module, output: torch.Tensor) -> LayerInfo:
         macs=int(macs),
         params=params,
     )
+
+
+def finite_number(value: Any) -> float | None:
+    """``value`` as a finite float, or None for a missing, non-numeric, NaN or infinite one (what a failed or
+    diverged trial reports): the one rule by which searchers, the best-trial choice and the report read scores."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None

@@ -11,7 +11,6 @@ import base64
 import html
 import io
 import json
-import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -20,7 +19,9 @@ from typing import Any
 
 import yaml
 
+from pf_ray.candidate import best_trial
 from pf_ray.errors import ConfigError, PfRayError
+from pf_ray.metrics import finite_number
 
 FILES_DIR = "report_files"  # the PNGs report.md links to (report.html embeds them)
 # What an interrupted run keeps of a trial's last result.json line: results.json's trial keys, plus latency.
@@ -73,7 +74,7 @@ def load_run(run_dir: str | Path) -> RunRecord:
     results_path = run_dir / "results.json"
     if not results_path.is_file():
         trials, names = _trials_from_tune(run_dir / "search")
-        best = _best(trials, _max_epochs(config))
+        best = best_trial(trials, _max_epochs(config))
         chosen = (best or {}).get("layer_values") or (best or {}).get("proposal") or []
         return RunRecord(run_dir, False, config, config_text, command, _ordered(trials), best, names,
                          [float(v) for v in chosen])
@@ -146,25 +147,16 @@ def _trials_from_tune(search_dir: Path) -> tuple[list[dict[str, Any]], list[str]
         error = error_file.read_text().strip().splitlines()[-1:] if error_file.is_file() else []
         trial = {key: last.get(key) for key in TRIAL_KEYS}
         trial.update(trial_id=str(last.get("trial_id") or folder.name),
-                     proposal=[v for v in map(_number, (params[k] for k in keys)) if v is not None],
+                     proposal=[v for v in map(finite_number, (params[k] for k in keys)) if v is not None],
                      error=(error[0][:500] if error else None) or (None if lines else "no result reported"))
         trials.append(trial)
     return trials, names
 
 
-def _number(value: Any) -> float | None:
-    """A finite float, or None for missing, NaN and non-numbers (what a failed trial leaves)."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
-
-
 def _ordered(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """By timestamp when every trial has one; else by trial id (Tune numbers trials in creation order)."""
-    if trials and all(_number(t.get("timestamp")) is not None for t in trials):
-        return sorted(trials, key=lambda t: (_number(t["timestamp"]), str(t["trial_id"])))
+    if trials and all(finite_number(t.get("timestamp")) is not None for t in trials):
+        return sorted(trials, key=lambda t: (finite_number(t["timestamp"]), str(t["trial_id"])))
     return sorted(trials, key=lambda t: str(t["trial_id"]))
 
 
@@ -173,16 +165,9 @@ def _max_epochs(config: dict[str, Any]) -> int:
     return 1 if search.get("scoring") == "proxy" else int((search.get("fine_tune") or {}).get("epochs") or 1)
 
 
-def _best(trials: list[dict[str, Any]], max_epochs: int) -> dict[str, Any] | None:
-    """launch.choose_best's rule, without raising: the top score among trials that ran every epoch."""
-    scored = [t for t in trials if not t.get("error") and _number(t.get("score")) is not None]
-    complete = [t for t in scored if (_number(t.get("epoch")) or 0) >= max_epochs] or scored
-    return max(complete, key=lambda t: _number(t["score"]), default=None)
-
-
 def _accuracy(trial: dict[str, Any]) -> float | None:
-    value = _number(trial.get("accuracy"))
-    return value if value is not None else _number(trial.get("proxy_accuracy"))
+    value = finite_number(trial.get("accuracy"))
+    return value if value is not None else finite_number(trial.get("proxy_accuracy"))
 
 
 # Plots.
@@ -217,19 +202,19 @@ def _pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]
 
 def _pareto_png(record: RunRecord) -> bytes | None:
     axes_keys = [("macs_ratio", "MACs ratio (of the baseline)")]
-    if any(_number(t.get("latency_ms")) is not None for t in record.trials):
+    if any(finite_number(t.get("latency_ms")) is not None for t in record.trials):
         axes_keys.append(("latency_ms", "latency (ms)"))
     figure, axes = _figure(5.5 * len(axes_keys), 4.2, len(axes_keys))
     plotted = False
     for ax, (key, label) in zip(axes, axes_keys, strict=True):
-        points = [(_number(t.get(key)), _accuracy(t)) for t in record.trials]
+        points = [(finite_number(t.get(key)), _accuracy(t)) for t in record.trials]
         points = [(x, y) for x, y in points if x is not None and y is not None]
         if not points:
             continue
         plotted = True
         ax.scatter(*zip(*points, strict=True), s=22, color="0.55", label="trials")
         ax.step(*zip(*_pareto_front(points), strict=True), where="post", color="C0", label="Pareto front")
-        best_x = _number((record.best or {}).get(key))
+        best_x = finite_number((record.best or {}).get(key))
         best_y = _accuracy(record.best or {})
         if best_x is not None and best_y is not None:
             ax.scatter([best_x], [best_y], marker="*", s=220, color="C3", zorder=3,
@@ -267,7 +252,7 @@ def _layers_png(record: RunRecord) -> bytes:
 
 
 def _progress_png(record: RunRecord) -> bytes | None:
-    scores = [_number(t.get("score")) for t in record.trials]
+    scores = [finite_number(t.get("score")) for t in record.trials]
     points = [(i + 1, s) for i, s in enumerate(scores) if s is not None]
     if not points:
         return None
@@ -298,12 +283,12 @@ def _figures(record: RunRecord) -> dict[str, bytes]:
 
 
 def _fmt(value: Any, pattern: str = "{:.4f}", scale: float = 1.0) -> str:
-    number = _number(value)
+    number = finite_number(value)
     return "-" if number is None else pattern.format(number * scale)
 
 
 def _size(num_bytes: Any) -> str:
-    number = _number(num_bytes)
+    number = finite_number(num_bytes)
     if number is None:
         return "-"
     return f"{number / 2**20:.2f} MiB" if number >= 2**20 else f"{number / 1024:.1f} KiB"
@@ -322,8 +307,8 @@ def _artifact_table(artifacts: list[dict[str, Any]]) -> tuple[list[str], list[li
                  _fmt(row.get("params"), "{:.1f}k", 1e-3), _size(row.get("size_bytes"))]
         for batch in batches:
             stats = (row.get("latency") or {}).get(batch) or {}
-            base = _number(((reference or {}).get("latency") or {}).get(batch, {}).get("median_ms"))
-            median = _number(stats.get("median_ms"))
+            base = finite_number(((reference or {}).get("latency") or {}).get(batch, {}).get("median_ms"))
+            median = finite_number(stats.get("median_ms"))
             cells += [f"{_fmt(median, '{:.3f}')} / {_fmt(stats.get('p95_ms'), '{:.3f}')} ms",
                       f"{base / median:.2f}x" if base and median else "-"]
         rows.append(cells)
@@ -346,7 +331,7 @@ def _blocks(record: RunRecord, figures: dict[str, bytes]) -> list[Block]:
     run_name = (record.config.get("storage") or {}).get("name") or record.run_dir.name
     blocks: list[Block] = [("h1", f"pf-ray run report: {run_name}")]
     if record.finished:
-        took = f" in {record.seconds:.0f} s" if _number(record.seconds) is not None else ""
+        took = f" in {record.seconds:.0f} s" if finite_number(record.seconds) is not None else ""
         blocks += [("h2", "Baseline vs compressed"),
                    ("p", f"The run finished{took}. Accuracy and latency are measured on each file's own runtime "
                          "(ONNX Runtime for .onnx/.ort, ExecuTorch for .pte); speed-up is against the baseline "

@@ -23,6 +23,7 @@ from sklearn.gaussian_process.kernels import Matern
 from threadpoolctl import threadpool_limits
 
 from pf_ray.candidate import PerLayerSpace
+from pf_ray.metrics import finite_number
 from search_algs.spaces import check_state_header, state_header, uniform_starting_point
 
 logger = logging.getLogger(__name__)
@@ -157,7 +158,7 @@ class GPSearcher(Searcher):
         if error:
             self.counts["errored"] += 1
             return
-        value = _finite_metric(result, self._metric)
+        value = finite_number((result or {}).get(self._metric))
         if value is None:
             self.counts["invalid_metric"] += 1
             logger.warning("GPSearcher: trial %s ended without a finite %r (got %r); not registered", trial_id,
@@ -280,12 +281,3 @@ def _check_mode(mode: str | None) -> None:
         raise ValueError(f"mode must be one of {MODES}, but got {mode!r}")
 
 
-def _finite_metric(result: dict | None, metric: str) -> float | None:
-    """The metric as a float, or None when it is missing, not a number, NaN or infinite."""
-    if not result or metric not in result:
-        return None
-    try:
-        value = float(result[metric])
-    except (TypeError, ValueError):
-        return None
-    return value if math.isfinite(value) else None

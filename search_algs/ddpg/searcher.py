@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
-import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ import torch
 from ray.tune.search import Searcher
 
 from pf_ray.candidate import PerLayerSpace
+from pf_ray.metrics import finite_number
 from search_algs.ddpg.agent import AgentConfig, DDPGAgent
 from search_algs.spaces import check_state_header, state_header
 
@@ -177,7 +177,7 @@ class DDPGSearcher(Searcher):
         if error:
             self.outcomes[trial_id] = Outcome.DROPPED_ERROR
             return
-        value = _finite(None if result is None else result.get(self._metric))
+        value = finite_number(None if result is None else result.get(self._metric))
         if value is None:
             self.outcomes[trial_id] = Outcome.DROPPED_INVALID
             logger.warning("DDPGSearcher: trial %s ended without a finite %r (got %r); not learned", trial_id,
@@ -293,7 +293,7 @@ class DDPGSearcher(Searcher):
         return self._max_epochs if self._max_epochs is not None else self._largest_epoch
 
     def _record(self, trial_id: str, result: dict) -> None:
-        value, epoch = _finite(result.get(self._metric)), result.get(EPOCH)
+        value, epoch = finite_number(result.get(self._metric)), result.get(EPOCH)
         if epoch is not None:
             self._largest_epoch = max(self._largest_epoch, int(epoch))
             if value is not None:
@@ -345,14 +345,6 @@ def _largest_within(budget: Any, low: float, high: float, *, head: Sequence[floa
         middle = 0.5 * (good + bad)
         good, bad = (middle, bad) if fits(middle) else (good, middle)
     return good
-
-
-def _finite(value: Any) -> float | None:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return None
-    return value if math.isfinite(value) else None
 
 
 def _check_mode(mode: str | None) -> None:
