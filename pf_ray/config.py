@@ -275,10 +275,12 @@ class SearchConfig:
     grace_period: int = 1  # ASHA: epochs every trial runs before it may be stopped
     reduction_factor: int = 2  # ASHA: keep the best 1/reduction_factor at each rung
     validation_subset: int | None = 2000  # validation examples used to score trials (None = all)
+    max_failures: int = 1  # retries of a trial that raised (a lost node, a crash) before it is recorded failed
     seed: int = 0
 
     def __post_init__(self) -> None:
         check_range("search.num_trials", self.num_trials, low=1)
+        check_range("search.max_failures", self.max_failures, low=0)
         check_range("search.target_macs_ratio", self.target_macs_ratio, low=0.0, high=1.0,
                     low_inclusive=False)
         check_range("search.grace_period", self.grace_period, low=1)
@@ -347,8 +349,14 @@ class ResourcesConfig:
     workers_per_trial: int = 1  # >1: fine-tune with a Ray Train TorchTrainer (DDP) inside the trial
     cpus_per_worker: int = 1
     use_gpu: bool = False
+    # A custom resource every trial driver requests (a sliver of it), so drivers run only on the nodes that
+    # offer it: the clusters/ YAMLs give it to the CPU head, never to preemptible GPU workers. None = anywhere.
+    driver_resource: str | None = None
 
     def __post_init__(self) -> None:
+        if self.driver_resource is not None and not self.driver_resource.replace("_", "").isalnum():
+            raise ConfigError(f"resources.driver_resource: {self.driver_resource!r} is not a resource name "
+                              f"(letters, digits and _)")
         if self.num_cpus is not None:
             check_range("resources.num_cpus", self.num_cpus, low=1)
         check_range("resources.cpus_per_trial", self.cpus_per_trial, low=1)

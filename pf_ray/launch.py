@@ -54,6 +54,9 @@ Log = Callable[[str], None]
 # A trial that runs a TorchTrainer only waits for its workers: it reserves a sliver of a CPU, so that the
 # workers' own CPUs (which Tune does not reserve for it) are what limits concurrency.
 TRAIN_DRIVER_CPUS = 0.25
+# What a trial driver takes of ``resources.driver_resource``: the clusters/ YAMLs give the head 1000 units, so
+# the custom resource places drivers without limiting how many run (the CPUs do that).
+DRIVER_RESOURCE_SHARE = 0.001
 
 
 @dataclass(frozen=True)
@@ -186,9 +189,13 @@ def trial_cost(config: ExperimentConfig) -> tuple[dict[str, float], float]:
     resources = config.resources
     if resources.workers_per_trial == 1:
         reserve = {"cpu": float(resources.cpus_per_trial), "gpu": 1.0 if resources.use_gpu else 0.0}
-        return reserve, float(resources.cpus_per_trial)
-    workers = resources.workers_per_trial * resources.cpus_per_worker
-    return {"cpu": TRAIN_DRIVER_CPUS}, TRAIN_DRIVER_CPUS + workers
+        cost = float(resources.cpus_per_trial)
+    else:
+        reserve = {"cpu": TRAIN_DRIVER_CPUS}
+        cost = TRAIN_DRIVER_CPUS + resources.workers_per_trial * resources.cpus_per_worker
+    if resources.driver_resource:  # pin trial drivers to the nodes offering it (the clusters/ YAMLs' head)
+        reserve[resources.driver_resource] = DRIVER_RESOURCE_SHARE  # a custom resource: a flat key
+    return reserve, cost
 
 
 def max_concurrent_trials(config: ExperimentConfig, cluster_cpus: float) -> int:
@@ -272,7 +279,7 @@ def run_search(config: ExperimentConfig, space: PerLayerSpace, baseline_path: Pa
         ),
         run_config=tune.RunConfig(name="search", storage_path=str(run_dir), verbose=1,
                                   callbacks=[_trial_log(log, max_epochs)],
-                                  failure_config=tune.FailureConfig(max_failures=1)),
+                                  failure_config=tune.FailureConfig(max_failures=search.max_failures)),
     )
     grid = tuner.fit()
     trials = []
