@@ -151,6 +151,7 @@ def _verify(args: argparse.Namespace) -> int:
     from pf_ray.errors import ConfigError
     from pf_ray.export.manifest import MANIFEST_FILE, check_manifest
     from pf_ray.export.verify import accuracy_guard, artifact_format, verify_artifact
+    from pf_ray.progress import progress_to
     from pf_ray.train import ACCURACY, evaluate
 
     artifact = Path(args.artifact)
@@ -180,8 +181,10 @@ def _verify(args: argparse.Namespace) -> int:
         changed = [p for p in check_manifest(manifest_path) if p.startswith(artifact.name + ":")]
         if changed:
             _stderr(f"warning: {changed[0]} ({manifest_path})")
-    report = verify_artifact(artifact, model=model, data=data, threads=args.threads,
-                             batch_sizes=tuple(args.batch_sizes), repeats=args.repeats, format_name=format_name)
+    with progress_to(_stderr):  # progress bars on stderr: stdout carries the table (or the JSON)
+        report = verify_artifact(artifact, model=model, data=data, threads=args.threads,
+                                 batch_sizes=tuple(args.batch_sizes), repeats=args.repeats,
+                                 format_name=format_name)
     row = {"model": artifact.name, **report.to_dict()}
     if model is not None:
         row["torch_test_accuracy"] = evaluate(model, data.test)[ACCURACY]

@@ -464,28 +464,32 @@ def export_and_verify(models: dict[str, torch.nn.Module], data: DataBundle, conf
     """Export each model in every configured format, verify each file on its runtime, write the manifest.
 
     Returns one row per artifact: the verification report plus the model's MACs, params and PyTorch accuracy.
+    Calibration and verification draw progress bars on ``log``.
     """
     from pf_ray.export import export_all
     from pf_ray.export.manifest import artifact_entry, preprocessing, write_manifest
     from pf_ray.export.verify import verify_artifact
+    from pf_ray.progress import progress_to
 
     rows, entries = [], []
-    for stem, net in models.items():
-        stats = model_stats(net, data.input_shape)
-        torch_accuracy = evaluate(net, data.test)[ACCURACY]
-        paths = export_all(net, data, config.export, artifacts_dir, stem=stem)
-        for fmt, path in paths.items():
-            log(f"verify: {path.name} ({fmt}) on {'ExecuTorch' if fmt.startswith('pte') else 'ONNX Runtime'}")
-            report = verify_artifact(path, model=net, data=data, threads=config.export.latency_threads,
-                                     batch_sizes=config.export.latency_batch_sizes,
-                                     repeats=config.export.latency_repeats,
-                                     reference_inputs=_reference_inputs(data), format_name=fmt)
-            row = {"model": stem, "format": fmt, "macs": stats.macs, "params": stats.params,
-                   "torch_test_accuracy": torch_accuracy, **report.to_dict()}
-            rows.append(row)
-            entries.append(artifact_entry(path, format_name=fmt, model=stem, verified={
-                key: row[key] for key in ("test_accuracy", "torch_test_accuracy", "top1_agreement",
-                                          "max_abs_diff", "latency")}))
+    with progress_to(log):
+        for stem, net in models.items():
+            stats = model_stats(net, data.input_shape)
+            torch_accuracy = evaluate(net, data.test)[ACCURACY]
+            paths = export_all(net, data, config.export, artifacts_dir, stem=stem)
+            for fmt, path in paths.items():
+                log(f"verify: {path.name} ({fmt}) on "
+                    f"{'ExecuTorch' if fmt.startswith('pte') else 'ONNX Runtime'}")
+                report = verify_artifact(path, model=net, data=data, threads=config.export.latency_threads,
+                                         batch_sizes=config.export.latency_batch_sizes,
+                                         repeats=config.export.latency_repeats,
+                                         reference_inputs=_reference_inputs(data), format_name=fmt)
+                row = {"model": stem, "format": fmt, "macs": stats.macs, "params": stats.params,
+                       "torch_test_accuracy": torch_accuracy, **report.to_dict()}
+                rows.append(row)
+                entries.append(artifact_entry(path, format_name=fmt, model=stem, verified={
+                    key: row[key] for key in ("test_accuracy", "torch_test_accuracy", "top1_agreement",
+                                              "max_abs_diff", "latency")}))
     manifest = write_manifest(artifacts_dir, entries, preprocessing_info=preprocessing(data, config.dataset.name))
     log(f"manifest: {manifest}")
     return rows

@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from pf_ray.config import TrainConfig
+from pf_ray.progress import ProgressBar
 
 # Metric keys: the same strings in trial results, results.json and reports.
 EPOCH = "epoch"
@@ -26,7 +27,7 @@ LOSS = "loss"  # mean training loss over the epoch
 TRAIN_ACCURACY = "train_accuracy"
 SECONDS = "epoch_seconds"
 
-PROGRESS_SECONDS = 15.0  # with a log: a progress line at most this often within an epoch
+PROGRESS_SECONDS = 15.0  # with a log: a progress-bar line at most this often within an epoch
 
 Report = Callable[[dict[str, Any]], None]
 
@@ -99,8 +100,9 @@ def fit(
         start_epoch: resume after this many finished epochs (the learning-rate schedule continues; the
             optimiser's momentum starts afresh).
         distributed: ``model`` is DDP-wrapped and a process group is up; shard data, all-reduce metrics.
-        log: receives a line per epoch, and within an epoch a progress line (percent, steps, running loss) at
-            most every ``PROGRESS_SECONDS`` (``print`` on the command line; None in trials).
+        log: receives a line per epoch, and within an epoch a progress bar (steps, running loss, ETA; a line at
+            most every ``PROGRESS_SECONDS``, redrawn in place on a terminal); ``print`` on the command line,
+            None in trials.
 
     Raises:
         FloatingPointError: the training loss became NaN or infinite (the trial fails with this reason).
@@ -121,9 +123,11 @@ def fit(
         if isinstance(loader.sampler, DistributedSampler):
             loader.sampler.set_epoch(epoch)
         model.train()
-        started = last_shown = time.perf_counter()
+        started = time.perf_counter()
         loss_sum = correct = seen = 0.0
-        for index, (inputs, labels) in enumerate(loader):
+        bar = ProgressBar(f"  epoch {epoch + 1}/{config.epochs}", steps_per_epoch, unit="steps", log=log,
+                          interval=PROGRESS_SECONDS)
+        for inputs, labels in loader:
             inputs, labels = inputs.to(device), labels.to(device)
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step)
@@ -141,11 +145,8 @@ def fit(
             loss_sum += loss.item() * labels.numel()
             correct += (logits.argmax(dim=1) == labels).sum().item()
             seen += labels.numel()
-            if log is not None and time.perf_counter() - last_shown >= PROGRESS_SECONDS:
-                last_shown = time.perf_counter()
-                log(f"  epoch {epoch + 1}/{config.epochs}: {100 * (index + 1) // steps_per_epoch}% "
-                    f"({index + 1}/{steps_per_epoch} steps), loss {loss_sum / seen:.4f}, "
-                    f"{last_shown - started:.0f} s")
+            bar.update(note=f"loss {loss_sum / seen:.4f}")
+        bar.close()
         loss_sum, correct, seen = _all_reduce_sum([loss_sum, correct, seen], distributed, device)
         metrics: dict[str, Any] = {
             EPOCH: epoch + 1,

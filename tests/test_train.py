@@ -65,13 +65,16 @@ def test_evaluate_counts_correct_predictions():
     assert result[LOSS] == pytest.approx(expected_loss)
 
 
-def test_a_log_gets_progress_lines_within_an_epoch(monkeypatch):
+def test_a_log_gets_a_progress_bar_within_an_epoch(monkeypatch):
     import pf_ray.train as train
 
-    monkeypatch.setattr(train, "PROGRESS_SECONDS", 0.0)  # a progress line after every step
+    monkeypatch.setattr(train, "PROGRESS_SECONDS", 0.0)  # a bar line after every step
     lines: list[str] = []
     fit(_tiny_model(), _linearly_separable(128), TrainConfig(epochs=1, batch_size=32), log=lines.append)
-    progress = [line for line in lines if "steps)" in line]
-    assert [line.split(": ")[1].split(" (")[0] for line in progress] == ["25%", "50%", "75%", "100%"]
-    assert "(4/4 steps), loss " in progress[-1]
+    bars = [line for line in lines if " steps, " in line]
+    # Three lines while the epoch runs (1, 2, 3 of 4 steps), then the closed bar at 100%.
+    assert [line.split("] ")[1].split("%")[0].strip() for line in bars] == ["25", "50", "75", "100"]
+    assert bars[0].startswith("  epoch 1/1 [#####...............]  25% 1/4 steps, ")
+    assert ", ETA " in bars[0] and ", loss " in bars[0]
+    assert bars[-1].startswith("  epoch 1/1 [####################] 100% 4/4 steps, ") and "ETA" not in bars[-1]
     assert lines[-1].startswith("  epoch 1/1: epoch 1, loss ")  # the epoch's summary comes last

@@ -26,6 +26,7 @@ from torch import nn
 
 from pf_ray.errors import ExportError
 from pf_ray.export.onnx import eval_on_cpu
+from pf_ray.progress import ProgressBar
 
 PTE_BATCH = 1
 INSTALL_HINT = "pip install 'pf-ray[executorch]' (ExecuTorch 1.5)"
@@ -55,7 +56,8 @@ def export_pte(model: nn.Module, input_shape: tuple[int, ...], path: str | Path,
         try:
             graph = torch.export.export(cpu_model, example)
             if calibration is not None:
-                graph = torch.export.export(_quantized(graph.module(), calibration, batch_size), example)
+                graph = torch.export.export(
+                    _quantized(graph.module(), calibration, batch_size, label=f"  calibrate {path.name}"), example)
             program = to_edge_transform_and_lower(graph, partitioner=[XnnpackPartitioner()]).to_executorch()
         except Exception as error:  # torch.export / ExecuTorch raise many types; all mean "cannot lower this"
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -69,7 +71,7 @@ def export_pte(model: nn.Module, input_shape: tuple[int, ...], path: str | Path,
 
 
 def _quantized(graph_module: torch.fx.GraphModule, calibration: torch.Tensor,
-               batch_size: int) -> torch.fx.GraphModule:
+               batch_size: int, *, label: str) -> torch.fx.GraphModule:
     """pt2e post-training quantization for XNNPACK: symmetric int8, weights per output channel."""
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
         XNNPACKQuantizer,
@@ -80,11 +82,13 @@ def _quantized(graph_module: torch.fx.GraphModule, calibration: torch.Tensor,
     quantizer = XNNPACKQuantizer()
     quantizer.set_global(get_symmetric_quantization_config(is_per_channel=True))
     prepared = prepare_pt2e(graph_module, quantizer)
-    for start in range(0, len(calibration), batch_size):  # the graph's batch is fixed
-        chunk = calibration[start : start + batch_size]
-        if len(chunk) < batch_size:  # a last, short chunk: repeat its images up to the batch
-            chunk = chunk.repeat(-(-batch_size // len(chunk)), 1, 1, 1)[:batch_size]
-        prepared(chunk)
+    with ProgressBar(label, -(-len(calibration) // batch_size), unit="batches") as bar:
+        for start in range(0, len(calibration), batch_size):  # the graph's batch is fixed
+            chunk = calibration[start : start + batch_size]
+            if len(chunk) < batch_size:  # a last, short chunk: repeat its images up to the batch
+                chunk = chunk.repeat(-(-batch_size // len(chunk)), 1, 1, 1)[:batch_size]
+            prepared(chunk)
+            bar.update()
     return convert_pt2e(prepared)
 
 

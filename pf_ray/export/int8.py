@@ -15,6 +15,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from pf_ray.errors import ExportError
 from pf_ray.export.onnx import atomic_output, check_onnx_file
+from pf_ray.progress import ProgressBar
 
 # Activations as unsigned 8-bit (QUInt8), weights as signed 8-bit per output channel (QInt8): "U8S8".
 # Measured on this project's AMD EPYC (AVX2, no VNNI), ONNX Runtime 1.32, one thread, ResNet-20 on 1x28x28,
@@ -76,7 +77,8 @@ def quantize_onnx_int8(
     if not fp32_path.is_file():
         raise ExportError(f"fp32_path: {str(fp32_path)!r} does not exist")
     input_name = onnx.load(str(fp32_path), load_external_data=False).graph.input[0].name
-    reader = _TensorReader(input_name, calibration.detach().cpu().float().numpy(), batch_size)
+    reader = _TensorReader(input_name, calibration.detach().cpu().float().numpy(), batch_size,
+                           label=f"  calibrate {int8_path.name}")
 
     with tempfile.TemporaryDirectory(prefix="pf_ray_int8_") as work, atomic_output(int8_path) as tmp_path:
         source = _preprocess(fp32_path, Path(work) / "preprocessed.onnx")
@@ -121,17 +123,20 @@ def _preprocess(fp32_path: Path, out_path: Path) -> Path:
 class _TensorReader(ort_quantization.CalibrationDataReader):
     """Feeds a (N, C, H, W) array to ONNX Runtime's calibrator in batches."""
 
-    def __init__(self, input_name: str, images: np.ndarray, batch_size: int) -> None:
+    def __init__(self, input_name: str, images: np.ndarray, batch_size: int, label: str) -> None:
         self.input_name = input_name
         self.images = np.ascontiguousarray(images, dtype=np.float32)
         self.batch_size = max(1, batch_size)
         self.position = 0
+        self.bar = ProgressBar(label, -(-len(self.images) // self.batch_size), unit="batches")
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         if self.position >= len(self.images):
+            self.bar.close()
             return None
         batch = self.images[self.position : self.position + self.batch_size]
         self.position += self.batch_size
+        self.bar.update()
         return {self.input_name: batch}
 
     def rewind(self) -> None:

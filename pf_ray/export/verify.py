@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from pf_ray.data import DataBundle
 from pf_ray.errors import ExportError
 from pf_ray.export.onnx import eval_on_cpu
+from pf_ray.progress import ProgressBar
 
 # Metric keys, the same in every report.
 TOP1_AGREEMENT = "top1_agreement"
@@ -54,13 +55,18 @@ def open_session(path: str | Path, threads: int = 1) -> Any:
     return onnx_session(path, threads=threads)
 
 
-def runtime_accuracy(session: ort.InferenceSession, dataset: Dataset, batch_size: int = 256) -> float:
-    """Top-1 accuracy of the ONNX model itself, run by ONNX Runtime over every (image, label) of ``dataset``."""
+def runtime_accuracy(session: ort.InferenceSession, dataset: Dataset, batch_size: int = 256, *,
+                     label: str = "  test accuracy") -> float:
+    """Top-1 accuracy of the model itself, run by its runtime over every (image, label) of ``dataset``.
+
+    ``label`` names the progress bar (shown where ``pf_ray.progress.progress_to`` sends bars)."""
     correct = total = 0
-    for images, labels in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-        logits = _run(session, images)
-        correct += int((logits.argmax(axis=1) == labels.numpy()).sum())
-        total += len(labels)
+    with ProgressBar(label, -(-len(dataset) // batch_size), unit="batches") as bar:
+        for images, labels in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+            logits = _run(session, images)
+            correct += int((logits.argmax(axis=1) == labels.numpy()).sum())
+            total += len(labels)
+            bar.update(note=f"accuracy {correct / total:.4f}")
     if total == 0:
         raise ExportError("runtime_accuracy: the dataset is empty")
     return correct / total
@@ -95,11 +101,14 @@ def measure_latency(
     *,
     warmup: int = 20,
     repeats: int = 200,
+    label: str = "  latency",
 ) -> dict[str, float]:
-    """Milliseconds per ``session.run`` on one fixed random batch: median, 95th percentile and mean."""
+    """Milliseconds per ``session.run`` on one fixed random batch: median, 95th percentile and mean.
+
+    ``label`` names the progress bar over the warm-up and timed runs."""
     inputs = _fixed_batch(input_shape, batch_size)
     feed = {session.get_inputs()[0].name: inputs}
-    return _time(lambda: session.run(None, feed), warmup=warmup, repeats=repeats)
+    return _time(lambda: session.run(None, feed), warmup=warmup, repeats=repeats, label=label)
 
 
 def torch_latency(
@@ -119,7 +128,7 @@ def torch_latency(
     torch.set_num_threads(threads)
     try:
         with eval_on_cpu(model) as cpu_model, torch.inference_mode():
-            return _time(lambda: cpu_model(inputs), warmup=warmup, repeats=repeats)
+            return _time(lambda: cpu_model(inputs), warmup=warmup, repeats=repeats, label="  PyTorch latency")
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -188,10 +197,12 @@ def verify_artifact(
         path=path,
         format=format_name or artifact_format(path),
         size_bytes=path.stat().st_size,
-        test_accuracy=runtime_accuracy(session, data.test),
+        test_accuracy=runtime_accuracy(session, data.test, label=f"  {path.name}: test accuracy"),
         top1_agreement=parity[TOP1_AGREEMENT],
         max_abs_diff=parity[MAX_ABS_DIFF],
-        latency={size: measure_latency(session, data.input_shape, size, repeats=repeats) for size in batch_sizes},
+        latency={size: measure_latency(session, data.input_shape, size, repeats=repeats,
+                                       label=f"  {path.name}: latency b{size}")
+                 for size in batch_sizes},
     )
 
 
@@ -228,16 +239,20 @@ def _fixed_batch(input_shape: Sequence[int], batch_size: int) -> np.ndarray:
     return rng.standard_normal((batch_size, *input_shape), dtype=np.float32)
 
 
-def _time(step: Callable[[], object], *, warmup: int, repeats: int) -> dict[str, float]:
+def _time(step: Callable[[], object], *, warmup: int, repeats: int, label: str) -> dict[str, float]:
     if repeats < 1 or warmup < 0:
         raise ExportError(f"got warmup={warmup}, repeats={repeats}; expected warmup >= 0 and repeats >= 1")
+    bar = ProgressBar(label, warmup + repeats, unit="runs")
     for _ in range(warmup):
         step()
+        bar.update()
     seconds = np.empty(repeats)
     for i in range(repeats):
         start = time.perf_counter()
         step()
         seconds[i] = time.perf_counter() - start
+        bar.update()
+    bar.close()
     milliseconds = seconds * 1e3
     return {
         MEDIAN_MS: float(np.median(milliseconds)),
