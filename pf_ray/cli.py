@@ -1,5 +1,6 @@
-"""The ``pf-ray`` command: ``compress`` (the whole pipeline), ``train`` (cache a baseline), ``export`` (a checkpoint
-to verified artifacts), ``verify`` (one artifact on its runtime) and ``report`` (rebuild a run's report).
+"""The ``pf-ray`` command: ``compress`` (the whole pipeline), ``resume`` (continue an interrupted run), ``train``
+(cache a baseline), ``export`` (a checkpoint to verified artifacts), ``verify`` (one artifact on its runtime) and
+``report`` (rebuild a run's report).
 
 Exit codes: 0 done; 2 bad input (a ``PfRayError``: one line on stderr, nothing half-written); 3 an artifact failed
 the accuracy guard (``AccuracyGuardError``: the files and results are kept for inspection). Anything else is a bug
@@ -64,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--checkpoint", help="the PyTorch checkpoint it came from: adds parity and the guard")
     _add_verify_arguments(verify)
 
+    resume = commands.add_parser("resume", help="continue an interrupted run (a killed driver, a lost head "
+                                                "node) from its run folder")
+    resume.add_argument("run_dir", help="the run folder (holds config.yaml); trusted input: Tune unpickles its "
+                                        "saved search state")
+
     report = commands.add_parser("report", help="rebuild report.md and report.html of a finished or "
                                                 "interrupted run")
     report.add_argument("run_dir", help="the run folder (holds config.yaml)")
@@ -88,6 +94,11 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         return _export(args)
     if args.command == "verify":
         return _verify(args)
+    if args.command == "resume":
+        from pf_ray.launch import resume
+
+        resume(args.run_dir)
+        return 0
     if args.command == "report":
         from pf_ray.report import write_report
 

@@ -368,6 +368,7 @@ class ResourcesConfig:
 class StorageConfig:
     path: str = "runs"  # run folders and the baseline cache go here (local path, s3:// or gs://)
     name: str | None = None  # run folder name; None = "<model>-<learner>-<timestamp>"
+    shared: bool = False  # a local path that is one shared filesystem (NFS) mounted alike on every node
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -54,6 +55,7 @@ Log = Callable[[str], None]
 # A trial that runs a TorchTrainer only waits for its workers: it reserves a sliver of a CPU, so that the
 # workers' own CPUs (which Tune does not reserve for it) are what limits concurrency.
 TRAIN_DRIVER_CPUS = 0.25
+SEARCH_DIR = "search"  # the Tune experiment's folder in the run folder
 # What a trial driver takes of ``resources.driver_resource``: the clusters/ YAMLs give the head 1000 units, so
 # the custom resource places drivers without limiting how many run (the CPUs do that).
 DRIVER_RESOURCE_SHARE = 0.001
@@ -240,8 +242,13 @@ def _trial_log(log: Log, max_epochs: int):
 
 
 def run_search(config: ExperimentConfig, space: PerLayerSpace, baseline_path: Path, run_dir: Path, *,
-               log: Log = print) -> list[dict[str, Any]]:
-    """Ray Tune search with ASHA; returns one record per trial (values, last metrics, status, error)."""
+               log: Log = print, resume: bool = False) -> list[dict[str, Any]]:
+    """Ray Tune search with ASHA; returns one record per trial (values, last metrics, status, error).
+
+    ``resume``: continue the search saved in ``run_dir/search`` (``pf-ray resume``): finished trials are kept,
+    unfinished ones continue from their last checkpoint (or start again), and the searcher's state (DDPG agent
+    and replay buffer, GP observations, TPE history) is restored from Tune's experiment checkpoint.
+    """
     import ray
     from ray import tune
 
@@ -264,6 +271,18 @@ def run_search(config: ExperimentConfig, space: PerLayerSpace, baseline_path: Pa
         f"{concurrency} at a time, scored by {search.reward.value} "
         + ("right after compression (proxy)" if search.scoring is Scoring.PROXY
            else f"after each of {max_epochs} fine-tuning epoch(s), ASHA stopping the weak"))
+    search_dir = run_dir / SEARCH_DIR
+    if resume and tune.Tuner.can_restore(str(search_dir)):
+        log(f"search: resuming {search_dir}")
+        tuner = tune.Tuner.restore(str(search_dir), trainable=trainable, resume_unfinished=True,
+                                   resume_errored=False, restart_errored=False)
+        return _trial_records(tuner.fit(), space)
+    if search_dir.exists():  # stopped before Tune saved any experiment state: nothing in it can be resumed
+        log(f"search: {search_dir} holds no saved search state; starting the search again")
+        shutil.rmtree(search_dir)
+    # Tune saves the experiment state (trials, searcher, scheduler) at most this often; "0" = after every event,
+    # so a driver killed at any moment loses no finished trial (the state is small; this costs milliseconds).
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
     tuner = tune.Tuner(
         trainable,
         param_space=param_space,
@@ -277,11 +296,15 @@ def run_search(config: ExperimentConfig, space: PerLayerSpace, baseline_path: Pa
             max_concurrent_trials=concurrency,
             trial_dirname_creator=lambda trial: trial.trial_id,
         ),
-        run_config=tune.RunConfig(name="search", storage_path=str(run_dir), verbose=1,
+        run_config=tune.RunConfig(name=SEARCH_DIR, storage_path=str(run_dir), verbose=1,
                                   callbacks=[_trial_log(log, max_epochs)],
                                   failure_config=tune.FailureConfig(max_failures=search.max_failures)),
     )
-    grid = tuner.fit()
+    return _trial_records(tuner.fit(), space)
+
+
+def _trial_records(grid: Any, space: PerLayerSpace) -> list[dict[str, Any]]:
+    """One plain record per trial of a finished Tune run (its ``ResultGrid``), for results.json."""
     trials = []
     for result in grid:
         metrics = dict(result.metrics or {})
@@ -387,40 +410,112 @@ def retrain(config: ExperimentConfig, learner_config: Any, baseline_path: Path, 
 
 def compress(config: ExperimentConfig, *, log: Log = print, command: str | None = None) -> dict[str, Any]:
     """Run the whole pipeline; returns the results dict (also written to ``results.json``)."""
+    from pf_ray.report import COMMAND_FILE
+
+    started = time.time()
+    prepared = prepare(config, log=log)
+    config, run_dir = prepared.config, prepared.run_dir
+    with _ray_for(config, log=log):
+        check_storage(config)
+        run_dir.mkdir(parents=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+        if command:
+            (run_dir / COMMAND_FILE).write_text(command + "\n")
+        log(f"run folder: {run_dir}")
+        return _pipeline(config, prepared.data, prepared.baseline_path, run_dir, log=log, command=command,
+                         started=started, resume=False)
+
+
+def resume(run_dir: str | Path, *, log: Log = print) -> dict[str, Any]:
+    """Continue an interrupted run (``pf-ray resume RUN_DIR``) from where it stopped.
+
+    The baseline is reused from its cache, the search continues from Tune's last experiment checkpoint (finished
+    trials kept, the searcher's state restored), the retrain from its last epoch checkpoint; export, verification
+    and the report run again. The run folder is trusted input: Tune unpickles its saved state.
+    """
+    started = time.time()
+    run_dir = Path(run_dir).expanduser().resolve()
+    config_file = run_dir / "config.yaml"
+    if not config_file.is_file():
+        raise ConfigError(f"run_dir: {str(run_dir)!r} is not a pf-ray run folder (it has no config.yaml)")
+    if (run_dir / "results.json").is_file():
+        log(f"resume: {run_dir} already finished (results.json); nothing to do "
+            f"(`pf-ray report {run_dir}` rebuilds its report)")
+        return json.loads((run_dir / "results.json").read_text())
+    from pf_ray.config import load_experiment
+    from pf_ray.report import COMMAND_FILE
+
+    config = load_experiment(config_file)
+    data = load_data(config.dataset, seed=config.seed)
+    baseline_path: Path | None = None
+    if config.baseline.checkpoint:
+        baseline_path = Path(config.baseline.checkpoint)
+        if not baseline_path.is_file():
+            raise ConfigError(f"baseline.checkpoint: {str(baseline_path)!r} (in {config_file}) no longer exists")
+    elif baseline_cache_path(config).exists():
+        baseline_path = baseline_cache_path(config)
+    command_file = run_dir / COMMAND_FILE
+    command = command_file.read_text().strip() if command_file.is_file() else None
+    with _ray_for(config, log=log):
+        check_storage(config)
+        log(f"resume: {run_dir}")
+        return _pipeline(config, data, baseline_path, run_dir, log=log, command=command, started=started,
+                         resume=True)
+
+
+@contextlib.contextmanager
+def _ray_for(config: ExperimentConfig, *, log: Log):
+    """Ray for the block: the configured cluster, or a local Ray that is shut down when the block ends."""
+    started_ray = start_ray(config, log=log)
+    try:
+        yield
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+
+
+def check_storage(config: ExperimentConfig) -> None:
+    """On a cluster, trials write to the storage path from every node: it must be shared (s3://, gs://, NFS)."""
+    import ray
+
+    path = config.storage.path
+    if "://" in path or config.storage.shared:
+        return
+    nodes = [node for node in ray.nodes() if node.get("Alive")]
+    if len(nodes) > 1:
+        raise ConfigError(
+            f"storage.path: {path!r} is a local folder, but the Ray cluster has {len(nodes)} nodes; trials on "
+            f"other nodes could not write there. Use a shared path (s3://bucket/runs, gs://bucket/runs), or "
+            f"an NFS folder mounted at the same path on every node with storage.shared: true")
+
+
+def _pipeline(config: ExperimentConfig, data: DataBundle, baseline_path: Path | None, run_dir: Path, *,
+              log: Log, command: str | None, started: float, resume: bool) -> dict[str, Any]:
+    """Baseline -> search -> retrain -> export -> verify -> results.json and report, in an existing run folder
+    (Ray already connected)."""
     from pf_ray.candidate import candidate_learner_config
     from pf_ray.export.verify import accuracy_guard
     from pf_ray.report import write_report
 
-    started = time.time()
-    prepared = prepare(config, log=log)
-    config, data, run_dir = prepared.config, prepared.data, prepared.run_dir
-    run_dir.mkdir(parents=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
-    log(f"run folder: {run_dir}")
     try:
-        baseline_path = prepared.baseline_path or train_baseline(config, data, log=log)
+        baseline_path = baseline_path or train_baseline(config, data, log=log)
         baseline, baseline_info = load_checkpoint(baseline_path, expect_input_shape=data.input_shape,
                                                   expect_num_classes=data.num_classes)
 
-        started_ray = start_ray(config, log=log)
-        try:
-            space = per_layer_space(config, baseline, data.input_shape)
-            trials: list[dict[str, Any]] = []
-            best: dict[str, Any] | None = None
-            if space is not None:
-                trials = run_search(config, space, baseline_path, run_dir, log=log)
-                best = choose_best(trials, search_epochs(config))
-                learner_config = candidate_learner_config(config, baseline, data.input_shape, best["proposal"])
-                log(f"search: best trial {best['trial_id']}: validation accuracy {best[ACCURACY]:.4f} at "
-                    f"{best[MACS_RATIO]:.3f} of the baseline MACs")
-            else:
-                learner_config = config.learner_config()
-            model = retrain(config, learner_config, baseline_path, run_dir, log=log)
-        finally:
-            if started_ray:
-                import ray
-
-                ray.shutdown()
+        space = per_layer_space(config, baseline, data.input_shape)
+        trials: list[dict[str, Any]] = []
+        best: dict[str, Any] | None = None
+        if space is not None:
+            trials = run_search(config, space, baseline_path, run_dir, log=log, resume=resume)
+            best = choose_best(trials, search_epochs(config))
+            learner_config = candidate_learner_config(config, baseline, data.input_shape, best["proposal"])
+            log(f"search: best trial {best['trial_id']}: validation accuracy {best[ACCURACY]:.4f} at "
+                f"{best[MACS_RATIO]:.3f} of the baseline MACs")
+        else:
+            learner_config = config.learner_config()
+        model = retrain(config, learner_config, baseline_path, run_dir, log=log)
 
         artifacts_dir = run_dir / "artifacts"
         save_checkpoint(artifacts_dir / "compressed.pt", model, model_config=config.model,
@@ -433,6 +528,7 @@ def compress(config: ExperimentConfig, *, log: Log = print, command: str | None 
         results = {
             "command": command,
             "config": to_dict(config),
+            "resumed": resume,
             "baseline": {"checkpoint": str(baseline_path), "sha256": baseline_info.sha256,
                          **model_stats(baseline, data.input_shape).__dict__},
             "search": {"algorithm": config.search.algorithm.value if space else None,
@@ -455,7 +551,7 @@ def compress(config: ExperimentConfig, *, log: Log = print, command: str | None 
         log(f"report:    {report_html} (and {report_md.name})")
         return results
     except BaseException:
-        log(f"run failed; partial run folder left for inspection: {run_dir}")
+        log(f"run failed; partial run folder left for inspection (`pf-ray resume {run_dir}` continues it)")
         raise
 
 

@@ -24,6 +24,7 @@ from pf_ray.errors import ConfigError, PfRayError
 from pf_ray.metrics import finite_number
 
 FILES_DIR = "report_files"  # the PNGs report.md links to (report.html embeds them)
+COMMAND_FILE = "command.txt"  # the command that started the run (written by `pf-ray compress`)
 # What an interrupted run keeps of a trial's last result.json line: results.json's trial keys, plus latency.
 TRIAL_KEYS = ("score", "accuracy", "proxy_accuracy", "epoch", "macs_ratio", "macs", "params", "layer_values",
               "latency_ms", "timestamp")
@@ -70,7 +71,8 @@ def load_run(run_dir: str | Path) -> RunRecord:
         raise ConfigError(f"{config_path}: not valid YAML: {str(error).splitlines()[0]}") from None
     if not isinstance(config, dict):
         raise ConfigError(f"{config_path}: got {type(config).__name__}; expected a mapping of fields")
-    command = f"pf-ray compress {config_path}"
+    command_path = run_dir / COMMAND_FILE
+    command = command_path.read_text().strip() if command_path.is_file() else f"pf-ray compress {config_path}"
     results_path = run_dir / "results.json"
     if not results_path.is_file():
         trials, names = _trials_from_tune(run_dir / "search")

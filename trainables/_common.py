@@ -185,10 +185,12 @@ def _train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 saved = ray.train.Checkpoint.from_directory(directory)
             ray.train.report(metrics, checkpoint=saved)
 
+    log = _progress_log(loop_config["progress_file"]) if context.get_world_rank() == 0 else None
+    if log is not None and start_epoch:
+        log(f"  resuming from the checkpoint of epoch {start_epoch}/{train_config.epochs}")
     fine_tune(candidate, data, train_config, validation_subset=loop_config["validation_subset"],
               report=report, reward=spec.search.reward, seed=spec.seed, wrap=ray.train.torch.prepare_model,
-              distributed=distributed, device=ray.train.torch.get_device(), start_epoch=start_epoch,
-              log=_progress_log(loop_config["progress_file"]) if context.get_world_rank() == 0 else None)
+              distributed=distributed, device=ray.train.torch.get_device(), start_epoch=start_epoch, log=log)
     if board is not None:
         board.close()
 
