@@ -322,10 +322,19 @@ def _trial_records(grid: Any, space: PerLayerSpace) -> list[dict[str, Any]]:
             "latency_ms": metrics.get("latency_ms"),  # these two with search.reward latency only
             "latency_ratio": metrics.get("latency_ratio"),
             "params": metrics.get("params"),
-            "error": None if result.error is None else f"{type(result.error).__name__}: {result.error}"[:500],
+            "error": None if result.error is None else error_text(result.error),
             "timestamp": metrics.get("timestamp"),  # when its last result came (orders the report's progress plot)
         })
     return trials
+
+
+def error_text(error: BaseException) -> str:
+    """A trial's failure as one readable line: the exception raised in the trial (not Ray's wrapper with the
+    worker's traceback), e.g. "FloatingPointError: training diverged: loss is nan at epoch 1, step 1"."""
+    while getattr(error, "cause", None) is not None:  # RayTaskError / TuneError wrap the trial's own exception
+        error = error.cause
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:500]
 
 
 def search_epochs(config: ExperimentConfig) -> int:

@@ -6,9 +6,10 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from pf_ray.candidate import MACS_RATIO, PROXY_ACCURACY, SCORE, per_layer_space
-from pf_ray.checkpoint import save_checkpoint
+from pf_ray.checkpoint import load_checkpoint, save_checkpoint
 from pf_ray.config import ExperimentConfig, from_dict, to_dict
 from pf_ray.data import load_data
 from pf_ray.models import build_model
@@ -131,3 +132,68 @@ def test_latency_reward_measures_each_candidate_on_its_node(ray_session, baselin
     for trial in trials:
         assert trial["error"] is None and trial["latency_ms"] > 0
         assert trial[SCORE] == pytest.approx(trial[ACCURACY] * trial["latency_ratio"] ** -0.07)
+
+
+def test_a_diverging_trial_and_a_crashing_one_do_not_stop_the_search(ray_session, baseline, tmp_path, monkeypatch):
+    """Of four GP trials, one diverges for real (its loss overflows: the fit's own check) and one crashes on its
+    first attempt: the first ends failed with its reason, the second is retried (search.max_failures 1) and
+    finishes, the GP is told of the failure, and the search picks its best among the rest."""
+    import os
+    import pickle
+
+    import ray.tune
+
+    import trainables
+    from pf_ray.launch import choose_best, run_search
+
+    real = trainables.get_trainable("channel_pruning")
+    faults = tmp_path / "faults"
+    faults.mkdir()
+    # The diverging trial starts from a baseline whose classifier weights are near float32's largest value:
+    # its logits overflow, so its first fine-tuning loss is not finite.
+    model, info = load_checkpoint(baseline)
+    classifier = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        classifier.weight.mul_(1e37)
+    poisoned = save_checkpoint(tmp_path / "poisoned.pt", model, model_config=info.model,
+                               input_shape=info.input_shape, num_classes=info.num_classes)
+
+    def faulty(config, experiment, baseline_checkpoint):
+        trial_id = ray.tune.get_context().get_trial_id()
+        role = faults / f"role-{trial_id}"
+        if not role.exists():  # the k-th trial to start takes slot k (O_EXCL: concurrent trials never share one)
+            slot = 0
+            while True:
+                try:
+                    os.close(os.open(faults / f"slot-{slot}", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                    break
+                except FileExistsError:
+                    slot += 1
+            role.write_text(str(slot))
+        slot = int(role.read_text())
+        with open(faults / f"attempts-{trial_id}", "a") as attempts:
+            attempts.write("x")
+        if slot == 0:
+            baseline_checkpoint = str(poisoned)
+        if slot == 1 and (faults / f"attempts-{trial_id}").read_text() == "x":
+            raise RuntimeError("simulated crash of the trial's process")
+        return real(config, experiment=experiment, baseline_checkpoint=baseline_checkpoint)
+
+    monkeypatch.setattr(trainables, "get_trainable", lambda name: faulty)
+    config = from_dict(ExperimentConfig, {**TINY, "search": {**TINY["search"], "algorithm": "gp",
+                                                             "max_failures": 1}})
+    data = load_data(config.dataset)
+    model = build_model(config.model, in_channels=data.input_shape[0], num_classes=data.num_classes)
+    trials = run_search(config, per_layer_space(config, model, data.input_shape), baseline, tmp_path / "run",
+                        log=lambda line: None)
+    by_slot = {int((faults / f"role-{t['trial_id']}").read_text()): t for t in trials}
+    assert sorted(by_slot) == [0, 1, 2, 3]
+    diverged, crashed = by_slot[0], by_slot[1]
+    assert diverged["error"].startswith("FloatingPointError: training diverged: loss is ")
+    assert crashed["error"] is None and crashed[EPOCH] == 2
+    assert (faults / f"attempts-{crashed['trial_id']}").read_text() == "xx"  # failed once, retried once
+    assert all(t["error"] is None for slot, t in by_slot.items() if slot != 0)
+    search_dir = tmp_path / "run" / "search"
+    state = pickle.loads(sorted(search_dir.glob("searcher-state-*.pkl"))[-1].read_bytes())
+    assert state["counts"]["errored"] == 1 and len(state["observations"]) == 3
+    assert choose_best(trials, max_epochs=2)["trial_id"] != diverged["trial_id"]
