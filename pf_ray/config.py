@@ -48,13 +48,25 @@ def check_range(
         right = "]" if high_inclusive else ")"
         low_text = "-inf" if low is None else f"{low:g}"
         high_text = "inf" if high is None else f"{high:g}"
-        raise ConfigError(f"{name}: got {value!r}; allowed range is {left}{low_text}, {high_text}{right}")
+        raise ConfigError(f"{name}: got {_show(value)}; allowed range is {left}{low_text}, {high_text}{right}")
 
 
 def check_choice(name: str, value: Any, choices: typing.Iterable[Any]) -> None:
     choices = list(choices)
     if value not in choices:
-        raise ConfigError(f"{name}: got {value!r}; allowed: {', '.join(map(str, choices))}")
+        raise ConfigError(f"{name}: got {_show(value)}; allowed: {', '.join(map(str, choices))}")
+
+
+def check_path(name: str, value: str) -> None:
+    """Raise ConfigError unless ``value`` can name a file: no NUL byte, and a leading ``~user`` that exists."""
+    if "\0" in value:
+        raise ConfigError(f"{name}: got {_show(value)}; a path cannot hold a NUL byte")
+    if value.startswith("~"):
+        try:
+            Path(value).expanduser()
+        except RuntimeError:  # "~someone" with no such user
+            raise ConfigError(f"{name}: got {_show(value)}; {value.split('/', 1)[0]!r} is no user's home "
+                              "folder") from None
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -71,7 +83,7 @@ def from_dict(cls: type[T], data: Any, *, path: str = "") -> T:
         raise ConfigError(f"{path or cls.__name__}: got {_describe(data)}; expected a mapping of fields")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(map(str, data)) - set(fields))
+    unknown = sorted(set(map(_key_text, data)) - set(fields))
     if unknown:
         where = f"{path}." if path else ""
         raise ConfigError(
@@ -110,7 +122,26 @@ def _join(path: str, name: str) -> str:
 
 
 def _describe(value: Any) -> str:
-    return f"{value!r} ({type(value).__name__})"
+    return f"{_show(value)} ({type(value).__name__})"
+
+
+MAX_SHOWN = 80  # characters of a received value quoted in an error message
+
+
+def _show(value: Any) -> str:
+    """``repr(value)`` for an error message: at most MAX_SHOWN characters, and never an exception of its own
+    (Python refuses to print an integer of more than 4300 digits)."""
+    try:
+        text = repr(value)
+    except ValueError:
+        if isinstance(value, int):
+            return f"an integer of about {round(value.bit_length() * math.log10(2))} digits"
+        return f"a {type(value).__name__}"
+    return text if len(text) <= MAX_SHOWN else f"{text[: MAX_SHOWN - 5]}...{text[-2:]}"
+
+
+def _key_text(key: Any) -> str:
+    return key if isinstance(key, str) else _show(key)
 
 
 def _convert(hint: Any, value: Any, path: str) -> Any:
@@ -136,7 +167,7 @@ def _convert(hint: Any, value: Any, path: str) -> Any:
             return value
         allowed = [m.value for m in hint]
         if value not in allowed:
-            raise ConfigError(f"{path}: got {value!r}; allowed: {', '.join(map(str, allowed))}")
+            raise ConfigError(f"{path}: got {_show(value)}; allowed: {', '.join(map(str, allowed))}")
         return hint(value)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
@@ -205,6 +236,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if not self.name:
             raise ConfigError("model.name: got ''; expected a model name")
+        check_path("model.name", self.name)  # "path/to/file.py:function" names a file
         check_range("model.width_multiplier", self.width_multiplier, low=0.0, low_inclusive=False, high=4.0)
 
 
@@ -217,6 +249,8 @@ class DatasetConfig:
     test_subset: int | None = None  # evaluate on only this many test examples (None = all)
 
     def __post_init__(self) -> None:
+        if self.data_dir is not None:
+            check_path("dataset.data_dir", self.data_dir)
         check_range("dataset.validation_fraction", self.validation_fraction, low=0.0, high=0.5,
                     low_inclusive=False)
         for name in ("train_subset", "test_subset"):
@@ -252,6 +286,10 @@ class BaselineConfig:
     # The embedded default is sized so the whole quick-start runs in about ten minutes on two CPU cores.
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=2, learning_rate=0.1,
                                                                    train_subset=20000))
+
+    def __post_init__(self) -> None:
+        if self.checkpoint is not None:
+            check_path("baseline.checkpoint", self.checkpoint)
 
 
 @dataclass(frozen=True)
@@ -357,6 +395,12 @@ class ResourcesConfig:
         if self.driver_resource is not None and not self.driver_resource.replace("_", "").isalnum():
             raise ConfigError(f"resources.driver_resource: {self.driver_resource!r} is not a resource name "
                               f"(letters, digits and _)")
+        if self.driver_resource and self.use_gpu and self.workers_per_trial == 1:
+            # The trial would need its GPU and the driver resource on one node: the head has no GPU, so it would
+            # wait for ever. Ray Train workers (workers_per_trial >= 2) take the GPUs on the worker nodes.
+            raise ConfigError(f"resources.driver_resource: got {self.driver_resource!r} with use_gpu and "
+                              f"workers_per_trial 1; a trial driver on the CPU head cannot train on a GPU "
+                              f"itself: set workers_per_trial to 2 or more (Ray Train workers on the GPU nodes)")
         if self.num_cpus is not None:
             check_range("resources.num_cpus", self.num_cpus, low=1)
         check_range("resources.cpus_per_trial", self.cpus_per_trial, low=1)
@@ -369,6 +413,11 @@ class StorageConfig:
     path: str = "runs"  # run folders and the baseline cache go here (local path, s3:// or gs://)
     name: str | None = None  # run folder name; None = "<model>-<learner>-<timestamp>"
     shared: bool = False  # a local path that is one shared filesystem (NFS) mounted alike on every node
+
+    def __post_init__(self) -> None:
+        check_path("storage.path", self.path)
+        if self.name is not None:
+            check_path("storage.name", self.name)
 
 
 @dataclass(frozen=True)
@@ -404,6 +453,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {str(path)!r} does not exist") from None
     except OSError as error:
         raise ConfigError(f"config file {str(path)!r} cannot be read: {error.strerror}") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text (byte {error.start} is "
+                          f"{error.object[error.start:error.start + 1]!r})") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as error:
@@ -411,8 +463,12 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(error, "problem", None) or "malformed YAML"
         raise ConfigError(f"config file {str(path)!r} is not valid YAML{where}: {problem}") from None
-    if data is None:
-        return {}
+    except (ValueError, RecursionError) as error:  # a scalar YAML accepts but Python cannot build: 2026-13-45
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {type(error).__name__}: "
+                          f"{str(error).splitlines()[0] if str(error) else ''}") from None
+    if data is None:  # likely a file cut short or the wrong file: the defaults need no file at all
+        raise ConfigError(f"config file {str(path)!r} is empty (or holds only comments); expected a mapping of "
+                          "sections (leave the file out to use the defaults)")
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r}: got {_describe(data)}; expected a mapping of sections")
     return data
@@ -426,17 +482,19 @@ def apply_overrides(data: dict[str, Any], overrides: typing.Iterable[str]) -> di
     for override in overrides:
         key, sep, raw = override.partition("=")
         if not sep or not key:
-            raise ConfigError(f"--set {override!r}: expected dotted.key=value")
+            raise ConfigError(f"--set {_show(override)}: expected dotted.key=value")
+        parts = key.split(".")
+        if not all(parts):
+            raise ConfigError(f"--set {_show(override)}: empty key in {_show(key)}; expected dotted.key=value")
         try:
             value = yaml.safe_load(raw) if raw else ""
-        except yaml.YAMLError:
+        except (yaml.YAMLError, ValueError, RecursionError):  # not YAML (or not buildable): keep it as a string
             value = raw
         node = data
-        parts = key.split(".")
-        for part in parts[:-1]:
+        for depth, part in enumerate(parts[:-1]):
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise ConfigError(f"--set {override!r}: {part} is not a section")
+                raise ConfigError(f"--set {_show(override)}: {'.'.join(parts[: depth + 1])} is not a section")
             node = child
         node[parts[-1]] = value
     return data

@@ -179,9 +179,15 @@ def _search_roots(config: DatasetConfig) -> list[Path]:
 
 
 def _not_found(name: str, searched: list[Path], hint: str, error: Exception | None = None) -> DataError:
-    places = "\n".join(f"  {place}" for place in searched)
-    reason = f"\nthe download failed too: {type(error).__name__}: {error}" if error else ""
-    return DataError(f"dataset {name!r} not found; searched:\n{places}{reason}\n{hint}")
+    """One line (the CLI prints bad input as one line): the places searched, the download's failure, a hint."""
+    places = ", ".join(str(place) for place in searched)
+    reason = f"; the download failed too: {type(error).__name__}: {_first_line(error)}" if error else ""
+    return DataError(f"dataset {name!r} not found; searched: {places}{reason}; {hint}")
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else ""
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -46,6 +46,7 @@ from pf_ray.checkpoint import load_checkpoint, save_checkpoint
 from pf_ray.config import ExperimentConfig, Scoring, to_dict
 from pf_ray.data import DataBundle, load_data
 from pf_ray.errors import AccuracyGuardError, ConfigError, SearchError
+from pf_ray.learners import build_learner
 from pf_ray.metrics import model_stats
 from pf_ray.models import absolute_model_name, build_model
 from pf_ray.train import ACCURACY, EPOCH, evaluate, fit
@@ -150,6 +151,9 @@ def prepare(config: ExperimentConfig, *, log: Log = print) -> Prepared:
                               f"model.name is {config.model.name!r}")
     elif baseline_cache_path(config).exists():
         baseline_path = baseline_cache_path(config)
+    # What the learner's prepare() would refuse inside every trial (ratios for another model, more stages than
+    # prunable groups, nothing prunable), refused now.
+    build_learner(config.learner.name, config.learner_config()).check(model, data.input_shape)
     space = per_layer_space(config, model, data.input_shape)
     if space is not None:
         project(config, model, data.input_shape, [space.low] * len(space.names))  # raises if out of reach
@@ -203,6 +207,9 @@ def trial_cost(config: ExperimentConfig) -> tuple[dict[str, float], float]:
 def max_concurrent_trials(config: ExperimentConfig, cluster_cpus: float) -> int:
     """How many trials fit at once, so nested Train workers never wait for CPUs held by other trials."""
     _, cost = trial_cost(config)
+    if config.resources.workers_per_trial == 1 and cost > cluster_cpus:
+        raise ConfigError(f"resources.cpus_per_trial: got {config.resources.cpus_per_trial}; the cluster has "
+                          f"{cluster_cpus:g} CPUs")
     if cost > cluster_cpus:
         raise ConfigError(f"resources.workers_per_trial: one trial needs {cost:g} CPUs (driver "
                           f"{TRAIN_DRIVER_CPUS:g} + {config.resources.workers_per_trial} workers x "
@@ -253,6 +260,7 @@ def run_search(config: ExperimentConfig, space: PerLayerSpace, baseline_path: Pa
     from ray import tune
 
     from search_algs import make_searcher
+    from search_algs.concurrency import ClusterConcurrency
     from search_algs.schedulers import make_asha
     from trainables import get_trainable
 
@@ -261,16 +269,21 @@ def run_search(config: ExperimentConfig, space: PerLayerSpace, baseline_path: Pa
     searcher, param_space = make_searcher(search.algorithm, space, metric=SCORE, mode="max",
                                           seed=search.seed, num_trials=search.num_trials, max_epochs=max_epochs)
     concurrency = max_concurrent_trials(config, ray.cluster_resources().get("CPU", 1.0))
-    reserve, _ = trial_cost(config)
+    reserve, cost = trial_cost(config)
+    # Re-derived from the cluster's CPUs before each new trial: nodes that join (autoscaling) raise it.
+    searcher = ClusterConcurrency(searcher, cpus_per_trial=cost)
     trainable = tune.with_resources(
         tune.with_parameters(get_trainable(config.learner.name), experiment=to_dict(config),
                              baseline_checkpoint=str(baseline_path)),
         reserve,
     )
     log(f"search: {search.algorithm.value}, {search.num_trials} trials over {len(space.names)} layer groups, "
-        f"{concurrency} at a time, scored by {search.reward.value} "
+        f"{concurrency} at a time (more as nodes join), scored by {search.reward.value} "
         + ("right after compression (proxy)" if search.scoring is Scoring.PROXY
            else f"after each of {max_epochs} fine-tuning epoch(s), ASHA stopping the weak"))
+    # Tune saves the experiment state (trials, searcher, scheduler) at most this often; "0" = after every event,
+    # so a driver killed at any moment loses no finished trial (the state is small; this costs milliseconds).
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
     search_dir = run_dir / SEARCH_DIR
     if resume and tune.Tuner.can_restore(str(search_dir)):
         log(f"search: resuming {search_dir}")
@@ -280,9 +293,6 @@ def run_search(config: ExperimentConfig, space: PerLayerSpace, baseline_path: Pa
     if search_dir.exists():  # stopped before Tune saved any experiment state: nothing in it can be resumed
         log(f"search: {search_dir} holds no saved search state; starting the search again")
         shutil.rmtree(search_dir)
-    # Tune saves the experiment state (trials, searcher, scheduler) at most this often; "0" = after every event,
-    # so a driver killed at any moment loses no finished trial (the state is small; this costs milliseconds).
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
     tuner = tune.Tuner(
         trainable,
         param_space=param_space,
@@ -293,7 +303,6 @@ def run_search(config: ExperimentConfig, space: PerLayerSpace, baseline_path: Pa
             metric=SCORE,
             mode="max",
             num_samples=search.num_trials,
-            max_concurrent_trials=concurrency,
             trial_dirname_creator=lambda trial: trial.trial_id,
         ),
         run_config=tune.RunConfig(name=SEARCH_DIR, storage_path=str(run_dir), verbose=1,
@@ -387,8 +396,9 @@ def retrain(config: ExperimentConfig, learner_config: Any, baseline_path: Path, 
     log(f"retrain: {config.retrain.train.epochs} epoch(s) on {config.retrain.num_workers} Ray Train worker(s)")
     import ray
 
-    # The retrain runs alone: its workers share every CPU of the cluster.
+    # The retrain runs alone: its workers share the cluster's CPUs, each within one node.
     cpus = int(ray.cluster_resources().get("CPU", 1))
+    largest_node = max((node["Resources"].get("CPU", 0) for node in ray.nodes() if node.get("Alive")), default=1)
     progress = run_dir / "retrain" / "progress.log"
     with _follow(progress, log):
         result = ray_train_fit(
@@ -398,7 +408,7 @@ def retrain(config: ExperimentConfig, learner_config: Any, baseline_path: Path, 
             train_config=config.retrain.train,
             validation_subset=None,
             num_workers=config.retrain.num_workers,
-            cpus_per_worker=max(1, cpus // config.retrain.num_workers),
+            cpus_per_worker=max(1, min(int(largest_node), cpus // config.retrain.num_workers)),
             name="retrain",
             storage_path=str(run_dir),
             progress_file=str(progress),

@@ -163,8 +163,11 @@ def test_verify_command_measures_the_artifact_itself_and_the_guard_catches_a_bro
     broken = _break_classifier(good, tmp_path / "broken.onnx")
     assert main(["verify", str(broken), "--checkpoint", str(checkpoint), *FAST]) == EXIT_GUARD
     captured = capsys.readouterr()
-    error = captured.err.strip().splitlines()
-    assert len(error) == 1 and error[0].startswith("pf-ray: accuracy guard: broken.onnx lost ")
+    lines = captured.err.strip().splitlines()
+    error = [line for line in lines if line.startswith("pf-ray:")]  # besides the progress bars
+    assert len(error) == 1 and lines[-1] == error[0]
+    assert error[0].startswith("pf-ray: accuracy guard: broken.onnx lost ")
+    assert "  broken.onnx: test accuracy [####################] 100% 2/2 batches" in captured.err
     # The runtime's accuracy is measured, not copied from PyTorch: a model that always says 0 scores ~10%.
     class_zero = float((torch.stack([label for _, label in data.test]) == 0).float().mean())
     assert f"{100 * class_zero:.2f}% vs {100 * torch_accuracy:.2f}%" in error[0]

@@ -122,7 +122,7 @@ def test_data_dir_without_the_files_does_not_fall_through(tmp_path, monkeypatch)
     write_fashion_mnist(tmp_path / "elsewhere")
     monkeypatch.setenv("PF_RAY_DATA", str(tmp_path / "elsewhere"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DataError, match=r"not found; searched:\n.*empty") as error:
+    with pytest.raises(DataError, match=r"not found; searched: .*empty") as error:
         load_data(DatasetConfig("fashion_mnist", data_dir=str(tmp_path / "empty")))
     assert "elsewhere" not in str(error.value)
 

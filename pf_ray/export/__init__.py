@@ -9,6 +9,7 @@ by this ``export_all`` call (the INT8 exporter quantizes the FP32 file instead o
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -58,13 +59,24 @@ def export_all(
 
     Returns:
         format name -> file, e.g. {"onnx": out/model.onnx, "onnx_int8": out/model.int8.onnx}.
+
+    Raises:
+        ExportError: a format cannot be written. A folder this call created is removed again (a model the
+            exporter cannot handle leaves nothing behind); files already in an existing folder stay.
     """
     out_dir = Path(out_dir)
+    # the outermost folder this call creates (None: out_dir exists already)
+    created = next((folder for folder in [*reversed(out_dir.parents), out_dir] if not folder.exists()), None)
     out_dir.mkdir(parents=True, exist_ok=True)
     artifacts: dict[str, Path] = {}
-    for format_name in ("onnx", *(f for f in config.formats if f != "onnx")):
-        exporter = EXPORTERS.get(format_name)  # ConfigError listing the known formats
-        artifacts[format_name] = exporter(model, data, config, out_dir, stem, artifacts)
+    try:
+        for format_name in ("onnx", *(f for f in config.formats if f != "onnx")):
+            exporter = EXPORTERS.get(format_name)  # ConfigError listing the known formats
+            artifacts[format_name] = exporter(model, data, config, out_dir, stem, artifacts)
+    except BaseException:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        raise
     return artifacts
 
 

@@ -103,12 +103,18 @@ class PteSession:
 
     def __init__(self, path: str | Path, threads: int = 1) -> None:
         _require_executorch()
-        from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
-        from executorch.runtime import Runtime
-
         path = Path(path)
         if not path.is_file():
             raise ExportError(f"artifact {str(path)!r} does not exist")
+        with open(path, "rb") as file:
+            head = file.read(8)
+        # A program is a flatbuffer with file identifier "ET<version>" at byte 4. Checked before the runtime is
+        # loaded: given anything else, ExecuTorch's C++ loader logs to stderr before it fails.
+        if head[4:6] != b"ET":
+            raise ExportError(f"{str(path)!r} is not an ExecuTorch program (no 'ET' file identifier at byte 4)")
+        from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+        from executorch.runtime import Runtime
+
         _unsafe_reset_threadpool(threads)  # XNNPACK's pool is process-wide: set it for this measurement
         try:
             self._method = Runtime.get().load_program(path).load_method("forward")

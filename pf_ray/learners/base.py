@@ -10,6 +10,10 @@ from pf_ray.data import DataBundle
 
 
 class Learner(Protocol):
+    def check(self, model: nn.Module, input_shape: tuple[int, int, int]) -> None:
+        """Raise, before any data is read, what ``prepare`` would raise on this model (nothing to compress, a
+        per-layer list of the wrong length): ``launch.prepare`` calls it so bad input fails before the run."""
+
     def prepare(self, model: nn.Module, data: DataBundle) -> nn.Module:
         """Compress ``model`` before fine-tuning (e.g. prune channels); may return a new module."""
 

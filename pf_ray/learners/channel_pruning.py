@@ -28,7 +28,7 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader
 
-from pf_ray.config import check_choice, check_range
+from pf_ray.config import check_choice, check_path, check_range
 from pf_ray.data import DataBundle
 from pf_ray.errors import ConfigError, ModelError
 from pf_ray.ops.pruning import CRITERIA, KEEP_RATIOS_FIELD, prunable_groups, prune_channels_
@@ -91,10 +91,14 @@ class ChannelPruningConfig:
 def read_ratios_file(path: str) -> tuple[float, ...]:
     """Keep ratios from a file: ``.json``/``.yaml``/``.yml`` holding a list of numbers, or any other file
     holding numbers separated by spaces, commas or new lines (``#`` starts a comment)."""
+    check_path(RATIOS_FILE_FIELD, path)
     file = Path(path).expanduser()
     if not file.is_file():
         raise ConfigError(f"{RATIOS_FILE_FIELD}: {path!r} does not exist (or is not a file)")
-    text = file.read_text()
+    try:
+        text = file.read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{RATIOS_FILE_FIELD}: {path!r} is not readable text: {error}") from None
     try:
         if file.suffix.lower() == ".json":
             values = json.loads(text)
@@ -131,14 +135,21 @@ class ChannelPruning:
         self.config = config
         self.kept_channels: dict[str, int] = {}  # group name -> channels kept, filled by prepare
 
-    def prepare(self, model: nn.Module, data: DataBundle) -> nn.Module:
-        config = self.config
-        names = search_dimensions(model, data.input_shape)
+    def check(self, model: nn.Module, input_shape: tuple[int, int, int]) -> None:
+        self._keep_ratios(len(self._groups(model, input_shape)))
+
+    def _groups(self, model: nn.Module, input_shape: tuple[int, int, int]) -> list[str]:
+        names = search_dimensions(model, input_shape)
         if not names:
             raise ModelError(
                 f"channel_pruning: the model ({type(model).__name__}) has no prunable channel group: "
                 "no conv/linear layer whose outputs can be removed without changing the model's output"
             )
+        return names
+
+    def prepare(self, model: nn.Module, data: DataBundle) -> nn.Module:
+        config = self.config
+        names = self._groups(model, data.input_shape)
         ratios = dict(zip(names, self._keep_ratios(len(names)), strict=True))
         batches = None
         if config.criterion == "lasso":

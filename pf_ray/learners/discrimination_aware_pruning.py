@@ -96,8 +96,11 @@ class DiscriminationAwarePruning:
         self.config = config
         self.kept_channels: dict[str, int] = {}  # group name -> channels kept, filled by prepare
 
-    def prepare(self, model: nn.Module, data: DataBundle) -> nn.Module:
-        groups = prunable_groups(model, data.input_shape)
+    def check(self, model: nn.Module, input_shape: tuple[int, int, int]) -> None:
+        self._groups(model, input_shape)
+
+    def _groups(self, model: nn.Module, input_shape: tuple[int, int, int]) -> list[PrunableGroup]:
+        groups = prunable_groups(model, input_shape)
         if not groups:
             raise ModelError(
                 f"discrimination_aware_pruning: the model ({type(model).__name__}) has no prunable channel group: "
@@ -108,6 +111,10 @@ class DiscriminationAwarePruning:
                 f"learner.options.num_stages: got {self.config.num_stages}; this model has {len(groups)} "
                 f"prunable channel groups, so at most {len(groups)} stages"
             )
+        return groups
+
+    def prepare(self, model: nn.Module, data: DataBundle) -> nn.Module:
+        groups = self._groups(model, data.input_shape)
         if len(data.train) == 0:  # type: ignore[arg-type]
             raise DataError("discrimination_aware_pruning: the training set is empty; channel selection needs data")
         was_training = model.training

@@ -58,7 +58,7 @@ def build_user_model(name: str, *, in_channels: int, num_classes: int, width_mul
     try:
         model = function(**kwargs)
     except Exception as error:
-        raise ModelError(f"model.name: {name!r} raised {type(error).__name__}: {error}") from error
+        raise ModelError(f"model.name: {name!r} raised {type(error).__name__}: {_first_line(error)}") from error
     if not isinstance(model, nn.Module):
         raise ModelError(f"model.name: {name!r} returned a {type(model).__name__}; expected a torch.nn.Module")
     return model
@@ -86,7 +86,9 @@ def _load_file(target: str) -> ModuleType:
         spec.loader.exec_module(module)
     except Exception as error:
         del sys.modules[module_name]
-        raise ModelError(f"model.name: importing {target!r} failed: {type(error).__name__}: {error}") from error
+        raise ModelError(
+            f"model.name: importing {target!r} failed: {type(error).__name__}: {_first_line(error)}"
+        ) from error
     finally:
         sys.path.remove(str(path.parent))
     return module
@@ -96,7 +98,15 @@ def _import_module(target: str) -> ModuleType:
     try:
         return importlib.import_module(target)
     except Exception as error:
-        raise ModelError(f"model.name: importing module {target!r} failed: {type(error).__name__}: {error}") from error
+        raise ModelError(
+            f"model.name: importing module {target!r} failed: {type(error).__name__}: {_first_line(error)}"
+        ) from error
+
+
+def _first_line(error: Exception) -> str:
+    """A user's exception as one line: the CLI prints bad input as one line (the traceback is chained)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else ""
 
 
 def _keyword_arguments(

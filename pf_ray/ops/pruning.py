@@ -653,6 +653,12 @@ def project_to_budget(
     if not 0.0 < min_ratio <= 1.0:
         raise ConfigError(f"min_keep_ratio: got {min_ratio!r}; allowed range is (0, 1]")
     table = macs_table(model, input_shape)
+    if not table.names:
+        raise ModelError(
+            f"the model ({type(model).__name__}) has no prunable channel group (no conv/linear layer whose outputs "
+            f"can be removed without changing the model's output), so search.target_macs_ratio="
+            f"{target_macs_ratio:g} cannot be reached by pruning"
+        )
     _check_length(keep_ratios, table.names)
     budget = target_macs_ratio * table.macs([1.0] * len(table.names), round_to)
 
