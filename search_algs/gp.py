@@ -33,6 +33,12 @@ MODES = ("min", "max")
 MIN_OBSERVATIONS = 2  # fewer finite observations than this and the GP has nothing to fit: sample at random
 NUM_RANDOM_CANDIDATES = 10_000  # acquisition evaluated at this many random points (one vectorised GP call)...
 NUM_LOCAL_SEARCHES = 3  # ...and the best few refined by L-BFGS-B
+# The GP is fitted on at most this many observations: the best half and the most recent half (see
+# GPSearcher._training_set). Fitting costs O(n^3) per likelihood evaluation and predicting O(n^2) per candidate: in
+# 20 dimensions on the 2-core machine a suggestion took 1.5-2 s at 500 observations without the cap, 0.5 s with it,
+# about what it takes at 50-100 (bench/scale.py). What remains is mostly the L-BFGS-B refinement of the acquisition,
+# whose finite-difference gradients cost 21 GP predictions each; no cap shrinks that.
+MAX_GP_OBSERVATIONS = 100
 _STATE_VERSION = 1
 
 Point = tuple[float, ...]  # one value per layer, in space.keys() order
@@ -51,6 +57,13 @@ class GPSearcher(Searcher):
     acquisition function of a GP (Matern 5/2, as bayesian-optimization sets it up) fitted to every observation.
     The GP steps start only once ``MIN_OBSERVATIONS`` trials have reported finite metrics; until then (start-up
     trials still running, or failed) further random points are suggested.
+
+    Cost bound: past ``max_observations`` distinct observations the GP is fitted on the best
+    ``max_observations // 2`` of them plus the most recent ones up to ``max_observations`` in all (the pending
+    points' lies come on top). The best keep the model accurate where the acquisition exploits; the most recent
+    keep it accurate where the search is now. The observations left out still count as known points (no
+    suggestion repeats them) and still set the lie. At or below the cap every observation is used, exactly as
+    without a cap.
 
     What a finished trial teaches the GP (``on_trial_complete``):
 
@@ -79,11 +92,12 @@ class GPSearcher(Searcher):
         acquisition: "ucb" (upper confidence bound) or "ei" (expected improvement).
         kappa: UCB's exploration weight, in standard deviations.
         xi: EI's required improvement, in the metric's own units (0.01 = one accuracy point for accuracy in [0, 1]).
+        max_observations: the most observations the GP is fitted on (see "Cost bound"); None: all of them.
     """
 
     def __init__(self, space: PerLayerSpace, *, metric: str | None = None, mode: str | None = None, seed: int = 0,
                  num_initial_points: int = 3, acquisition: str = "ucb", kappa: float = 2.576,
-                 xi: float = 0.01) -> None:
+                 xi: float = 0.01, max_observations: int | None = MAX_GP_OBSERVATIONS) -> None:
         _check_mode(mode)
         if not space.low < space.high:
             raise ValueError(f"GPSearcher needs space.low < space.high, but got low={space.low}, high={space.high}")
@@ -96,6 +110,10 @@ class GPSearcher(Searcher):
             raise ValueError(f"unknown acquisition {acquisition!r}; allowed: {allowed}")
         if kappa < 0 or xi < 0:
             raise ValueError(f"kappa and xi must be >= 0, but got kappa={kappa}, xi={xi}")
+        if max_observations is not None and (not isinstance(max_observations, int)
+                                             or max_observations < 2 * MIN_OBSERVATIONS):
+            raise ValueError(f"max_observations must be an integer >= {2 * MIN_OBSERVATIONS} or None, but got "
+                             f"{max_observations!r}")
         super().__init__(metric=metric, mode=mode)
 
         self._space = space
@@ -105,6 +123,7 @@ class GPSearcher(Searcher):
         self._acquisition = Acquisition(acquisition)
         self._kappa = float(kappa)
         self._xi = float(xi)
+        self._max_observations = max_observations
 
         # Everything below is the search state that save() keeps.
         self._rng = np.random.RandomState(seed)  # the only source of randomness, the GP's optimisers included
@@ -244,7 +263,7 @@ class GPSearcher(Searcher):
         """
         observed = self._distinct_observations()
         data = TargetSpace(None, self._bounds)
-        for point, target in observed.items():
+        for point, target in self._training_set(observed).items():
             data.register(np.array(point), target)
         lie = min(observed.values())
         for point in dict.fromkeys(self._pending.values()):  # distinct, in suggestion order
@@ -264,6 +283,18 @@ class GPSearcher(Searcher):
             logger.debug("GPSearcher: GP suggestion %s unusable, taking a random point", point)
             return self._random_point()
         return point
+
+    def _training_set(self, observed: dict[Point, float]) -> dict[Point, float]:
+        """What the GP is fitted on: every observation up to the cap; past it, the best ``cap // 2`` (ties: the
+        earlier) and the most recent of the others up to the cap. Completion order is kept either way."""
+        cap = self._max_observations
+        if cap is None or len(observed) <= cap:
+            return observed
+        points = list(observed)  # completion order
+        best = set(sorted(points, key=lambda point: observed[point], reverse=True)[:cap // 2])  # stable sort
+        others = [point for point in points if point not in best]
+        kept = best | set(others[len(others) - (cap - len(best)):])
+        return {point: value for point, value in observed.items() if point in kept}
 
     def _make_acquisition(self) -> AcquisitionFunction:
         if self._acquisition is Acquisition.UCB:

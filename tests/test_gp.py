@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
+from bayes_opt.target_space import TargetSpace
 from ray import tune
 
+import search_algs.gp
 from pf_ray.candidate import PerLayerSpace
-from search_algs.gp import GPSearcher
+from search_algs.gp import MAX_GP_OBSERVATIONS, GPSearcher
 from search_algs.spaces import uniform_starting_point
 
 SPACE = PerLayerSpace("layer_keep_ratios", ("conv1", "conv2", "conv3"), low=0.0, high=1.0)
@@ -177,8 +180,67 @@ def test_set_search_properties_errors_name_what_arrived():
     ({"acquisition": "pi"}, r"'pi'.*\['ucb', 'ei'\]"),
     ({"num_initial_points": -1}, "num_initial_points"),
     ({"kappa": -1.0}, "kappa"),
+    ({"max_observations": 3}, "max_observations"),
     ({"mode": "maximize"}, "maximize"),
 ])
 def test_constructor_rejects_bad_options(kwargs, match):
     with pytest.raises(ValueError, match=match):
         GPSearcher(SPACE, **kwargs)
+
+
+@pytest.fixture
+def gp_fits(monkeypatch) -> list[list[tuple[tuple[float, ...], float]]]:
+    """Per GP suggestion, the (point, target) pairs registered for the GP to fit, lies included, in order."""
+    fits = []
+
+    class RecordingTargetSpace(TargetSpace):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            fits.append([])
+
+        def register(self, params, target, *args, **kwargs):
+            fits[-1].append((tuple(float(v) for v in params), float(target)))
+            return super().register(params, target, *args, **kwargs)
+
+    monkeypatch.setattr(search_algs.gp, "TargetSpace", RecordingTargetSpace)
+    return fits
+
+
+@pytest.mark.parametrize("mode", ["max", "min"])
+def test_past_the_cap_the_gp_fits_the_best_half_and_the_most_recent(gp_fits, mode):
+    sign = 1.0 if mode == "max" else -1.0
+    values = [0.5, 0.9, 0.1, 0.8, 0.2, 0.7, 0.3, 0.05, 0.04, 0.03]  # better is higher, in "max" terms
+    searcher = GPSearcher(SPACE, metric="m", mode=mode, seed=0, num_initial_points=10, max_observations=6)
+    configs = [searcher.suggest(f"t{i}") for i in range(11)]  # the uniform point and 10 random ones
+    for index, value in enumerate(values):
+        searcher.on_trial_complete(f"t{index}", {"m": sign * value})  # t10 keeps running
+    searcher.suggest("next")  # a GP step over 10 observations and 1 pending point
+    assert len(gp_fits) == 1
+    point = [tuple(config.values()) for config in configs]
+    # The best 3 (t1, t3, t5) and the 3 most recent of the others (t7, t8, t9), in completion order, then the
+    # pending point with the lie: the worst value observed, left-out observations included.
+    assert gp_fits[0] == [(point[i], values[i]) for i in (1, 3, 5, 7, 8, 9)] + [(point[10], min(values))]
+
+
+def test_up_to_the_cap_suggestions_are_those_of_an_uncapped_gp(gp_fits):
+    capped = GPSearcher(SPACE, metric="score", mode="max", seed=0, max_observations=6)
+    uncapped = GPSearcher(SPACE, metric="score", mode="max", seed=0, max_observations=None)
+    run(capped, 7)  # suggestion i sees i observations: the last one sees exactly the cap
+    run(uncapped, 7)
+    assert capped.observations == uncapped.observations
+    assert [len(fit) for fit in gp_fits] == [4, 5, 6] * 2  # three GP steps each, nothing left out
+
+
+def test_suggest_at_500_observations_in_20_dimensions_is_bounded(gp_fits):
+    space = PerLayerSpace("layer_keep_ratios", tuple(f"conv{i}" for i in range(20)), low=0.1, high=1.0)
+    searcher = GPSearcher(space, metric="score", mode="max", seed=0, num_initial_points=499)
+    run(searcher, 500)  # the uniform point and 499 random ones: no GP step yet
+    assert gp_fits == []
+    started = time.perf_counter()
+    config = searcher.suggest("t500")
+    elapsed = time.perf_counter() - started
+    assert len(gp_fits[0]) == MAX_GP_OBSERVATIONS
+    assert all(space.low <= value <= space.high for value in config.values())
+    # Generous: about 0.5 s on the 2-core machine with the cap, 1.5-2 s without (bench/scale.py measures it
+    # properly); this only catches the cost growing with the observations again.
+    assert elapsed < 5.0
