@@ -107,12 +107,24 @@ def load_checkpoint(
     *,
     expect_input_shape: tuple[int, int, int] | None = None,
     expect_num_classes: int | None = None,
+    user_model: str | None = None,
 ) -> tuple[nn.Module, CheckpointInfo]:
-    """Rebuild the model (pruned layers resized to the stored shapes) and load its weights."""
+    """Rebuild the model (pruned layers resized to the stored shapes) and load its weights.
+
+    A checkpoint may name a user model (``file.py:function``): Python code that rebuilding it would run. That
+    happens only when the caller names the same model in ``user_model`` (the user named it: ``model.name`` of
+    the experiment, or ``--model`` of a command); a checkpoint alone never makes pf-ray import a file.
+    """
     from pf_ray.models import build_model
+    from pf_ray.models.user import is_user_model
     from pf_ray.ops.pruning import resize_to_state_dict_
 
     info, state_dict = read_checkpoint(path)
+    if is_user_model(info.model.name) and info.model.name != user_model:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} names the user model {info.model.name!r}, which pf-ray imports only when "
+            f"you name it yourself (model.name in the experiment, or --model for export/verify)"
+            + (f"; you named {user_model!r}" if user_model else ""))
     if expect_input_shape is not None and tuple(expect_input_shape) != info.input_shape:
         raise CheckpointError(f"checkpoint {str(path)!r} was trained on inputs {info.input_shape}; "
                               f"the dataset gives {tuple(expect_input_shape)}")

@@ -41,6 +41,9 @@ def _add_verify_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fail (exit 3) if an artifact is this much less accurate than its PyTorch model "
                              "(a fraction; default 0.02 = 2 points)")
     parser.add_argument("--json", action="store_true", help="print the verification as JSON")
+    parser.add_argument("--model", metavar="FILE.py:FUNCTION", help="the user model the checkpoint names, if any: "
+                                                                    "pf-ray imports a model file only when you "
+                                                                    "name it")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -143,7 +146,7 @@ def _export(args: argparse.Namespace) -> int:
     dataset = _dataset_config(args, info.extra, manifest=None)
     data = load_data(dataset)
     model, _ = load_checkpoint(args.checkpoint, expect_input_shape=data.input_shape,
-                               expect_num_classes=data.num_classes)
+                               expect_num_classes=data.num_classes, user_model=_user_model(args))
     checkpoint = Path(args.checkpoint)
     out = Path(args.out) if args.out else checkpoint.parent / f"{checkpoint.stem}-export"
     config = replace(ExperimentConfig(), dataset=dataset, export=export)
@@ -187,7 +190,7 @@ def _verify(args: argparse.Namespace) -> int:
     model = None
     if args.checkpoint:
         model, _ = load_checkpoint(args.checkpoint, expect_input_shape=data.input_shape,
-                                   expect_num_classes=data.num_classes)
+                                   expect_num_classes=data.num_classes, user_model=_user_model(args))
     if manifest is not None:
         changed = [p for p in check_manifest(manifest_path) if p.startswith(artifact.name + ":")]
         if changed:
@@ -241,6 +244,13 @@ def _print_rows(rows: list[dict[str, Any]], as_json: bool) -> None:
                      f" (PyTorch {100 * row['torch_test_accuracy']:.2f}%)")
         print(f"{Path(row['path']).name} [{row['format']}]: test accuracy {100 * row['test_accuracy']:.2f}%"
               f"{reference}{parity}; {row['size_bytes'] / 1024:.0f} KiB; {latency}")
+
+
+def _user_model(args: argparse.Namespace) -> str | None:
+    """--model, as the checkpoint records it (absolute path), or None."""
+    from pf_ray.models import absolute_model_name
+
+    return absolute_model_name(args.model) if args.model else None
 
 
 def _stderr(message: str) -> None:

@@ -126,6 +126,7 @@ def _describe(value: Any) -> str:
 
 
 MAX_SHOWN = 80  # characters of a received value quoted in an error message
+MAX_INT = 2**63 - 1  # the largest integer a setting may hold
 
 
 def _show(value: Any) -> str:
@@ -188,10 +189,14 @@ def _convert(hint: Any, value: Any, path: str) -> Any:
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{path}: got {_describe(value)}; expected an integer")
+        if abs(value) > MAX_INT:  # no setting needs more, and YAML/JSON writers choke on thousands of digits
+            raise ConfigError(f"{path}: got {_show(value)}; integers are at most {MAX_INT} in magnitude")
         return value
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: got {_describe(value)}; expected a number")
+        if isinstance(value, int) and abs(value) > MAX_INT:
+            raise ConfigError(f"{path}: got {_show(value)}; integers are at most {MAX_INT} in magnitude")
         return float(value)
     if hint is str:
         if not isinstance(value, str):
@@ -413,9 +418,16 @@ class StorageConfig:
     path: str = "runs"  # run folders and the baseline cache go here (local path, s3:// or gs://)
     name: str | None = None  # run folder name; None = "<model>-<learner>-<timestamp>"
     shared: bool = False  # a local path that is one shared filesystem (NFS) mounted alike on every node
+    # Local folder on the driver for runs whose storage.path is remote; the run folder is written here and
+    # uploaded to storage.path/<name> when the run ends, and after the config is written.
+    staging_path: str = "runs"
 
     def __post_init__(self) -> None:
         check_path("storage.path", self.path)
+        check_path("storage.staging_path", self.staging_path)
+        if "://" in self.staging_path:
+            raise ConfigError(f"storage.staging_path: got {_show(self.staging_path)}; expected a local folder "
+                              "on the driver (storage.path takes the s3:// or gs:// URI)")
         if self.name is not None:
             check_path("storage.name", self.name)
 

@@ -3,7 +3,9 @@
 This is the only module of ``pf_ray`` that wires Ray, the trainables and the search algorithms together, and
 it imports them lazily, so ``import pf_ray`` works without Ray.
 
-Run folder (``<storage.path>/<storage.name>``)::
+Run folder (``<storage.path>/<storage.name>``; with a remote ``storage.path`` (s3://, gs://) Ray writes search/ and
+retrain/ there directly, and the driver writes the rest in ``<storage.staging_path>/<storage.name>`` and uploads
+it to ``<storage.path>/<storage.name>`` after writing config.yaml and when the run ends)::
 
     config.yaml            the resolved experiment (every default filled in)
     search/                the Ray Tune experiment (one folder per trial)
@@ -22,7 +24,6 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -43,7 +44,7 @@ from pf_ray.candidate import (
     project,
 )
 from pf_ray.checkpoint import load_checkpoint, save_checkpoint
-from pf_ray.config import ExperimentConfig, Scoring, to_dict
+from pf_ray.config import ExperimentConfig, Scoring, StorageConfig, to_dict
 from pf_ray.data import DataBundle, load_data
 from pf_ray.errors import AccuracyGuardError, ConfigError, SearchError
 from pf_ray.learners import build_learner
@@ -69,11 +70,64 @@ class Prepared:
     config: ExperimentConfig
     data: DataBundle
     baseline_path: Path | None  # None: the baseline must be trained first
-    run_dir: Path
+    run_dir: Path  # the local run folder
+    run_storage: str  # where Ray writes search/ and retrain/: run_dir itself, or a URI (run_location)
 
 
 def _cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Where a run's files go.
+
+
+def is_remote(path: str) -> bool:
+    """A URI (s3://bucket/runs, gs://..., file://...): not a path on this machine, so never a ``Path``."""
+    return "://" in path
+
+
+def join_uri(base: str, *parts: str) -> str:
+    """``base/part/...`` for a URI, keeping its query (``s3://bucket/runs?region=eu-west-1``) at the end."""
+    root, question, query = base.partition("?")
+    return "/".join([root.rstrip("/"), *parts]) + question + query
+
+
+def local_root(storage: StorageConfig) -> Path:
+    """The driver's folder for run folders and the baseline cache: storage.path, or staging_path if remote."""
+    return Path(storage.staging_path if is_remote(storage.path) else storage.path)
+
+
+def run_location(storage: StorageConfig, name: str) -> tuple[Path, str]:
+    """The run's local folder, and where Ray writes its search/ and retrain/ (the same folder, or a URI)."""
+    folder = local_root(storage) / name
+    return folder, join_uri(storage.path, name) if is_remote(storage.path) else str(folder)
+
+
+def upload(run_dir: Path, run_storage: str) -> None:
+    """Copy the local run folder into the remote one (Ray's search/ and retrain/ there are kept)."""
+    if is_remote(run_storage):
+        import pyarrow.fs
+
+        filesystem, path = pyarrow.fs.FileSystem.from_uri(run_storage)
+        filesystem.create_dir(path, recursive=True)  # a no-op on object stores; file:// needs the folder
+        pyarrow.fs.copy_files(str(run_dir), path, destination_filesystem=filesystem)
+
+
+def _filesystem(location: str):
+    """pyarrow's filesystem and path for a URI or a local path."""
+    import pyarrow.fs
+
+    if is_remote(location):
+        return pyarrow.fs.FileSystem.from_uri(location)
+    return pyarrow.fs.LocalFileSystem(), str(Path(location).resolve())
+
+
+def _exists(location: str) -> bool:
+    import pyarrow.fs
+
+    filesystem, path = _filesystem(location)
+    return filesystem.get_file_info(path).type != pyarrow.fs.FileType.NotFound
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -85,8 +139,8 @@ def baseline_cache_path(config: ExperimentConfig) -> Path:
     key = json.dumps([to_dict(config.model), to_dict(config.dataset), to_dict(config.baseline.train),
                       config.seed], sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-    return Path(config.storage.path) / "baselines" / f"{config.model.name.replace('/', '_').replace(':', '_')}-" \
-                                                     f"{config.dataset.name}-{digest}.pt"
+    return local_root(config.storage) / "baselines" / f"{config.model.name.replace('/', '_').replace(':', '_')}-" \
+                                                      f"{config.dataset.name}-{digest}.pt"
 
 
 def train_baseline(config: ExperimentConfig, data: DataBundle, *, log: Log = print, force: bool = False) -> Path:
@@ -128,7 +182,8 @@ def with_absolute_paths(config: ExperimentConfig) -> ExperimentConfig:
         model=replace(config.model, name=absolute_model_name(config.model.name)),
         dataset=replace(config.dataset, data_dir=_absolute(config.dataset.data_dir)),
         baseline=replace(config.baseline, checkpoint=_absolute(config.baseline.checkpoint)),
-        storage=replace(config.storage, path=_absolute(config.storage.path)),
+        storage=replace(config.storage, path=_absolute(config.storage.path),
+                        staging_path=_absolute(config.storage.staging_path)),
         learner=replace(config.learner, options={
             key: _absolute(value) if key == "ratios_file" else value
             for key, value in config.learner.options.items()}),
@@ -145,7 +200,7 @@ def prepare(config: ExperimentConfig, *, log: Log = print) -> Prepared:
     if config.baseline.checkpoint:
         baseline_path = Path(config.baseline.checkpoint)
         model, info = load_checkpoint(baseline_path, expect_input_shape=data.input_shape,
-                                      expect_num_classes=data.num_classes)
+                                      expect_num_classes=data.num_classes, user_model=config.model.name)
         if info.model != config.model:
             raise ConfigError(f"baseline.checkpoint: {str(baseline_path)!r} holds model {info.model.name!r}; "
                               f"model.name is {config.model.name!r}")
@@ -162,10 +217,13 @@ def prepare(config: ExperimentConfig, *, log: Log = print) -> Prepared:
         max_concurrent_trials(config, available)
     name = config.storage.name or f"{config.model.name.replace('/', '_').replace(':', '_')}-" \
                                   f"{config.learner.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = Path(config.storage.path) / name
-    if run_dir.exists():
-        raise ConfigError(f"storage.name: run folder {str(run_dir)!r} already exists; choose another name")
-    return Prepared(config, data, baseline_path, run_dir)
+    run_dir, run_storage = run_location(config.storage, name)
+    taken = [str(run_dir)] if run_dir.exists() else []
+    if is_remote(run_storage) and _exists(run_storage):
+        taken.append(run_storage)
+    if taken:
+        raise ConfigError(f"storage.name: run folder {taken[0]!r} already exists; choose another name")
+    return Prepared(config, data, baseline_path, run_dir, run_storage)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -183,7 +241,9 @@ def start_ray(config: ExperimentConfig, *, log: Log = print) -> bool:
     if config.resources.ray_address:
         ray.init(address=config.resources.ray_address, logging_level="WARNING", log_to_driver=False)
     else:
-        ray.init(num_cpus=config.resources.num_cpus or _cpu_count(), include_dashboard=False,
+        # address "local": a Ray of our own, even where RAY_ADDRESS or another cluster's address file points
+        # elsewhere (without it, ray.init joins an existing cluster on this machine).
+        ray.init(address="local", num_cpus=config.resources.num_cpus or _cpu_count(), include_dashboard=False,
                  _node_ip_address="127.0.0.1", logging_level="WARNING", log_to_driver=False)
     resources = ray.cluster_resources()
     log(f"ray: {int(resources.get('CPU', 0))} CPUs, {int(resources.get('GPU', 0))} GPUs")
@@ -248,11 +308,12 @@ def _trial_log(log: Log, max_epochs: int):
     return TrialLog(log)
 
 
-def run_search(config: ExperimentConfig, space: PerLayerSpace, baseline_path: Path, run_dir: Path, *,
+def run_search(config: ExperimentConfig, space: PerLayerSpace, baseline_path: Path, run_storage: str | Path, *,
                log: Log = print, resume: bool = False) -> list[dict[str, Any]]:
     """Ray Tune search with ASHA; returns one record per trial (values, last metrics, status, error).
 
-    ``resume``: continue the search saved in ``run_dir/search`` (``pf-ray resume``): finished trials are kept,
+    ``run_storage``: the run folder, or its URI for a remote storage.path; the experiment goes to its search/.
+    ``resume``: continue the search saved in ``run_storage/search`` (``pf-ray resume``): finished trials are kept,
     unfinished ones continue from their last checkpoint (or start again), and the searcher's state (DDPG agent
     and replay buffer, GP observations, TPE history) is restored from Tune's experiment checkpoint.
     """
@@ -272,9 +333,10 @@ def run_search(config: ExperimentConfig, space: PerLayerSpace, baseline_path: Pa
     reserve, cost = trial_cost(config)
     # Re-derived from the cluster's CPUs before each new trial: nodes that join (autoscaling) raise it.
     searcher = ClusterConcurrency(searcher, cpus_per_trial=cost)
+    # The checkpoint's bytes travel through Ray's object store: trials on other nodes cannot read our disk.
     trainable = tune.with_resources(
         tune.with_parameters(get_trainable(config.learner.name), experiment=to_dict(config),
-                             baseline_checkpoint=str(baseline_path)),
+                             baseline_checkpoint=Path(baseline_path).read_bytes()),
         reserve,
     )
     log(f"search: {search.algorithm.value}, {search.num_trials} trials over {len(space.names)} layer groups, "
@@ -284,15 +346,17 @@ def run_search(config: ExperimentConfig, space: PerLayerSpace, baseline_path: Pa
     # Tune saves the experiment state (trials, searcher, scheduler) at most this often; "0" = after every event,
     # so a driver killed at any moment loses no finished trial (the state is small; this costs milliseconds).
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
-    search_dir = run_dir / SEARCH_DIR
-    if resume and tune.Tuner.can_restore(str(search_dir)):
+    run_storage = str(run_storage)
+    search_dir = join_uri(run_storage, SEARCH_DIR) if is_remote(run_storage) else str(Path(run_storage, SEARCH_DIR))
+    if resume and tune.Tuner.can_restore(search_dir):
         log(f"search: resuming {search_dir}")
-        tuner = tune.Tuner.restore(str(search_dir), trainable=trainable, resume_unfinished=True,
+        tuner = tune.Tuner.restore(search_dir, trainable=trainable, resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)
         return _trial_records(tuner.fit(), space)
-    if search_dir.exists():  # stopped before Tune saved any experiment state: nothing in it can be resumed
+    if _exists(search_dir):  # stopped before Tune saved any experiment state: nothing in it can be resumed
         log(f"search: {search_dir} holds no saved search state; starting the search again")
-        shutil.rmtree(search_dir)
+        filesystem, path = _filesystem(search_dir)
+        filesystem.delete_dir(path)
     tuner = tune.Tuner(
         trainable,
         param_space=param_space,
@@ -305,7 +369,7 @@ def run_search(config: ExperimentConfig, space: PerLayerSpace, baseline_path: Pa
             num_samples=search.num_trials,
             trial_dirname_creator=lambda trial: trial.trial_id,
         ),
-        run_config=tune.RunConfig(name=SEARCH_DIR, storage_path=str(run_dir), verbose=1,
+        run_config=tune.RunConfig(name=SEARCH_DIR, storage_path=run_storage, verbose=1,
                                   callbacks=[_trial_log(log, max_epochs)],
                                   failure_config=tune.FailureConfig(max_failures=search.max_failures)),
     )
@@ -389,8 +453,12 @@ def _follow(path: Path, log: Log, interval: float = 0.5):
 
 
 def retrain(config: ExperimentConfig, learner_config: Any, baseline_path: Path, run_dir: Path, *,
-            log: Log = print) -> torch.nn.Module:
-    """Compress the baseline with the chosen settings and fine-tune it with the full budget on Ray Train."""
+            log: Log = print, run_storage: str | None = None) -> torch.nn.Module:
+    """Compress the baseline with the chosen settings and fine-tune it with the full budget on Ray Train.
+
+    The Train run goes to ``<run_storage>/retrain`` (default: the run folder); its progress log and TensorBoard
+    files to ``run_dir/retrain`` on this machine.
+    """
     from trainables._common import MODEL_FILE, ray_train_fit
 
     log(f"retrain: {config.retrain.train.epochs} epoch(s) on {config.retrain.num_workers} Ray Train worker(s)")
@@ -404,13 +472,13 @@ def retrain(config: ExperimentConfig, learner_config: Any, baseline_path: Path, 
         result = ray_train_fit(
             config,
             learner_config=to_dict(learner_config),
-            baseline_checkpoint=str(baseline_path),
+            baseline_checkpoint=Path(baseline_path).read_bytes(),  # through the object store, as for trials
             train_config=config.retrain.train,
             validation_subset=None,
             num_workers=config.retrain.num_workers,
             cpus_per_worker=max(1, min(int(largest_node), cpus // config.retrain.num_workers)),
             name="retrain",
-            storage_path=str(run_dir),
+            storage_path=run_storage or str(run_dir),
             progress_file=str(progress),
             tensorboard_dir=str(run_dir / "retrain" / "tensorboard"),
         )
@@ -419,7 +487,7 @@ def retrain(config: ExperimentConfig, learner_config: Any, baseline_path: Path, 
     log(f"retrain: validation accuracy {result.metrics.get(ACCURACY, float('nan')):.4f} after "
         f"{result.metrics.get(EPOCH)} epoch(s)")
     with result.checkpoint.as_directory() as directory:
-        model, _ = load_checkpoint(Path(directory) / MODEL_FILE)
+        model, _ = load_checkpoint(Path(directory) / MODEL_FILE, user_model=config.model.name)
     return model
 
 
@@ -433,16 +501,17 @@ def compress(config: ExperimentConfig, *, log: Log = print, command: str | None 
 
     started = time.time()
     prepared = prepare(config, log=log)
-    config, run_dir = prepared.config, prepared.run_dir
+    config, run_dir, run_storage = prepared.config, prepared.run_dir, prepared.run_storage
     with _ray_for(config, log=log):
         check_storage(config)
         run_dir.mkdir(parents=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
         if command:
             (run_dir / COMMAND_FILE).write_text(command + "\n")
-        log(f"run folder: {run_dir}")
-        return _pipeline(config, prepared.data, prepared.baseline_path, run_dir, log=log, command=command,
-                         started=started, resume=False)
+        upload(run_dir, run_storage)
+        log(f"run folder: {run_dir}" + (f" (uploaded to {run_storage})" if run_storage != str(run_dir) else ""))
+        return _pipeline(config, prepared.data, prepared.baseline_path, run_dir, run_storage, log=log,
+                         command=command, started=started, resume=False)
 
 
 def resume(run_dir: str | Path, *, log: Log = print) -> dict[str, Any]:
@@ -451,8 +520,14 @@ def resume(run_dir: str | Path, *, log: Log = print) -> dict[str, Any]:
     The baseline is reused from its cache, the search continues from Tune's last experiment checkpoint (finished
     trials kept, the searcher's state restored), the retrain from its last epoch checkpoint; export, verification
     and the report run again. The run folder is trusted input: Tune unpickles its saved state.
+
+    ``run_dir`` is the local run folder; with a remote storage.path (in its config.yaml) the search and retrain
+    are found at ``<storage.path>/<folder name>``.
     """
     started = time.time()
+    if is_remote(str(run_dir)):
+        raise ConfigError(f"run_dir: got {str(run_dir)!r}; pass the local run folder (under "
+                          f"storage.staging_path on the machine that started the run), not the storage URI")
     run_dir = Path(run_dir).expanduser().resolve()
     config_file = run_dir / "config.yaml"
     if not config_file.is_file():
@@ -465,6 +540,7 @@ def resume(run_dir: str | Path, *, log: Log = print) -> dict[str, Any]:
     from pf_ray.report import COMMAND_FILE
 
     config = load_experiment(config_file)
+    run_storage = join_uri(config.storage.path, run_dir.name) if is_remote(config.storage.path) else str(run_dir)
     data = load_data(config.dataset, seed=config.seed)
     baseline_path: Path | None = None
     if config.baseline.checkpoint:
@@ -477,9 +553,10 @@ def resume(run_dir: str | Path, *, log: Log = print) -> dict[str, Any]:
     command = command_file.read_text().strip() if command_file.is_file() else None
     with _ray_for(config, log=log):
         check_storage(config)
-        log(f"resume: {run_dir}")
-        return _pipeline(config, data, baseline_path, run_dir, log=log, command=command, started=started,
-                         resume=True)
+        log(f"resume: {run_dir}" + (f" (search and retrain in {run_storage})" if run_storage != str(run_dir)
+                                    else ""))
+        return _pipeline(config, data, baseline_path, run_dir, run_storage, log=log, command=command,
+                         started=started, resume=True)
 
 
 @contextlib.contextmanager
@@ -510,10 +587,10 @@ def check_storage(config: ExperimentConfig) -> None:
             f"an NFS folder mounted at the same path on every node with storage.shared: true")
 
 
-def _pipeline(config: ExperimentConfig, data: DataBundle, baseline_path: Path | None, run_dir: Path, *,
-              log: Log, command: str | None, started: float, resume: bool) -> dict[str, Any]:
+def _pipeline(config: ExperimentConfig, data: DataBundle, baseline_path: Path | None, run_dir: Path,
+              run_storage: str, *, log: Log, command: str | None, started: float, resume: bool) -> dict[str, Any]:
     """Baseline -> search -> retrain -> export -> verify -> results.json and report, in an existing run folder
-    (Ray already connected)."""
+    (Ray already connected); the run folder is uploaded to ``run_storage`` at the end if that is remote."""
     from pf_ray.candidate import candidate_learner_config
     from pf_ray.export.verify import accuracy_guard
     from pf_ray.report import write_report
@@ -521,20 +598,20 @@ def _pipeline(config: ExperimentConfig, data: DataBundle, baseline_path: Path | 
     try:
         baseline_path = baseline_path or train_baseline(config, data, log=log)
         baseline, baseline_info = load_checkpoint(baseline_path, expect_input_shape=data.input_shape,
-                                                  expect_num_classes=data.num_classes)
+                                                  expect_num_classes=data.num_classes, user_model=config.model.name)
 
         space = per_layer_space(config, baseline, data.input_shape)
         trials: list[dict[str, Any]] = []
         best: dict[str, Any] | None = None
         if space is not None:
-            trials = run_search(config, space, baseline_path, run_dir, log=log, resume=resume)
+            trials = run_search(config, space, baseline_path, run_storage, log=log, resume=resume)
             best = choose_best(trials, search_epochs(config))
             learner_config = candidate_learner_config(config, baseline, data.input_shape, best["proposal"])
             log(f"search: best trial {best['trial_id']}: validation accuracy {best[ACCURACY]:.4f} at "
                 f"{best[MACS_RATIO]:.3f} of the baseline MACs")
         else:
             learner_config = config.learner_config()
-        model = retrain(config, learner_config, baseline_path, run_dir, log=log)
+        model = retrain(config, learner_config, baseline_path, run_dir, log=log, run_storage=run_storage)
 
         artifacts_dir = run_dir / "artifacts"
         save_checkpoint(artifacts_dir / "compressed.pt", model, model_config=config.model,
@@ -572,6 +649,10 @@ def _pipeline(config: ExperimentConfig, data: DataBundle, baseline_path: Path | 
     except BaseException:
         log(f"run failed; partial run folder left for inspection (`pf-ray resume {run_dir}` continues it)")
         raise
+    finally:
+        if is_remote(run_storage):  # the run folder, finished or not, next to its search and retrain
+            upload(run_dir, run_storage)
+            log(f"uploaded {run_dir} to {run_storage}")
 
 
 def export_and_verify(models: dict[str, torch.nn.Module], data: DataBundle, config: ExperimentConfig,

@@ -13,6 +13,7 @@ import io
 import json
 import os
 import re
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,7 +76,15 @@ def load_run(run_dir: str | Path) -> RunRecord:
     command = command_path.read_text().strip() if command_path.is_file() else f"pf-ray compress {config_path}"
     results_path = run_dir / "results.json"
     if not results_path.is_file():
-        trials, names = _trials_from_tune(run_dir / "search")
+        storage_path = str((config.get("storage") or {}).get("path") or "")
+        if "://" in storage_path and not (run_dir / "search").is_dir():  # the search is in the remote storage
+            from pf_ray.launch import join_uri
+
+            with tempfile.TemporaryDirectory() as directory:
+                search_dir = _fetch_search(join_uri(storage_path, run_dir.name, "search"), Path(directory))
+                trials, names = _trials_from_tune(search_dir)
+        else:
+            trials, names = _trials_from_tune(run_dir / "search")
         best = best_trial(trials, _max_epochs(config))
         chosen = (best or {}).get("layer_values") or (best or {}).get("proposal") or []
         return RunRecord(run_dir, False, config, config_text, command, _ordered(trials), best, names,
@@ -153,6 +162,25 @@ def _trials_from_tune(search_dir: Path) -> tuple[list[dict[str, Any]], list[str]
                      error=(error[0][:500] if error else None) or (None if lines else "no result reported"))
         trials.append(trial)
     return trials, names
+
+
+def _fetch_search(search_uri: str, into: Path) -> Path:
+    """Copy the files ``_trials_from_tune`` reads (each trial's params.json, result.json, error.txt) of a remote
+    search into ``into``; nothing else (checkpoints, Tune's pickled state) is fetched."""
+    import pyarrow.fs
+
+    filesystem, root = pyarrow.fs.FileSystem.from_uri(search_uri)
+    for folder in filesystem.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True)):
+        if folder.type != pyarrow.fs.FileType.Directory:
+            continue
+        for name in ("params.json", "result.json", "error.txt"):
+            source = f"{folder.path}/{name}"
+            if filesystem.get_file_info(source).is_file:
+                target = into / folder.base_name / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with filesystem.open_input_stream(source) as stream:
+                    target.write_bytes(stream.read())
+    return into
 
 
 def _ordered(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:

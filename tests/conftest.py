@@ -17,8 +17,9 @@ def ray_session():
     """A local Ray for the whole test session, with 4 logical CPUs so nested Train workers fit."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="WARNING",
-             log_to_driver=False)
+    # address "local": a Ray of the tests' own, never another cluster running on this machine.
+    ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1",
+             logging_level="WARNING", log_to_driver=False)
     yield ray
     ray.shutdown()
 

@@ -90,3 +90,27 @@ def test_wrong_input_shape_classes_or_architecture(tmp_path):
                             input_shape=SHAPE, num_classes=10)
     with pytest.raises(CheckpointError, match="does not match model 'resnet20'"):
         load_checkpoint(wrong)
+
+
+def test_a_user_model_named_by_a_checkpoint_runs_only_when_the_caller_names_it(tmp_path):
+    marker = tmp_path / "imported"
+    module = tmp_path / "net.py"
+    module.write_text(
+        "from pathlib import Path\n"
+        f"Path({str(marker)!r}).touch()  # importing this file leaves a trace\n"
+        "import torch\n"
+        "def build(in_channels, num_classes):\n"
+        "    return torch.nn.Sequential(torch.nn.Conv2d(in_channels, 4, 3), torch.nn.Flatten(),\n"
+        "                               torch.nn.Linear(4 * 6 * 6, num_classes))\n")
+    name = f"{module}:build"
+    # The same network built here, so that writing the checkpoint does not import the file.
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 3))
+    path = save_checkpoint(tmp_path / "user.pt", model, model_config=ModelConfig(name), input_shape=(1, 8, 8),
+                           num_classes=3)
+    for named in (None, f"{tmp_path / 'other.py'}:build"):
+        with pytest.raises(CheckpointError, match="names the user model .*imports only when you name it"):
+            load_checkpoint(path, user_model=named)
+        assert not marker.exists()  # refused before any import
+    loaded, info = load_checkpoint(path, user_model=name)
+    assert marker.exists() and info.model.name == name
+    assert torch.equal(loaded(torch.ones(1, 1, 8, 8)), model.eval()(torch.ones(1, 1, 8, 8)))

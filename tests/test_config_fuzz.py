@@ -23,7 +23,8 @@ from pf_ray.learners import learner_config_class
 from pf_ray.registry import DATASETS, LEARNERS, MODELS
 
 # Deterministic (the same examples on every run, no example database written): a failure is reproducible.
-FUZZ = settings(max_examples=200, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=200, deadline=None, derandomize=True, database=None,
+                suppress_health_check=[HealthCheck.too_slow])
 
 # 10**5000: Python refuses to print it (over 4300 digits), so hypothesis draws an index, not the number itself.
 HUGE = [10**5000, -(10**5000), 2**63, -(2**63) - 1, 10**20]

@@ -190,7 +190,7 @@ def test_a_diverging_trial_and_a_crashing_one_do_not_stop_the_search(ray_session
     assert sorted(by_slot) == [0, 1, 2, 3]
     diverged, crashed = by_slot[0], by_slot[1]
     assert diverged["error"].startswith("FloatingPointError: training diverged: loss is ")
-    assert crashed["error"] is None and crashed[EPOCH] == 2
+    assert crashed["error"] is None and crashed[EPOCH] >= 1  # finished, or stopped by ASHA like any other
     assert (faults / f"attempts-{crashed['trial_id']}").read_text() == "xx"  # failed once, retried once
     assert all(t["error"] is None for slot, t in by_slot.items() if slot != 0)
     search_dir = tmp_path / "run" / "search"

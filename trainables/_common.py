@@ -36,16 +36,19 @@ MODEL_FILE = "model.pt"  # inside each Ray Train checkpoint directory
 
 
 def run_trial(learner_name: str, config: dict[str, Any], *, experiment: dict[str, Any],
-              baseline_checkpoint: str) -> None:
-    """Fine-tune the candidate that ``config`` (flat per-layer values) describes; report every epoch."""
+              baseline_checkpoint: str | bytes) -> None:
+    """Fine-tune the candidate that ``config`` (flat per-layer values) describes; report every epoch.
+
+    ``baseline_checkpoint``: the checkpoint file's bytes (what ``pf-ray compress`` sends, through Ray's object
+    store, so any node can run the trial), or a path readable here.
+    """
     from ray import tune
 
     spec = from_dict(ExperimentConfig, experiment)
     if spec.learner.name != learner_name:
         raise ConfigError(f"trainable {learner_name!r} was given learner {spec.learner.name!r}")
     data = load_data(spec.dataset, seed=spec.seed)
-    baseline, _ = load_checkpoint(baseline_checkpoint, expect_input_shape=data.input_shape,
-                                  expect_num_classes=data.num_classes)
+    baseline = load_baseline(baseline_checkpoint, data.input_shape, data.num_classes, user_model=spec.model.name)
     space = per_layer_space(spec, baseline, data.input_shape)
     values = space.values_from(config) if space is not None else None
     learner_config = candidate_learner_config(spec, baseline, data.input_shape, values)
@@ -65,6 +68,11 @@ def run_trial(learner_name: str, config: dict[str, Any], *, experiment: dict[str
     from ray.tune.integration.ray_train import TuneReportCallback
 
     context = tune.get_context()
+    if "://" in spec.storage.path:  # remote storage: the Train run goes in the trial's folder there, which
+        storage = context.get_storage()  # every node (and a resumed driver) can reach
+        storage_path, filesystem = f"{storage.trial_fs_path}/train", storage.storage_filesystem
+    else:
+        storage_path, filesystem = str(Path(context.get_trial_dir()) / "train"), None
     ray_train_fit(
         spec,
         learner_config=to_dict(learner_config),
@@ -74,22 +82,39 @@ def run_trial(learner_name: str, config: dict[str, Any], *, experiment: dict[str
         num_workers=spec.resources.workers_per_trial,
         cpus_per_worker=spec.resources.cpus_per_worker,
         name=context.get_trial_id(),
-        storage_path=str(Path(context.get_trial_dir()) / "train"),
+        storage_path=storage_path,
+        storage_filesystem=filesystem,
         callbacks=[TuneReportCallback()],
     )
+
+
+def load_baseline(checkpoint: str | bytes, input_shape: tuple[int, int, int], num_classes: int, *,
+                  user_model: str) -> torch.nn.Module:
+    """The baseline from a checkpoint file's bytes (written to a temporary file first) or from its path.
+
+    ``user_model``: the experiment's ``model.name`` (a user model file is imported only if it is the one named)."""
+    if isinstance(checkpoint, str):
+        return load_checkpoint(checkpoint, expect_input_shape=input_shape, expect_num_classes=num_classes,
+                               user_model=user_model)[0]
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "baseline.pt"
+        path.write_bytes(checkpoint)
+        return load_checkpoint(path, expect_input_shape=input_shape, expect_num_classes=num_classes,
+                               user_model=user_model)[0]
 
 
 def ray_train_fit(
     spec: ExperimentConfig,
     *,
     learner_config: dict[str, Any],
-    baseline_checkpoint: str,
+    baseline_checkpoint: str | bytes,
     train_config: TrainConfig,
     validation_subset: int | None,
     num_workers: int,
     cpus_per_worker: int,
     name: str,
     storage_path: str,
+    storage_filesystem: Any = None,
     callbacks: list[Any] = (),
     max_failures: int = 2,
     progress_file: str | None = None,
@@ -97,6 +122,9 @@ def ray_train_fit(
 ):
     """Compress + fine-tune with a ``TorchTrainer`` of ``num_workers``; returns the ``ray.train.Result``.
 
+    ``baseline_checkpoint``: the checkpoint file's bytes (sent to the workers through Ray's object store) or a
+    path every worker can read. ``storage_path``: a local folder or a URI (s3://...), or a path on
+    ``storage_filesystem`` (a ``pyarrow.fs.FileSystem``) when that is given.
     Resumes from the last checkpoint of the run ``(storage_path, name)`` if there is one, and retries a worker
     group that died (a lost node) up to ``max_failures`` times from its last checkpoint. ``progress_file``:
     rank 0 appends a line per epoch to it (on the driver's file system: local runs only), which the driver
@@ -126,6 +154,7 @@ def ray_train_fit(
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
             callbacks=list(callbacks),
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
@@ -150,13 +179,13 @@ def _train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:  # a restarted worker group: continue after the last finished epoch
         with checkpoint.as_directory() as directory:
-            model, info = load_checkpoint(Path(directory) / MODEL_FILE)
+            model, info = load_checkpoint(Path(directory) / MODEL_FILE, user_model=spec.model.name)
         start_epoch = int(info.extra[EPOCH])
         candidate = Candidate(model, build_learner(spec.learner.name, learner_config), learner_config,
                               dict(info.extra["static_metrics"]))
     else:
-        baseline, _ = load_checkpoint(loop_config["baseline_checkpoint"], expect_input_shape=data.input_shape,
-                                      expect_num_classes=data.num_classes)
+        baseline = load_baseline(loop_config["baseline_checkpoint"], data.input_shape, data.num_classes,
+                                 user_model=spec.model.name)
         candidate = compress(spec, baseline, data, learner_config)
 
     board = None

@@ -7,5 +7,5 @@ from typing import Any
 from trainables._common import run_trial
 
 
-def channel_pruning(config: dict[str, Any], *, experiment: dict[str, Any], baseline_checkpoint: str) -> None:
+def channel_pruning(config: dict[str, Any], *, experiment: dict[str, Any], baseline_checkpoint: str | bytes) -> None:
     run_trial("channel_pruning", config, experiment=experiment, baseline_checkpoint=baseline_checkpoint)

@@ -7,5 +7,5 @@ from typing import Any
 from trainables._common import run_trial
 
 
-def full_precision(config: dict[str, Any], *, experiment: dict[str, Any], baseline_checkpoint: str) -> None:
+def full_precision(config: dict[str, Any], *, experiment: dict[str, Any], baseline_checkpoint: str | bytes) -> None:
     run_trial("full_precision", config, experiment=experiment, baseline_checkpoint=baseline_checkpoint)
