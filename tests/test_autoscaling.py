@@ -84,6 +84,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.ray
+@pytest.mark.slow  # about 75 s: `make test-slow`
 def test_workers_scale_up_from_zero_and_back_down(tmp_path):
     if shutil.which("ray") is None:
         pytest.skip("the `ray` command is not on PATH")

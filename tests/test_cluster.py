@@ -150,6 +150,7 @@ def test_trials_spread_over_nodes_and_a_local_path_needs_to_be_shared(tmp_path):
     assert len(seen["trial_nodes"]) >= 2, f"every trial ran on one node: {seen}"
 
 
+@pytest.mark.slow  # about 70 s: `make test-slow`
 def test_a_lost_node_restarts_the_train_workers_from_the_last_checkpoint(tmp_path):
     seen = _run(NODE_LOSS, tmp_path)
     assert seen["removed"].get("node"), f"no worker node was removed: {seen}"

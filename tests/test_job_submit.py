@@ -102,12 +102,14 @@ def test_ray_job_submit_runs_the_quickstart(head, tmp_path):
     working_dir.mkdir()
     (working_dir / "quickstart.yaml").write_text(yaml.safe_dump(QUICKSTART))
     runs = tmp_path / "runs"
-    submit = subprocess.run(
-        ["ray", "job", "submit", f"--address={address}", f"--working-dir={working_dir}", "--",
-         "pf-ray", "compress", "quickstart.yaml", "--set", "resources.ray_address=auto",
-         "--set", f"storage.path={runs}", "--set", "storage.name=quick"],
-        env=env, capture_output=True, text=True, timeout=480,
-    )
+    command = ["ray", "job", "submit", f"--address={address}", f"--working-dir={working_dir}", "--",
+               "pf-ray", "compress", "quickstart.yaml", "--set", "resources.ray_address=auto",
+               "--set", f"storage.path={runs}", "--set", "storage.name=quick"]
+    for _ in range(30):  # the Jobs API answers before the head's job agent is up: "No available agent", retry
+        submit = subprocess.run(command, env=env, capture_output=True, text=True, timeout=480)
+        if "No available agent to submit job" not in submit.stdout + submit.stderr:
+            break
+        time.sleep(2)
     assert submit.returncode == 0, (submit.stdout + submit.stderr)[-4000:]
     assert "succeeded" in submit.stdout  # `ray job submit` follows the logs, then reports the job's status
     assert "ray: 2 CPUs" in submit.stdout  # the job joined the head's cluster, not a Ray of its own
