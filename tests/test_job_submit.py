@@ -65,7 +65,10 @@ def head(tmp_path):
     process = subprocess.Popen(
         ["setsid", "ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
          "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dashboard_port}", f"--temp-dir={temp_dir}"],
+         f"--dashboard-port={dashboard_port}", f"--temp-dir={temp_dir}",
+         # The job agent's own port: the default (52365) is taken by any other Ray on this machine (the test
+         # session's own, for one), and then the head has "No available agent to submit job".
+         f"--dashboard-agent-listen-port={_free_port()}"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     address = f"http://127.0.0.1:{dashboard_port}"
