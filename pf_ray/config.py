@@ -51,6 +51,11 @@ def check_range(
         raise ConfigError(f"{name}: got {_show(value)}; allowed range is {left}{low_text}, {high_text}{right}")
 
 
+def is_remote(path: str) -> bool:
+    """A URI (s3://bucket/runs, gs://..., file://...): not a path on this machine, so never a ``Path``."""
+    return "://" in path
+
+
 def check_choice(name: str, value: Any, choices: typing.Iterable[Any]) -> None:
     choices = list(choices)
     if value not in choices:
@@ -425,7 +430,7 @@ class StorageConfig:
     def __post_init__(self) -> None:
         check_path("storage.path", self.path)
         check_path("storage.staging_path", self.staging_path)
-        if "://" in self.staging_path:
+        if is_remote(self.staging_path):
             raise ConfigError(f"storage.staging_path: got {_show(self.staging_path)}; expected a local folder "
                               "on the driver (storage.path takes the s3:// or gs:// URI)")
         if self.name is not None:

@@ -44,7 +44,7 @@ from pf_ray.candidate import (
     project,
 )
 from pf_ray.checkpoint import load_checkpoint, save_checkpoint
-from pf_ray.config import ExperimentConfig, Scoring, StorageConfig, to_dict
+from pf_ray.config import ExperimentConfig, Scoring, StorageConfig, is_remote, to_dict
 from pf_ray.data import DataBundle, load_data
 from pf_ray.errors import AccuracyGuardError, ConfigError, SearchError
 from pf_ray.learners import build_learner
@@ -80,11 +80,6 @@ def _cpu_count() -> int:
 
 # --------------------------------------------------------------------------------------------------------------
 # Where a run's files go.
-
-
-def is_remote(path: str) -> bool:
-    """A URI (s3://bucket/runs, gs://..., file://...): not a path on this machine, so never a ``Path``."""
-    return "://" in path
 
 
 def join_uri(base: str, *parts: str) -> str:
@@ -170,7 +165,7 @@ def train_baseline(config: ExperimentConfig, data: DataBundle, *, log: Log = pri
 
 
 def _absolute(path: str | None) -> str | None:
-    if path is None or "://" in path:  # None, or a URI (s3://, gs://) that is not ours to resolve
+    if path is None or is_remote(path):  # None, or a URI (s3://, gs://) that is not ours to resolve
         return path
     return str(Path(path).expanduser().resolve())
 
@@ -577,7 +572,7 @@ def check_storage(config: ExperimentConfig) -> None:
     import ray
 
     path = config.storage.path
-    if "://" in path or config.storage.shared:
+    if is_remote(path) or config.storage.shared:
         return
     nodes = [node for node in ray.nodes() if node.get("Alive")]
     if len(nodes) > 1:

@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from pf_ray.candidate import best_trial
+from pf_ray.config import is_remote
 from pf_ray.errors import ConfigError, PfRayError
 from pf_ray.metrics import finite_number
 
@@ -77,7 +78,7 @@ def load_run(run_dir: str | Path) -> RunRecord:
     results_path = run_dir / "results.json"
     if not results_path.is_file():
         storage_path = str((config.get("storage") or {}).get("path") or "")
-        if "://" in storage_path and not (run_dir / "search").is_dir():  # the search is in the remote storage
+        if is_remote(storage_path) and not (run_dir / "search").is_dir():  # the search is in the remote storage
             from pf_ray.launch import join_uri
 
             with tempfile.TemporaryDirectory() as directory:

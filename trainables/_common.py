@@ -26,7 +26,7 @@ from pf_ray.candidate import (
     score,
 )
 from pf_ray.checkpoint import load_checkpoint, save_checkpoint
-from pf_ray.config import ExperimentConfig, Scoring, TrainConfig, from_dict, to_dict
+from pf_ray.config import ExperimentConfig, Scoring, TrainConfig, from_dict, is_remote, to_dict
 from pf_ray.data import load_data
 from pf_ray.errors import ConfigError
 from pf_ray.learners import build_learner, learner_config_class
@@ -68,7 +68,7 @@ def run_trial(learner_name: str, config: dict[str, Any], *, experiment: dict[str
     from ray.tune.integration.ray_train import TuneReportCallback
 
     context = tune.get_context()
-    if "://" in spec.storage.path:  # remote storage: the Train run goes in the trial's folder there, which
+    if is_remote(spec.storage.path):  # remote storage: the Train run goes in the trial's folder there, which
         storage = context.get_storage()  # every node (and a resumed driver) can reach
         storage_path, filesystem = f"{storage.trial_fs_path}/train", storage.storage_filesystem
     else:
