@@ -126,7 +126,7 @@ def synthetic_space(dims: int) -> PerLayerSpace:
     """Keep ratios for the ``dims`` conv layers of a plain CNN, with the MACs budget and features of the real thing."""
     from torch import nn
 
-    from pf_ray.candidate import MacsBudget, _layer_features
+    from pf_ray.candidate import MacsBudget, layer_features
     from pf_ray.learners.channel_pruning import search_dimensions
     from pf_ray.ops.pruning import macs_table
 
@@ -144,7 +144,7 @@ def synthetic_space(dims: int) -> PerLayerSpace:
         raise RuntimeError(f"the synthetic CNN has {len(names)} prunable groups, expected {dims}")
     budget = MacsBudget(TARGET_MACS_RATIO, macs_table(model, shape), ROUND_TO)
     return PerLayerSpace("layer_keep_ratios", names, low=0.1, high=1.0, budget=budget,
-                         features=_layer_features(model, shape, names))
+                         features=layer_features(model, shape, names))
 
 
 def synthetic_score(config: dict[str, float]) -> float:

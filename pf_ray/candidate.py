@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from pf_ray.config import ExperimentConfig, Reward, TrainConfig
+from pf_ray.config import DistillationConfig, ExperimentConfig, Reward, TrainConfig
 from pf_ray.data import DataBundle
 from pf_ray.learners import build_learner
 from pf_ray.metrics import finite_number, layer_table, model_stats
@@ -32,6 +32,9 @@ LATENCY_EXPONENT = -0.07  # MnasNet's soft-constraint exponent: 2x over the targ
 PARAMS = "params"
 MACS_RATIO = "macs_ratio"  # candidate MACs / baseline MACs
 LAYER_VALUES = "layer_values"  # the projected per-layer vector the learner used (e.g. keep ratios)
+
+# The learner config fields that hold one searched value per layer (PerLayerSpace.field of each learner).
+SEARCHED_FIELDS = ("layer_keep_ratios", "layer_sparsities", "layer_bits")
 
 # How per-layer values appear in a Tune config: flat keys (nested spaces break HyperOpt's initial points).
 LAYER_KEY = "layer_{:02d}"
@@ -93,11 +96,14 @@ def per_layer_space(experiment: ExperimentConfig, model: nn.Module,
         budget = MacsBudget(experiment.search.target_macs_ratio, macs_table(model, input_shape),
                             learner_config.round_to)
         return PerLayerSpace("layer_keep_ratios", names, low=learner_config.min_keep_ratio, high=1.0,
-                             budget=budget, features=_layer_features(model, input_shape, names))
-    return None
+                             budget=budget, features=layer_features(model, input_shape, names))
+    # Every other learner owns its budget (a global sparsity, an average bit width) and describes its own space.
+    learner = build_learner(experiment.learner.name, experiment.learner_config())
+    search_space = getattr(learner, "search_space", None)
+    return None if search_space is None else search_space(model, input_shape)
 
 
-def _layer_features(model: nn.Module, input_shape: tuple[int, int, int],
+def layer_features(model: nn.Module, input_shape: tuple[int, int, int],
                     names: Sequence[str]) -> tuple[tuple[float, ...], ...]:
     """One row of LAYER_FEATURES per searched layer, from the layer (conv/linear) that each name refers to."""
     rows = {layer.name: layer for layer in layer_table(model, input_shape)}
@@ -120,7 +126,8 @@ def project(experiment: ExperimentConfig, model: nn.Module, input_shape: tuple[i
         return tuple(project_to_budget(model, input_shape, values, experiment.search.target_macs_ratio,
                                        round_to=learner_config.round_to,
                                        min_ratio=learner_config.min_keep_ratio))
-    return tuple(values)
+    learner = build_learner(experiment.learner.name, experiment.learner_config())
+    return tuple(learner.project(model, input_shape, values)) if hasattr(learner, "project") else tuple(values)
 
 
 def candidate_learner_config(experiment: ExperimentConfig, model: nn.Module, input_shape: tuple[int, int, int],
@@ -139,6 +146,16 @@ class Candidate:
     learner: Any
     learner_config: Any
     static_metrics: dict[str, Any]  # MACs, params, ratio, per-layer values: the same every epoch
+    teacher: nn.Module | None = None  # the frozen baseline, when the experiment distils (learner.distillation)
+
+
+def teacher_for(experiment: ExperimentConfig, baseline: nn.Module) -> nn.Module | None:
+    """A frozen copy of the baseline to distil from, or None when ``learner.distillation`` is not set."""
+    if experiment.learner.distillation is None:
+        return None
+    teacher = copy.deepcopy(baseline).eval()
+    teacher.requires_grad_(False)
+    return teacher
 
 
 def compress(experiment: ExperimentConfig, baseline: nn.Module, data: DataBundle,
@@ -149,9 +166,10 @@ def compress(experiment: ExperimentConfig, baseline: nn.Module, data: DataBundle
     baseline_macs = model_stats(baseline, data.input_shape).macs
     stats = model_stats(model, data.input_shape)
     static = {MACS: stats.macs, PARAMS: stats.params, MACS_RATIO: stats.macs / max(baseline_macs, 1)}
-    space_field = getattr(learner_config, "layer_keep_ratios", None)
-    if space_field:
-        static[LAYER_VALUES] = list(space_field)
+    searched = next((getattr(learner_config, name) for name in SEARCHED_FIELDS
+                     if getattr(learner_config, name, None)), None)
+    if searched:
+        static[LAYER_VALUES] = list(searched)
     if experiment.search.reward is Reward.LATENCY:
         from pf_ray.export.latency import latency_ms
 
@@ -160,16 +178,18 @@ def compress(experiment: ExperimentConfig, baseline: nn.Module, data: DataBundle
         static[LATENCY_RATIO] = static[LATENCY_MS] / target
     # The fast proxy (PocketFlow's reward): accuracy right after compression, before any fine-tuning.
     static[PROXY_ACCURACY] = evaluate(model, subset(data.validation, experiment.search.validation_subset))[ACCURACY]
-    return Candidate(model, learner, learner_config, static)
+    return Candidate(model, learner, learner_config, static, teacher_for(experiment, baseline))
 
 
 def best_trial(trials: list[dict[str, Any]], max_epochs: int) -> dict[str, Any] | None:
     """The top-scoring trial record among those that ran every epoch (ASHA stopped the rest early), else among
     all that reported a finite score; None if none did. Records are results.json's (``error``, ``score``,
-    ``epoch`` keys)."""
+    ``epoch`` keys). Ties go to the smallest trial id: the choice does not depend on the records' order, which
+    differs between a run and its resumed continuation."""
     scored = [t for t in trials if not t.get("error") and finite_number(t.get(SCORE)) is not None]
     complete = [t for t in scored if (finite_number(t.get("epoch")) or 0) >= max_epochs] or scored
-    return max(complete, key=lambda t: finite_number(t[SCORE]), default=None)
+    ranked = sorted(complete, key=lambda t: str(t.get("trial_id")))
+    return max(ranked, key=lambda t: finite_number(t[SCORE]), default=None)
 
 
 def score(accuracy: float, static: dict[str, Any], reward: Reward) -> float:
@@ -188,6 +208,7 @@ def score(accuracy: float, static: dict[str, Any], reward: Reward) -> float:
 
 def fine_tune(candidate: Candidate, data: DataBundle, train_config: TrainConfig, *,
               validation_subset: int | None, report: Report | None, reward: Reward = Reward.ACCURACY,
+              distillation: DistillationConfig | None = None,
               seed: int = 0,
               wrap: Callable[[nn.Module], nn.Module] | None = None, distributed: bool = False,
               device: str | torch.device = "cpu", start_epoch: int = 0,
@@ -196,7 +217,10 @@ def fine_tune(candidate: Candidate, data: DataBundle, train_config: TrainConfig,
 
     Args:
         wrap: e.g. Ray Train's ``prepare_model`` (DDP) in a distributed worker.
+        distillation: the experiment's ``learner.distillation``; with it, the candidate's teacher is distilled from.
     """
+    if distillation is not None and candidate.teacher is None:
+        raise ValueError("fine_tune: distillation asked for, but the candidate has no teacher (see teacher_for)")
     model = candidate.model
     trained = wrap(model) if wrap is not None else model
 
@@ -206,7 +230,9 @@ def fine_tune(candidate: Candidate, data: DataBundle, train_config: TrainConfig,
             report({**metrics, **static, SCORE: score(metrics[ACCURACY], static, reward)})
 
     fit(trained, data.train, train_config, validation_set=subset(data.validation, validation_subset),
-        on_step=candidate.learner.on_step, report=report_with_static, seed=seed, distributed=distributed,
-        device=device, start_epoch=start_epoch, log=log)
+        on_step=candidate.learner.on_step, on_start=getattr(candidate.learner, "set_total_steps", None),
+        report=report_with_static, seed=seed, distributed=distributed,
+        device=device, start_epoch=start_epoch, log=log,
+        teacher=candidate.teacher if distillation is not None else None, distillation=distillation)
     return candidate.learner.finalize(model)
 

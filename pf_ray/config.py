@@ -303,11 +303,28 @@ class BaselineConfig:
 
 
 @dataclass(frozen=True)
+class DistillationConfig:
+    """Knowledge distillation in every fine-tuning of the compressed model (search trials and the retrain): the
+    loss gains ``weight * CE(softmax(teacher / T), softmax(student / T))``, the teacher being the uncompressed
+    baseline, frozen (Hinton et al. 2015). PocketFlow's defaults, and like PocketFlow without Hinton's T^2
+    factor: ``weight`` carries the scale."""
+
+    weight: float = 4.0
+    temperature: float = 4.0
+
+    def __post_init__(self) -> None:
+        check_range("weight", self.weight, low=0.0, low_inclusive=False, high=1000.0)
+        check_range("temperature", self.temperature, low=0.0, low_inclusive=False, high=100.0)
+
+
+@dataclass(frozen=True)
 class LearnerConfig:
-    """Which learner compresses the model and its options (validated by the learner's own config class)."""
+    """Which learner compresses the model, its options (validated by the learner's own config class), and
+    whether its fine-tuning distils from the baseline (null: no distillation; ``{}``: PocketFlow's defaults)."""
 
     name: str = "channel_pruning"
     options: dict[str, Any] = field(default_factory=dict)
+    distillation: DistillationConfig | None = None
 
 
 @dataclass(frozen=True)

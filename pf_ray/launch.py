@@ -34,10 +34,13 @@ from typing import Any
 import torch
 import yaml
 
+from pf_ray.atomic_fs import atomic_local_filesystem
 from pf_ray.candidate import (
+    LAYER_VALUES,
     MACS_RATIO,
     PROXY_ACCURACY,
     SCORE,
+    MacsBudget,
     PerLayerSpace,
     best_trial,
     per_layer_space,
@@ -50,6 +53,7 @@ from pf_ray.errors import AccuracyGuardError, ConfigError, SearchError
 from pf_ray.learners import build_learner
 from pf_ray.metrics import model_stats
 from pf_ray.models import absolute_model_name, build_model
+from pf_ray.search_state import DamagedSearchState, describe, reconcile
 from pf_ray.train import ACCURACY, EPOCH, evaluate, fit
 
 Log = Callable[[str], None]
@@ -123,6 +127,23 @@ def _exists(location: str) -> bool:
 
     filesystem, path = _filesystem(location)
     return filesystem.get_file_info(path).type != pyarrow.fs.FileType.NotFound
+
+
+def ray_storage(location: str) -> tuple[str, Any]:
+    """``(storage_path, storage_filesystem)`` for a Ray ``RunConfig`` writing to ``location``: a URI goes as it is
+    (object stores replace files atomically); a local folder goes through pf-ray's atomic filesystem, so a
+    driver killed while Ray copies its state leaves no half-written file behind (see ``pf_ray.atomic_fs``)."""
+    if is_remote(location):
+        return location, None
+    return str(Path(location).resolve()), atomic_local_filesystem()
+
+
+def _set_aside(location: str) -> str:
+    """Rename a folder to ``<name>.damaged-<time>`` (kept for inspection); returns the new location."""
+    filesystem, path = _filesystem(location)
+    target = f"{path.rstrip('/')}.damaged-{time.strftime('%Y%m%d-%H%M%S')}"
+    filesystem.move(path, target)
+    return target
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -342,16 +363,24 @@ def run_search(config: ExperimentConfig, space: PerLayerSpace, baseline_path: Pa
     # so a driver killed at any moment loses no finished trial (the state is small; this costs milliseconds).
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
     run_storage = str(run_storage)
-    search_dir = join_uri(run_storage, SEARCH_DIR) if is_remote(run_storage) else str(Path(run_storage, SEARCH_DIR))
-    if resume and tune.Tuner.can_restore(search_dir):
-        log(f"search: resuming {search_dir}")
-        tuner = tune.Tuner.restore(search_dir, trainable=trainable, resume_unfinished=True,
-                                   resume_errored=False, restart_errored=False)
-        return _trial_records(tuner.fit(), space)
+    storage_path, filesystem = ray_storage(run_storage)
+    search_dir = join_uri(storage_path, SEARCH_DIR) if is_remote(storage_path) else f"{storage_path}/{SEARCH_DIR}"
+    state_filesystem, state_path = (filesystem, search_dir) if filesystem else _filesystem(search_dir)
+    if resume and tune.Tuner.can_restore(search_dir, storage_filesystem=filesystem):
+        try:
+            state = reconcile(state_filesystem, state_path)
+        except DamagedSearchState as error:
+            kept = _set_aside(search_dir)
+            log(f"search: cannot resume it: {error}; the search starts again (the damaged folder is kept as {kept})")
+        else:
+            log(f"search: resuming {search_dir} ({describe(state)})"
+                + (f"; reconciled the saved state: {'; '.join(state.changed)}" if state.changed else ""))
+            tuner = tune.Tuner.restore(search_dir, trainable=trainable, resume_unfinished=True, resume_errored=False,
+                                       restart_errored=False, storage_filesystem=filesystem)
+            return _trial_records(tuner.fit(), space)
     if _exists(search_dir):  # stopped before Tune saved any experiment state: nothing in it can be resumed
         log(f"search: {search_dir} holds no saved search state; starting the search again")
-        filesystem, path = _filesystem(search_dir)
-        filesystem.delete_dir(path)
+        state_filesystem.delete_dir(state_path)
     tuner = tune.Tuner(
         trainable,
         param_space=param_space,
@@ -364,8 +393,8 @@ def run_search(config: ExperimentConfig, space: PerLayerSpace, baseline_path: Pa
             num_samples=search.num_trials,
             trial_dirname_creator=lambda trial: trial.trial_id,
         ),
-        run_config=tune.RunConfig(name=SEARCH_DIR, storage_path=run_storage, verbose=1,
-                                  callbacks=[_trial_log(log, max_epochs)],
+        run_config=tune.RunConfig(name=SEARCH_DIR, storage_path=storage_path, storage_filesystem=filesystem,
+                                  verbose=1, callbacks=[_trial_log(log, max_epochs)],
                                   failure_config=tune.FailureConfig(max_failures=search.max_failures)),
     )
     return _trial_records(tuner.fit(), space)
@@ -463,6 +492,7 @@ def retrain(config: ExperimentConfig, learner_config: Any, baseline_path: Path, 
     cpus = int(ray.cluster_resources().get("CPU", 1))
     largest_node = max((node["Resources"].get("CPU", 0) for node in ray.nodes() if node.get("Alive")), default=1)
     progress = run_dir / "retrain" / "progress.log"
+    storage_path, filesystem = ray_storage(run_storage or str(run_dir))
     with _follow(progress, log):
         result = ray_train_fit(
             config,
@@ -473,7 +503,8 @@ def retrain(config: ExperimentConfig, learner_config: Any, baseline_path: Path, 
             num_workers=config.retrain.num_workers,
             cpus_per_worker=max(1, min(int(largest_node), cpus // config.retrain.num_workers)),
             name="retrain",
-            storage_path=run_storage or str(run_dir),
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
             progress_file=str(progress),
             tensorboard_dir=str(run_dir / "retrain" / "tensorboard"),
         )
@@ -482,8 +513,21 @@ def retrain(config: ExperimentConfig, learner_config: Any, baseline_path: Path, 
     log(f"retrain: validation accuracy {result.metrics.get(ACCURACY, float('nan')):.4f} after "
         f"{result.metrics.get(EPOCH)} epoch(s)")
     with result.checkpoint.as_directory() as directory:
-        model, _ = load_checkpoint(Path(directory) / MODEL_FILE, user_model=config.model.name)
-    return model
+        learner = build_learner(config.learner.name, learner_config)
+        if getattr(learner, "finalized_is_plain", True):  # the zoo architecture (resized): rebuilt from model.pt
+            model, _ = load_checkpoint(Path(directory) / MODEL_FILE, user_model=config.model.name)
+            return model
+        # The learner's finalized layers (e.g. frozen quantizers) are not the zoo's: rebuild them the way the
+        # workers did, prepare on the baseline, the trained state, then finalize.
+        from pf_ray.candidate import compress
+        from trainables._common import TRAINING_STATE_FILE
+
+        data = load_data(config.dataset, seed=config.seed)
+        baseline, _ = load_checkpoint(baseline_path, user_model=config.model.name)
+        candidate = compress(config, baseline, data, learner_config)
+        state = torch.load(Path(directory) / TRAINING_STATE_FILE, map_location="cpu", weights_only=True)
+        candidate.model.load_state_dict(state["model"])
+        return candidate.learner.finalize(candidate.model)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -600,10 +644,16 @@ def _pipeline(config: ExperimentConfig, data: DataBundle, baseline_path: Path | 
         best: dict[str, Any] | None = None
         if space is not None:
             trials = run_search(config, space, baseline_path, run_storage, log=log, resume=resume)
-            best = choose_best(trials, search_epochs(config))
+            best = _chosen(run_dir, trials) if resume else None
+            if best is None:
+                best = choose_best(trials, search_epochs(config))
+                _write_json(run_dir / CHOICE_FILE, {"trial_id": best["trial_id"]})
+            else:  # the retrain may have checkpointed that candidate: continue it, whatever ties the search had
+                log(f"search: keeping the candidate chosen before the interruption ({best['trial_id']})")
             learner_config = candidate_learner_config(config, baseline, data.input_shape, best["proposal"])
-            log(f"search: best trial {best['trial_id']}: validation accuracy {best[ACCURACY]:.4f} at "
-                f"{best[MACS_RATIO]:.3f} of the baseline MACs")
+            log(f"search: best trial {best['trial_id']}: validation accuracy {best[ACCURACY]:.4f}, "
+                + (f"at {best[MACS_RATIO]:.3f} of the baseline MACs" if isinstance(space.budget, MacsBudget)
+                   else f"{space.field} {_short(best.get(LAYER_VALUES))} (budget use {_budget_use(space, best)})"))
         else:
             learner_config = config.learner_config()
         model = retrain(config, learner_config, baseline_path, run_dir, log=log, run_storage=run_storage)
@@ -615,7 +665,7 @@ def _pipeline(config: ExperimentConfig, data: DataBundle, baseline_path: Path | 
                                "dataset": to_dict(config.dataset)})
         torch.set_num_threads(config.resources.num_cpus or _cpu_count())
         reports = export_and_verify({"baseline": baseline, "compressed": model}, data, config, artifacts_dir,
-                                    log=log)
+                                    log=log, learner=build_learner(config.learner.name, learner_config))
         results = {
             "command": command,
             "config": to_dict(config),
@@ -650,15 +700,44 @@ def _pipeline(config: ExperimentConfig, data: DataBundle, baseline_path: Path | 
             log(f"uploaded {run_dir} to {run_storage}")
 
 
+def _short(values: Any) -> str:
+    return "[" + ", ".join(f"{v:.3g}" for v in values) + "]" if values else "-"
+
+
+def _budget_use(space: PerLayerSpace, trial: dict[str, Any]) -> str:
+    """``cost / target`` of a trial's projected per-layer values, e.g. "0.200 of 0.200"."""
+    values = trial.get(LAYER_VALUES)
+    if space.budget is None or not values:
+        return "-"
+    return f"{space.budget.cost(values):.3f} of {space.budget.target:.3f}"
+
+
+CHOICE_FILE = "chosen_trial.json"  # the search's winner, written before the retrain starts
+
+
+def _chosen(run_dir: Path, trials: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The trial record an interrupted run had chosen for its retrain (None if it had not chosen yet)."""
+    path = run_dir / CHOICE_FILE
+    if not path.is_file():
+        return None
+    chosen = json.loads(path.read_text())["trial_id"]
+    return next((trial for trial in trials if trial["trial_id"] == chosen), None)
+
+
 def export_and_verify(models: dict[str, torch.nn.Module], data: DataBundle, config: ExperimentConfig,
-                      artifacts_dir: Path, *, log: Log = print) -> list[dict[str, Any]]:
+                      artifacts_dir: Path, *, log: Log = print, learner: Any = None) -> list[dict[str, Any]]:
     """Export each model in every configured format, verify each file on its runtime, write the manifest.
 
+    ``learner``: the learner that made the ``compressed`` model. Where it stores weights compactly
+    (``learner.packed``: sparse, k-bit, codebooks) that model is also written as ``compressed.pfpack``, the stored
+    size, verified by decoding it; where it has its own INT8 files (``learner.int8_artifacts``: native_int8's
+    ExecuTorch program and QDQ ONNX) they are written and verified on their runtimes too.
     Returns one row per artifact: the verification report plus the model's MACs, params and PyTorch accuracy.
     Calibration and verification draw progress bars on ``log``.
     """
     from pf_ray.export import export_all
     from pf_ray.export.manifest import artifact_entry, preprocessing, write_manifest
+    from pf_ray.export.packed import pack_state_dict, verify_packed, write_packed
     from pf_ray.export.verify import verify_artifact
     from pf_ray.progress import progress_to
 
@@ -668,13 +747,26 @@ def export_and_verify(models: dict[str, torch.nn.Module], data: DataBundle, conf
             stats = model_stats(net, data.input_shape)
             torch_accuracy = evaluate(net, data.test)[ACCURACY]
             paths = export_all(net, data, config.export, artifacts_dir, stem=stem)
+            if stem == "compressed" and hasattr(learner, "int8_artifacts"):
+                native = learner.int8_artifacts(net, data, artifacts_dir, stem)
+                paths.update({f"native_{fmt}": path for fmt, path in native.items()})
+            if stem == "compressed" and hasattr(learner, "packed"):
+                paths["pfpack"] = artifacts_dir / f"{stem}.pfpack"
+                sizes = write_packed(paths["pfpack"], pack_state_dict(net.state_dict(), learner.packed(net)),
+                                     meta={"model": to_dict(config.model), "learner": config.learner.name})
+                log(f"packed: {paths['pfpack'].name}: {sizes['file_bytes'] / 1024:.1f} KiB "
+                    f"({sizes['dense_bytes'] / 1024:.1f} KiB as float32)")
             for fmt, path in paths.items():
-                log(f"verify: {path.name} ({fmt}) on "
-                    f"{'ExecuTorch' if fmt.startswith('pte') else 'ONNX Runtime'}")
-                report = verify_artifact(path, model=net, data=data, threads=config.export.latency_threads,
-                                         batch_sizes=config.export.latency_batch_sizes,
-                                         repeats=config.export.latency_repeats,
-                                         reference_inputs=_reference_inputs(data), format_name=fmt)
+                if fmt == "pfpack":
+                    log(f"verify: {path.name} (pfpack) decoded into the model, on PyTorch")
+                    report = verify_packed(path, model=net, data=data, reference_inputs=_reference_inputs(data))
+                else:
+                    log(f"verify: {path.name} ({fmt}) on "
+                        f"{'ExecuTorch' if 'pte' in fmt else 'ONNX Runtime'}")
+                    report = verify_artifact(path, model=net, data=data, threads=config.export.latency_threads,
+                                             batch_sizes=config.export.latency_batch_sizes,
+                                             repeats=config.export.latency_repeats,
+                                             reference_inputs=_reference_inputs(data), format_name=fmt)
                 row = {"model": stem, "format": fmt, "macs": stats.macs, "params": stats.params,
                        "torch_test_accuracy": torch_accuracy, **report.to_dict()}
                 rows.append(row)
@@ -707,9 +799,9 @@ def summary_table(results: dict[str, Any], config: ExperimentConfig) -> str:
               f"({config.export.latency_threads} thread) | speed-up |")
     lines = ["", header, "|---|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
-        latency = row["latency"][str(batch)]["median_ms"]
+        latency = (row["latency"].get(str(batch)) or {}).get("median_ms")  # none for a .pfpack (storage only)
+        timing = f"{latency:.3f} ms | {base_latency / latency:.2f}x" if latency else "- | -"
         lines.append(
             f"| {Path(row['path']).name} | {100 * row['test_accuracy']:.2f}% | {row['macs'] / 1e6:.2f}M | "
-            f"{row['params'] / 1e3:.1f}k | {row['size_bytes'] / 1024:.0f} KiB | {latency:.3f} ms | "
-            f"{base_latency / latency:.2f}x |")
+            f"{row['params'] / 1e3:.1f}k | {row['size_bytes'] / 1024:.0f} KiB | {timing} |")
     return "\n".join(lines) + "\n"

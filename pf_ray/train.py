@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
-from pf_ray.config import TrainConfig
+from pf_ray.config import DistillationConfig, TrainConfig
 from pf_ray.progress import ProgressBar
 
 # Metric keys: the same strings in trial results, results.json and reports.
@@ -77,6 +77,14 @@ def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int = 512, distr
     return {ACCURACY: correct / total, LOSS: loss_sum / total}
 
 
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Cross-entropy of the student's softened prediction against the teacher's softened one, batch mean:
+    ``mean_b( -sum_k softmax(t_b / T)_k * log_softmax(s_b / T)_k )`` (Hinton et al. 2015; PocketFlow's form,
+    without the T^2 factor). Its gradient equals that of KL(teacher || student); the teacher gets none."""
+    targets = F.softmax(teacher_logits.detach() / temperature, dim=1)
+    return -(targets * F.log_softmax(student_logits / temperature, dim=1)).sum(dim=1).mean()
+
+
 def fit(
     model: nn.Module,
     train_set: Dataset,
@@ -84,17 +92,22 @@ def fit(
     *,
     validation_set: Dataset | None = None,
     on_step: Callable[[nn.Module, int], None] | None = None,
+    on_start: Callable[[int], None] | None = None,
     report: Report | None = None,
     start_epoch: int = 0,
     seed: int = 0,
     distributed: bool = False,
     device: str | torch.device = "cpu",
     log: Callable[[str], None] | None = None,
+    teacher: nn.Module | None = None,
+    distillation: DistillationConfig | None = None,
 ) -> nn.Module:
     """Train ``model`` in place with SGD + Nesterov momentum and a per-step cosine learning rate.
 
     Args:
         on_step: the learner's hook, called after every optimiser step with the global step number.
+        on_start: called once before training with the run's total number of optimiser steps (this rank's,
+            resumed epochs included), e.g. for a learner whose schedule spans the run (weight sparsification).
         report: called once per epoch with ``{epoch, accuracy, loss, train_accuracy, epoch_seconds}``; a caller
             that checkpoints saves the model it passed in from there.
         start_epoch: resume after this many finished epochs (the learning-rate schedule continues; the
@@ -103,17 +116,25 @@ def fit(
         log: receives a line per epoch, and within an epoch a progress bar (steps, running loss, ETA; a line at
             most every ``PROGRESS_SECONDS``, redrawn in place on a terminal); ``print`` on the command line,
             None in trials.
+        teacher, distillation: distil from ``teacher`` (run in eval mode under no-grad, on ``device``): the loss
+            becomes cross-entropy + ``distillation.weight * distillation_loss(..., distillation.temperature)``.
 
     Raises:
         FloatingPointError: the training loss became NaN or infinite (the trial fails with this reason).
     """
     device = torch.device(device)
+    if (teacher is None) != (distillation is None):
+        raise ValueError("fit: give teacher and distillation together, or neither")
+    if teacher is not None:
+        teacher = teacher.to(device).eval()
     train_set = subset(train_set, config.train_subset)
     loader = make_loader(train_set, config.batch_size, shuffle=True, seed=seed, distributed=distributed)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.learning_rate, momentum=config.momentum,
                                 weight_decay=config.weight_decay, nesterov=config.momentum > 0)
     steps_per_epoch = max(1, len(loader))
     total_steps = steps_per_epoch * config.epochs
+    if on_start is not None:
+        on_start(total_steps)
 
     def learning_rate(step: int) -> float:  # cosine decay from the configured rate to 0 over the whole run
         return 0.5 * config.learning_rate * (1.0 + math.cos(math.pi * step / total_steps))
@@ -133,6 +154,11 @@ def fit(
                 group["lr"] = learning_rate(step)
             logits = model(inputs)
             loss = F.cross_entropy(logits, labels)
+            if teacher is not None:
+                with torch.no_grad():
+                    teacher_logits = teacher(inputs)
+                loss = loss + distillation.weight * distillation_loss(logits, teacher_logits,
+                                                                      distillation.temperature)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"training diverged: loss is {loss.item()} at epoch {epoch + 1}, "
                                          f"step {step}; lower the learning rate")

@@ -63,3 +63,14 @@ def test_fine_tune_reports_static_metrics_every_epoch(setup):
               validation_subset=64, report=reports.append)
     assert [r[EPOCH] for r in reports] == [1, 2]
     assert all(MACS_RATIO in r and 0 <= r[ACCURACY] <= 1 for r in reports)
+
+
+def test_best_trial_breaks_ties_by_trial_id_not_by_order():
+    from pf_ray.candidate import SCORE, best_trial
+
+    trials = [{"trial_id": "c", SCORE: 0.5, "epoch": 2, "error": None},
+              {"trial_id": "b", SCORE: 0.5, "epoch": 2, "error": None},
+              {"trial_id": "a", SCORE: 0.4, "epoch": 2, "error": None},
+              {"trial_id": "d", SCORE: 0.9, "epoch": 1, "error": None}]  # stopped early by ASHA: not eligible
+    assert best_trial(trials, max_epochs=2)["trial_id"] == "b"
+    assert best_trial(list(reversed(trials)), max_epochs=2)["trial_id"] == "b"

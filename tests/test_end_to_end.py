@@ -72,3 +72,43 @@ def test_compress_writes_verified_artifacts_and_results(ray_session, tmp_path, c
         assert f"| {name} |" in out
     assert f"artifacts: {run / 'artifacts'}" in out
     assert (run / "config.yaml").is_file() and (run / "artifacts" / "compressed.pt").is_file()
+
+
+def _compress(tmp_path, *overrides: str) -> dict:
+    args = ["compress"]
+    tiny = [override for override in TINY if not override.startswith("learner.options.")]  # pruning's options
+    for override in [*tiny, "export.formats=[onnx]", f"storage.path={tmp_path}", *overrides]:
+        args += ["--set", override]
+    assert main(args) == 0
+    return json.loads((tmp_path / "tiny" / "results.json").read_text())
+
+
+def test_a_sparse_model_is_stored_packed_and_verified_decoded(ray_session, tmp_path, capsys):
+    results = _compress(tmp_path, "learner.name=weight_sparsification", "learner.options={sparsity: 0.9}",
+                        "search.algorithm=random", "search.num_trials=2", "learner.distillation={}")
+    out = capsys.readouterr().out
+    # every trial's projected per-layer sparsities keep 10% of the weights, and so does the retrained model
+    for trial in results["search"]["trials"]:
+        assert trial["error"] is None and len(trial["layer_values"]) == len(results["search"]["layer_names"])
+    assert len(results["learner_config"]["layer_sparsities"]) == len(results["search"]["layer_names"])
+    rows = {(a["model"], a["format"]): a for a in results["artifacts"]}
+    assert set(rows) == {("baseline", "onnx"), ("compressed", "onnx"), ("compressed", "pfpack")}
+    packed, dense = rows["compressed", "pfpack"], rows["compressed", "onnx"]
+    # bitmask (1/32 of float32) + 10% of the values: well under a third of the dense file
+    assert packed["size_bytes"] < dense["size_bytes"] / 3
+    assert packed["top1_agreement"] == 1.0 and packed["max_abs_diff"] < 1e-4 and packed["latency"] == {}
+    assert "compressed.pfpack" in out and "| - | - |" in out  # the summary table: no latency for a storage file
+    manifest = json.loads((tmp_path / "tiny" / "artifacts" / "manifest.json").read_text())
+    assert "compressed.pfpack" in {entry["file"] for entry in manifest["artifacts"]}
+
+
+@pytest.mark.slow
+def test_native_int8_writes_its_own_executorch_and_qdq_files(ray_session, tmp_path):
+    results = _compress(tmp_path, "learner.name=native_int8", "learner.options={method: qat}")
+    assert results["search"]["trials"] == []  # nothing per layer to search: straight to the retrain
+    rows = {(a["model"], a["format"]): a for a in results["artifacts"]}
+    native = [("compressed", "native_pte_int8"), ("compressed", "native_onnx_int8")]
+    assert {*native, ("compressed", "pfpack")} <= set(rows)
+    for key in native:  # a barely trained model has near-ties that INT8 may flip: agreement well above chance
+        assert rows[key]["top1_agreement"] >= 0.5 and rows[key]["latency"]["1"]["median_ms"] > 0
+    assert rows["compressed", "pfpack"]["size_bytes"] < rows["compressed", "onnx"]["size_bytes"] / 3

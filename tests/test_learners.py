@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -13,6 +14,9 @@ from torch.utils.data import TensorDataset
 from pf_ray.config import ModelConfig, from_dict
 from pf_ray.data import DataBundle
 from pf_ray.errors import ConfigError, ModelError
+from pf_ray.export.onnx import export_onnx
+from pf_ray.export.packed import pack_state_dict, read_packed, write_packed
+from pf_ray.export.verify import onnx_session
 from pf_ray.learners import build_learner, channel_pruning, learner_config_class
 from pf_ray.learners.channel_pruning import (
     ChannelPruning,
@@ -49,10 +53,15 @@ def _resnet20() -> nn.Module:
 
 
 @pytest.mark.parametrize("name", LEARNERS.names())
-def test_learner_contract(name):
+def test_learner_contract(name, tmp_path):
+    """prepare -> two SGD steps -> finalize -> export (ONNX, and the compact .pfpack where the learner stores
+    weights compactly) -> reload each file and run it: the outputs match the finalized model's."""
     data = _data()
     learner = build_learner(name, from_dict(learner_config_class(name), {}, path="learner.options"))
+    learner.check(_resnet20(), SHAPE)
     model = learner.prepare(_resnet20(), data)
+    if hasattr(learner, "set_total_steps"):
+        learner.set_total_steps(2)
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     inputs, labels = data.train.tensors
@@ -66,7 +75,22 @@ def test_learner_contract(name):
     model = learner.finalize(model)
     model.eval()
     with torch.no_grad():
-        assert model(inputs).shape == (16, 10)
+        expected = model(inputs)
+    assert expected.shape == (16, 10)
+
+    onnx_path = export_onnx(model, SHAPE, tmp_path / f"{name}.onnx")
+    session = onnx_session(onnx_path)
+    (got,) = session.run(None, {session.get_inputs()[0].name: inputs.numpy()})
+    assert np.abs(got - expected.numpy()).max() < 1e-3
+
+    packed = pack_state_dict(model.state_dict(), learner.packed(model) if hasattr(learner, "packed") else {})
+    sizes = write_packed(tmp_path / f"{name}.pfpack", packed)
+    state, _ = read_packed(tmp_path / f"{name}.pfpack")
+    reloaded = copy.deepcopy(model)
+    reloaded.load_state_dict(state, strict=False)
+    with torch.no_grad():
+        assert torch.allclose(reloaded(inputs), expected, atol=1e-4)
+    assert sizes["file_bytes"] <= sizes["dense_bytes"] + 4096  # never bigger than float32 plus the header
 
 
 def test_channel_pruning_prunes_in_prepare():

@@ -81,7 +81,10 @@ def test_two_worker_ray_train_trial_reports_and_checkpoints(ray_session, baselin
     assert all((c / "model.pt").is_file() for c in checkpoints)
 
 
-@pytest.mark.parametrize("algorithm", ["tpe", "gp", "ddpg", "random"])
+# TPE in the default run; the other searchers run the same path under Tune in tests/test_search_ray.py (on a
+# trivial trainable) and here with `make test-slow`: each full search costs about a minute on 2 cores.
+@pytest.mark.parametrize("algorithm", ["tpe", *(pytest.param(name, marks=pytest.mark.slow)
+                                                for name in ("gp", "ddpg", "random"))])
 def test_search_with_asha_scores_only_candidates_within_budget(ray_session, baseline, tmp_path, algorithm):
     from pf_ray.launch import choose_best, run_search
 

@@ -115,7 +115,10 @@ def test_a_killed_driver_resumes_twice_without_losing_finished_trials(tmp_path):
     # The searcher continued with its state: the GP's saved observations cover the trials from before the kill.
     searcher_state = pickle.loads(Path(sorted(glob.glob(str(search / "searcher-state-*.pkl")))[-1]).read_bytes())
     assert len(searcher_state["observations"]) == CONFIG["search"]["num_trials"]
-    # The retrain continued after the epoch it had checkpointed, not from the start.
+    # The retrain continued the candidate chosen before the second kill (the search's ties do not move it) ...
+    chosen = json.loads((run / "chosen_trial.json").read_text())["trial_id"]
+    assert results["search"]["best"]["trial_id"] == chosen
+    # ... after the epoch it had checkpointed, not from the start.
     assert "  resuming from the checkpoint of epoch " in (run / "retrain" / "progress.log").read_text()
     assert (run / "artifacts" / "compressed.onnx").is_file() and (run / "report.html").is_file()
 

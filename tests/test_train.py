@@ -7,8 +7,8 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from pf_ray.config import TrainConfig
-from pf_ray.train import ACCURACY, EPOCH, LOSS, evaluate, fit
+from pf_ray.config import DistillationConfig, TrainConfig
+from pf_ray.train import ACCURACY, EPOCH, LOSS, distillation_loss, evaluate, fit
 
 
 def _linearly_separable(n: int = 256, seed: int = 0) -> TensorDataset:
@@ -78,3 +78,55 @@ def test_a_log_gets_a_progress_bar_within_an_epoch(monkeypatch):
     assert ", ETA " in bars[0] and ", loss " in bars[0]
     assert bars[-1].startswith("  epoch 1/1 [####################] 100% 4/4 steps, ") and "ETA" not in bars[-1]
     assert lines[-1].startswith("  epoch 1/1: epoch 1, loss ")  # the epoch's summary comes last
+
+
+def test_distillation_loss_against_a_hand_computation():
+    # Student logits (1, 0), teacher logits (0, 1), T = 2. Teacher's softened target: softmax(0, 0.5) =
+    # (1, e^0.5) / (1 + e^0.5) = (0.377541, 0.622459). Student's softened log-probabilities: log_softmax(0.5, 0)
+    # = (0.5 - log(1 + e^0.5), -log(1 + e^0.5)) = (-0.474077, -0.974077). Cross-entropy:
+    # 0.377541 * 0.474077 + 0.622459 * 0.974077 = 0.178984 + 0.606323 = 0.785307.
+    loss = distillation_loss(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]]), temperature=2.0)
+    assert loss.item() == pytest.approx(0.785307, abs=1e-6)
+    # A batch is the mean over its rows; the same row twice gives the same number.
+    batch = distillation_loss(torch.tensor([[1.0, 0.0]] * 2), torch.tensor([[0.0, 1.0]] * 2), temperature=2.0)
+    assert batch.item() == pytest.approx(0.785307, abs=1e-6)
+
+
+def test_distillation_gradient_reaches_the_student_only():
+    student = torch.tensor([[1.0, 0.0]], requires_grad=True)
+    teacher = torch.tensor([[0.0, 1.0]], requires_grad=True)
+    distillation_loss(student, teacher, temperature=2.0).backward()
+    # d/ds of CE(p_t, softmax(s / T)) = (softmax(s / T) - p_t) / T: softmax(0.5, 0) = (0.622459, 0.377541), so
+    # ((0.622459 - 0.377541) / 2, (0.377541 - 0.622459) / 2) = (0.122459, -0.122459).
+    assert student.grad.tolist()[0] == pytest.approx([0.122459, -0.122459], abs=1e-6)
+    assert teacher.grad is None
+
+
+def test_fit_with_a_teacher_adds_the_weighted_distillation_term():
+    # One batch, one epoch: the reported loss is the loss of the first step, before any update.
+    data = _linearly_separable(16)
+    model, teacher = _tiny_model(), nn.Sequential(nn.Flatten(), nn.Linear(16, 2))
+    inputs, labels = data.tensors
+    with torch.no_grad():
+        logits = model(inputs)
+        expected = (nn.functional.cross_entropy(logits, labels)
+                    + 4.0 * distillation_loss(logits, teacher(inputs), temperature=3.0)).item()
+    results: list[dict] = []
+    fit(model, data, TrainConfig(epochs=1, batch_size=16), report=results.append, teacher=teacher,
+        distillation=DistillationConfig(weight=4.0, temperature=3.0))
+    assert results[0][LOSS] == pytest.approx(expected, rel=1e-5)
+    assert all(p.grad is None for p in teacher.parameters())  # frozen: never trained
+    with pytest.raises(ValueError, match="together"):
+        fit(model, data, TrainConfig(epochs=1), teacher=teacher)
+
+
+def test_distillation_config_defaults_and_errors():
+    from pf_ray.config import ExperimentConfig, from_dict
+    from pf_ray.errors import ConfigError
+
+    config = from_dict(ExperimentConfig, {"learner": {"distillation": {}}})
+    assert config.learner.distillation == DistillationConfig(weight=4.0, temperature=4.0)
+    assert from_dict(ExperimentConfig, {}).learner.distillation is None
+    message = r"^learner\.distillation\.temperature: got 0\.0; allowed range is \(0, 100\]$"
+    with pytest.raises(ConfigError, match=message):
+        from_dict(ExperimentConfig, {"learner": {"distillation": {"temperature": 0}}})

@@ -7,7 +7,8 @@ from collections.abc import Callable
 
 from pf_ray.errors import ConfigError
 
-NAMES = ("channel_pruning", "discrimination_aware_pruning", "full_precision")
+NAMES = ("channel_pruning", "discrimination_aware_pruning", "full_precision", "native_int8",
+         "nonuniform_quantization", "uniform_quantization", "weight_sparsification")
 
 
 def get_trainable(learner_name: str) -> Callable:

@@ -8,6 +8,7 @@ forwarded to Tune by ``TuneReportCallback`` (``fit`` all-reduces them first, so 
 
 from __future__ import annotations
 
+import copy
 import os
 import tempfile
 from pathlib import Path
@@ -18,7 +19,6 @@ import torch
 from pf_ray.candidate import (
     PROXY_ACCURACY,
     SCORE,
-    Candidate,
     candidate_learner_config,
     compress,
     fine_tune,
@@ -29,10 +29,11 @@ from pf_ray.checkpoint import load_checkpoint, save_checkpoint
 from pf_ray.config import ExperimentConfig, Scoring, TrainConfig, from_dict, is_remote, to_dict
 from pf_ray.data import load_data
 from pf_ray.errors import ConfigError
-from pf_ray.learners import build_learner, learner_config_class
+from pf_ray.learners import learner_config_class
 from pf_ray.train import ACCURACY, EPOCH
 
-MODEL_FILE = "model.pt"  # inside each Ray Train checkpoint directory
+MODEL_FILE = "model.pt"  # inside each Ray Train checkpoint directory: the finalized model (a pf-ray checkpoint)
+TRAINING_STATE_FILE = "training_state.pt"  # beside it: the state dict of the model being trained, and its epoch
 
 
 def run_trial(learner_name: str, config: dict[str, Any], *, experiment: dict[str, Any],
@@ -62,7 +63,8 @@ def run_trial(learner_name: str, config: dict[str, Any], *, experiment: dict[str
                          SCORE: score(proxy, candidate.static_metrics, spec.search.reward)})
             return
         fine_tune(candidate, data, spec.search.fine_tune, validation_subset=spec.search.validation_subset,
-                  report=tune.report, reward=spec.search.reward, seed=spec.seed)
+                  report=tune.report, reward=spec.search.reward, seed=spec.seed,
+                  distillation=spec.learner.distillation)
         return
 
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -71,8 +73,10 @@ def run_trial(learner_name: str, config: dict[str, Any], *, experiment: dict[str
     if is_remote(spec.storage.path):  # remote storage: the Train run goes in the trial's folder there, which
         storage = context.get_storage()  # every node (and a resumed driver) can reach
         storage_path, filesystem = f"{storage.trial_fs_path}/train", storage.storage_filesystem
-    else:
-        storage_path, filesystem = str(Path(context.get_trial_dir()) / "train"), None
+    else:  # the trial's folder on this node, written atomically (pf_ray.atomic_fs)
+        from pf_ray.atomic_fs import atomic_local_filesystem
+
+        storage_path, filesystem = str(Path(context.get_trial_dir()) / "train"), atomic_local_filesystem()
     ray_train_fit(
         spec,
         learner_config=to_dict(learner_config),
@@ -175,18 +179,18 @@ def _train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     distributed = context.get_world_size() > 1
     data = load_data(spec.dataset, seed=spec.seed)
 
+    # The learner's prepare runs again on a restart too: it rebuilds what the model's state dict does not hold
+    # (pruned shapes, mask and quantizer modules) before the checkpointed training state is loaded into it.
+    baseline = load_baseline(loop_config["baseline_checkpoint"], data.input_shape, data.num_classes,
+                             user_model=spec.model.name)
+    candidate = compress(spec, baseline, data, learner_config)
     start_epoch = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:  # a restarted worker group: continue after the last finished epoch
         with checkpoint.as_directory() as directory:
-            model, info = load_checkpoint(Path(directory) / MODEL_FILE, user_model=spec.model.name)
-        start_epoch = int(info.extra[EPOCH])
-        candidate = Candidate(model, build_learner(spec.learner.name, learner_config), learner_config,
-                              dict(info.extra["static_metrics"]))
-    else:
-        baseline = load_baseline(loop_config["baseline_checkpoint"], data.input_shape, data.num_classes,
-                                 user_model=spec.model.name)
-        candidate = compress(spec, baseline, data, learner_config)
+            state = torch.load(Path(directory) / TRAINING_STATE_FILE, map_location="cpu", weights_only=True)
+        candidate.model.load_state_dict(state["model"])
+        start_epoch = int(state[EPOCH])
 
     board = None
     if loop_config.get("tensorboard_dir") and context.get_world_rank() == 0:
@@ -204,8 +208,13 @@ def _train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                         board.add_scalar(f"retrain/{key}", value, global_step=metrics[EPOCH])
                 board.flush()
             if context.get_world_rank() == 0:
+                # MODEL_FILE: the deployable model (the learner's finalize on a copy; what the retrain returns);
+                # TRAINING_STATE_FILE: the model as it trains (masks, quantizer ranges), to resume from.
+                torch.save({"model": candidate.model.state_dict(), EPOCH: metrics[EPOCH]},
+                           os.path.join(directory, TRAINING_STATE_FILE))
                 save_checkpoint(
-                    os.path.join(directory, MODEL_FILE), candidate.model, model_config=spec.model,
+                    os.path.join(directory, MODEL_FILE), candidate.learner.finalize(copy.deepcopy(candidate.model)),
+                    model_config=spec.model,
                     input_shape=data.input_shape, num_classes=data.num_classes, metrics=metrics,
                     extra={EPOCH: metrics[EPOCH], "learner": spec.learner.name,
                            "learner_config": to_dict(learner_config),
@@ -219,6 +228,7 @@ def _train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         log(f"  resuming from the checkpoint of epoch {start_epoch}/{train_config.epochs}")
     fine_tune(candidate, data, train_config, validation_subset=loop_config["validation_subset"],
               report=report, reward=spec.search.reward, seed=spec.seed, wrap=ray.train.torch.prepare_model,
+              distillation=spec.learner.distillation,
               distributed=distributed, device=ray.train.torch.get_device(), start_epoch=start_epoch, log=log)
     if board is not None:
         board.close()

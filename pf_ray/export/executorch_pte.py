@@ -3,7 +3,8 @@
 FP32: ``torch.export`` -> ``to_edge_transform_and_lower`` with the ``XnnpackPartitioner`` -> ``.pte``.
 INT8: the same after PyTorch 2 export quantization (pt2e) with XNNPACK's quantizer: int8 weights per output
 channel, int8 activations calibrated on training images (post-training; a learner that trains with fake
-quantization hands over an already-quantized graph instead).
+quantization hands over an already-quantized graph instead: ``export_quantized_pte``). ``xnnpack_quantizer`` is
+the one quantizer setup that both use.
 
 The program has a fixed batch of 1 (phones infer one image at a time). ``PteSession`` runs a ``.pte`` through
 ExecuTorch's own runtime with the small part of ONNX Runtime's session interface that verification uses; a
@@ -62,26 +63,67 @@ def export_pte(model: nn.Module, input_shape: tuple[int, ...], path: str | Path,
         except Exception as error:  # torch.export / ExecuTorch raise many types; all mean "cannot lower this"
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise ExportError(f"ExecuTorch cannot lower {type(model).__name__} to {path.name}: {first}") from error
+    return _write_program(program.buffer, path)
+
+
+def export_quantized_pte(graph_module: torch.fx.GraphModule, input_shape: tuple[int, ...], path: str | Path, *,
+                         batch_size: int = PTE_BATCH) -> Path:
+    """Write an already-quantized graph (``convert_pt2e``'s output: quantize/dequantize around int8 weights)
+    as an XNNPACK-delegated program, re-exported with a fixed batch of ``batch_size``.
+
+    The graph is neither calibrated nor put in eval mode here (pt2e graphs refuse ``.eval()``): whoever
+    converted it chose its ranges, e.g. a learner after quantization-aware training."""
+    _require_executorch()
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    path = Path(path)
+    example = (torch.zeros(batch_size, *input_shape),)
+    with torch.no_grad():
+        try:
+            graph = torch.export.export(graph_module, example)
+            program = to_edge_transform_and_lower(graph, partitioner=[XnnpackPartitioner()]).to_executorch()
+        except Exception as error:  # torch.export / ExecuTorch raise many types; all mean "cannot lower this"
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ExportError(f"ExecuTorch cannot lower the quantized graph to {path.name}: {first}") from error
+    return _write_program(program.buffer, path)
+
+
+def _write_program(buffer: bytes, path: Path) -> Path:
+    """``buffer`` at ``path``, appearing only when complete (temporary file + rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(handle, "wb") as file:
-        file.write(program.buffer)
-    os.replace(temporary, path)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(buffer)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
     return path
+
+
+def xnnpack_quantizer(*, is_qat: bool = False, per_channel: bool = True) -> Any:
+    """XNNPACK's pt2e quantizer: int8 activations per tensor (asymmetric, ranges from observers), int8 weights
+    symmetric in [-127, 127] per output channel (or per tensor). ``is_qat``: fake quantizers that train
+    (moving-average ranges, straight-through rounding) instead of post-training observers."""
+    _require_executorch()
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+        XNNPACKQuantizer,
+        get_symmetric_quantization_config,
+    )
+
+    quantizer = XNNPACKQuantizer()
+    quantizer.set_global(get_symmetric_quantization_config(is_per_channel=per_channel, is_qat=is_qat))
+    return quantizer
 
 
 def _quantized(graph_module: torch.fx.GraphModule, calibration: torch.Tensor,
                batch_size: int, *, label: str) -> torch.fx.GraphModule:
     """pt2e post-training quantization for XNNPACK: symmetric int8, weights per output channel."""
-    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
-        XNNPACKQuantizer,
-        get_symmetric_quantization_config,
-    )
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-    quantizer = XNNPACKQuantizer()
-    quantizer.set_global(get_symmetric_quantization_config(is_per_channel=True))
-    prepared = prepare_pt2e(graph_module, quantizer)
+    prepared = prepare_pt2e(graph_module, xnnpack_quantizer(per_channel=True))
     with ProgressBar(label, -(-len(calibration) // batch_size), unit="batches") as bar:
         for start in range(0, len(calibration), batch_size):  # the graph's batch is fixed
             chunk = calibration[start : start + batch_size]

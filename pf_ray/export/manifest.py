@@ -26,6 +26,11 @@ RUNTIMES = {
     "ort_int8": "ONNX Runtime Mobile (Android, iOS; also desktop ONNX Runtime), INT8 QDQ",
     "pte": "ExecuTorch with the XNNPACK delegate, FP32, batch 1",
     "pte_int8": "ExecuTorch with the XNNPACK delegate, INT8 (int8 weights per channel, int8 activations), batch 1",
+    "native_pte_int8": "ExecuTorch with the XNNPACK delegate, INT8 from native_int8's pt2e graph (PTQ or QAT), "
+                       "batch 1",
+    "native_onnx_int8": "ONNX Runtime (any platform), INT8 QDQ of native_int8's model (static quantization)",
+    "pfpack": "pf-ray packed weights (sparse bitmask, k-bit integers or codebooks): pf_ray.export.packed.read_packed "
+              "decodes them into the model's float state dict, which any runtime then executes",
 }
 
 
@@ -33,21 +38,25 @@ def artifact_entry(path: Path, *, format_name: str, model: str, verified: dict[s
     """One manifest row; input and output names are read from the file itself."""
     from pf_ray.export.verify import open_session
 
-    session = open_session(path, threads=1)
-    inputs, outputs = session.get_inputs(), session.get_outputs()
-    return {
+    entry = {
         "file": path.name,
         "model": model,
         "format": format_name,
         "runtime": RUNTIMES.get(format_name, format_name),
         "size_bytes": path.stat().st_size,
         "sha256": sha256_of(path),
-        "input": {"name": inputs[0].name, "dtype": "float32", "layout": "NCHW",
-                  "shape": [_dimension(d) for d in inputs[0].shape]},
-        "output": {"name": outputs[0].name, "dtype": "float32", "meaning": "class logits (argmax = class)",
-                   "shape": [_dimension(d) for d in outputs[0].shape]},
+        "input": None,  # a .pfpack holds weights, not a graph: it has no input or output of its own
+        "output": None,
         "verified": dict(verified or {}),
     }
+    if format_name != "pfpack":
+        session = open_session(path, threads=1)
+        inputs, outputs = session.get_inputs(), session.get_outputs()
+        entry["input"] = {"name": inputs[0].name, "dtype": "float32", "layout": "NCHW",
+                          "shape": [_dimension(d) for d in inputs[0].shape]}
+        entry["output"] = {"name": outputs[0].name, "dtype": "float32", "meaning": "class logits (argmax = class)",
+                           "shape": [_dimension(d) for d in outputs[0].shape]}
+    return entry
 
 
 def _dimension(value: Any) -> int | str:

@@ -8,6 +8,10 @@ from pf_ray.learners import (  # noqa: F401  (registration)
     channel_pruning,
     discrimination_aware_pruning,
     full_precision,
+    native_int8,
+    nonuniform_quantization,
+    uniform_quantization,
+    weight_sparsification,
 )
 from pf_ray.registry import LEARNERS
 

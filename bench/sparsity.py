@@ -1,0 +1,282 @@
+"""Weight sparsification on ResNet-20 / Fashion-MNIST: uniform, heuristic and searched per-layer sparsity at each
+global sparsity level, each fine-tuned with and without distillation; test accuracy, stored size, and what the
+zeros do to ONNX Runtime's latency.
+
+Phases (progress on stderr; the JSON is rewritten after each level, so an interrupted run keeps what it did):
+
+1. Baseline: ResNet-20 trained ``--baseline-epochs`` on the whole training split, cached under ``--storage`` (the
+   same cache key as bench/channel_pruning.py's, so the two benchmarks share one baseline).
+2. Per level, three per-layer allocations of the global sparsity (the fraction of conv/linear weights that are 0):
+   - uniform: every layer at the level;
+   - heuristic: PocketFlow's rule, s_i proportional to ln(n_i), scaled to the level (pf_ray.ops.sparsity);
+   - searched: ``--trials`` proposals of ``--searcher`` through its Ray Tune ``Searcher`` interface, one trial at a
+     time, each projected onto the level (the weighted least-squares projection every search uses), scored by the
+     fast proxy: validation accuracy right after one-shot magnitude pruning at those per-layer sparsities, on a
+     fixed ``--validation-subset``; the best proposal wins.
+3. Each allocation fine-tuned by the ``weight_sparsification`` learner itself (gradual magnitude pruning on the
+   Zhu & Gupta schedule from the dense baseline, masks updated every ``--mask-update-steps``, exact sparsity at the
+   end), ``--epochs`` of SGD on ``--train-subset`` training images, lr ``--lr`` cosine, without and with
+   distillation from the baseline (weight 4, temperature 4: PocketFlow's). Test accuracy on all 10,000 test
+   images; stored size: the ``.pfpack`` file (bitmask + float32 non-zeros), against the dense float32 weights.
+4. Latency: the baseline and the highest-level searched model (its zeros stored densely, as ONNX holds them) in
+   ONNX Runtime, 1 thread, batch 1 and 32, interleaved rounds: ONNX Runtime's CPU convolutions have no sparse
+   kernels, so the zeros are expected to buy no time; this measures it.
+
+The command behind docs/benchmarks.md's table::
+
+    python bench/sparsity.py --out bench/results/sparsity.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import _common  # first: puts the repository root on sys.path
+import torch
+from torch import nn
+
+from pf_ray.candidate import SCORE, compress, fine_tune, per_layer_space
+from pf_ray.checkpoint import load_checkpoint
+from pf_ray.config import (
+    BaselineConfig,
+    DistillationConfig,
+    ExperimentConfig,
+    LearnerConfig,
+    SearchAlgorithm,
+    StorageConfig,
+    TrainConfig,
+    from_dict,
+)
+from pf_ray.data import DataBundle, load_data
+from pf_ray.export import export_onnx, measure_latency, onnx_session
+from pf_ray.export.packed import pack_state_dict, write_packed
+from pf_ray.launch import train_baseline
+from pf_ray.learners import build_learner, learner_config_class
+from pf_ray.learners.weight_sparsification import covered_layers
+from pf_ray.ops.sparsity import heuristic_sparsities, magnitude_mask
+from pf_ray.train import ACCURACY, EPOCH, evaluate, subset
+
+LEARNER = "weight_sparsification"
+ALLOCATIONS = ("uniform", "heuristic", "searched")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    torch.set_num_threads(args.threads)
+    started = time.time()
+    command = " ".join(["python", "bench/sparsity.py", *(argv if argv is not None else sys.argv[1:])])
+    result: dict[str, Any] = {"command": command, "environment": _common.environment(),
+                              "settings": vars(args) | {"out": str(args.out)}, "levels": {}}
+
+    def save() -> None:
+        result["wall_seconds"] = round(time.time() - started, 1)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+    experiment = _experiment(args)
+    data = load_data(experiment.dataset, seed=experiment.seed)
+    baseline_path = train_baseline(experiment, data, log=_log)
+    baseline, _ = load_checkpoint(baseline_path)
+    result["baseline"] = {"checkpoint": str(baseline_path), "test_accuracy": evaluate(baseline, data.test)[ACCURACY],
+                          **_sizes(baseline, {})}
+    _log(f"baseline: test accuracy {result['baseline']['test_accuracy']:.4f}")
+    save()
+
+    models: dict[str, nn.Module] = {}
+    for level in args.levels:
+        section = result["levels"][str(level)] = {}
+        tic = time.time()
+        allocations = {"uniform": None, "heuristic": _heuristic(baseline, data, level)}
+        section["search"] = _search(args, experiment, baseline, data, level)
+        allocations["searched"] = section["search"]["best"]["sparsities"]
+        section["search_seconds"] = round(time.time() - tic, 1)
+        section["runs"] = {}
+        for allocation in ALLOCATIONS:
+            for distill in (False, True):
+                label = f"{allocation}{'+distill' if distill else ''}"
+                tic = time.time()
+                model, run = _fine_tune(args, experiment, baseline, data, level, allocations[allocation], distill)
+                run["seconds"] = round(time.time() - tic, 1)
+                section["runs"][label] = run
+                _log(f"level {level}: {label}: test accuracy {run['test_accuracy']:.4f}, "
+                     f"{run['file_bytes'] / 1024:.0f} KiB ({run['seconds']:.0f} s)")
+                if allocation == "searched" and not distill:
+                    models[str(level)] = model
+                save()
+
+    top = str(max(args.levels))
+    result["latency_ms"] = _latency(args, {"baseline": baseline, f"searched {top}": models[top]}, data)
+    save()
+    print(markdown(result))
+    return 0
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="fashion_mnist")
+    parser.add_argument("--model", default="resnet20")
+    parser.add_argument("--baseline-epochs", type=int, default=5)
+    parser.add_argument("--levels", type=float, nargs="+", default=[0.5, 0.75, 0.9, 0.95],
+                        help="global sparsities (fraction of conv/linear weights set to 0)")
+    parser.add_argument("--searcher", default="ddpg", choices=[a.value for a in SearchAlgorithm])
+    parser.add_argument("--trials", type=int, default=24, help="search proposals per level")
+    parser.add_argument("--validation-subset", type=int, default=2000)
+    parser.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs per run")
+    parser.add_argument("--train-subset", type=int, default=10000, help="training images per fine-tuning epoch")
+    parser.add_argument("--lr", type=float, default=0.02)
+    parser.add_argument("--mask-update-steps", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved latency rounds")
+    parser.add_argument("--repeats", type=int, default=100)
+    parser.add_argument("--storage", default="runs", help="where the baseline is cached")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/sparsity.json"))
+    args = parser.parse_args(argv)
+    if not all(0.0 < level < 1.0 for level in args.levels):
+        parser.error(f"--levels: got {args.levels}; each must lie in (0, 1)")
+    for name in ("baseline_epochs", "trials", "epochs", "train_subset", "mask_update_steps", "rounds", "repeats"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')}: got {getattr(args, name)}; expected >= 1")
+    return args
+
+
+def _log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def _experiment(args: argparse.Namespace) -> ExperimentConfig:
+    """The embedded default with bench/channel_pruning.py's baseline schedule (the same cached baseline)."""
+    default = ExperimentConfig()
+    return replace(
+        default,
+        model=replace(default.model, name=args.model),
+        dataset=replace(default.dataset, name=args.dataset),
+        baseline=BaselineConfig(train=TrainConfig(epochs=args.baseline_epochs, learning_rate=0.1)),
+        learner=LearnerConfig(name=LEARNER, options={"mode": "auto"}),
+        search=replace(default.search, validation_subset=args.validation_subset),
+        storage=StorageConfig(path=str(Path(args.storage).resolve())),
+    )
+
+
+def _with_level(experiment: ExperimentConfig, level: float, **options: Any) -> ExperimentConfig:
+    return replace(experiment, learner=replace(experiment.learner, options={
+        **experiment.learner.options, "sparsity": level, **options}))
+
+
+def _heuristic(baseline: nn.Module, data: DataBundle, level: float) -> tuple[float, ...]:
+    sizes = [size for _, size in covered_layers(baseline, data.input_shape)]
+    return heuristic_sparsities(sizes, level, 0.98)
+
+
+def _one_shot(baseline: nn.Module, data: DataBundle, sparsities) -> nn.Module:
+    """The baseline with each covered layer's smallest weights zeroed at its sparsity (the search's proxy)."""
+    import copy
+
+    model = copy.deepcopy(baseline)
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for (name, _), sparsity in zip(covered_layers(model, data.input_shape), sparsities, strict=True):
+            weight = modules[name].weight
+            weight.mul_(magnitude_mask(weight, sparsity).to(weight.dtype))
+    return model
+
+
+def _search(args, experiment, baseline, data, level) -> dict[str, Any]:
+    from search_algs import make_searcher
+
+    leveled = _with_level(experiment, level)
+    space = per_layer_space(leveled, baseline, data.input_shape)
+    learner = build_learner(LEARNER, leveled.learner_config())
+    searcher, _ = make_searcher(SearchAlgorithm(args.searcher), space, metric=SCORE, mode="max", seed=0,
+                                num_trials=args.trials, max_epochs=1)
+    validation = subset(data.validation, args.validation_subset)
+    tic = time.time()
+    history = []
+    for index in range(args.trials):
+        trial_id = f"{args.searcher}_{level}_{index:03d}"
+        values = learner.project(baseline, data.input_shape, space.values_from(searcher.suggest(trial_id)))
+        score = evaluate(_one_shot(baseline, data, values), validation)[ACCURACY]
+        report = {SCORE: score, EPOCH: 1, "training_iteration": 1}
+        searcher.on_trial_result(trial_id, report)
+        searcher.on_trial_complete(trial_id, result=report)
+        history.append({"score": score, "sparsities": list(values), "kept": space.budget.cost(values)})
+    best = max(history, key=lambda trial: trial["score"])
+    uniform = evaluate(_one_shot(baseline, data, [level] * len(space.names)), validation)[ACCURACY]
+    _log(f"level {level}: {args.searcher} best one-shot proxy {best['score']:.4f} (uniform {uniform:.4f}), "
+         f"{time.time() - tic:.0f} s")
+    return {"best": best, "uniform_proxy": uniform, "scores": [trial["score"] for trial in history],
+            "layer_names": list(space.names)}
+
+
+def _fine_tune(args, experiment, baseline, data, level, sparsities, distill) -> tuple[nn.Module, dict[str, Any]]:
+    options = {"mode": "uniform"} if sparsities is None else {"mode": "list", "layer_sparsities": list(sparsities)}
+    leveled = _with_level(experiment, level, mask_update_steps=args.mask_update_steps, **options)
+    leveled = replace(leveled, learner=replace(leveled.learner,
+                                               distillation=DistillationConfig() if distill else None))
+    learner_config = from_dict(learner_config_class(LEARNER), leveled.learner.options, path="learner.options")
+    candidate = compress(leveled, baseline, data, learner_config)
+    schedule = TrainConfig(epochs=args.epochs, learning_rate=args.lr, train_subset=args.train_subset)
+    model = fine_tune(candidate, data, schedule, validation_subset=None, report=None, seed=0,
+                      distillation=leveled.learner.distillation)
+    zeros = total = 0
+    for name, _ in covered_layers(model, data.input_shape):
+        weight = dict(model.named_modules())[name].weight
+        zeros, total = zeros + int((weight == 0).sum()), total + weight.numel()
+    return model, {"test_accuracy": evaluate(model, data.test)[ACCURACY], "sparsity": zeros / total,
+                   **_sizes(model, candidate.learner.packed(model))}
+
+
+def _sizes(model: nn.Module, packed: dict[str, Any]) -> dict[str, int]:
+    with tempfile.TemporaryDirectory(prefix="pf_ray_bench_sparsity_") as work:
+        return write_packed(Path(work) / "model.pfpack", pack_state_dict(model.state_dict(), packed))
+
+
+def _latency(args, models: dict[str, nn.Module], data: DataBundle) -> dict[str, dict[str, float]]:
+    timings: dict[str, dict[str, list[float]]] = {name: {"1": [], "32": []} for name in models}
+    with tempfile.TemporaryDirectory(prefix="pf_ray_bench_sparsity_") as work:
+        sessions = {name: onnx_session(export_onnx(model, data.input_shape, Path(work) / f"m{i}.onnx"), threads=1)
+                    for i, (name, model) in enumerate(models.items())}
+        for round_index in range(args.rounds):
+            _log(f"latency round {round_index + 1}/{args.rounds}")
+            for name, session in sessions.items():
+                for batch in (1, 32):
+                    timings[name][str(batch)].append(
+                        measure_latency(session, data.input_shape, batch, repeats=args.repeats)["median_ms"])
+    return {name: {batch: statistics.median(values) for batch, values in per_batch.items()}
+            for name, per_batch in timings.items()}
+
+
+def markdown(result: dict[str, Any]) -> str:
+    base = result["baseline"]
+    lines = [f"Baseline: test accuracy {100 * base['test_accuracy']:.2f}%, "
+             f"{base['file_bytes'] / 1024:.0f} KiB as float32.", "",
+             "| sparsity | allocation | test accuracy | + distillation | stored size | of float32 | search proxy |",
+             "|---:|---|---:|---:|---:|---:|---:|"]
+    for level, section in result["levels"].items():
+        runs = section["runs"]
+        for allocation in ALLOCATIONS:
+            plain, distilled = runs[allocation], runs[f"{allocation}+distill"]
+            proxy = section["search"]["best"]["score"] if allocation == "searched" else (
+                section["search"]["uniform_proxy"] if allocation == "uniform" else None)
+            lines.append(
+                f"| {100 * float(level):.0f}% | {allocation} | {100 * plain['test_accuracy']:.2f}% | "
+                f"{100 * distilled['test_accuracy']:.2f}% | {plain['file_bytes'] / 1024:.0f} KiB | "
+                f"{100 * plain['file_bytes'] / base['file_bytes']:.1f}% | "
+                + (f"{100 * proxy:.2f}% |" if proxy is not None else "- |"))
+    latency = result.get("latency_ms")
+    if latency:
+        lines += ["", "| ONNX Runtime, 1 thread | batch 1 | batch 32 |", "|---|---:|---:|"]
+        lines += [f"| {name} | {t['1']:.3f} ms | {t['32']:.2f} ms |" for name, t in latency.items()]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""Non-uniform weight quantization with trained codebooks (Han et al., "Deep Compression", ICLR 2016;
+PocketFlow's NonUniformQuantLearner).
+
+Every conv/linear weight is replaced by one of 2^k shared values of its layer (or bucket), fitted by k-means,
+quantiles or a linear grid, then fine-tuned: the centroids by the gradients of their weights, the float
+weights straight-through, or both (``optimize``; what each does to the assignment is in
+``pf_ray.ops.codebook.CodebookWeight``). Activations stay float. The finalized model is a plain model whose
+weights hold the shared values (it exports to ONNX as any float model); ``packed`` stores it as k-bit codes plus
+float tables, and keeps a sparsified model's zeros as a 1-bit mask, so sparsity and codebooks compound.
+
+A centroid's exact gradient is the sum of its weights' gradients (Han et al.; ``centroid_gradient="sum"``). But
+fine-tuning uses one learning rate for every parameter, and a centroid shared by 2,300 weights (a ResNet-20
+stage-3 conv at 4 bits) then takes steps thousands of times a weight's: 20 SGD steps at learning rate 0.1 moved
+such centroids by up to 20 where they lie 0.01 apart, collapsing the layer to one value. The default ``"mean"``
+divides each centroid's sum by its cluster size (same direction, the step of an average member weight; the same
+run moved them by 0.002).
+
+The first and last layers stay float unless ``quantize_first_last``, as in PocketFlow's quantization learners:
+they are the most sensitive (the stem sees raw pixels, the classifier writes the logits) and hold a small share
+of the weights (0.4% of a ResNet-20).
+
+Modes (PocketFlow's): ``uniform`` gives every quantized layer ``bits``; ``list`` takes ``layer_bits``; ``auto``
+lets the search choose ``layer_bits`` under an average of ``bits`` per weight (weighted by weight count), and is
+``uniform`` until a search has filled them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from pf_ray.config import check_choice, check_range
+from pf_ray.data import DataBundle
+from pf_ray.errors import ConfigError, ModelError
+from pf_ray.export.packed import PackedTensor
+from pf_ray.ops.codebook import (
+    CENTROID_GRADIENTS,
+    INITS,
+    MAX_BITS,
+    OPTIMIZE,
+    BitsBudget,
+    CodebookWeight,
+    allocate_bits,
+    codebook_of_values,
+)
+from pf_ray.registry import LEARNERS
+
+MODES = ("uniform", "list", "auto")
+LAYER_BITS_FIELD = "learner.options.layer_bits"
+QUANTIZED_LAYERS = (nn.Conv2d, nn.Linear)
+
+
+@dataclass(frozen=True)
+class NonUniformQuantizationConfig:
+    mode: str = "auto"  # "uniform": bits everywhere; "list": layer_bits; "auto": the search picks layer_bits
+    bits: int = 4  # uniform bits; in auto the average-bits budget (and the setting before a search)
+    layer_bits: tuple[float, ...] = ()  # whole bits, one per quantized layer in forward order (list / auto)
+    min_bits: int = 1  # the search's lower bound: below 2, so a 2-bit average still leaves something to trade
+    max_bits: int = MAX_BITS  # the search's upper bound
+    init: str = "kmeans"  # "kmeans" (Lloyd from quantiles), "quantile" or "linear" (over [min, max])
+    kmeans_iterations: int = 20  # Lloyd steps at most (stops when no weight changes cluster)
+    bucket_size: int = 0  # weights per codebook, consecutive in the flattened tensor; 0 = one per layer
+    optimize: str = "both"  # what fine-tuning trains: "weights", "centroids" (Han et al.) or "both"
+    centroid_gradient: str = "mean"  # "sum": Han et al.'s exact gradient; "mean": divided by the cluster size
+    keep_zeros: bool = True  # exact zeros (a sparsified model's) stay zeros, masked, out of the clustering
+    quantize_first_last: bool = False  # also quantize the first and last conv/linear layers
+
+    def __post_init__(self) -> None:
+        check_choice("mode", self.mode, MODES)
+        check_range("bits", self.bits, low=1, high=MAX_BITS)
+        for index, bits in enumerate(self.layer_bits):
+            if not (1 <= bits <= MAX_BITS and float(bits).is_integer()):
+                raise ConfigError(f"layer_bits[{index}]: got {bits!r}; allowed: whole numbers from 1 to {MAX_BITS}")
+        check_range("min_bits", self.min_bits, low=1, high=MAX_BITS)
+        check_range("max_bits", self.max_bits, low=self.min_bits, high=MAX_BITS)
+        check_choice("init", self.init, INITS)
+        check_range("kmeans_iterations", self.kmeans_iterations, low=0)
+        check_range("bucket_size", self.bucket_size, low=0)
+        check_choice("optimize", self.optimize, OPTIMIZE)
+        check_choice("centroid_gradient", self.centroid_gradient, CENTROID_GRADIENTS)
+        if self.mode == "auto" and not self.min_bits <= self.bits <= self.max_bits:
+            raise ConfigError(f"bits: got {self.bits} with mode 'auto'; the search reaches averages from min_bits="
+                              f"{self.min_bits} to max_bits={self.max_bits}")
+        if self.mode == "uniform" and self.layer_bits:
+            raise ConfigError(f"layer_bits: got {len(self.layer_bits)} values with mode 'uniform', which gives "
+                              "every layer bits; use mode 'list' (or 'auto') for per-layer bits")
+        if self.mode == "list" and not self.layer_bits:
+            raise ConfigError("mode: got 'list' without layer_bits; set layer_bits")
+
+
+def quantized_layers(model: nn.Module, input_shape: tuple[int, int, int] | None = None, *,
+                     first_last: bool = False) -> list[str]:
+    """The conv/linear layers whose weights get a codebook, in forward order (``input_shape`` given) or in
+    definition order; without ``first_last`` the first and the last of them are left out."""
+    if input_shape is not None:
+        from pf_ray.metrics import layer_table
+
+        names = list(dict.fromkeys(layer.name for layer in layer_table(model, input_shape)))
+    else:
+        names = [name for name, module in model.named_modules() if isinstance(module, QUANTIZED_LAYERS)]
+    return names if first_last else names[1:-1]
+
+
+@LEARNERS.register("nonuniform_quantization", config=NonUniformQuantizationConfig)
+class NonUniformQuantization:
+    """Codebooks fitted in ``prepare`` (a parametrization per layer), trained by fine-tuning, baked in by
+    ``finalize``."""
+
+    def __init__(self, config: NonUniformQuantizationConfig) -> None:
+        self.config = config
+        self.layer_bits: dict[str, int] = {}  # layer name -> bits, filled by prepare (or packed)
+
+    # -- which layers, how many bits ---------------------------------------------------------------------------
+
+    def _layers(self, model: nn.Module, input_shape: tuple[int, int, int] | None) -> list[str]:
+        names = quantized_layers(model, input_shape, first_last=self.config.quantize_first_last)
+        if not names:
+            hint = "" if self.config.quantize_first_last else " besides the first and the last (set " \
+                "learner.options.quantize_first_last to quantize those)"
+            raise ModelError(f"nonuniform_quantization: the model ({type(model).__name__}) has no conv/linear "
+                             f"layer to quantize{hint}")
+        return names
+
+    def _bits(self, names: list[str]) -> dict[str, int]:
+        config = self.config
+        if config.mode == "uniform" or not config.layer_bits:
+            return dict.fromkeys(names, config.bits)  # auto before any search: uniform
+        if len(config.layer_bits) != len(names):
+            shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+            raise ConfigError(f"{LAYER_BITS_FIELD}: got {len(config.layer_bits)} values; expected {len(names)} "
+                              f"(one per quantized layer of this model, in order: {shown})")
+        return {name: int(bits) for name, bits in zip(names, config.layer_bits, strict=True)}
+
+    def check(self, model: nn.Module, input_shape: tuple[int, int, int]) -> None:
+        self._bits(self._layers(model, input_shape))
+
+    # -- the three hooks ----------------------------------------------------------------------------------------
+
+    def prepare(self, model: nn.Module, data: DataBundle) -> nn.Module:
+        config = self.config
+        self.layer_bits = self._bits(self._layers(model, data.input_shape))
+        for name, bits in self.layer_bits.items():
+            module = model.get_submodule(name)
+            codebook = CodebookWeight(module.weight, bits, init=config.init, bucket_size=config.bucket_size,
+                                      kmeans_iterations=config.kmeans_iterations, keep_zeros=config.keep_zeros,
+                                      optimize=config.optimize, centroid_gradient=config.centroid_gradient)
+            parametrize.register_parametrization(module, "weight", codebook)
+            if config.optimize == "centroids":  # Han et al.: the assignment is fixed, the float weights unused
+                module.parametrizations.weight.original.requires_grad_(False)
+        return model
+
+    def on_step(self, model: nn.Module, step: int) -> None:
+        pass  # the parametrization re-quantizes on every forward; nothing to re-apply
+
+    def finalize(self, model: nn.Module) -> nn.Module:
+        """Bake each layer's codebook values into a plain weight (the assignment of the last forward)."""
+        for module in model.modules():
+            if parametrize.is_parametrized(module, "weight") and isinstance(
+                module.parametrizations.weight[0], CodebookWeight
+            ):
+                with torch.no_grad():
+                    parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+                module.weight.requires_grad_(True)
+        return model
+
+    def packed(self, model: nn.Module) -> dict[str, PackedTensor]:
+        """k-bit codes + 2^k float32 centroids per codebook for every quantized weight of the finalized model
+        (plus a 1-bit mask where ``keep_zeros`` and the weight has exact zeros)."""
+        config = self.config
+        layer_bits = self.layer_bits or self._bits(self._layers(model, None))
+        packed = {}
+        for name, bits in layer_bits.items():
+            weight = model.get_submodule(name).weight
+            try:
+                codebook = codebook_of_values(weight, bits, bucket_size=config.bucket_size,
+                                              keep_zeros=config.keep_zeros)
+            except ModelError as error:
+                raise ModelError(f"packed: layer {name!r}: {error}") from None
+            packed[f"{name}.weight"] = codebook.pack()
+        return packed
+
+    # -- per-layer search ---------------------------------------------------------------------------------------
+
+    def search_space(self, model: nn.Module, input_shape: tuple[int, int, int]):
+        """Bits per quantized layer in [min_bits, max_bits] under an average of ``bits`` per weight."""
+        from pf_ray.candidate import PerLayerSpace, layer_features  # pf_ray.candidate imports the learners
+
+        if self.config.mode != "auto":
+            return None
+        names = tuple(self._layers(model, input_shape))
+        return PerLayerSpace("layer_bits", names, low=float(self.config.min_bits), high=float(self.config.max_bits),
+                             budget=self._budget(model, names), features=layer_features(model, input_shape, names))
+
+    def _budget(self, model: nn.Module, names: tuple[str, ...] | list[str]) -> BitsBudget:
+        counts = tuple(model.get_submodule(name).weight.numel() for name in names)
+        return BitsBudget(self.config.bits / 32, counts)
+
+    def project(self, model: nn.Module, input_shape: tuple[int, int, int],
+                values: tuple[float, ...] | list[float]) -> tuple[float, ...]:
+        """Whole bits per layer meeting the budget (``pf_ray.ops.codebook.allocate_bits``); all ``max_bits``
+        projects to ``bits`` everywhere."""
+        config = self.config
+        budget = self._budget(model, self._layers(model, input_shape))
+        bits = allocate_bits(budget.counts, values, config.bits, low=config.min_bits, high=config.max_bits)
+        return tuple(float(b) for b in bits)

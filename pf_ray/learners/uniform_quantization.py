@@ -1,0 +1,276 @@
+"""Uniform quantization by quantization-aware training (PocketFlow's UniformQuantLearner; Jacob et al., CVPR 2018).
+
+Each quantized conv/linear layer trains with fake-quantized weights (``weight_bits``, an asymmetric min/max grid
+per tensor or per output channel, straight-through gradients; the maths in ``pf_ray.ops.quantization``) and,
+optionally, a fake-quantized input (``activation_bits``, a running min/max range, calibrated on a few training
+batches in ``prepare`` so the model is already quantized when it is first evaluated). The first and last layers
+stay float unless ``quantize_first_last``, as in PocketFlow: they hold few weights and cost the most accuracy.
+
+Modes (PocketFlow's): ``uniform`` gives every quantized layer ``weight_bits``; ``list`` takes one width per layer
+from ``layer_bits``; ``auto`` lets the search choose ``layer_bits`` (one float per layer in [min_bits, max_bits],
+rounded under a budget of ``weight_bits`` per weight on average, see ``allocate_bits``); before a search, auto is
+uniform.
+
+Batch norm (``fold_batchnorm``, on by default): every BatchNorm2d that directly follows a quantized conv is
+taken into that conv (``FakeQuantConv2d``'s ``bn``; the model's BN becomes ``nn.Identity``), and the weight
+quantized is the folded one, w gamma / sigma (sigma from the running variance). That is the weight an integer
+runtime executes: TFLite, and PocketFlow's TF-QAT path through TensorFlow's rewriter, deploy folded weights, and
+ONNX Runtime fuses a W8A8 conv into QLinearConv only without a BN between the conv and the next QuantizeLinear.
+``finalize`` then folds for good (w' = Q(w gamma / sigma), b' = beta + (b - mean) gamma / sigma) and the
+finalized model has no batch norm after a quantized conv. In eval mode (calibration, the search's proxy,
+validation) the QAT layer already computes exactly that folded layer. In training it divides the conv output by
+gamma / sigma again and applies the batch norm on the batch's statistics, as torch.ao's ConvBn QAT modules do
+(Jacob et al. 2018, section 3.2, without their later freeze and batch-to-running correction): the unfolded
+weight trains with batch norm as in the float model, and the running statistics keep updating.
+
+Why not fold first and train the folded conv without batch norm ("fold then quantize" in its plain form, the
+first version of this learner): on the bench's ResNet-20 it diverged. Weights-only W4 at lr 0.01 went to NaN
+after 9 steps, and over 12 steps its loss rose from 0.08 to 1.3 with the gradient norm growing from 2 to 21, where
+the unfolded model trained stably (loss 0.17 -> 0.09, gradient norm ~1); a folded float model alone grew its
+gradient norm to 11. Without batch statistics nothing renormalises the layers during fine-tuning, and the
+folded parametrisation scales each channel's effective learning rate by (sigma / gamma)^2. What folding still
+costs: per-tensor grids (channels with small gamma / sigma get few levels; per-channel grids lose nothing), and
+during training the quantized weight uses the running sigma while the batch norm normalises by the batch's.
+
+Two more settings exist for ONNX Runtime's integer kernels and apply only to layers with 8-bit weights and 8-bit
+inputs (the ones exported as INT8 QDQ; see ``pf_ray.ops.quantization``): ``symmetric_int8`` puts their weights
+on a symmetric grid (int8 zero point 0, codes -127..127; with per-channel weight zero points ORT's QLinearConv
+took 2.3x the time in a profile, the whole model 1.25x), and ``int8_outputs`` makes those whose output meets no
+other quantized layer (before a residual add) fake-quantize their output at 8 bits as well, so every one of them
+fuses. With both and folding, W8A8 ResNet-20 runs 1.3x faster than FP32 in ONNX Runtime (one thread); with none
+of the three, 2x slower.
+
+``finalize`` replaces the weights by their dequantized values (exactly on the grid) and freezes the activation
+ranges; the model exports to ONNX, as QuantizeLinear/DequantizeLinear where weights and inputs are 8-bit
+(``is_int8_qdq``), and ``packed`` stores every quantized weight as ``weight_bits``-bit codes plus scales.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import islice
+from typing import Any
+
+import torch
+from torch import nn
+
+from pf_ray.config import check_choice, check_range
+from pf_ray.data import DataBundle
+from pf_ray.errors import ConfigError, ModelError
+from pf_ray.export.packed import PackedTensor
+from pf_ray.metrics import layer_table
+from pf_ray.ops.quantization import (
+    FP32_BITS,
+    GRANULARITIES,
+    INT8_BITS,
+    MAX_BITS,
+    MIN_BITS,
+    ActivationQuantizer,
+    FakeQuantConv2d,
+    FakeQuantLinear,
+    WeightBitsBudget,
+    allocate_bits,
+    conv_bn_pairs,
+    freeze_,
+    is_int8_qdq,
+    layers_feeding_float,
+    packed_weights,
+)
+from pf_ray.registry import LEARNERS
+from pf_ray.train import make_loader
+
+MODES = ("uniform", "list", "auto")
+LAYER_BITS_FIELD = "learner.options.layer_bits"
+CALIBRATION_BATCH_SIZE = 64  # images per calibration batch of the activation ranges
+
+__all__ = ["UniformQuantization", "UniformQuantizationConfig", "is_int8_qdq", "quantized_layer_names"]
+
+
+@dataclass(frozen=True)
+class UniformQuantizationConfig:
+    mode: str = "uniform"  # "uniform": weight_bits everywhere; "list": layer_bits; "auto": the search fills them
+    weight_bits: int = 4  # uniform width; in auto mode also the budget: weight_bits per weight on average
+    layer_bits: tuple[float, ...] = ()  # one per quantized layer in model order (mode list / auto); whole numbers
+    activation_bits: int | None = None  # None: float activations; else the input of every quantized layer
+    granularity: str = "channel"  # weight ranges: one per output channel, or "tensor": one per layer
+    quantize_first_last: bool = False  # PocketFlow keeps the first conv and the last linear layer in float
+    min_bits: int = MIN_BITS  # the search's box for every layer's bits (auto mode)
+    max_bits: int = MAX_BITS
+    fold_batchnorm: bool = True  # quantize each conv's BN-folded weight; the BN trains on, finalize folds it in
+    int8_outputs: bool = True  # W8A8 layers whose output meets no quantized layer (before a residual add) quantize it
+    symmetric_int8: bool = True  # W8A8 layers' weights on a symmetric grid (int8 zero point 0: ORT's fast kernels)
+    activation_ema_decay: float = 0.99  # running range = decay * running + (1 - decay) * batch, while training
+    num_calibration_batches: int = 4  # training batches (of 64) that set the activation ranges in prepare
+    seed: int = 0  # which calibration batches
+
+    def __post_init__(self) -> None:
+        check_choice("mode", self.mode, MODES)
+        check_range("weight_bits", self.weight_bits, low=MIN_BITS, high=MAX_BITS)
+        for index, bits in enumerate(self.layer_bits):
+            if not (MIN_BITS <= bits <= MAX_BITS and float(bits).is_integer()):
+                raise ConfigError(f"layer_bits[{index}]: got {bits!r}; allowed: whole numbers from {MIN_BITS} "
+                                  f"to {MAX_BITS}")
+        if self.activation_bits is not None:
+            check_range("activation_bits", self.activation_bits, low=MIN_BITS, high=MAX_BITS)
+        check_choice("granularity", self.granularity, GRANULARITIES)
+        check_range("min_bits", self.min_bits, low=MIN_BITS, high=MAX_BITS)
+        check_range("max_bits", self.max_bits, low=self.min_bits, high=MAX_BITS)
+        if not self.min_bits <= self.weight_bits <= self.max_bits:
+            raise ConfigError(f"weight_bits: got {self.weight_bits}; allowed range is [min_bits, max_bits] = "
+                              f"[{self.min_bits}, {self.max_bits}] (the search's budget)")
+        check_range("activation_ema_decay", self.activation_ema_decay, low=0.0, high=1.0, high_inclusive=False)
+        check_range("num_calibration_batches", self.num_calibration_batches, low=0)
+        if self.mode == "uniform" and self.layer_bits:
+            raise ConfigError(f"layer_bits: got {len(self.layer_bits)} values with mode 'uniform', which gives "
+                              "every layer weight_bits; use mode 'list' (or 'auto') for per-layer bits")
+        if self.mode == "list" and not self.layer_bits:
+            raise ConfigError("mode: got 'list' without layer_bits; set layer_bits (one per quantized layer)")
+
+
+def quantized_layer_names(model: nn.Module, input_shape: tuple[int, int, int], *,
+                          quantize_first_last: bool) -> list[str]:
+    """The conv/linear layers to quantize, in the order they run (each once); without ``quantize_first_last``
+    the first and the last to run are left out."""
+    names = list(dict.fromkeys(row.name for row in layer_table(model, input_shape)))
+    return names if quantize_first_last else names[1:-1]
+
+
+@LEARNERS.register("uniform_quantization", config=UniformQuantizationConfig)
+class UniformQuantization:
+    """Layers swapped for fake-quantized ones in ``prepare``; fine-tuning then trains through the quantizers."""
+
+    # finalize returns frozen quantized layers (scales, zero points, folded batch norm), not the zoo's layers:
+    # the retrain's model is rebuilt by prepare + the trained state + finalize, not by load_checkpoint.
+    finalized_is_plain = False
+
+    def __init__(self, config: UniformQuantizationConfig) -> None:
+        self.config = config
+        self.layer_bits: dict[str, int] = {}  # layer name -> weight bits, filled by prepare
+
+    # ---- checks and the layers concerned
+
+    def check(self, model: nn.Module, input_shape: tuple[int, int, int]) -> None:
+        self._bits(len(self._layers(model, input_shape)))
+
+    def _layers(self, model: nn.Module, input_shape: tuple[int, int, int]) -> list[tuple[str, nn.Module]]:
+        names = quantized_layer_names(model, input_shape, quantize_first_last=self.config.quantize_first_last)
+        if not names:
+            raise ModelError(
+                f"uniform_quantization: the model ({type(model).__name__}) has no conv/linear layer to quantize"
+                + ("" if self.config.quantize_first_last else
+                   " besides its first and last, which stay float; set learner.options.quantize_first_last")
+            )
+        layers = [(name, model.get_submodule(name)) for name in names]
+        for name, layer in layers:
+            # A subclass may compute its forward differently: replacing it by a plain quantized layer would not
+            # be the same model.
+            if type(layer) not in (nn.Conv2d, nn.Linear, FakeQuantConv2d, FakeQuantLinear):
+                raise ModelError(f"uniform_quantization: layer {name!r} is a {type(layer).__name__}, a subclass of "
+                                 "Conv2d/Linear with its own code; only plain nn.Conv2d and nn.Linear are quantized")
+        return layers
+
+    def _bits(self, num_layers: int) -> tuple[int, ...]:
+        config = self.config
+        if config.mode == "uniform" or not config.layer_bits:
+            return (config.weight_bits,) * num_layers  # auto before any search: uniform
+        if len(config.layer_bits) != num_layers:
+            raise ConfigError(f"{LAYER_BITS_FIELD}: got {len(config.layer_bits)} values; expected {num_layers} "
+                              "(one per quantized layer of this model)")
+        return tuple(int(bits) for bits in config.layer_bits)
+
+    # ---- the learner's hooks
+
+    def prepare(self, model: nn.Module, data: DataBundle) -> nn.Module:
+        config = self.config
+        layers = self._layers(model, data.input_shape)
+        bits = self._bits(len(layers))
+        for name, layer in layers:
+            if isinstance(layer, (FakeQuantConv2d, FakeQuantLinear)):
+                raise ModelError(f"uniform_quantization: layer {name!r} is already fake-quantized")
+        names = [name for name, _ in layers]
+        batch_norms: dict[str, nn.BatchNorm2d] = {}  # conv name -> the BN it takes over
+        if config.fold_batchnorm:
+            wanted = set(names)
+            for conv_name, bn_name in conv_bn_pairs(model):
+                if conv_name in wanted:
+                    batch_norms[conv_name] = model.get_submodule(bn_name)
+                    model.set_submodule(bn_name, nn.Identity())
+        feeding_float = (layers_feeding_float(model, names)
+                         if config.int8_outputs and config.activation_bits == INT8_BITS else set())
+        for (name, layer), layer_bits in zip(layers, bits, strict=True):
+            quantized_class = FakeQuantConv2d if isinstance(layer, nn.Conv2d) else FakeQuantLinear
+            int8 = layer_bits == INT8_BITS and config.activation_bits == INT8_BITS  # exported as INT8 QDQ
+            model.set_submodule(name, quantized_class.from_float(
+                layer, weight_bits=layer_bits, granularity=config.granularity,
+                activation_bits=config.activation_bits, ema_decay=config.activation_ema_decay,
+                output_bits=INT8_BITS if int8 and name in feeding_float else None,
+                symmetric=int8 and config.symmetric_int8, bn=batch_norms.get(name)))
+        self.layer_bits = {name: layer_bits for (name, _), layer_bits in zip(layers, bits, strict=True)}
+        if config.activation_bits is not None and config.num_calibration_batches > 0:
+            self._calibrate(model, data)
+        return model
+
+    @torch.no_grad()
+    def _calibrate(self, model: nn.Module, data: DataBundle) -> None:
+        """Set every activation range to the min/max seen on a few training batches, in eval mode (batch norm
+        keeps its statistics); each layer sees its inputs as quantized by the layers before it."""
+        quantizers = [m for m in model.modules() if isinstance(m, ActivationQuantizer)]
+        parameter = next(model.parameters())
+        loader = make_loader(data.train, CALIBRATION_BATCH_SIZE, shuffle=True, seed=self.config.seed)
+        was_training = model.training
+        model.eval()
+        for quantizer in quantizers:
+            quantizer.calibrating = True
+        try:
+            for inputs, _ in islice(loader, self.config.num_calibration_batches):
+                model(inputs.to(parameter.device))
+        finally:
+            for quantizer in quantizers:
+                quantizer.calibrating = False
+            model.train(was_training)
+
+    def on_step(self, model: nn.Module, step: int) -> None:
+        pass  # weights are re-quantized every forward and ranges move in the forward: nothing to re-apply
+
+    def finalize(self, model: nn.Module) -> nn.Module:
+        """The fake-quantized layers replaced in place by frozen ones (dequantized weights on their grid, fixed
+        activation ranges): same outputs as the QAT model in eval mode; returns ``model``."""
+        return freeze_(model)
+
+    def packed(self, model: nn.Module) -> dict[str, PackedTensor]:
+        """Every quantized weight of the finalized model as ``PackedTensor.integer`` (its bits per code, one scale
+        and zero point per output channel or per tensor)."""
+        if any(isinstance(m, (FakeQuantConv2d, FakeQuantLinear)) for m in model.modules()):
+            # its weights are still float: packing nothing would silently store them all dense
+            raise ModelError("uniform_quantization: packed() takes the finalized model; call finalize(model) first")
+        return packed_weights(model)
+
+    # ---- per-layer search
+
+    def search_space(self, model: nn.Module, input_shape: tuple[int, int, int]) -> Any:
+        """Bits per quantized layer in [min_bits, max_bits] under ``weight_bits`` per weight on average (auto
+        mode); None in the other modes. Returns a ``pf_ray.candidate.PerLayerSpace``."""
+        if self.config.mode != "auto":
+            return None
+        from pf_ray.candidate import PerLayerSpace, layer_features  # circular at module level
+
+        layers = self._layers(model, input_shape)
+        names = tuple(name for name, _ in layers)
+        budget = WeightBitsBudget(self.config.weight_bits / FP32_BITS,
+                                  tuple(layer.weight.numel() for _, layer in layers))
+        return PerLayerSpace("layer_bits", names, low=float(self.config.min_bits), high=float(self.config.max_bits),
+                             budget=budget, features=layer_features(model, input_shape, names))
+
+    def project(self, model: nn.Module, input_shape: tuple[int, int, int],
+                values: Sequence[float]) -> tuple[float, ...]:
+        """Whole bits per layer that spend at most ``weight_bits`` per weight on average (``allocate_bits``);
+        an all-``max_bits`` proposal gives ``weight_bits`` everywhere."""
+        layers = self._layers(model, input_shape)
+        if len(values) != len(layers):
+            raise ConfigError(f"{LAYER_BITS_FIELD}: got {len(values)} values; expected {len(layers)} "
+                              "(one per quantized layer of this model)")
+        bits = allocate_bits(values, [layer.weight.numel() for _, layer in layers],
+                             average_bits=self.config.weight_bits, min_bits=self.config.min_bits,
+                             max_bits=self.config.max_bits)
+        return tuple(float(b) for b in bits)
