@@ -520,13 +520,12 @@ def retrain(config: ExperimentConfig, learner_config: Any, baseline_path: Path, 
         # The learner's finalized layers (e.g. frozen quantizers) are not the zoo's: rebuild them the way the
         # workers did, prepare on the baseline, the trained state, then finalize.
         from pf_ray.candidate import compress
-        from trainables._common import TRAINING_STATE_FILE
+        from trainables._common import load_training_state
 
         data = load_data(config.dataset, seed=config.seed)
         baseline, _ = load_checkpoint(baseline_path, user_model=config.model.name)
         candidate = compress(config, baseline, data, learner_config)
-        state = torch.load(Path(directory) / TRAINING_STATE_FILE, map_location="cpu", weights_only=True)
-        candidate.model.load_state_dict(state["model"])
+        load_training_state(candidate, directory)
         return candidate.learner.finalize(candidate.model)
 
 

@@ -11,10 +11,8 @@ import onnxruntime
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import TensorDataset
 
-from pf_ray.config import ModelConfig, from_dict
-from pf_ray.data import DataBundle
+from pf_ray.config import from_dict
 from pf_ray.errors import ConfigError, ModelError
 from pf_ray.export.onnx import export_onnx
 from pf_ray.export.packed import pack_state_dict, read_packed, write_packed
@@ -23,7 +21,6 @@ from pf_ray.learners.nonuniform_quantization import (
     NonUniformQuantizationConfig,
     quantized_layers,
 )
-from pf_ray.models import build_model
 from pf_ray.ops.codebook import (
     BitsBudget,
     CodebookWeight,
@@ -36,21 +33,9 @@ from pf_ray.ops.codebook import (
     quantize,
 )
 from pf_ray.registry import LEARNERS
-
-SHAPE = (1, 16, 16)
-
-
-def _data(n: int = 16) -> DataBundle:
-    generator = torch.Generator().manual_seed(0)
-    dataset = TensorDataset(torch.randn(n, *SHAPE, generator=generator),
-                            torch.randint(0, 10, (n,), generator=generator))
-    return DataBundle(name="synthetic", train=dataset, validation=dataset, test=dataset, input_shape=SHAPE,
-                      num_classes=10, mean=(0.0,), std=(1.0,))
-
-
-def _resnet20() -> nn.Module:
-    torch.manual_seed(0)
-    return build_model(ModelConfig("resnet20"), in_channels=1, num_classes=10)
+from tests.tiny import SHAPE
+from tests.tiny import tiny_data as _data
+from tests.tiny import tiny_resnet20 as _resnet20
 
 
 def _close(actual: torch.Tensor, expected: list) -> None:

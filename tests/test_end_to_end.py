@@ -112,3 +112,15 @@ def test_native_int8_writes_its_own_executorch_and_qdq_files(ray_session, tmp_pa
     for key in native:  # a barely trained model has near-ties that INT8 may flip: agreement well above chance
         assert rows[key]["top1_agreement"] >= 0.5 and rows[key]["latency"]["1"]["median_ms"] > 0
     assert rows["compressed", "pfpack"]["size_bytes"] < rows["compressed", "onnx"]["size_bytes"] / 3
+
+
+def test_a_quantized_model_is_rebuilt_from_its_training_state_and_stored_packed(ray_session, tmp_path):
+    # uniform_quantization's finalized layers are not the zoo's: the retrain's model comes from prepare + the
+    # checkpointed training state + finalize (launch.retrain), and is stored with 4-bit codes.
+    results = _compress(tmp_path, "learner.name=uniform_quantization", "learner.options={weight_bits: 4}")
+    rows = {(a["model"], a["format"]): a for a in results["artifacts"]}
+    assert rows["compressed", "pfpack"]["top1_agreement"] == 1.0
+    assert rows["compressed", "pfpack"]["max_abs_diff"] < 1e-4
+    assert rows["compressed", "onnx"]["top1_agreement"] == 1.0
+    # 4-bit codes (1/8 of float32) for the quantized layers; first conv, last linear and BN stay float
+    assert rows["compressed", "pfpack"]["size_bytes"] < rows["compressed", "onnx"]["size_bytes"] / 4

@@ -9,10 +9,8 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import TensorDataset
 
-from pf_ray.config import ModelConfig, from_dict
-from pf_ray.data import DataBundle
+from pf_ray.config import from_dict
 from pf_ray.errors import ConfigError, ModelError
 from pf_ray.export.onnx import export_onnx
 from pf_ray.export.packed import pack_state_dict, read_packed, write_packed
@@ -24,32 +22,10 @@ from pf_ray.learners.channel_pruning import (
     read_ratios_file,
     search_dimensions,
 )
-from pf_ray.models import build_model
 from pf_ray.registry import LEARNERS
-
-SHAPE = (1, 16, 16)
-
-
-def _data(n: int = 16) -> DataBundle:
-    generator = torch.Generator().manual_seed(0)
-    dataset = TensorDataset(
-        torch.randn(n, *SHAPE, generator=generator), torch.randint(0, 10, (n,), generator=generator)
-    )
-    return DataBundle(
-        name="synthetic",
-        train=dataset,
-        validation=dataset,
-        test=dataset,
-        input_shape=SHAPE,
-        num_classes=10,
-        mean=(0.0,),
-        std=(1.0,),
-    )
-
-
-def _resnet20() -> nn.Module:
-    torch.manual_seed(0)
-    return build_model(ModelConfig("resnet20"), in_channels=1, num_classes=10)
+from tests.tiny import SHAPE, train_two_steps
+from tests.tiny import tiny_data as _data
+from tests.tiny import tiny_resnet20 as _resnet20
 
 
 @pytest.mark.parametrize("name", LEARNERS.names())
@@ -62,17 +38,8 @@ def test_learner_contract(name, tmp_path):
     model = learner.prepare(_resnet20(), data)
     if hasattr(learner, "set_total_steps"):
         learner.set_total_steps(2)
-    model.train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    inputs, labels = data.train.tensors
-    for step in (1, 2):
-        optimizer.zero_grad()
-        loss = nn.functional.cross_entropy(model(inputs[:8]), labels[:8])
-        loss.backward()
-        optimizer.step()
-        learner.on_step(model, step)
-        assert torch.isfinite(loss)
-    model = learner.finalize(model)
+    model = learner.finalize(train_two_steps(learner, model, data))
+    inputs = data.train.tensors[0]
     model.eval()
     with torch.no_grad():
         expected = model(inputs)

@@ -14,10 +14,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
-from torch.utils.data import TensorDataset
 
-from pf_ray.config import ModelConfig, from_dict
-from pf_ray.data import DataBundle
+from pf_ray.config import from_dict
 from pf_ray.errors import ConfigError, ModelError
 from pf_ray.export.onnx import export_onnx
 from pf_ray.export.packed import pack_state_dict, read_packed, write_packed
@@ -26,7 +24,6 @@ from pf_ray.learners.uniform_quantization import (
     UniformQuantizationConfig,
     quantized_layer_names,
 )
-from pf_ray.models import build_model
 from pf_ray.ops.quantization import (
     ActivationQuantizer,
     FakeQuantConv2d,
@@ -48,27 +45,16 @@ from pf_ray.ops.quantization import (
     symmetric_qparams,
     weight_qparams,
 )
+from tests.tiny import SHAPE, train_two_steps
+from tests.tiny import tiny_data as _data
+from tests.tiny import tiny_resnet20 as _resnet20
 
-SHAPE = (1, 16, 16)
 # ONNX Runtime's float convolutions sum in another order than torch's; where an activation lies exactly halfway
 # between two levels (common: a quantized layer multiplies two grids) a last-bit difference moves it one level.
 # Measured on the tiny ResNet-20: up to 3.4e-3 on logits of magnitude ~0.3. Without such ties (no activation
 # quantizers, or the explicit-arithmetic export of fewer bits) ORT matches to float rounding (1e-7).
 QDQ_TOLERANCE = 2e-2
 FLOAT_TOLERANCE = 1e-5
-
-
-def _data(shape: tuple[int, int, int] = SHAPE, n: int = 16) -> DataBundle:
-    generator = torch.Generator().manual_seed(0)
-    dataset = TensorDataset(torch.randn(n, *shape, generator=generator),
-                            torch.randint(0, 10, (n,), generator=generator))
-    return DataBundle(name="synthetic", train=dataset, validation=dataset, test=dataset, input_shape=shape,
-                      num_classes=10, mean=(0.0,), std=(1.0,))
-
-
-def _resnet20() -> nn.Module:
-    torch.manual_seed(0)
-    return build_model(ModelConfig("resnet20"), in_channels=1, num_classes=10)
 
 
 def _tiny_cnn() -> nn.Module:
@@ -84,19 +70,7 @@ def _tiny_cnn() -> nn.Module:
     )
 
 
-def _train_two_steps(learner: UniformQuantization, model: nn.Module, data: DataBundle) -> nn.Module:
-    """The shared contract: two SGD steps with on_step after each."""
-    model.train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    inputs, labels = data.train.tensors
-    for step in (1, 2):
-        optimizer.zero_grad()
-        loss = nn.functional.cross_entropy(model(inputs[:8]), labels[:8])
-        loss.backward()
-        optimizer.step()
-        learner.on_step(model, step)
-        assert torch.isfinite(loss)
-    return model
+
 
 
 def _onnx_run(path, inputs: torch.Tensor) -> np.ndarray:
@@ -537,7 +511,7 @@ def test_low_bit_model_finalizes_exports_and_packs(tmp_path):
     data = _data((1, 8, 8))
     learner = UniformQuantization(UniformQuantizationConfig(weight_bits=4, activation_bits=4,
                                                             granularity="tensor"))
-    model = _train_two_steps(learner, learner.prepare(_tiny_cnn(), data), data)
+    model = train_two_steps(learner, learner.prepare(_tiny_cnn(), data), data)
     assert isinstance(model[3], FakeQuantConv2d) and isinstance(model[9], FakeQuantLinear)
     assert type(model[0]) is nn.Conv2d and type(model[11]) is nn.Linear  # first and last stay float
     inputs = data.test.tensors[0]
@@ -585,7 +559,7 @@ def test_default_config_contract_on_resnet20(tmp_path):
     data = _data()
     learner = UniformQuantization(from_dict(UniformQuantizationConfig, {}, path="learner.options"))
     learner.check(_resnet20(), SHAPE)
-    model = learner.finalize(_train_two_steps(learner, learner.prepare(_resnet20(), data), data)).eval()
+    model = learner.finalize(train_two_steps(learner, learner.prepare(_resnet20(), data), data)).eval()
     assert set(learner.layer_bits.values()) == {4} and not is_int8_qdq(model)
     inputs = data.test.tensors[0]
     with torch.no_grad():
@@ -603,7 +577,7 @@ def w8a8_resnet20():
     learner = UniformQuantization(UniformQuantizationConfig(weight_bits=8, activation_bits=8))
     model = learner.prepare(_resnet20(), data)
     assert all(q.observed for q in model.modules() if isinstance(q, ActivationQuantizer))  # calibrated
-    model = _train_two_steps(learner, model, data)
+    model = train_two_steps(learner, model, data)
     model.eval()
     with torch.no_grad():
         qat = model(data.test.tensors[0])

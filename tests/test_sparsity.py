@@ -11,10 +11,8 @@ import pytest
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
-from torch.utils.data import TensorDataset
 
-from pf_ray.config import ModelConfig, from_dict
-from pf_ray.data import DataBundle
+from pf_ray.config import from_dict
 from pf_ray.errors import ConfigError, ModelError
 from pf_ray.export.onnx import export_onnx
 from pf_ray.export.packed import pack_state_dict, read_packed, write_packed
@@ -23,7 +21,6 @@ from pf_ray.learners.weight_sparsification import (
     WeightSparsificationConfig,
     covered_layers,
 )
-from pf_ray.models import build_model
 from pf_ray.ops.sparsity import (
     KeptWeightsBudget,
     PruningSchedule,
@@ -33,22 +30,11 @@ from pf_ray.ops.sparsity import (
     num_pruned,
     project_sparsities,
 )
+from tests.tiny import SHAPE, train_two_steps
+from tests.tiny import tiny_data as _data
+from tests.tiny import tiny_resnet20 as _resnet20
 
-SHAPE = (1, 16, 16)
 TINY_SHAPE = (1, 2, 2)  # flattened to the 4 inputs of _linear's layer
-
-
-def _data(shape: tuple[int, int, int] = SHAPE, n: int = 16) -> DataBundle:
-    generator = torch.Generator().manual_seed(0)
-    inputs = torch.randn(n, *shape, generator=generator)
-    dataset = TensorDataset(inputs, torch.randint(0, 10, (n,), generator=generator))
-    return DataBundle(name="synthetic", train=dataset, validation=dataset, test=dataset, input_shape=shape,
-                      num_classes=10, mean=(0.0,), std=(1.0,))
-
-
-def _resnet20() -> nn.Module:
-    torch.manual_seed(0)
-    return build_model(ModelConfig("resnet20"), in_channels=1, num_classes=10)
 
 
 def _linear() -> nn.Sequential:
@@ -310,18 +296,8 @@ def test_learner_contract_on_resnet20_through_onnx(tmp_path):
     data = _data()
     learner = WeightSparsification(from_dict(WeightSparsificationConfig, {}, path="learner.options"))
     learner.set_total_steps(2)  # t_b = round(0.2) = 0, t_e = round(1.0) = 1: the final masks come at step 1
-    model = learner.prepare(_resnet20(), data)
-    model.train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    inputs, labels = data.train.tensors
-    for step in (1, 2):
-        optimizer.zero_grad()
-        loss = nn.functional.cross_entropy(model(inputs[:8]), labels[:8])
-        loss.backward()
-        optimizer.step()
-        learner.on_step(model, step)
-        assert torch.isfinite(loss)
-    model = learner.finalize(model).eval()
+    model = learner.finalize(train_two_steps(learner, learner.prepare(_resnet20(), data), data)).eval()
+    inputs = data.train.tensors[0]
     for name, _ in covered_layers(model, SHAPE):  # auto before a search: uniform 0.5 in every layer
         weight = model.get_submodule(name).weight
         assert int((weight == 0).sum()) == round(0.5 * weight.numel()), name

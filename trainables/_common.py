@@ -36,6 +36,13 @@ MODEL_FILE = "model.pt"  # inside each Ray Train checkpoint directory: the final
 TRAINING_STATE_FILE = "training_state.pt"  # beside it: the state dict of the model being trained, and its epoch
 
 
+def load_training_state(candidate: Any, directory: str | Path) -> int:
+    """Load a retrain checkpoint's training state into a freshly prepared candidate; returns its epoch."""
+    state = torch.load(Path(directory) / TRAINING_STATE_FILE, map_location="cpu", weights_only=True)
+    candidate.model.load_state_dict(state["model"])
+    return int(state[EPOCH])
+
+
 def run_trial(learner_name: str, config: dict[str, Any], *, experiment: dict[str, Any],
               baseline_checkpoint: str | bytes) -> None:
     """Fine-tune the candidate that ``config`` (flat per-layer values) describes; report every epoch.
@@ -188,9 +195,7 @@ def _train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:  # a restarted worker group: continue after the last finished epoch
         with checkpoint.as_directory() as directory:
-            state = torch.load(Path(directory) / TRAINING_STATE_FILE, map_location="cpu", weights_only=True)
-        candidate.model.load_state_dict(state["model"])
-        start_epoch = int(state[EPOCH])
+            start_epoch = load_training_state(candidate, directory)
 
     board = None
     if loop_config.get("tensorboard_dir") and context.get_world_rank() == 0:

@@ -1,0 +1,42 @@
+"""The tiny setting the learner tests share: a synthetic DataBundle, ResNet-20 on 1x16x16, two SGD steps."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from pf_ray.config import ModelConfig
+from pf_ray.data import DataBundle
+from pf_ray.models import build_model
+
+SHAPE = (1, 16, 16)
+
+
+def tiny_data(shape: tuple[int, int, int] = SHAPE, n: int = 16) -> DataBundle:
+    """``n`` random images of ``shape`` with random labels of 10 classes, the same set for every split."""
+    generator = torch.Generator().manual_seed(0)
+    dataset = TensorDataset(torch.randn(n, *shape, generator=generator),
+                            torch.randint(0, 10, (n,), generator=generator))
+    return DataBundle(name="synthetic", train=dataset, validation=dataset, test=dataset, input_shape=shape,
+                      num_classes=10, mean=(0.0,), std=(1.0,))
+
+
+def tiny_resnet20() -> nn.Module:
+    torch.manual_seed(0)
+    return build_model(ModelConfig("resnet20"), in_channels=1, num_classes=10)
+
+
+def train_two_steps(learner, model: nn.Module, data: DataBundle) -> nn.Module:
+    """The learner contract's fine-tuning: two SGD steps on the first 8 images, ``on_step`` after each."""
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    inputs, labels = data.train.tensors
+    for step in (1, 2):
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(inputs[:8]), labels[:8])
+        loss.backward()
+        optimizer.step()
+        learner.on_step(model, step)
+        assert torch.isfinite(loss)
+    return model
