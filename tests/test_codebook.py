@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-import random
 
 import numpy as np
 import onnxruntime
@@ -22,9 +21,7 @@ from pf_ray.learners.nonuniform_quantization import (
     quantized_layers,
 )
 from pf_ray.ops.codebook import (
-    BitsBudget,
     CodebookWeight,
-    allocate_bits,
     codebook_of_values,
     codebook_quantize_,
     fit_codebook,
@@ -164,48 +161,6 @@ def test_optimize_chooses_what_trains_and_whether_the_assignment_follows_the_wei
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Bit allocation under the average-bits budget
-
-
-def test_allocation_examples():
-    # all at max: the uniform baseline
-    assert allocate_bits([100, 100, 200], [8, 8, 8], 4) == (4, 4, 4)
-    # [8, 2, 4], budget 4 * 400 = 1600 bit-weights: scale s = 1600 / 1800 -> 7.11, 1.78, 3.56; layer 0 rounds to
-    # 7 (711 wanted, 700 spent), layer 1 to round((888.9 - 700) / 100) = 2, the last takes floor(700 / 200) = 3
-    assert allocate_bits([100, 100, 200], [8, 2, 4], 4) == (7, 2, 3)
-    # a proposal that already spends the budget exactly is kept: 100 * 8 + 100 * 4 = 100 * 2 * 6
-    assert allocate_bits([100, 100], [8, 4], 6) == (8, 4)
-    # under budget, it grows: s = 1.5 clips layer 0 at 8 -> (8, 6)
-    assert allocate_bits([100, 100], [8, 4], 7) == (8, 6)
-    # [8, 1] at 2 bits: s = 0.375 -> (3, 1); 3 is also layer 0's cap ((400 - 1 * 100) // 100)
-    assert allocate_bits([100, 100], [8, 1], 2) == (3, 1)
-    # the cap, budget 2 * 180 = 360: s = 1/3 -> 2.4, 2.33 and 1 (1/3 clipped up to min_bits). Layer 0 rounds
-    # to 2, carrying 40 bit-weights; layer 1 wants round((240 + 70 - 200) / 30) = round(3.67) = 4 but is capped
-    # at (360 - 200 - 1 * 50) // 30 = 3 so that the last layer can still get 1 bit; it takes 70 // 50 = 1
-    assert allocate_bits([100, 30, 50], [7.2, 7.0, 1.0], 2, low=1) == (2, 3, 1)
-    # an average at or above max: everything at max; below min: impossible
-    assert allocate_bits([10, 20], [1, 1], 8) == (8, 8)
-    with pytest.raises(ConfigError, match="smallest reachable with min_bits=2 is 2"):
-        allocate_bits([10, 20], [4, 4], 1, low=2)
-    with pytest.raises(ConfigError, match="layer_bits: got 1 values; expected 2"):
-        allocate_bits([10, 20], [4], 4)
-
-
-def test_allocation_never_exceeds_the_budget():
-    rng = random.Random(0)
-    for _ in range(300):
-        counts = [rng.choice([9, 64, 432, 2304, 9216, 36864]) for _ in range(rng.randint(1, 12))]
-        average = rng.randint(1, 8)
-        low = rng.randint(1, average)
-        proposal = [rng.uniform(low, 8) for _ in counts]
-        bits = allocate_bits(counts, proposal, average, low=low, high=8)
-        budget = BitsBudget(average / 32, tuple(counts))
-        assert budget.cost(bits) <= budget.target + 1e-12
-        assert all(isinstance(b, int) and low <= b <= 8 for b in bits)
-        assert allocate_bits(counts, [8] * len(counts), average, low=low) == (average,) * len(counts)
-
-
-# --------------------------------------------------------------------------------------------------------------
 # Storage
 
 
@@ -326,7 +281,7 @@ def test_search_space_budget_and_projection_on_resnet20():
     assert space.field == "layer_bits" and space.names == tuple(names) and (space.low, space.high) == (1.0, 8.0)
     assert len(space.features) == len(names)
     counts = [model.get_submodule(name).weight.numel() for name in names]
-    assert space.budget.counts == tuple(counts) and space.budget.target == 3 / 32
+    assert space.budget.weight_counts == tuple(counts) and space.budget.target == 3 / 32
     uniform = learner.project(model, SHAPE, [8.0] * len(names))
     assert uniform == (3.0,) * len(names) and space.budget.cost(uniform) == 3 / 32
     projected = learner.project(model, SHAPE, [1.0 + (i % 8) for i in range(len(names))])

@@ -11,8 +11,6 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from torch import nn
 
 from pf_ray.config import from_dict
@@ -30,9 +28,6 @@ from pf_ray.ops.quantization import (
     FakeQuantLinear,
     FrozenQuantConv2d,
     FrozenQuantLinear,
-    WeightBitsBudget,
-    allocate_bits,
-    allocate_in_order,
     conv_bn_pairs,
     dequantize,
     fake_quantize,
@@ -357,67 +352,6 @@ def test_calibration_takes_the_widest_range():
     quantizer(torch.tensor([-1.0, 2.0]))
     quantizer(torch.tensor([0.5, 3.0]))
     assert (quantizer.running_min.item(), quantizer.running_max.item()) == (-1.0, 3.0)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Bit allocation
-
-
-def test_pocketflows_allocation_alone_spends_the_budget_on_the_first_layers():
-    # 100, 200, 700 weights at 4 bits on average: budget 4000 bits. Proposal 8, 8, 8:
-    # layer 0: cap = (4000 - 2 * 900) // 100 = 22 -> 8; takes 800, 3200 left.
-    # layer 1: cap = (3200 - 2 * 700) // 200 = 9 -> 8; takes 1600, 1600 left.
-    # layer 2 (last): 1600 // 700 = 2.
-    assert allocate_in_order([8, 8, 8], [100, 200, 700], 4000) == (8, 8, 2)
-    # At 3 bits (3000): layer 0 cap (3000 - 1800) // 100 = 12 -> 8, 2200 left; layer 1 cap (2200 - 1400) // 200
-    # = 4 binds; 1400 left; last 1400 // 700 = 2.
-    assert allocate_in_order([8, 8, 8], [100, 200, 700], 3000) == (8, 4, 2)
-    # Rounding is half up; a proposal under min_bits is lifted to it.
-    assert allocate_in_order([2.5, 1.0, 8], [100, 200, 700], 4000) == (3, 2, 4)  # last: (4000-300-400)//700 = 4
-
-
-def test_allocate_bits_by_hand():
-    counts = [100, 200, 700]
-    # All at max: scaled by 4/8 to 4, 4, 4: the uniform baseline.
-    assert allocate_bits([8, 8, 8], counts, average_bits=4) == (4, 4, 4)
-    # Already on budget (800 + 400 + 2800 = 4000): s = 1, kept.
-    assert allocate_bits([8, 2, 4], counts, average_bits=4) == (8, 2, 4)
-    # 3, 5, 4 costs 4100: s = 4000/4100 -> 2.93, 4.88, 3.90 -> rounded 3, 5; the last takes (4000 - 300 - 1000)
-    # // 700 = 3 (3.86 rounded down: the budget is never exceeded).
-    assert allocate_bits([3, 5, 4], counts, average_bits=4) == (3, 5, 3)
-    # 8, 8, 2 at 3 bits: the last layer is already at min_bits for any s <= 1, so 2400 s + 1400 = 3000,
-    # s = 2/3 -> 5.33, 5.33, 2 -> 5, 5, 2 (2900 bits).
-    assert allocate_bits([8, 8, 2], counts, average_bits=3) == (5, 5, 2)
-    # Out-of-box proposals are clipped to [min_bits, max_bits] first.
-    assert allocate_bits([100, 100, 100], counts, average_bits=6) == (6, 6, 6)
-
-
-@settings(max_examples=200, deadline=None, derandomize=True)
-@given(
-    layers=st.lists(
-        st.tuples(st.integers(1, 5000), st.floats(2.0, 8.0, allow_nan=False)), min_size=1, max_size=12),
-    average_bits=st.integers(2, 8),
-    min_bits=st.integers(2, 4),
-)
-def test_allocation_never_exceeds_the_budget(layers, average_bits, min_bits):
-    counts = [count for count, _ in layers]
-    proposal = [value for _, value in layers]
-    average_bits = max(average_bits, min_bits)
-    bits = allocate_bits(proposal, counts, average_bits=average_bits, min_bits=min_bits, max_bits=8)
-    assert all(isinstance(b, int) and min_bits <= b <= 8 for b in bits)
-    assert sum(n * b for n, b in zip(counts, bits, strict=True)) <= average_bits * sum(counts)  # exact integers
-    budget = WeightBitsBudget(average_bits / 32, tuple(counts))
-    assert budget.cost(bits) <= budget.target + 1e-12
-    # and the all-max proposal is the uniform baseline, whatever the layer sizes
-    assert allocate_bits([8.0] * len(counts), counts, average_bits=average_bits, min_bits=min_bits) == (
-        (average_bits,) * len(counts))
-
-
-def test_budget_cost_is_the_fraction_of_fp32_weight_bits():
-    budget = WeightBitsBudget(4 / 32, (100, 200, 700))
-    assert budget.cost([8, 8, 2]) == pytest.approx((800 + 1600 + 1400) / 32000)
-    with pytest.raises(ConfigError, match="layer_bits: got 2 values; expected 3"):
-        budget.cost([4, 4])
 
 
 # --------------------------------------------------------------------------------------------------------------

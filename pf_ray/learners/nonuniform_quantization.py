@@ -36,14 +36,13 @@ from pf_ray.config import check_choice, check_range
 from pf_ray.data import DataBundle
 from pf_ray.errors import ConfigError, ModelError
 from pf_ray.export.packed import PackedTensor
+from pf_ray.ops.bits import WeightBitsBudget, allocate_bits
 from pf_ray.ops.codebook import (
     CENTROID_GRADIENTS,
     INITS,
     MAX_BITS,
     OPTIMIZE,
-    BitsBudget,
     CodebookWeight,
-    allocate_bits,
     codebook_of_values,
 )
 from pf_ray.registry import LEARNERS
@@ -194,15 +193,16 @@ class NonUniformQuantization:
         return PerLayerSpace("layer_bits", names, low=float(self.config.min_bits), high=float(self.config.max_bits),
                              budget=self._budget(model, names), features=layer_features(model, input_shape, names))
 
-    def _budget(self, model: nn.Module, names: tuple[str, ...] | list[str]) -> BitsBudget:
+    def _budget(self, model: nn.Module, names: tuple[str, ...] | list[str]) -> WeightBitsBudget:
         counts = tuple(model.get_submodule(name).weight.numel() for name in names)
-        return BitsBudget(self.config.bits / 32, counts)
+        return WeightBitsBudget(self.config.bits / 32, counts)
 
     def project(self, model: nn.Module, input_shape: tuple[int, int, int],
                 values: tuple[float, ...] | list[float]) -> tuple[float, ...]:
-        """Whole bits per layer meeting the budget (``pf_ray.ops.codebook.allocate_bits``); all ``max_bits``
+        """Whole bits per layer meeting the budget (``pf_ray.ops.bits.allocate_bits``); all ``max_bits``
         projects to ``bits`` everywhere."""
         config = self.config
         budget = self._budget(model, self._layers(model, input_shape))
-        bits = allocate_bits(budget.counts, values, config.bits, low=config.min_bits, high=config.max_bits)
+        bits = allocate_bits(values, budget.weight_counts, average_bits=config.bits, min_bits=config.min_bits,
+                             max_bits=config.max_bits)
         return tuple(float(b) for b in bits)

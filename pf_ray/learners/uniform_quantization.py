@@ -60,8 +60,8 @@ from pf_ray.data import DataBundle
 from pf_ray.errors import ConfigError, ModelError
 from pf_ray.export.packed import PackedTensor
 from pf_ray.metrics import layer_table
+from pf_ray.ops.bits import FP32_BITS, WeightBitsBudget, allocate_bits
 from pf_ray.ops.quantization import (
-    FP32_BITS,
     GRANULARITIES,
     INT8_BITS,
     MAX_BITS,
@@ -69,8 +69,6 @@ from pf_ray.ops.quantization import (
     ActivationQuantizer,
     FakeQuantConv2d,
     FakeQuantLinear,
-    WeightBitsBudget,
-    allocate_bits,
     conv_bn_pairs,
     freeze_,
     is_int8_qdq,

@@ -9,8 +9,8 @@ storage, not arithmetic.
 The maths here is pure (no learner): centroid initialisation (``init_centroids``), nearest-centroid assignment
 (``nearest_codes``), the differentiable look-up whose centroid gradient is the sum of the gradients of the
 weights that share it (``quantize``), the module that applies it while fine-tuning (``CodebookWeight``), a
-post-training one-call version for already-sparse models (``codebook_quantize_``) and the per-layer bit
-allocation under an average-bits budget (``allocate_bits``, ``BitsBudget``).
+post-training one-call version for already-sparse models (``codebook_quantize_``). Bits per layer under an
+average-bits budget come from ``pf_ray.ops.bits``, shared with uniform quantization.
 
 Weights are handled as a (buckets, bucket_size) matrix: bucket b holds elements [b * S, (b + 1) * S) of the
 flattened tensor (S = the whole tensor when ``bucket_size`` is 0); the last bucket may be partial, its padding
@@ -20,7 +20,7 @@ is never fitted, assigned or stored.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -33,7 +33,6 @@ INITS = ("kmeans", "quantile", "linear")
 OPTIMIZE = ("weights", "centroids", "both")
 CENTROID_GRADIENTS = ("sum", "mean")
 MAX_BITS = 8  # codes are stored as uint8 while training; 256 shared values are already near float precision
-FP32_BITS = 32
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -358,76 +357,3 @@ def codebook_quantize_(model: nn.Module, bits_per_layer: Mapping[str, int], *, i
             weight.copy_(codebook.values().to(weight.dtype))
         packed[f"{name}.weight"] = codebook.pack()
     return packed
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Bits per layer under an average-bits budget
-
-
-@dataclass(frozen=True)
-class BitsBudget:
-    """Stored weight bits as a fraction of FP32: sum n_i b_i / (32 sum n_i), b_i rounded to whole bits.
-    (The 4 * 2^k bytes of each centroid table are left out: under 0.1% of a ResNet-20 layer at 4 bits.)"""
-
-    target: float  # average bits / 32
-    counts: tuple[int, ...]  # weights per quantized layer
-
-    def cost(self, values: Sequence[float]) -> float:
-        bits = [math.floor(value + 0.5) for value in values]
-        return sum(n * b for n, b in zip(self.counts, bits, strict=True)) / (FP32_BITS * sum(self.counts))
-
-
-def allocate_bits(counts: Sequence[int], proposal: Sequence[float], average_bits: float, *, low: int = 1,
-                  high: int = MAX_BITS) -> tuple[int, ...]:
-    """Whole bits per layer with sum n_i b_i <= average_bits * sum n_i, as close to ``proposal`` as it allows.
-
-    1. Scale: the proposal is clipped to [low, high] and multiplied by the s for which
-       sum n_i clip(s p_i, low, high) = the budget (bisection; s > 1 grows a proposal under budget), so only
-       its shape matters: all-``high`` becomes ``average_bits`` everywhere, the uniform baseline.
-    2. PocketFlow's allocation, in layer order: each layer rounds its scaled value (plus the rounding error
-       carried from the layers before, so roundings do not pile up on the last ones) and is capped so that the
-       remaining layers can still get ``low`` bits; the last layer takes what remains, capped at ``high``.
-
-    Raises:
-        ConfigError: ``average_bits`` below ``low`` (no allocation fits), or a proposal of the wrong length.
-    """
-    if len(proposal) != len(counts):
-        raise ConfigError(f"layer_bits: got {len(proposal)} values; expected {len(counts)} (one per quantized "
-                          "layer)")
-    if not all(math.isfinite(value) for value in proposal):
-        raise ConfigError(f"layer_bits: got {list(proposal)}; expected finite numbers")
-    if not low <= average_bits:
-        raise ConfigError(f"bits: got {average_bits:g} average bits; the smallest reachable with min_bits={low} "
-                          f"is {low}")
-    if average_bits >= high:
-        return (high,) * len(counts)
-    budget = math.floor(average_bits * sum(counts) + 1e-9)  # in bit-weights
-    clipped = [min(max(float(value), low), high) for value in proposal]
-
-    def scaled(scale: float) -> list[float]:
-        return [min(max(scale * value, low), high) for value in clipped]
-
-    def spend(scale: float) -> float:
-        return sum(n * b for n, b in zip(counts, scaled(scale), strict=True))
-
-    below, above = 0.0, high / min(clipped)  # spend(0) = low * N <= budget <= high * N = spend(above)
-    for _ in range(100):
-        middle = (below + above) / 2
-        below, above = (middle, above) if spend(middle) <= budget else (below, middle)
-    desired = scaled(below)
-
-    bits: list[int] = []
-    remaining, wanted, spent = budget, 0.0, 0
-    for index, (count, value) in enumerate(zip(counts, desired, strict=True)):
-        rest = sum(counts[index + 1 :])
-        if rest == 0:
-            chosen = min(high, remaining // count)
-        else:
-            wanted += count * value
-            rounded = math.floor((wanted - spent) / count + 0.5 + 1e-9)
-            cap = min(high, (remaining - low * rest) // count)
-            chosen = max(low, min(rounded, cap))
-        bits.append(int(chosen))
-        remaining -= chosen * count
-        spent += chosen * count
-    return tuple(bits)

@@ -63,10 +63,8 @@ by about 0.1-0.2 pt either way.
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
 from itertools import pairwise
 
 import torch
@@ -78,7 +76,6 @@ from pf_ray.export.packed import PackedTensor
 
 MIN_BITS = 2  # PocketFlow's range for per-layer bits
 MAX_BITS = 8  # ONNX's QuantizeLinear (opset 17) holds at most 8 bits
-FP32_BITS = 32
 GRANULARITIES = ("tensor", "channel")  # one range per weight tensor, or one per output channel (axis 0)
 INT8_BITS = 8  # the one width exported as ONNX QuantizeLinear/DequantizeLinear
 
@@ -603,95 +600,3 @@ def packed_weights(model: nn.Module) -> dict[str, PackedTensor]:
                 module.codes(), module.weight_bits, module.weight_scale.reshape(-1),
                 module.weight_zero_point.reshape(-1))
     return packed
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Bit allocation under a weight-bits budget
-
-
-@dataclass(frozen=True)
-class WeightBitsBudget:
-    """Stored weight bits as a fraction of the same weights in fp32: sum n_i b_i / (32 sum n_i)."""
-
-    target: float  # average_bits / 32
-    weight_counts: tuple[int, ...]  # n_i, the weights of each quantized layer (plain data: travels to Ray)
-
-    def cost(self, values: Sequence[float]) -> float:
-        if len(values) != len(self.weight_counts):
-            raise ConfigError(f"layer_bits: got {len(values)} values; expected {len(self.weight_counts)}")
-        bits = sum(n * b for n, b in zip(self.weight_counts, values, strict=True))
-        return bits / (FP32_BITS * sum(self.weight_counts))
-
-
-def allocate_in_order(bits: Sequence[float], weight_counts: Sequence[int], budget_bits: int, *,
-                      min_bits: int = MIN_BITS, max_bits: int = MAX_BITS) -> tuple[int, ...]:
-    """PocketFlow's allocation: layer by layer in model order, bits_i = clip(round(bits[i]), min_bits, cap_i),
-    cap_i the most that leaves every later layer ``min_bits`` (and at most ``max_bits``); the last layer takes
-    what the budget has left, capped at ``max_bits``. Never spends more than ``budget_bits`` (integer maths).
-
-    Rounding is half up (floor(x + 0.5)). Raises ConfigError if ``budget_bits`` cannot give every layer
-    ``min_bits``.
-    """
-    _check_allocation(bits, weight_counts, min_bits, max_bits)
-    counts = [int(n) for n in weight_counts]
-    if budget_bits < min_bits * sum(counts):
-        raise ConfigError(f"the bit budget ({budget_bits} bits for {sum(counts)} weights) cannot give every layer "
-                          f"min_bits={min_bits}")
-    remaining = budget_bits
-    later = sum(counts)  # weights of this layer and the layers after it
-    chosen = []
-    for index, (proposal, count) in enumerate(zip(bits, counts, strict=True)):
-        later -= count
-        if index == len(counts) - 1:
-            value = min(remaining // count, max_bits)
-        else:
-            cap = min((remaining - min_bits * later) // count, max_bits)  # >= min_bits: the budget is feasible
-            value = min(max(math.floor(proposal + 0.5), min_bits), cap)
-        chosen.append(value)
-        remaining -= value * count
-    return tuple(chosen)
-
-
-def allocate_bits(proposal: Sequence[float], weight_counts: Sequence[int], *, average_bits: int,
-                  min_bits: int = MIN_BITS, max_bits: int = MAX_BITS) -> tuple[int, ...]:
-    """Bits per layer for a searcher's proposal, spending at most ``average_bits`` per weight on average.
-
-    The proposal (clipped to [min_bits, max_bits]) is first scaled: p_i = clip(s * proposal_i, min_bits,
-    max_bits) with s such that sum n_i p_i = average_bits * sum n_i (bisection; the cost grows with s). Then
-    ``allocate_in_order`` rounds p under the budget. The scaling is ours: PocketFlow's allocation alone spends
-    the budget on the first layers (an all-8 proposal over 100, 200, 700 weights at 4 bits gives [8, 8, 2]), so
-    the all-``max_bits`` proposal every search starts from would not be the uniform baseline; scaled, it is
-    (s = average_bits / max_bits, every p_i = average_bits), and the proposal's shape still decides which layers
-    get more.
-    """
-    _check_allocation(proposal, weight_counts, min_bits, max_bits)
-    if not min_bits <= average_bits <= max_bits:
-        raise ConfigError(f"weight_bits: got {average_bits}; allowed range is [min_bits, max_bits] = "
-                          f"[{min_bits}, {max_bits}] for a bit allocation")
-    values = [min(max(float(v), min_bits), max_bits) for v in proposal]
-    target = average_bits * sum(weight_counts)
-
-    def scaled(scale: float) -> list[float]:
-        return [min(max(scale * v, min_bits), max_bits) for v in values]
-
-    def spent(scale: float) -> float:
-        return sum(n * p for n, p in zip(weight_counts, scaled(scale), strict=True))
-
-    low, high = 0.0, max_bits / min(values)  # spent(low): all min_bits <= target <= all max_bits: spent(high)
-    for _ in range(60):
-        middle = (low + high) / 2
-        low, high = (middle, high) if spent(middle) <= target else (low, middle)
-    return allocate_in_order(scaled(low), weight_counts, target, min_bits=min_bits, max_bits=max_bits)
-
-
-def _check_allocation(values: Sequence[float], weight_counts: Sequence[int], min_bits: int, max_bits: int) -> None:
-    if not MIN_BITS <= min_bits <= max_bits <= MAX_BITS:
-        raise ConfigError(f"min_bits, max_bits: got {min_bits}, {max_bits}; allowed: "
-                          f"{MIN_BITS} <= min_bits <= max_bits <= {MAX_BITS}")
-    if len(values) != len(weight_counts) or not values:
-        raise ConfigError(f"layer_bits: got {len(values)} values; expected {len(weight_counts)} (one per layer)")
-    if any(int(n) <= 0 for n in weight_counts):
-        raise ConfigError(f"weight_counts: got {list(weight_counts)}; every layer needs at least one weight")
-    for index, value in enumerate(values):
-        if not math.isfinite(value):
-            raise ConfigError(f"layer_bits[{index}]: got {value!r}; expected a finite number")
