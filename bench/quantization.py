@@ -19,7 +19,9 @@ Phases (progress on stderr; the JSON is rewritten after every row, so an interru
      of ``--searcher`` through its Ray Tune ``Searcher`` interface one trial at a time, scored by the proxy
      (validation accuracy right after quantization, ``--validation-subset`` images); the best is fine-tuned;
    - ``codebook4``, ``codebook2``: nonuniform_quantization, k-means codebooks per layer (weights only);
-   - ``sparse90_cb4``: weight_sparsification, uniform 90% (``--mask-update-steps``), fine-tuned, then every
+   - ``sparse90_cb4``: weight_sparsification, 90% with the size heuristic's per-layer sparsities
+     (``--mask-update-steps``), fine-tuned with ``--sparse-epochs`` at ``--sparse-lr`` (a 90% sparse model needs
+     more than one epoch; bench/sparsity.py's budget), then every
      conv/linear weight's non-zeros put on a 4-bit k-means codebook (``codebook_quantize_``, zeros kept as a
      1-bit mask), no further training;
    - ``w4a8``: uniform_quantization, 4-bit weights and 8-bit activations;
@@ -102,7 +104,7 @@ ROWS: dict[str, tuple[str, dict[str, Any], str]] = {
     "w2": (UNIFORM, {"mode": "uniform", "weight_bits": 2}, "uniform W2 (weights only)"),
     "codebook4": (NONUNIFORM, {"mode": "uniform", "bits": 4}, "codebook 4-bit (weights only)"),
     "codebook2": (NONUNIFORM, {"mode": "uniform", "bits": 2}, "codebook 2-bit (weights only)"),
-    "sparse90_cb4": (SPARSIFICATION, {"mode": "uniform", "sparsity": 0.9}, "90% sparse + 4-bit codebook"),
+    "sparse90_cb4": (SPARSIFICATION, {"mode": "heuristic", "sparsity": 0.9}, "90% sparse + 4-bit codebook"),
     "w4a8": (UNIFORM, {"mode": "uniform", "weight_bits": 4, "activation_bits": 8}, "uniform W4A8 (QAT)"),
     "mixed2": (NONUNIFORM, {"mode": "auto", "bits": 2, "min_bits": 1}, "codebook mixed, 2-bit average (searched)"),
     # Controls, not run by default: what the fine-tuning budget alone does, and what folding BN costs.
@@ -192,6 +194,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--train-subset", type=int, default=10000, help="training images per fine-tuning epoch")
     parser.add_argument("--lr", type=float, default=0.01, help="initial learning rate of the cosine schedule")
     parser.add_argument("--mask-update-steps", type=int, default=10, help="sparsification mask updates")
+    parser.add_argument("--sparse-epochs", type=int, default=2, help="fine-tuning epochs of the sparse90_cb4 row")
+    parser.add_argument("--sparse-lr", type=float, default=0.02, help="learning rate of the sparse90_cb4 row")
     parser.add_argument("--searcher", default="ddpg", choices=[a.value for a in SearchAlgorithm])
     parser.add_argument("--trials", type=int, default=16, help="search proposals per mixed-precision row")
     parser.add_argument("--validation-subset", type=int, default=2000, help="validation images behind the proxy")
@@ -207,8 +211,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                         help="where the ONNX / .pte files are written (kept for --resume)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/quantization.json"))
     args = parser.parse_args(argv)
-    for name in ("baseline_epochs", "epochs", "train_subset", "mask_update_steps", "trials", "validation_subset",
-                 "check_subset", "threads", "repeats"):
+    for name in ("baseline_epochs", "epochs", "sparse_epochs", "train_subset", "mask_update_steps", "trials",
+                 "validation_subset", "check_subset", "threads", "repeats"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')}: got {getattr(args, name)}; expected at least 1")
     if args.test_subset is not None and args.test_subset < 1:
@@ -224,7 +228,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 def _budget_text(args: argparse.Namespace) -> str:
     return (f"every fine-tuning: {args.epochs} epoch(s) on {args.train_subset} training images, batch 128, SGD "
-            f"Nesterov, cosine lr from {args.lr}; searches: {args.trials} {args.searcher} proposals scored on "
+            f"Nesterov, cosine lr from {args.lr} (sparse90_cb4: {args.sparse_epochs} epoch(s) from lr "
+            f"{args.sparse_lr}); searches: {args.trials} {args.searcher} proposals scored on "
             f"{args.validation_subset} validation images; test accuracy on "
             + ("all 10,000 test images" if args.test_subset is None else f"{args.test_subset} test images"))
 
@@ -302,7 +307,8 @@ def _run_row(args, name: str, baseline: nn.Module, data: DataBundle) -> dict[str
 
 
 def _fine_tune(args, candidate: Candidate, data: DataBundle, name: str) -> nn.Module:
-    schedule = TrainConfig(epochs=args.epochs, learning_rate=args.lr, train_subset=args.train_subset)
+    epochs, lr = (args.sparse_epochs, args.sparse_lr) if name == "sparse90_cb4" else (args.epochs, args.lr)
+    schedule = TrainConfig(epochs=epochs, learning_rate=lr, train_subset=args.train_subset)
     return fine_tune(candidate, data, schedule, validation_subset=args.check_subset, report=None, seed=0,
                      log=lambda line: _log(f"  {name}: {line}"))
 

@@ -12,7 +12,8 @@ Phases (progress on stderr; the JSON is rewritten after each level, so an interr
    - searched: ``--trials`` proposals of ``--searcher`` through its Ray Tune ``Searcher`` interface, one trial at a
      time, each projected onto the level (the weighted least-squares projection every search uses), scored by the
      fast proxy: validation accuracy right after one-shot magnitude pruning at those per-layer sparsities, on a
-     fixed ``--validation-subset``; the best proposal wins.
+     fixed ``--validation-subset``, after BatchNorm statistics are re-estimated on ``--proxy-bn-images``
+     training images (adaptive BN, what the library's proxy does); the best proposal wins.
 3. Each allocation fine-tuned by the ``weight_sparsification`` learner itself (gradual magnitude pruning on the
    Zhu & Gupta schedule from the dense baseline, masks updated every ``--mask-update-steps``, exact sparsity at the
    end), ``--epochs`` of SGD on ``--train-subset`` training images, lr ``--lr`` cosine, without and with
@@ -62,7 +63,7 @@ from pf_ray.launch import train_baseline
 from pf_ray.learners import build_learner, learner_config_class
 from pf_ray.learners.weight_sparsification import covered_layers
 from pf_ray.ops.sparsity import heuristic_sparsities, magnitude_mask
-from pf_ray.train import ACCURACY, EPOCH, evaluate, subset
+from pf_ray.train import ACCURACY, EPOCH, evaluate, recalibrate_batchnorm, subset
 
 LEARNER = "weight_sparsification"
 ALLOCATIONS = ("uniform", "heuristic", "searched")
@@ -96,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         tic = time.time()
         allocations = {"uniform": None, "heuristic": _heuristic(baseline, data, level)}
         section["search"] = _search(args, experiment, baseline, data, level)
+        section["search"]["heuristic_proxy"] = evaluate(
+            _one_shot(baseline, data, allocations["heuristic"], args.proxy_bn_images),
+            subset(data.validation, args.validation_subset))[ACCURACY]
         allocations["searched"] = section["search"]["best"]["sparsities"]
         section["search_seconds"] = round(time.time() - tic, 1)
         section["runs"] = {}
@@ -130,6 +134,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--searcher", default="ddpg", choices=[a.value for a in SearchAlgorithm])
     parser.add_argument("--trials", type=int, default=24, help="search proposals per level")
     parser.add_argument("--validation-subset", type=int, default=2000)
+    parser.add_argument("--proxy-bn-images", type=int, default=512,
+                        help="training images that re-estimate BatchNorm statistics before the proxy (0: none)")
     parser.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs per run")
     parser.add_argument("--train-subset", type=int, default=10000, help="training images per fine-tuning epoch")
     parser.add_argument("--lr", type=float, default=0.02)
@@ -176,8 +182,9 @@ def _heuristic(baseline: nn.Module, data: DataBundle, level: float) -> tuple[flo
     return heuristic_sparsities(sizes, level, 0.98)
 
 
-def _one_shot(baseline: nn.Module, data: DataBundle, sparsities) -> nn.Module:
-    """The baseline with each covered layer's smallest weights zeroed at its sparsity (the search's proxy)."""
+def _one_shot(baseline: nn.Module, data: DataBundle, sparsities, bn_images: int) -> nn.Module:
+    """The baseline with each covered layer's smallest weights zeroed at its sparsity, BatchNorm statistics
+    re-estimated on ``bn_images`` training images (the search's proxy)."""
     import copy
 
     model = copy.deepcopy(baseline)
@@ -186,7 +193,7 @@ def _one_shot(baseline: nn.Module, data: DataBundle, sparsities) -> nn.Module:
         for (name, _), sparsity in zip(covered_layers(model, data.input_shape), sparsities, strict=True):
             weight = modules[name].weight
             weight.mul_(magnitude_mask(weight, sparsity).to(weight.dtype))
-    return model
+    return recalibrate_batchnorm(model, data.train, images=bn_images)
 
 
 def _search(args, experiment, baseline, data, level) -> dict[str, Any]:
@@ -203,13 +210,14 @@ def _search(args, experiment, baseline, data, level) -> dict[str, Any]:
     for index in range(args.trials):
         trial_id = f"{args.searcher}_{level}_{index:03d}"
         values = learner.project(baseline, data.input_shape, space.values_from(searcher.suggest(trial_id)))
-        score = evaluate(_one_shot(baseline, data, values), validation)[ACCURACY]
+        score = evaluate(_one_shot(baseline, data, values, args.proxy_bn_images), validation)[ACCURACY]
         report = {SCORE: score, EPOCH: 1, "training_iteration": 1}
         searcher.on_trial_result(trial_id, report)
         searcher.on_trial_complete(trial_id, result=report)
         history.append({"score": score, "sparsities": list(values), "kept": space.budget.cost(values)})
     best = max(history, key=lambda trial: trial["score"])
-    uniform = evaluate(_one_shot(baseline, data, [level] * len(space.names)), validation)[ACCURACY]
+    uniform = evaluate(_one_shot(baseline, data, [level] * len(space.names), args.proxy_bn_images),
+                       validation)[ACCURACY]
     _log(f"level {level}: {args.searcher} best one-shot proxy {best['score']:.4f} (uniform {uniform:.4f}), "
          f"{time.time() - tic:.0f} s")
     return {"best": best, "uniform_proxy": uniform, "scores": [trial["score"] for trial in history],
@@ -265,7 +273,7 @@ def markdown(result: dict[str, Any]) -> str:
         for allocation in ALLOCATIONS:
             plain, distilled = runs[allocation], runs[f"{allocation}+distill"]
             proxy = section["search"]["best"]["score"] if allocation == "searched" else (
-                section["search"]["uniform_proxy"] if allocation == "uniform" else None)
+                section["search"].get(f"{allocation}_proxy"))
             lines.append(
                 f"| {100 * float(level):.0f}% | {allocation} | {100 * plain['test_accuracy']:.2f}% | "
                 f"{100 * distilled['test_accuracy']:.2f}% | {plain['file_bytes'] / 1024:.0f} KiB | "

@@ -15,12 +15,12 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from pf_ray.config import DistillationConfig, ExperimentConfig, Reward, TrainConfig
+from pf_ray.config import DistillationConfig, ExperimentConfig, Reward, SearchConfig, TrainConfig
 from pf_ray.data import DataBundle
 from pf_ray.learners import build_learner
 from pf_ray.metrics import finite_number, layer_table, model_stats
 from pf_ray.ops.pruning import MacsTable, macs_table
-from pf_ray.train import ACCURACY, Report, evaluate, fit, subset
+from pf_ray.train import ACCURACY, Report, evaluate, fit, recalibrate_batchnorm, subset
 
 # Metric keys a candidate adds to every epoch's report.
 SCORE = "score"  # what searchers and ASHA maximise (search.reward applied to the search.scoring accuracy)
@@ -176,9 +176,16 @@ def compress(experiment: ExperimentConfig, baseline: nn.Module, data: DataBundle
         static[LATENCY_MS] = latency_ms(model, data.input_shape)
         target = experiment.search.target_macs_ratio * latency_ms(baseline, data.input_shape)
         static[LATENCY_RATIO] = static[LATENCY_MS] / target
-    # The fast proxy (PocketFlow's reward): accuracy right after compression, before any fine-tuning.
-    static[PROXY_ACCURACY] = evaluate(model, subset(data.validation, experiment.search.validation_subset))[ACCURACY]
+    static[PROXY_ACCURACY] = proxy_accuracy(model, data, experiment.search)
     return Candidate(model, learner, learner_config, static, teacher_for(experiment, baseline))
+
+
+def proxy_accuracy(model: nn.Module, data: DataBundle, search: SearchConfig) -> float:
+    """The fast proxy (PocketFlow's reward): validation accuracy right after compression, before any
+    fine-tuning, with BatchNorm statistics re-estimated on ``search.proxy_bn_images`` training images (on a copy:
+    the candidate's own statistics are left for fine-tuning to update)."""
+    probe = recalibrate_batchnorm(copy.deepcopy(model), data.train, images=search.proxy_bn_images)
+    return evaluate(probe, subset(data.validation, search.validation_subset))[ACCURACY]
 
 
 def best_trial(trials: list[dict[str, Any]], max_epochs: int) -> dict[str, Any] | None:

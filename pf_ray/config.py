@@ -340,12 +340,16 @@ class SearchConfig:
     grace_period: int = 1  # ASHA: epochs every trial runs before it may be stopped
     reduction_factor: int = 2  # ASHA: keep the best 1/reduction_factor at each rung
     validation_subset: int | None = 2000  # validation examples used to score trials (None = all)
+    # Training images that re-estimate BatchNorm statistics before the proxy (accuracy right after compression)
+    # is measured; 0 keeps the baseline's statistics. See pf_ray.train.recalibrate_batchnorm.
+    proxy_bn_images: int = 512
     max_failures: int = 1  # retries of a trial that raised (a lost node, a crash) before it is recorded failed
     seed: int = 0
 
     def __post_init__(self) -> None:
         check_range("search.num_trials", self.num_trials, low=1)
         check_range("search.max_failures", self.max_failures, low=0)
+        check_range("search.proxy_bn_images", self.proxy_bn_images, low=0)
         check_range("search.target_macs_ratio", self.target_macs_ratio, low=0.0, high=1.0,
                     low_inclusive=False)
         check_range("search.grace_period", self.grace_period, low=1)

@@ -77,6 +77,37 @@ def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int = 512, distr
     return {ACCURACY: correct / total, LOSS: loss_sum / total}
 
 
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, dataset: Dataset, *, images: int, batch_size: int = 128) -> nn.Module:
+    """Re-estimate every BatchNorm's running mean and variance on the first ``images`` of ``dataset`` (in place;
+    returns ``model``, in eval mode). Nothing else changes: other modules stay in eval mode (activation quantizers
+    keep their ranges), no weight moves, and a BatchNorm the forward pass never calls (one a quantization-aware
+    conv folds into its weights in eval mode) keeps its statistics.
+
+    Pruning or sparsifying a layer shifts the statistics of everything after it, and the stale running averages
+    then make the compressed model look far worse than a short fine-tune shows; re-estimating them (adaptive
+    BatchNorm, Li et al., "EagleEye", ECCV 2020) makes accuracy right after compression rank candidates much
+    closer to how they rank after fine-tuning, for a few forward passes.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    model.eval()
+    if not norms or images <= 0:
+        return model
+    saved = [(m.momentum, {k: v.clone() for k, v in m.state_dict().items()}) for m in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # a cumulative average over the batches seen
+        norm.train()
+    for inputs, _ in make_loader(subset(dataset, images), batch_size, shuffle=False):
+        model(inputs)
+    for norm, (momentum, state) in zip(norms, saved, strict=True):
+        norm.momentum = momentum
+        norm.eval()
+        if int(norm.num_batches_tracked) == 0:  # never called on its own (a QAT conv folds it in eval mode)
+            norm.load_state_dict(state)
+    return model
+
+
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """Cross-entropy of the student's softened prediction against the teacher's softened one, batch mean:
     ``mean_b( -sum_k softmax(t_b / T)_k * log_softmax(s_b / T)_k )`` (Hinton et al. 2015; PocketFlow's form,

@@ -8,7 +8,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from pf_ray.config import DistillationConfig, TrainConfig
-from pf_ray.train import ACCURACY, EPOCH, LOSS, distillation_loss, evaluate, fit
+from pf_ray.train import ACCURACY, EPOCH, LOSS, distillation_loss, evaluate, fit, recalibrate_batchnorm
 
 
 def _linearly_separable(n: int = 256, seed: int = 0) -> TensorDataset:
@@ -63,6 +63,41 @@ def test_evaluate_counts_correct_predictions():
     assert result[ACCURACY] == pytest.approx(0.7)
     expected_loss = torch.nn.functional.cross_entropy(torch.tensor([[0.0, 1.0]] * 10), labels).item()
     assert result[LOSS] == pytest.approx(expected_loss)
+
+
+def test_recalibrate_batchnorm_re_estimates_statistics_over_the_images_given():
+    # 6 images, each a constant 1..6 over its 1x2x2 pixels; the first 4 are used, in batches of 2. Batch means
+    # 1.5 and 3.5 average to 2.5; each batch's unbiased variance is 8 * 0.25 / 7 = 2/7, and so is their average.
+    inputs = torch.arange(1.0, 7.0).reshape(6, 1, 1, 1).expand(6, 1, 2, 2).contiguous()
+    dataset = TensorDataset(inputs, torch.zeros(6, dtype=torch.long))
+    quantizer = nn.Dropout(0.5)  # any other module: must stay in eval mode
+    model = nn.Sequential(nn.BatchNorm2d(1, momentum=0.1), quantizer)
+    model[0].running_mean.fill_(100.0)
+    model[0].weight.data.fill_(3.0)
+    returned = recalibrate_batchnorm(model, dataset, images=4, batch_size=2)
+    assert returned is model and not model.training and not quantizer.training
+    assert model[0].running_mean.item() == pytest.approx(2.5)
+    assert model[0].running_var.item() == pytest.approx(2 / 7)  # a cumulative average over the 2 batches
+    assert model[0].momentum == 0.1 and model[0].weight.item() == 3.0  # momentum restored, weights untouched
+    # a BatchNorm the forward never calls (held by a layer that folds it in eval mode) keeps its statistics
+    class Holder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm, self.held = nn.BatchNorm2d(1), nn.BatchNorm2d(1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.norm(x)  # self.held is never called
+
+    model = Holder()
+    held = model.held
+    held.running_mean.fill_(5.0)
+    recalibrate_batchnorm(model, dataset, images=4, batch_size=2)
+    assert held.running_mean.item() == 5.0 and held.running_var.item() == 1.0 and not held.training
+    assert model.norm.running_mean.item() == pytest.approx(2.5)
+    # images=0 leaves the statistics alone
+    model.norm.running_mean.fill_(7.0)
+    recalibrate_batchnorm(model, dataset, images=0)
+    assert model.norm.running_mean.item() == 7.0
 
 
 def test_a_log_gets_a_progress_bar_within_an_epoch(monkeypatch):
