@@ -137,6 +137,7 @@ def load_checkpoint(
         raise CheckpointError(f"checkpoint {str(path)!r}: cannot rebuild its model: {error}") from None
     try:
         resize_to_state_dict_(model, state_dict)
+        model = _learner_structure(model, info, state_dict)
         model.load_state_dict(state_dict)
     except (RuntimeError, KeyError, ValueError) as error:
         first_line = str(error).strip().splitlines()[0]
@@ -144,3 +145,26 @@ def load_checkpoint(
                               f"{first_line}") from None
     model.eval()
     return model, info
+
+
+def checkpoint_learner(info: CheckpointInfo) -> Any:
+    """The learner (built from its saved config) that made a checkpoint's model, or None when the checkpoint
+    names none (a baseline)."""
+    name = info.extra.get("learner")
+    if not name:
+        return None
+    from pf_ray.learners import build_learner, learner_config_class
+
+    try:
+        config = from_dict(learner_config_class(name), info.extra.get("learner_config") or {},
+                           path="learner_config")
+        return build_learner(name, config)
+    except PfRayError as error:
+        raise CheckpointError(f"checkpoint {str(info.path)!r} names learner {name!r}: {error}") from None
+
+
+def _learner_structure(model: nn.Module, info: CheckpointInfo, state_dict: dict[str, torch.Tensor]) -> nn.Module:
+    """A learner whose finalized layers are not the zoo's (``rebuild_finalized``, e.g. uniform_quantization's
+    frozen quantized layers) rebuilds them from the learner and config the checkpoint names; others: ``model``."""
+    rebuild = getattr(checkpoint_learner(info), "rebuild_finalized", None)
+    return model if rebuild is None else rebuild(model, state_dict, info.input_shape)

@@ -132,8 +132,8 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
 def _export(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from pf_ray.checkpoint import load_checkpoint, read_checkpoint
-    from pf_ray.config import ExperimentConfig, ExportConfig, default_export_formats
+    from pf_ray.checkpoint import checkpoint_learner, load_checkpoint, read_checkpoint
+    from pf_ray.config import ExperimentConfig, ExportConfig, LearnerConfig, default_export_formats
     from pf_ray.data import load_data
     from pf_ray.export.verify import accuracy_guard
     from pf_ray.launch import export_and_verify
@@ -150,7 +150,11 @@ def _export(args: argparse.Namespace) -> int:
     checkpoint = Path(args.checkpoint)
     out = Path(args.out) if args.out else checkpoint.parent / f"{checkpoint.stem}-export"
     config = replace(ExperimentConfig(), dataset=dataset, export=export)
-    rows = export_and_verify({checkpoint.stem: model}, data, config, out, log=_stderr)
+    learner = checkpoint_learner(info)  # compressed.pt names its learner: its .pfpack and own INT8 files too
+    if learner is not None:
+        config = replace(config, learner=LearnerConfig(name=info.extra["learner"]))
+    rows = export_and_verify({checkpoint.stem: model}, data, config, out, log=_stderr, learner=learner,
+                             learner_model=checkpoint.stem)
     _print_rows(rows, args.json)
     failures = accuracy_guard(rows, export.max_accuracy_drop)
     if failures:

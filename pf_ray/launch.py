@@ -513,20 +513,9 @@ def retrain(config: ExperimentConfig, learner_config: Any, baseline_path: Path, 
     log(f"retrain: validation accuracy {result.metrics.get(ACCURACY, float('nan')):.4f} after "
         f"{result.metrics.get(EPOCH)} epoch(s)")
     with result.checkpoint.as_directory() as directory:
-        learner = build_learner(config.learner.name, learner_config)
-        if getattr(learner, "finalized_is_plain", True):  # the zoo architecture (resized): rebuilt from model.pt
-            model, _ = load_checkpoint(Path(directory) / MODEL_FILE, user_model=config.model.name)
-            return model
-        # The learner's finalized layers (e.g. frozen quantizers) are not the zoo's: rebuild them the way the
-        # workers did, prepare on the baseline, the trained state, then finalize.
-        from pf_ray.candidate import compress
-        from trainables._common import load_training_state
-
-        data = load_data(config.dataset, seed=config.seed)
-        baseline, _ = load_checkpoint(baseline_path, user_model=config.model.name)
-        candidate = compress(config, baseline, data, learner_config)
-        load_training_state(candidate, directory)
-        return candidate.learner.finalize(candidate.model)
+        # the finalized model; a learner with its own finalized layers rebuilds them (Learner.rebuild_finalized)
+        model, _ = load_checkpoint(Path(directory) / MODEL_FILE, user_model=config.model.name)
+        return model
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -724,11 +713,12 @@ def _chosen(run_dir: Path, trials: list[dict[str, Any]]) -> dict[str, Any] | Non
 
 
 def export_and_verify(models: dict[str, torch.nn.Module], data: DataBundle, config: ExperimentConfig,
-                      artifacts_dir: Path, *, log: Log = print, learner: Any = None) -> list[dict[str, Any]]:
+                      artifacts_dir: Path, *, log: Log = print, learner: Any = None,
+                      learner_model: str = "compressed") -> list[dict[str, Any]]:
     """Export each model in every configured format, verify each file on its runtime, write the manifest.
 
-    ``learner``: the learner that made the ``compressed`` model. Where it stores weights compactly
-    (``learner.packed``: sparse, k-bit, codebooks) that model is also written as ``compressed.pfpack``, the stored
+    ``learner``: the learner that made the model named ``learner_model``. Where it stores weights compactly
+    (``learner.packed``: sparse, k-bit, codebooks) that model is also written as ``<name>.pfpack``, the stored
     size, verified by decoding it; where it has its own INT8 files (``learner.int8_artifacts``: native_int8's
     ExecuTorch program and QDQ ONNX) they are written and verified on their runtimes too.
     Returns one row per artifact: the verification report plus the model's MACs, params and PyTorch accuracy.
@@ -746,10 +736,10 @@ def export_and_verify(models: dict[str, torch.nn.Module], data: DataBundle, conf
             stats = model_stats(net, data.input_shape)
             torch_accuracy = evaluate(net, data.test)[ACCURACY]
             paths = export_all(net, data, config.export, artifacts_dir, stem=stem)
-            if stem == "compressed" and hasattr(learner, "int8_artifacts"):
+            if stem == learner_model and hasattr(learner, "int8_artifacts"):
                 native = learner.int8_artifacts(net, data, artifacts_dir, stem)
                 paths.update({f"native_{fmt}": path for fmt, path in native.items()})
-            if stem == "compressed" and hasattr(learner, "packed"):
+            if stem == learner_model and hasattr(learner, "packed"):
                 paths["pfpack"] = artifacts_dir / f"{stem}.pfpack"
                 sizes = write_packed(paths["pfpack"], pack_state_dict(net.state_dict(), learner.packed(net)),
                                      meta={"model": to_dict(config.model), "learner": config.learner.name})

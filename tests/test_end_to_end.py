@@ -114,9 +114,9 @@ def test_native_int8_writes_its_own_executorch_and_qdq_files(ray_session, tmp_pa
     assert rows["compressed", "pfpack"]["size_bytes"] < rows["compressed", "onnx"]["size_bytes"] / 3
 
 
-def test_a_quantized_model_is_rebuilt_from_its_training_state_and_stored_packed(ray_session, tmp_path):
-    # uniform_quantization's finalized layers are not the zoo's: the retrain's model comes from prepare + the
-    # checkpointed training state + finalize (launch.retrain), and is stored with 4-bit codes.
+def test_a_quantized_model_is_rebuilt_from_its_checkpoint_and_stored_packed(ray_session, tmp_path, capsys):
+    # uniform_quantization's finalized layers are not the zoo's: the retrain's model.pt and compressed.pt are
+    # rebuilt by load_checkpoint through the learner's rebuild_finalized, and stored with 4-bit codes.
     results = _compress(tmp_path, "learner.name=uniform_quantization", "learner.options={weight_bits: 4}")
     rows = {(a["model"], a["format"]): a for a in results["artifacts"]}
     assert rows["compressed", "pfpack"]["top1_agreement"] == 1.0
@@ -124,3 +124,14 @@ def test_a_quantized_model_is_rebuilt_from_its_training_state_and_stored_packed(
     assert rows["compressed", "onnx"]["top1_agreement"] == 1.0
     # 4-bit codes (1/8 of float32) for the quantized layers; first conv, last linear and BN stay float
     assert rows["compressed", "pfpack"]["size_bytes"] < rows["compressed", "onnx"]["size_bytes"] / 4
+    # pf-ray export on its own: the same model from compressed.pt, the same files and the same accuracy
+    capsys.readouterr()
+    checkpoint = tmp_path / "tiny" / "artifacts" / "compressed.pt"
+    out = tmp_path / "exported"
+    assert main(["export", str(checkpoint), "--out", str(out), "--formats", "onnx", "--repeats", "5",
+                 "--json"]) == 0
+    exported = {row["format"]: row for row in json.loads(capsys.readouterr().out)}
+    assert set(exported) == {"onnx", "pfpack"}
+    for fmt in ("onnx", "pfpack"):
+        assert exported[fmt]["test_accuracy"] == rows["compressed", fmt]["test_accuracy"]
+        assert exported[fmt]["size_bytes"] == rows["compressed", fmt]["size_bytes"]

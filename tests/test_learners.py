@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from pf_ray.config import from_dict
+from pf_ray.checkpoint import load_checkpoint, save_checkpoint
+from pf_ray.config import ModelConfig, from_dict, to_dict
 from pf_ray.errors import ConfigError, ModelError
 from pf_ray.export.onnx import export_onnx
 from pf_ray.export.packed import pack_state_dict, read_packed, write_packed
@@ -58,6 +59,14 @@ def test_learner_contract(name, tmp_path):
     with torch.no_grad():
         assert torch.allclose(reloaded(inputs), expected, atol=1e-4)
     assert sizes["file_bytes"] <= sizes["dense_bytes"] + 4096  # never bigger than float32 plus the header
+
+    # compressed.pt: a pf-ray checkpoint naming the learner, rebuilt without data by load_checkpoint
+    checkpoint = save_checkpoint(tmp_path / "compressed.pt", model, model_config=ModelConfig("resnet20"),
+                                 input_shape=SHAPE, num_classes=10,
+                                 extra={"learner": name, "learner_config": to_dict(learner.config)})
+    rebuilt, _ = load_checkpoint(checkpoint)
+    with torch.no_grad():
+        assert torch.allclose(rebuilt(inputs), expected, atol=1e-5)
 
 
 def test_channel_pruning_prunes_in_prepare():

@@ -11,7 +11,11 @@ Four hooks are required. The optional ones are looked up with ``hasattr`` by the
 - ``packed(model) -> dict[str, PackedTensor]``: the compact encoding of the weights it compresses, for the
   finalized model (``compressed.pfpack``: the stored size);
 - ``int8_artifacts(model, data, out_dir, stem) -> dict[str, Path]``: deployable INT8 files of its own
-  (native_int8's ExecuTorch program and QDQ ONNX).
+  (native_int8's ExecuTorch program and QDQ ONNX);
+- ``rebuild_finalized(model, state_dict, input_shape) -> nn.Module``: for a learner whose finalized layers are
+  not the zoo's (uniform_quantization's frozen quantized layers), turn a freshly built zoo model into that
+  structure so the finalized state dict loads; ``load_checkpoint`` calls it for checkpoints naming the learner
+  (``compressed.pt``, the retrain's model), so ``pf-ray export``/``verify`` need no data.
 """
 
 from __future__ import annotations
@@ -37,4 +41,5 @@ class Learner(Protocol):
 
     def finalize(self, model: nn.Module) -> nn.Module:
         """Called after fine-tuning; returns a plain model to evaluate and export (masks folded in, weights on
-        their quantization grid), which ONNX export and ``load_checkpoint`` rebuild like any model."""
+        their quantization grid), which ONNX export and ``load_checkpoint`` rebuild (the zoo's layers, resized, or
+        the learner's ``rebuild_finalized``)."""

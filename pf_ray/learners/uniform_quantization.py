@@ -69,6 +69,7 @@ from pf_ray.ops.quantization import (
     ActivationQuantizer,
     FakeQuantConv2d,
     FakeQuantLinear,
+    FrozenActivationQuantizer,
     conv_bn_pairs,
     freeze_,
     is_int8_qdq,
@@ -138,10 +139,6 @@ def quantized_layer_names(model: nn.Module, input_shape: tuple[int, int, int], *
 class UniformQuantization:
     """Layers swapped for fake-quantized ones in ``prepare``; fine-tuning then trains through the quantizers."""
 
-    # finalize returns frozen quantized layers (scales, zero points, folded batch norm), not the zoo's layers:
-    # the retrain's model is rebuilt by prepare + the trained state + finalize, not by load_checkpoint.
-    finalized_is_plain = False
-
     def __init__(self, config: UniformQuantizationConfig) -> None:
         self.config = config
         self.layer_bits: dict[str, int] = {}  # layer name -> weight bits, filled by prepare
@@ -180,8 +177,35 @@ class UniformQuantization:
     # ---- the learner's hooks
 
     def prepare(self, model: nn.Module, data: DataBundle) -> nn.Module:
+        self._quantize_layers(model, data.input_shape)
         config = self.config
-        layers = self._layers(model, data.input_shape)
+        if config.activation_bits is not None and config.num_calibration_batches > 0:
+            self._calibrate(model, data)
+        return model
+
+    def rebuild_finalized(self, model: nn.Module, state_dict: dict[str, torch.Tensor],
+                          input_shape: tuple[int, int, int]) -> nn.Module:
+        """The structure ``finalize`` gave, on a freshly built zoo ``model`` (in place; returns it), for
+        ``state_dict`` (a finalized model's) to be loaded into: the same layers quantized at the same bits,
+        frozen, with an activation quantizer wherever the state dict holds one. How ``load_checkpoint`` rebuilds
+        a compressed.pt of this learner without data."""
+        names = self._quantize_layers(model, input_shape, activations=False)
+        freeze_(model)
+        for name in names:
+            layer = model.get_submodule(name)
+            inputs, outputs = self.config.activation_bits or INT8_BITS, INT8_BITS
+            for attribute, bits in (("input_quantizer", inputs), ("output_quantizer", outputs)):
+                if f"{name}.{attribute}.scale" in state_dict:  # the values come with load_state_dict
+                    setattr(layer, attribute, FrozenActivationQuantizer(bits, torch.ones(()),
+                                                                        torch.zeros((), dtype=torch.int32)))
+        return model
+
+    def _quantize_layers(self, model: nn.Module, input_shape: tuple[int, int, int], *,
+                         activations: bool = True) -> list[str]:
+        """Swap the quantized layers for fake-quantized ones (batch norms folded in as configured), in place;
+        returns their names. ``activations=False`` leaves out the activation quantizers."""
+        config = self.config
+        layers = self._layers(model, input_shape)
         bits = self._bits(len(layers))
         for name, layer in layers:
             if isinstance(layer, (FakeQuantConv2d, FakeQuantLinear)):
@@ -201,13 +225,12 @@ class UniformQuantization:
             int8 = layer_bits == INT8_BITS and config.activation_bits == INT8_BITS  # exported as INT8 QDQ
             model.set_submodule(name, quantized_class.from_float(
                 layer, weight_bits=layer_bits, granularity=config.granularity,
-                activation_bits=config.activation_bits, ema_decay=config.activation_ema_decay,
-                output_bits=INT8_BITS if int8 and name in feeding_float else None,
+                activation_bits=config.activation_bits if activations else None,
+                ema_decay=config.activation_ema_decay,
+                output_bits=INT8_BITS if activations and int8 and name in feeding_float else None,
                 symmetric=int8 and config.symmetric_int8, bn=batch_norms.get(name)))
         self.layer_bits = {name: layer_bits for (name, _), layer_bits in zip(layers, bits, strict=True)}
-        if config.activation_bits is not None and config.num_calibration_batches > 0:
-            self._calibrate(model, data)
-        return model
+        return names
 
     @torch.no_grad()
     def _calibrate(self, model: nn.Module, data: DataBundle) -> None:
