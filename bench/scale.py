@@ -60,6 +60,7 @@ EPOCHS = 3  # the epoch every latency-bench trial reports last: all of them coun
 OPTIMUM = 0.6  # every layer's best value in the synthetic score
 TARGET_MACS_RATIO = 0.5
 ROUND_TO = 8
+PARTS = {"scheduling": "scheduling", "suggest": "suggest_latency"}  # part -> its key in the JSON
 LATENCY_TARGET_MS = 50.0  # the goal for suggest at the largest size
 
 
@@ -69,20 +70,24 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(_scheduling(args.child_nodes, args)))
         return 0
     started = time.time()
-    result: dict[str, Any] = {
-        "command": " ".join(["python", "bench/scale.py", *(argv if argv is not None else sys.argv[1:])]),
-        "environment": _common.environment(),
-        "settings": {key: value for key, value in vars(args).items() if key not in ("out", "child_nodes")},
-        "scheduling": [],
-        "suggest_latency": [],
-    }
+    command = " ".join(["python", "bench/scale.py", *(argv if argv is not None else sys.argv[1:])])
+    settings = {key: value for key, value in vars(args).items() if key not in ("out", "child_nodes")}
+    result: dict[str, Any] = {"command": command, "environment": _common.environment(), "settings": settings,
+                              "scheduling": [], "suggest_latency": []}
+    if set(args.parts) != set(PARTS) and args.out.exists():  # one part again: the other's figures are kept
+        previous = json.loads(args.out.read_text())
+        for part, key in PARTS.items():
+            if part not in args.parts:
+                result[key] = previous.get(key, [])
+                result[f"{part}_from"] = previous.get(f"{part}_from") or {
+                    "command": previous.get("command"), "environment": previous.get("environment")}
 
     def save() -> None:
         result["wall_seconds"] = round(time.time() - started, 1)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")
 
-    for nodes in args.nodes:
+    for nodes in args.nodes if "scheduling" in args.parts else []:
         _log(f"scheduling: {nodes} node(s) x {args.cpus_per_node} CPUs, {args.waves * nodes * args.cpus_per_node} "
              f"trials of {args.trial_seconds} s")
         result["scheduling"].append(_run_child(nodes, args))
@@ -90,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         _log(f"  {row['wall_s']:.1f} s, {row['trials_per_minute']:.1f} trials/min, efficiency {row['efficiency']:.2f}")
         save()
     space = synthetic_space(args.dims)
-    for row in _suggest_latency(space, args.sizes, args.calls, args.seed):
+    for row in _suggest_latency(space, args.sizes, args.calls, args.seed) if "suggest" in args.parts else []:
         result["suggest_latency"].append(row)
         save()
     print(markdown(result))
@@ -111,6 +116,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                         help="observations fed to a searcher before its suggest is timed")
     parser.add_argument("--calls", type=int, default=20, help="timed suggest calls per searcher and size")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--parts", nargs="+", choices=list(PARTS), default=list(PARTS),
+                        help="what to measure (default: both); a part left out keeps its figures from --out")
     parser.add_argument("--out", type=Path, default=Path("bench/results/scale.json"))
     parser.add_argument("--child-nodes", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

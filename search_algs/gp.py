@@ -1,8 +1,12 @@
 """Gaussian-process Bayesian optimisation over the per-layer space (Snoek, Larochelle & Adams, NeurIPS 2012).
 
 Ray's own ``BayesOptSearch`` calls ``UtilityFunction``, which bayesian-optimization 2 removed, so this is a small
-Ray Tune ``Searcher`` on the 3.x pieces: ``TargetSpace.register()``, ``UpperConfidenceBound`` / ``ExpectedImprovement``
-``.suggest()``, and the GP that ``BayesianOptimization`` itself builds.
+Ray Tune ``Searcher`` on the 3.x pieces: ``TargetSpace.register()``, the ``UpperConfidenceBound`` /
+``ExpectedImprovement`` formulas (``base_acq``), and the GP that ``BayesianOptimization`` itself builds. The
+acquisition is maximised here, not by the acquisition's own ``suggest``: that one refines the best random
+candidates with L-BFGS-B on finite-difference gradients (21 GP predictions per gradient in 20 dimensions), which
+took 0.5 s per suggestion on the 2-core machine; a vectorised random search around the best candidates finds as
+good a point in a few batched predictions (``GPSearcher._maximise``; figures in docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import pickle
+import warnings
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -31,13 +36,13 @@ logger = logging.getLogger(__name__)
 EPOCH = "epoch"  # the result key ASHA's time_attr counts in; tells a truncated trial from a finished one
 MODES = ("min", "max")
 MIN_OBSERVATIONS = 2  # fewer finite observations than this and the GP has nothing to fit: sample at random
-NUM_RANDOM_CANDIDATES = 10_000  # acquisition evaluated at this many random points (one vectorised GP call)...
-NUM_LOCAL_SEARCHES = 3  # ...and the best few refined by L-BFGS-B
+NUM_RANDOM_CANDIDATES = 1_000  # acquisition evaluated at this many uniform random points (one batched GP call)...
+NUM_LOCAL_SEARCHES = 3  # ...then around the best few: per round, LOCAL_SAMPLES Gaussian steps from each
+LOCAL_SAMPLES = 100
+LOCAL_STEPS = tuple(0.2 * 0.7**i for i in range(10))  # each round's step, as a fraction of the box's width
 # The GP is fitted on at most this many observations: the best half and the most recent half (see
 # GPSearcher._training_set). Fitting costs O(n^3) per likelihood evaluation and predicting O(n^2) per candidate: in
-# 20 dimensions on the 2-core machine a suggestion took 1.5-2 s at 500 observations without the cap, 0.5 s with it,
-# about what it takes at 50-100 (bench/scale.py). What remains is mostly the L-BFGS-B refinement of the acquisition,
-# whose finite-difference gradients cost 21 GP predictions each; no cap shrinks that.
+# 20 dimensions on the 2-core machine a suggestion took 1.5-2 s at 500 observations without the cap (bench/scale.py).
 MAX_GP_OBSERVATIONS = 100
 _STATE_VERSION = 1
 
@@ -269,20 +274,43 @@ class GPSearcher(Searcher):
         for point in dict.fromkeys(self._pending.values()):  # distinct, in suggestion order
             if point not in observed:
                 data.register(np.array(point), lie)
-        # bayesian-optimization's own GP (BayesianOptimization builds the same one); its suggest() would fix the
-        # local searches at 10, each with finite-difference gradients: ~15 s per suggestion at 27 layers (seen on
-        # a loaded 2-core host; ~3 s with 3 local searches).
+        # bayesian-optimization's own GP (BayesianOptimization builds the same one)
         gp = GaussianProcessRegressor(kernel=Matern(nu=2.5), alpha=1e-6, normalize_y=True, n_restarts_optimizer=5,
                                       random_state=self._rng)
-        suggestion = self._make_acquisition().suggest(gp, data, n_random=NUM_RANDOM_CANDIDATES,
-                                                      n_smart=NUM_LOCAL_SEARCHES, random_state=self._rng)
-        point = tuple(float(np.clip(v, self._space.low, self._space.high)) for v in suggestion)
+        with warnings.catch_warnings():  # sklearn warns about length scales at their bounds: not actionable here
+            warnings.simplefilter("ignore")
+            gp.fit(data.params, data.target)
+        point = tuple(float(v) for v in self._maximise(gp, y_max=float(np.max(data.target))))
         if not all(math.isfinite(v) for v in point) or self._is_known(point):
             # The acquisition optimiser failed or landed on a point already tried or running: a random point
             # still teaches the GP something, a repeat would not.
             logger.debug("GPSearcher: GP suggestion %s unusable, taking a random point", point)
             return self._random_point()
         return point
+
+    def _maximise(self, gp: GaussianProcessRegressor, *, y_max: float) -> np.ndarray:
+        """The candidate with the highest acquisition: ``NUM_RANDOM_CANDIDATES`` uniform points, then
+        ``len(LOCAL_STEPS)`` rounds that each draw ``LOCAL_SAMPLES`` Gaussian steps (the round's step times the
+        box's width) from each of the ``NUM_LOCAL_SEARCHES`` best points so far, clipped to the box. Every round is
+        one batched GP prediction; the best point seen wins (never worse than the random candidates alone)."""
+        acquisition = self._make_acquisition()
+        if isinstance(acquisition, ExpectedImprovement):
+            acquisition.y_max = y_max  # what ExpectedImprovement.suggest would set: the best target registered
+
+        def value(points: np.ndarray) -> np.ndarray:
+            mean, std = gp.predict(points, return_std=True)
+            with np.errstate(divide="ignore", invalid="ignore"):  # EI at a known point: std 0
+                return np.nan_to_num(acquisition.base_acq(mean, std), nan=-np.inf)
+
+        low, high, dims = self._space.low, self._space.high, len(self._keys)
+        points = self._rng.uniform(low, high, size=(NUM_RANDOM_CANDIDATES, dims))
+        values = value(points)
+        for step in LOCAL_STEPS:
+            starts = points[np.argsort(values)[-NUM_LOCAL_SEARCHES:]]
+            moves = self._rng.normal(0.0, step * (high - low), size=(len(starts), LOCAL_SAMPLES, dims))
+            around = np.clip(starts[:, None, :] + moves, low, high).reshape(-1, dims)
+            points, values = np.vstack([points, around]), np.concatenate([values, value(around)])
+        return points[int(np.argmax(values))]
 
     def _training_set(self, observed: dict[Point, float]) -> dict[Point, float]:
         """What the GP is fitted on: every observation up to the cap; past it, the best ``cap // 2`` (ties: the
