@@ -232,8 +232,7 @@ def _fine_tune(args, experiment, baseline, data, level, sparsities, distill) -> 
     learner_config = from_dict(learner_config_class(LEARNER), leveled.learner.options, path="learner.options")
     candidate = compress(leveled, baseline, data, learner_config)
     schedule = TrainConfig(epochs=args.epochs, learning_rate=args.lr, train_subset=args.train_subset)
-    model = fine_tune(candidate, data, schedule, validation_subset=None, report=None, seed=0,
-                      distillation=leveled.learner.distillation)
+    model = fine_tune(candidate, data, schedule, validation_subset=None, report=None, seed=0)
     zeros = total = 0
     for name, _ in covered_layers(model, data.input_shape):
         weight = dict(model.named_modules())[name].weight

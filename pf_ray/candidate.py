@@ -33,9 +33,6 @@ PARAMS = "params"
 MACS_RATIO = "macs_ratio"  # candidate MACs / baseline MACs
 LAYER_VALUES = "layer_values"  # the projected per-layer vector the learner used (e.g. keep ratios)
 
-# The learner config fields that hold one searched value per layer (PerLayerSpace.field of each learner).
-SEARCHED_FIELDS = ("layer_keep_ratios", "layer_sparsities", "layer_bits")
-
 # How per-layer values appear in a Tune config: flat keys (nested spaces break HyperOpt's initial points).
 LAYER_KEY = "layer_{:02d}"
 
@@ -87,7 +84,7 @@ def per_layer_space(experiment: ExperimentConfig, model: nn.Module,
                     input_shape: tuple[int, int, int]) -> PerLayerSpace | None:
     """The learner's per-layer search space on ``model``, or None for a learner with nothing to search."""
     if experiment.learner.name == "channel_pruning":
-        from pf_ray.learners.channel_pruning import search_dimensions
+        from pf_ray.learners.channel_pruning import ChannelPruning, search_dimensions
 
         learner_config = experiment.learner_config()
         if getattr(learner_config, "mode", "auto") != "auto":  # uniform or list: the ratios are given
@@ -95,7 +92,7 @@ def per_layer_space(experiment: ExperimentConfig, model: nn.Module,
         names = tuple(search_dimensions(model, input_shape))
         budget = MacsBudget(experiment.search.target_macs_ratio, macs_table(model, input_shape),
                             learner_config.round_to)
-        return PerLayerSpace("layer_keep_ratios", names, low=learner_config.min_keep_ratio, high=1.0,
+        return PerLayerSpace(ChannelPruning.searched_field, names, low=learner_config.min_keep_ratio, high=1.0,
                              budget=budget, features=layer_features(model, input_shape, names))
     # Every other learner owns its budget (a global sparsity, an average bit width) and describes its own space.
     learner = build_learner(experiment.learner.name, experiment.learner_config())
@@ -147,6 +144,11 @@ class Candidate:
     learner_config: Any
     static_metrics: dict[str, Any]  # MACs, params, ratio, per-layer values: the same every epoch
     teacher: nn.Module | None = None  # the frozen baseline, when the experiment distils (learner.distillation)
+    distillation: DistillationConfig | None = None  # its weight and temperature (set with the teacher)
+
+    def __post_init__(self) -> None:
+        if (self.teacher is None) != (self.distillation is None):
+            raise ValueError("Candidate: a teacher and a distillation config go together (see teacher_for)")
 
 
 def teacher_for(experiment: ExperimentConfig, baseline: nn.Module) -> nn.Module | None:
@@ -166,8 +168,8 @@ def compress(experiment: ExperimentConfig, baseline: nn.Module, data: DataBundle
     baseline_macs = model_stats(baseline, data.input_shape).macs
     stats = model_stats(model, data.input_shape)
     static = {MACS: stats.macs, PARAMS: stats.params, MACS_RATIO: stats.macs / max(baseline_macs, 1)}
-    searched = next((getattr(learner_config, name) for name in SEARCHED_FIELDS
-                     if getattr(learner_config, name, None)), None)
+    field = getattr(learner, "searched_field", None)  # the config field a per-layer search fills
+    searched = getattr(learner_config, field, None) if field else None
     if searched:
         static[LAYER_VALUES] = list(searched)
     if experiment.search.reward is Reward.LATENCY:
@@ -177,7 +179,8 @@ def compress(experiment: ExperimentConfig, baseline: nn.Module, data: DataBundle
         target = experiment.search.target_macs_ratio * latency_ms(baseline, data.input_shape)
         static[LATENCY_RATIO] = static[LATENCY_MS] / target
     static[PROXY_ACCURACY] = proxy_accuracy(model, data, experiment.search)
-    return Candidate(model, learner, learner_config, static, teacher_for(experiment, baseline))
+    return Candidate(model, learner, learner_config, static, teacher_for(experiment, baseline),
+                     experiment.learner.distillation)
 
 
 def proxy_accuracy(model: nn.Module, data: DataBundle, search: SearchConfig) -> float:
@@ -215,7 +218,6 @@ def score(accuracy: float, static: dict[str, Any], reward: Reward) -> float:
 
 def fine_tune(candidate: Candidate, data: DataBundle, train_config: TrainConfig, *,
               validation_subset: int | None, report: Report | None, reward: Reward = Reward.ACCURACY,
-              distillation: DistillationConfig | None = None,
               seed: int = 0,
               wrap: Callable[[nn.Module], nn.Module] | None = None, distributed: bool = False,
               device: str | torch.device = "cpu", start_epoch: int = 0,
@@ -224,10 +226,9 @@ def fine_tune(candidate: Candidate, data: DataBundle, train_config: TrainConfig,
 
     Args:
         wrap: e.g. Ray Train's ``prepare_model`` (DDP) in a distributed worker.
-        distillation: the experiment's ``learner.distillation``; with it, the candidate's teacher is distilled from.
+
+    A candidate with a teacher (``learner.distillation`` set) distils from it with its distillation config.
     """
-    if distillation is not None and candidate.teacher is None:
-        raise ValueError("fine_tune: distillation asked for, but the candidate has no teacher (see teacher_for)")
     model = candidate.model
     trained = wrap(model) if wrap is not None else model
 
@@ -240,6 +241,6 @@ def fine_tune(candidate: Candidate, data: DataBundle, train_config: TrainConfig,
         on_step=candidate.learner.on_step, on_start=getattr(candidate.learner, "set_total_steps", None),
         report=report_with_static, seed=seed, distributed=distributed,
         device=device, start_epoch=start_epoch, log=log,
-        teacher=candidate.teacher if distillation is not None else None, distillation=distillation)
+        teacher=candidate.teacher, distillation=candidate.distillation)
     return candidate.learner.finalize(model)
 

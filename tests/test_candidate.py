@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from pf_ray.candidate import (
     LAYER_VALUES,
     MACS_RATIO,
+    Candidate,
     candidate_learner_config,
     compress,
     fine_tune,
     per_layer_space,
 )
-from pf_ray.config import ExperimentConfig, TrainConfig, from_dict
+from pf_ray.config import DistillationConfig, ExperimentConfig, TrainConfig, from_dict
 from pf_ray.data import load_data
 from pf_ray.metrics import model_stats
 from pf_ray.models import build_model
@@ -74,3 +76,11 @@ def test_best_trial_breaks_ties_by_trial_id_not_by_order():
               {"trial_id": "d", SCORE: 0.9, "epoch": 1, "error": None}]  # stopped early by ASHA: not eligible
     assert best_trial(trials, max_epochs=2)["trial_id"] == "b"
     assert best_trial(list(reversed(trials)), max_epochs=2)["trial_id"] == "b"
+
+
+def test_a_teacher_comes_with_its_distillation_config():
+    model = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="a teacher and a distillation config go together"):
+        Candidate(model, learner=None, learner_config=None, static_metrics={}, teacher=nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="a teacher and a distillation config go together"):
+        Candidate(model, learner=None, learner_config=None, static_metrics={}, distillation=DistillationConfig())

@@ -70,8 +70,7 @@ def run_trial(learner_name: str, config: dict[str, Any], *, experiment: dict[str
                          SCORE: score(proxy, candidate.static_metrics, spec.search.reward)})
             return
         fine_tune(candidate, data, spec.search.fine_tune, validation_subset=spec.search.validation_subset,
-                  report=tune.report, reward=spec.search.reward, seed=spec.seed,
-                  distillation=spec.learner.distillation)
+                  report=tune.report, reward=spec.search.reward, seed=spec.seed)
         return
 
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -233,7 +232,6 @@ def _train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         log(f"  resuming from the checkpoint of epoch {start_epoch}/{train_config.epochs}")
     fine_tune(candidate, data, train_config, validation_subset=loop_config["validation_subset"],
               report=report, reward=spec.search.reward, seed=spec.seed, wrap=ray.train.torch.prepare_model,
-              distillation=spec.learner.distillation,
               distributed=distributed, device=ray.train.torch.get_device(), start_epoch=start_epoch, log=log)
     if board is not None:
         board.close()

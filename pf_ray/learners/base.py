@@ -4,6 +4,7 @@ Four hooks are required. The optional ones are looked up with ``hasattr`` by the
 
 - ``set_total_steps(total_steps)``: told the run's optimiser steps before training (``train.fit``'s
   ``on_start``), for schedules that span the run (weight sparsification's);
+- ``searched_field``: the config field a per-layer search fills (one value per layer), reported with each trial;
 - ``search_space(model, input_shape) -> PerLayerSpace | None`` and ``project(model, input_shape, values)``:
   what the searchers search (one value per layer in a box) and the nearest per-layer setting that meets the
   learner's budget (``pf_ray.candidate``; channel pruning's MACs budget is the experiment's

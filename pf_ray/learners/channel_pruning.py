@@ -131,6 +131,8 @@ def search_dimensions(model: nn.Module, input_shape: tuple[int, int, int]) -> li
 class ChannelPruning:
     """Pruning (and group fine-tuning) in ``prepare``; fine-tuning then trains the smaller model as it is."""
 
+    searched_field = "layer_keep_ratios"  # its per-layer space is built in pf_ray.candidate (the MACs budget)
+
     def __init__(self, config: ChannelPruningConfig) -> None:
         self.config = config
         self.kept_channels: dict[str, int] = {}  # group name -> channels kept, filled by prepare

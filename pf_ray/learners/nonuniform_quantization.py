@@ -108,6 +108,8 @@ class NonUniformQuantization:
     """Codebooks fitted in ``prepare`` (a parametrization per layer), trained by fine-tuning, baked in by
     ``finalize``."""
 
+    searched_field = "layer_bits"  # the config field its per-layer search fills (PerLayerSpace.field)
+
     def __init__(self, config: NonUniformQuantizationConfig) -> None:
         self.config = config
         self.layer_bits: dict[str, int] = {}  # layer name -> bits, filled by prepare (or packed)
@@ -190,7 +192,8 @@ class NonUniformQuantization:
         if self.config.mode != "auto":
             return None
         names = tuple(self._layers(model, input_shape))
-        return PerLayerSpace("layer_bits", names, low=float(self.config.min_bits), high=float(self.config.max_bits),
+        return PerLayerSpace(self.searched_field, names, low=float(self.config.min_bits),
+                             high=float(self.config.max_bits),
                              budget=self._budget(model, names), features=layer_features(model, input_shape, names))
 
     def _budget(self, model: nn.Module, names: tuple[str, ...] | list[str]) -> WeightBitsBudget:
@@ -201,6 +204,7 @@ class NonUniformQuantization:
                 values: tuple[float, ...] | list[float]) -> tuple[float, ...]:
         """Whole bits per layer meeting the budget (``pf_ray.ops.bits.allocate_bits``); all ``max_bits``
         projects to ``bits`` everywhere."""
+
         config = self.config
         budget = self._budget(model, self._layers(model, input_shape))
         bits = allocate_bits(values, budget.weight_counts, average_bits=config.bits, min_bits=config.min_bits,

@@ -139,6 +139,8 @@ def quantized_layer_names(model: nn.Module, input_shape: tuple[int, int, int], *
 class UniformQuantization:
     """Layers swapped for fake-quantized ones in ``prepare``; fine-tuning then trains through the quantizers."""
 
+    searched_field = "layer_bits"  # the config field its per-layer search fills (PerLayerSpace.field)
+
     def __init__(self, config: UniformQuantizationConfig) -> None:
         self.config = config
         self.layer_bits: dict[str, int] = {}  # layer name -> weight bits, filled by prepare
@@ -280,13 +282,15 @@ class UniformQuantization:
         names = tuple(name for name, _ in layers)
         budget = WeightBitsBudget(self.config.weight_bits / FP32_BITS,
                                   tuple(layer.weight.numel() for _, layer in layers))
-        return PerLayerSpace("layer_bits", names, low=float(self.config.min_bits), high=float(self.config.max_bits),
+        return PerLayerSpace(self.searched_field, names, low=float(self.config.min_bits),
+                             high=float(self.config.max_bits),
                              budget=budget, features=layer_features(model, input_shape, names))
 
     def project(self, model: nn.Module, input_shape: tuple[int, int, int],
                 values: Sequence[float]) -> tuple[float, ...]:
         """Whole bits per layer that spend at most ``weight_bits`` per weight on average (``allocate_bits``);
         an all-``max_bits`` proposal gives ``weight_bits`` everywhere."""
+
         layers = self._layers(model, input_shape)
         if len(values) != len(layers):
             raise ConfigError(f"{LAYER_BITS_FIELD}: got {len(values)} values; expected {len(layers)} "

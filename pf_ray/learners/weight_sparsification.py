@@ -109,6 +109,8 @@ def covered_layers(model: nn.Module, input_shape: tuple[int, int, int]) -> list[
 class WeightSparsification:
     """Masks in ``prepare``, schedule in ``on_step``, exact final masks folded into the weights in ``finalize``."""
 
+    searched_field = "layer_sparsities"  # the config field its per-layer search fills (PerLayerSpace.field)
+
     def __init__(self, config: WeightSparsificationConfig) -> None:
         self.config = config
         self.total_steps = config.total_steps
@@ -202,7 +204,7 @@ class WeightSparsification:
             return None
         names, sizes = _unzip(self._layers(model, input_shape))
         budget = KeptWeightsBudget(1.0 - self.config.sparsity, sizes)
-        return PerLayerSpace("layer_sparsities", names, low=0.0, high=self.config.max_layer_sparsity,
+        return PerLayerSpace(self.searched_field, names, low=0.0, high=self.config.max_layer_sparsity,
                              budget=budget, features=layer_features(model, input_shape, names))
 
     def project(self, model: nn.Module, input_shape: tuple[int, int, int],
