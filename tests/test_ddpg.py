@@ -145,6 +145,36 @@ def test_every_suggestion_keeps_the_budget_by_clipping_each_action():
     assert searcher.agent.episodes_observed == 12 and not searcher.pending
 
 
+@dataclass(frozen=True)
+class KeptBudget:
+    """Cost = the mean kept fraction 1 - value (like per-layer sparsities): it falls as the values grow."""
+
+    target: float
+
+    def cost(self, values: Sequence[float]) -> float:
+        return sum(1.0 - v for v in values) / len(values)
+
+
+def test_a_budget_that_falls_as_values_grow_is_searched_through_a_mirror():
+    # 75% sparsity over equal layers in [0, 0.98]: keep at most 25%. Without the mirror every action clipped to
+    # 0 (no sparsity, the most the budget "allows" if cost grew with the value) and every proposal was the same.
+    sparsity_space = PerLayerSpace("layer_sparsities", tuple(f"conv{i}" for i in range(4)), low=0.0, high=0.98,
+                                   budget=KeptBudget(0.25), features=space().features)
+    searcher = DDPGSearcher(sparsity_space, metric=METRIC, mode="max", seed=0, num_warmup=3, num_trials=12,
+                            max_epochs=2)
+    first = searcher.suggest("t0")
+    assert values(first) == pytest.approx([0.75] * 4, abs=1e-5)  # the uniform candidate: 75% everywhere
+    _finish(searcher, "t0", [0.5, 0.6])
+    proposals = []
+    for i in range(1, 10):
+        config = searcher.suggest(f"t{i}")
+        proposals.append(tuple(values(config)))
+        assert all(0.0 <= v <= 0.98 for v in config.values())
+        assert sparsity_space.budget.cost(values(config)) <= 0.25 + 1e-9  # at least 75% sparse on average
+        _finish(searcher, f"t{i}", [0.5, 0.6])
+    assert len(set(proposals)) == len(proposals)  # varied, not the uniform point again and again
+
+
 def test_state_columns_describe_the_layer_and_the_budget_spent():
     searcher = _searcher()
     searcher.agent.start_episode()

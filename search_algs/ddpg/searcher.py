@@ -10,6 +10,7 @@ import contextlib
 import enum
 import logging
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +58,10 @@ class DDPGSearcher(Searcher):
 
     Budget: each action is clipped (by bisection) to the largest value that keeps the target reachable with every
     later layer at ``space.low``, as PocketFlow and AMC do, so every proposal is within the budget; the trial's
-    projection then only scales it up to spend the budget. The agent stores the clipped actions.
+    projection then only scales it up to spend the budget. The agent stores the clipped actions. Where the
+    budget's cost falls as the values grow (per-layer sparsities: more sparsity keeps fewer weights), the agent
+    acts on the mirrored values low + high - x (densities, for sparsity), so the clipping and the state's cost
+    columns read the same way for every learner; suggestions are mirrored back.
 
     The first suggestion is the uniform candidate at the budget (the largest single value every layer can share),
     the classic baseline every searcher starts from; it counts as the first warm-up episode. The next warm-up
@@ -118,7 +122,15 @@ class DDPGSearcher(Searcher):
         self._keys = space.keys()
         self._max_epochs = max_epochs
         self._static = _normalised_features(space)  # (layers, static columns)
-        self._full_cost = space.budget.cost([space.high] * len(self._keys)) if space.budget is not None else 1.0
+        # The agent acts on values whose cost grows with them (keep ratios, bits). A budget that falls as the
+        # values grow (sparsities: the kept fraction falls) is seen through a mirror, x -> low + high - x, so
+        # "more" always means "more of the budget spent"; suggestions are mirrored back.
+        self._budget = space.budget
+        self._mirrored = space.budget is not None and (space.budget.cost([space.high] * len(self._keys))
+                                                       < space.budget.cost([space.low] * len(self._keys)))
+        if self._mirrored:
+            self._budget = _MirroredBudget(space.budget, space.low, space.high)
+        self._full_cost = self._budget.cost([space.high] * len(self._keys)) if self._budget is not None else 1.0
 
         if num_warmup is None:
             num_warmup = max(2, num_trials // 4) if num_trials is not None else 10
@@ -160,7 +172,10 @@ class DDPGSearcher(Searcher):
             states, actions = self._roll_out(self._uniform_value() if uniform else None)
         self._pending[trial_id] = (states, actions)
         self._history[trial_id] = {}
-        return {key: float(value) for key, value in zip(self._keys, actions.tolist(), strict=True)}
+        values = actions.tolist()
+        if self._mirrored:
+            values = [self._space.low + self._space.high - value for value in values]
+        return {key: float(value) for key, value in zip(self._keys, values, strict=True)}
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         """Remember each epoch's metric: finished trials' curves give the gain an early-stopped trial missed."""
@@ -240,7 +255,7 @@ class DDPGSearcher(Searcher):
 
     def _roll_out(self, fixed_value: float | None) -> tuple[torch.Tensor, torch.Tensor]:
         """One episode: (states (layers, state_size), clipped actions (layers,)). ``fixed_value``: act with it."""
-        space, budget = self._space, self._space.budget
+        space, budget = self._space, self._budget
         layers = len(self._keys)
         chosen: list[float] = []
         states = []
@@ -263,9 +278,9 @@ class DDPGSearcher(Searcher):
     def _uniform_value(self) -> float:
         """The largest value every layer can share within the budget (space.high without a budget)."""
         space = self._space
-        if space.budget is None:
+        if self._budget is None:
             return float(space.high)
-        return _largest_within(space.budget, space.low, space.high, repeat=len(self._keys))
+        return _largest_within(self._budget, space.low, space.high, repeat=len(self._keys))
 
     def _learn(self, trial_id: str, episode: tuple[torch.Tensor, torch.Tensor], value: float,
                outcome: Outcome) -> None:
@@ -326,6 +341,23 @@ def _normalised_features(space: PerLayerSpace) -> torch.Tensor:
     features = torch.tensor(space.features, dtype=torch.float32)
     scale = features.abs().amax(dim=0)
     return features / torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
+@dataclass(frozen=True)
+class _MirroredBudget:
+    """``budget`` seen through x -> low + high - x: the cost of a budget that falls as the values grow, as a
+    cost that grows with them (same target)."""
+
+    budget: Any
+    low: float
+    high: float
+
+    @property
+    def target(self) -> float:
+        return self.budget.target
+
+    def cost(self, values: Sequence[float]) -> float:
+        return self.budget.cost([self.low + self.high - value for value in values])
 
 
 def _largest_within(budget: Any, low: float, high: float, *, head: Sequence[float] = (), repeat: int = 1,
