@@ -5,7 +5,8 @@ candidates, then rounds of Gaussian steps around the best few (``GPSearcher._max
 ``UpperConfidenceBound.suggest`` takes 10,000 uniform candidates and refines the best 3 with L-BFGS-B on
 finite-difference gradients, which is what the searcher called before. For each objective, history size and
 seed: ``size`` uniformly random points of a ``--dims``-dimensional box [0.1, 1] are scored, the searcher's GP
-(Matern 5/2, normalised targets, 5 optimiser restarts) is fitted once, and both maximisers run on that same GP.
+(Matern 5/2, normalised targets, ``GP_RESTARTS`` optimiser restarts) is fitted once, and both maximisers run on
+that same GP.
 Reported: the acquisition value each reaches (higher is better; they are on one scale per GP) and its CPU time.
 
 Objectives: ``quadratic``, -mean((x - 0.6)^2) (bench/scale.py's synthetic score), and ``ackley``, Ackley's
@@ -34,7 +35,7 @@ from sklearn.gaussian_process.kernels import Matern
 from threadpoolctl import threadpool_limits
 
 from pf_ray.candidate import PerLayerSpace
-from search_algs.gp import GPSearcher
+from search_algs.gp import GP_RESTARTS, GPSearcher
 
 LOW, HIGH = 0.1, 1.0
 
@@ -84,7 +85,7 @@ def _compare(space: PerLayerSpace, objective, name: str, size: int, seed: int) -
     for _ in range(size):
         point = rng.uniform(LOW, HIGH, len(space.keys()))
         data.register(point, objective(point))
-    gp = GaussianProcessRegressor(kernel=Matern(nu=2.5), alpha=1e-6, normalize_y=True, n_restarts_optimizer=5,
+    gp = GaussianProcessRegressor(kernel=Matern(nu=2.5), alpha=1e-6, normalize_y=True, n_restarts_optimizer=GP_RESTARTS,
                                   random_state=rng)
     gp.fit(data.params, data.target)
     ucb = UpperConfidenceBound(kappa=2.576)

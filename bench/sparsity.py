@@ -76,9 +76,17 @@ def main(argv: list[str] | None = None) -> int:
     command = " ".join(["python", "bench/sparsity.py", *(argv if argv is not None else sys.argv[1:])])
     result: dict[str, Any] = {"command": command, "environment": _common.environment(),
                               "settings": vars(args) | {"out": str(args.out)}, "levels": {}}
+    previous_seconds = 0.0
+    if args.resume and args.out.exists():  # keep the other allocations' rows; note every command that wrote some
+        previous = json.loads(args.out.read_text())
+        result["levels"] = previous.get("levels", {})
+        result["latency_ms"] = previous.get("latency_ms")
+        result["runs"] = [*previous.get("runs", [{"command": previous.get("command"),
+                                                  "wall_seconds": previous.get("wall_seconds")}])]
+        previous_seconds = previous.get("wall_seconds", 0.0)
 
     def save() -> None:
-        result["wall_seconds"] = round(time.time() - started, 1)
+        result["wall_seconds"] = round(previous_seconds + time.time() - started, 1)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")
 
@@ -93,17 +101,18 @@ def main(argv: list[str] | None = None) -> int:
 
     models: dict[str, nn.Module] = {}
     for level in args.levels:
-        section = result["levels"][str(level)] = {}
-        tic = time.time()
+        section = result["levels"].setdefault(str(level), {})
         allocations = {"uniform": None, "heuristic": _heuristic(baseline, data, level)}
-        section["search"] = _search(args, experiment, baseline, data, level)
-        section["search"]["heuristic_proxy"] = evaluate(
-            _one_shot(baseline, data, allocations["heuristic"], args.proxy_bn_images),
-            subset(data.validation, args.validation_subset))[ACCURACY]
-        allocations["searched"] = section["search"]["best"]["sparsities"]
-        section["search_seconds"] = round(time.time() - tic, 1)
-        section["runs"] = {}
-        for allocation in ALLOCATIONS:
+        if "searched" in args.allocations:
+            tic = time.time()
+            section["search"] = _search(args, experiment, baseline, data, level)
+            section["search"]["heuristic_proxy"] = evaluate(
+                _one_shot(baseline, data, allocations["heuristic"], args.proxy_bn_images),
+                subset(data.validation, args.validation_subset))[ACCURACY]
+            allocations["searched"] = section["search"]["best"]["sparsities"]
+            section["search_seconds"] = round(time.time() - tic, 1)
+        section.setdefault("runs", {})
+        for allocation in args.allocations:
             for distill in (False, True):
                 label = f"{allocation}{'+distill' if distill else ''}"
                 tic = time.time()
@@ -117,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
                 save()
 
     top = str(max(args.levels))
-    result["latency_ms"] = _latency(args, {"baseline": baseline, f"searched {top}": models[top]}, data)
+    if top in models:
+        result["latency_ms"] = _latency(args, {"baseline": baseline, f"searched {top}": models[top]}, data)
     save()
     print(markdown(result))
     return 0
@@ -131,6 +141,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--baseline-epochs", type=int, default=5)
     parser.add_argument("--levels", type=float, nargs="+", default=[0.5, 0.75, 0.9, 0.95],
                         help="global sparsities (fraction of conv/linear weights set to 0)")
+    parser.add_argument("--allocations", nargs="+", choices=ALLOCATIONS, default=list(ALLOCATIONS),
+                        help="which allocations to run (default: all)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the rows already in --out and (re)run only --allocations")
     parser.add_argument("--searcher", default="ddpg", choices=[a.value for a in SearchAlgorithm])
     parser.add_argument("--trials", type=int, default=24, help="search proposals per level")
     parser.add_argument("--validation-subset", type=int, default=2000)

@@ -44,6 +44,7 @@ LOCAL_STEPS = tuple(0.2 * 0.7**i for i in range(10))  # each round's step, as a 
 # GPSearcher._training_set). Fitting costs O(n^3) per likelihood evaluation and predicting O(n^2) per candidate: in
 # 20 dimensions on the 2-core machine a suggestion took 1.5-2 s at 500 observations without the cap (bench/scale.py).
 MAX_GP_OBSERVATIONS = 100
+GP_RESTARTS = 1  # random restarts of the GP's likelihood optimiser (bayesian-optimization uses 5)
 _STATE_VERSION = 1
 
 Point = tuple[float, ...]  # one value per layer, in space.keys() order
@@ -274,9 +275,11 @@ class GPSearcher(Searcher):
         for point in dict.fromkeys(self._pending.values()):  # distinct, in suggestion order
             if point not in observed:
                 data.register(np.array(point), lie)
-        # bayesian-optimization's own GP (BayesianOptimization builds the same one)
-        gp = GaussianProcessRegressor(kernel=Matern(nu=2.5), alpha=1e-6, normalize_y=True, n_restarts_optimizer=5,
-                                      random_state=self._rng)
+        # bayesian-optimization's own GP (BayesianOptimization builds the same one), with one restart of the
+        # likelihood's optimiser instead of 5: the Matern kernel has a single length scale, a 1-D optimisation
+        # that the extra restarts did not change here, and each cost as much as the acquisition search.
+        gp = GaussianProcessRegressor(kernel=Matern(nu=2.5), alpha=1e-6, normalize_y=True,
+                                      n_restarts_optimizer=GP_RESTARTS, random_state=self._rng)
         with warnings.catch_warnings():  # sklearn warns about length scales at their bounds: not actionable here
             warnings.simplefilter("ignore")
             gp.fit(data.params, data.target)
