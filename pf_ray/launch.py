@@ -336,6 +336,7 @@ def run_search(config: ExperimentConfig, space: PerLayerSpace, baseline_path: Pa
     import ray
     from ray import tune
 
+    from pf_ray.orphans import orphan_reaper
     from search_algs import make_searcher
     from search_algs.concurrency import ClusterConcurrency
     from search_algs.schedulers import make_asha
@@ -394,7 +395,7 @@ def run_search(config: ExperimentConfig, space: PerLayerSpace, baseline_path: Pa
             trial_dirname_creator=lambda trial: trial.trial_id,
         ),
         run_config=tune.RunConfig(name=SEARCH_DIR, storage_path=storage_path, storage_filesystem=filesystem,
-                                  verbose=1, callbacks=[_trial_log(log, max_epochs)],
+                                  verbose=1, callbacks=[_trial_log(log, max_epochs), orphan_reaper()],
                                   failure_config=tune.FailureConfig(max_failures=search.max_failures)),
     )
     return _trial_records(tuner.fit(), space)
@@ -488,7 +489,12 @@ def retrain(config: ExperimentConfig, learner_config: Any, baseline_path: Path, 
     log(f"retrain: {config.retrain.train.epochs} epoch(s) on {config.retrain.num_workers} Ray Train worker(s)")
     import ray
 
-    # The retrain runs alone: its workers share the cluster's CPUs, each within one node.
+    from pf_ray.orphans import settle
+
+    # The retrain runs alone: its workers share the cluster's CPUs, each within one node. Stopped Ray Train
+    # trials may have left placement groups holding CPUs (pf_ray.orphans): gone first, or the retrain waits.
+    if not settle():
+        log("retrain: placement groups of the search are still held; the retrain may wait for their CPUs")
     cpus = int(ray.cluster_resources().get("CPU", 1))
     largest_node = max((node["Resources"].get("CPU", 0) for node in ray.nodes() if node.get("Alive")), default=1)
     progress = run_dir / "retrain" / "progress.log"
