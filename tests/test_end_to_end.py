@@ -143,7 +143,7 @@ def test_two_worker_trials_under_asha_leave_no_placement_group_behind(ray_sessio
     # leaves its workers' placement group reserved (pf_ray.orphans). Before the reaper, the third and fourth
     # trials' workers waited for those CPUs for ever. ray_session has 4 CPUs: one 2.25-CPU trial at a time.
     results = _compress(tmp_path, "search.num_trials=3", "search.fine_tune.epochs=2", "search.reduction_factor=2",
-                        "resources.workers_per_trial=2", "resources.cpus_per_worker=1")
+                        "resources.workers_per_trial=2", "resources.cpus_per_worker=1", "resources.num_cpus=4")
     assert len(results["search"]["trials"]) == 3
     assert all(trial["error"] is None for trial in results["search"]["trials"])
     from pf_ray.orphans import job_placement_groups
