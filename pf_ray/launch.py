@@ -382,6 +382,8 @@ def run_search(config: ExperimentConfig, space: PerLayerSpace, baseline_path: Pa
     if _exists(search_dir):  # stopped before Tune saved any experiment state: nothing in it can be resumed
         log(f"search: {search_dir} holds no saved search state; starting the search again")
         state_filesystem.delete_dir(state_path)
+    # Only Ray Train trials leave placement groups behind (pf_ray.orphans): no GCS reads for in-process trials.
+    reaper = [orphan_reaper()] if config.resources.workers_per_trial > 1 else []
     tuner = tune.Tuner(
         trainable,
         param_space=param_space,
@@ -395,7 +397,7 @@ def run_search(config: ExperimentConfig, space: PerLayerSpace, baseline_path: Pa
             trial_dirname_creator=lambda trial: trial.trial_id,
         ),
         run_config=tune.RunConfig(name=SEARCH_DIR, storage_path=storage_path, storage_filesystem=filesystem,
-                                  verbose=1, callbacks=[_trial_log(log, max_epochs), orphan_reaper()],
+                                  verbose=1, callbacks=[_trial_log(log, max_epochs), *reaper],
                                   failure_config=tune.FailureConfig(max_failures=search.max_failures)),
     )
     return _trial_records(tuner.fit(), space)
