@@ -70,8 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     resume = commands.add_parser("resume", help="continue an interrupted run (a killed driver, a lost head "
                                                 "node) from its run folder")
-    resume.add_argument("run_dir", help="the run folder (holds config.yaml); trusted input: Tune unpickles its "
-                                        "saved search state")
+    resume.add_argument("run_dir", help="the run folder (holds config.yaml), or with remote storage its URI "
+                                        "(s3://bucket/runs/NAME): trusted input, Tune unpickles its saved "
+                                        "search state")
+    resume.add_argument("--staging", help="with a URI: the local folder to fetch the run folder into (default: "
+                                          "the run's storage.staging_path)")
 
     report = commands.add_parser("report", help="rebuild report.md and report.html of a finished or "
                                                 "interrupted run")
@@ -100,7 +103,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     if args.command == "resume":
         from pf_ray.launch import resume
 
-        resume(args.run_dir)
+        resume(args.run_dir, staging_path=args.staging)
         return 0
     if args.command == "report":
         from pf_ray.report import write_report

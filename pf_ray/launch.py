@@ -24,6 +24,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -159,9 +160,43 @@ def baseline_cache_path(config: ExperimentConfig) -> Path:
                                                       f"{config.dataset.name}-{digest}.pt"
 
 
+def remote_baseline(config: ExperimentConfig) -> str | None:
+    """With a remote storage.path, the baseline cache is also kept there (``<storage.path>/baselines/<file>``), so a
+    run resumed or started from another machine finds it; None for a local storage path or a given checkpoint."""
+    if config.baseline.checkpoint or not is_remote(config.storage.path):
+        return None
+    return join_uri(config.storage.path, "baselines", baseline_cache_path(config).name)
+
+
+def cached_baseline(config: ExperimentConfig, *, log: Log = print) -> Path | None:
+    """The cached baseline on this machine, fetched from the remote storage first if only that has it."""
+    local = baseline_cache_path(config)
+    remote = remote_baseline(config)
+    if not local.exists() and remote is not None and _exists(remote):
+        _copy_file(remote, local)
+        log(f"baseline: fetched {remote}")
+    return local if local.exists() else None
+
+
+def _copy_file(source: str, target: Path) -> None:
+    """Copy one file from a URI to a local path, whole or not at all (a temporary file renamed)."""
+    import pyarrow.fs
+
+    filesystem, path = _filesystem(source)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".partial")
+    pyarrow.fs.copy_files(path, str(partial), source_filesystem=filesystem,
+                          destination_filesystem=pyarrow.fs.LocalFileSystem())
+    partial.replace(target)
+
+
 def train_baseline(config: ExperimentConfig, data: DataBundle, *, log: Log = print, force: bool = False) -> Path:
-    """Train the full-precision baseline in this process (all cores) and cache it; reuse the cache if present."""
+    """Train the full-precision baseline in this process (all cores) and cache it; reuse the cache if present.
+
+    With a remote storage.path the cache is uploaded there too (``remote_baseline``)."""
     path = Path(config.baseline.checkpoint) if config.baseline.checkpoint else baseline_cache_path(config)
+    if not config.baseline.checkpoint and not force:
+        path = cached_baseline(config, log=log) or path
     if path.exists() and not force:
         log(f"baseline: using {path}")
         return path
@@ -178,6 +213,15 @@ def train_baseline(config: ExperimentConfig, data: DataBundle, *, log: Log = pri
                     num_classes=data.num_classes, metrics={"validation_" + k: v for k, v in metrics.items()},
                     extra={"config": to_dict(config)})
     log(f"baseline: validation accuracy {metrics[ACCURACY]:.4f}; saved {path}")
+    remote = remote_baseline(config)
+    if remote is not None:
+        import pyarrow.fs
+
+        filesystem, target = _filesystem(remote)
+        filesystem.create_dir(target.rsplit("/", 1)[0], recursive=True)
+        pyarrow.fs.copy_files(str(path), target, source_filesystem=pyarrow.fs.LocalFileSystem(),
+                              destination_filesystem=filesystem)
+        log(f"baseline: uploaded to {remote}")
     return path
 
 
@@ -220,8 +264,8 @@ def prepare(config: ExperimentConfig, *, log: Log = print) -> Prepared:
         if info.model != config.model:
             raise ConfigError(f"baseline.checkpoint: {str(baseline_path)!r} holds model {info.model.name!r}; "
                               f"model.name is {config.model.name!r}")
-    elif baseline_cache_path(config).exists():
-        baseline_path = baseline_cache_path(config)
+    else:
+        baseline_path = cached_baseline(config, log=log)
     # What the learner's prepare() would refuse inside every trial (ratios for another model, more stages than
     # prunable groups, nothing prunable), refused now.
     build_learner(config.learner.name, config.learner_config()).check(model, data.input_shape)
@@ -452,31 +496,60 @@ def choose_best(trials: list[dict[str, Any]], max_epochs: int) -> dict[str, Any]
 
 
 @contextlib.contextmanager
-def _follow(path: Path, log: Log, interval: float = 0.5):
-    """While the block runs, pass every line appended to ``path`` (by a Ray Train worker) to ``log``."""
+def driver_progress(folder: Path, log: Log, interval: float = 0.5):
+    """A queue for a Ray Train run's rank 0 to send its progress to this process (see ``ray_train_fit``).
+
+    While the block runs, a thread here drains it: progress lines go to ``log`` and to ``folder/progress.log``,
+    each epoch's metrics to TensorBoard files in ``folder/tensorboard`` (as ``retrain/<metric>``). Both are
+    written by the driver on its own disk, wherever on the cluster rank 0 trains. The queue's actor lives on this
+    node and takes no CPU.
+    """
+    import ray
+    from ray.util.queue import Queue
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    from tensorboardX import SummaryWriter  # Ray Tune's own TensorBoard writer, installed with ray[tune]
+
+    from trainables._common import PROGRESS_LINE, PROGRESS_SCALARS
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
+    folder.mkdir(parents=True, exist_ok=True)
+    board = SummaryWriter(str(folder / "tensorboard"))
     done = threading.Event()
 
-    def follow() -> None:
-        position = 0
+    def write(items: list[Any]) -> None:
+        with open(folder / "progress.log", "a") as progress:
+            for kind, *rest in items:
+                if kind == PROGRESS_LINE:
+                    progress.write(rest[0] + "\n")
+                    log(rest[0])
+                elif kind == PROGRESS_SCALARS:
+                    epoch, metrics = rest
+                    for key, value in metrics.items():
+                        board.add_scalar(f"retrain/{key}", value, global_step=epoch)
+        board.flush()
+
+    def drain() -> None:
         while True:
             finished = done.is_set()
-            if path.exists():
-                with open(path) as handle:
-                    handle.seek(position)
-                    for line in handle.readlines():
-                        log(line.rstrip("\n"))
-                    position = handle.tell()
+            with contextlib.suppress(Exception):  # a queue that is gone (Ray shutting down): nothing to drain
+                size = queue.qsize()
+                if size:
+                    write(queue.get_nowait_batch(size))
             if finished:
                 return
             done.wait(interval)
 
-    thread = threading.Thread(target=follow, daemon=True)
+    thread = threading.Thread(target=drain, daemon=True)
     thread.start()
     try:
-        yield
+        yield queue
     finally:
         done.set()
         thread.join()
+        board.close()
+        with contextlib.suppress(Exception):
+            queue.shutdown(force=True)  # drained above; a graceful stop would wait 5 s
 
 
 def retrain(config: ExperimentConfig, learner_config: Any, baseline_path: Path, run_dir: Path, *,
@@ -484,7 +557,7 @@ def retrain(config: ExperimentConfig, learner_config: Any, baseline_path: Path, 
     """Compress the baseline with the chosen settings and fine-tune it with the full budget on Ray Train.
 
     The Train run goes to ``<run_storage>/retrain`` (default: the run folder); its progress log and TensorBoard
-    files to ``run_dir/retrain`` on this machine.
+    files to ``run_dir/retrain`` on this machine (sent by rank 0 through ``driver_progress``).
     """
     from trainables._common import MODEL_FILE, ray_train_fit
 
@@ -499,9 +572,8 @@ def retrain(config: ExperimentConfig, learner_config: Any, baseline_path: Path, 
         log("retrain: placement groups of the search are still held; the retrain may wait for their CPUs")
     cpus = int(ray.cluster_resources().get("CPU", 1))
     largest_node = max((node["Resources"].get("CPU", 0) for node in ray.nodes() if node.get("Alive")), default=1)
-    progress = run_dir / "retrain" / "progress.log"
     storage_path, filesystem = ray_storage(run_storage or str(run_dir))
-    with _follow(progress, log):
+    with driver_progress(run_dir / "retrain", log) as progress:
         result = ray_train_fit(
             config,
             learner_config=to_dict(learner_config),
@@ -513,8 +585,7 @@ def retrain(config: ExperimentConfig, learner_config: Any, baseline_path: Path, 
             name="retrain",
             storage_path=storage_path,
             storage_filesystem=filesystem,
-            progress_file=str(progress),
-            tensorboard_dir=str(run_dir / "retrain" / "tensorboard"),
+            progress=progress,
         )
     if result.error is not None:
         raise SearchError(f"retraining failed: {result.error}")
@@ -549,7 +620,7 @@ def compress(config: ExperimentConfig, *, log: Log = print, command: str | None 
                          command=command, started=started, resume=False)
 
 
-def resume(run_dir: str | Path, *, log: Log = print) -> dict[str, Any]:
+def resume(run_dir: str | Path, *, log: Log = print, staging_path: str | None = None) -> dict[str, Any]:
     """Continue an interrupted run (``pf-ray resume RUN_DIR``) from where it stopped.
 
     The baseline is reused from its cache, the search continues from Tune's last experiment checkpoint (finished
@@ -557,12 +628,16 @@ def resume(run_dir: str | Path, *, log: Log = print) -> dict[str, Any]:
     and the report run again. The run folder is trusted input: Tune unpickles its saved state.
 
     ``run_dir`` is the local run folder; with a remote storage.path (in its config.yaml) the search and retrain
-    are found at ``<storage.path>/<folder name>``.
+    are found at ``<storage.path>/<folder name>``. It may also be that remote folder's URI (resuming on another
+    machine than the one that started the run): its driver files are fetched into ``<staging>/<name>`` first,
+    ``staging`` being ``staging_path`` if given, else the run's storage.staging_path.
     """
     started = time.time()
     if is_remote(str(run_dir)):
-        raise ConfigError(f"run_dir: got {str(run_dir)!r}; pass the local run folder (under "
-                          f"storage.staging_path on the machine that started the run), not the storage URI")
+        run_dir = fetch_run(str(run_dir), staging_path, log=log)
+    elif staging_path is not None:
+        raise ConfigError(f"--staging: got {staging_path!r} with the local run folder {str(run_dir)!r}; it is "
+                          f"only for a run given by its storage URI (s3://..., gs://...)")
     run_dir = Path(run_dir).expanduser().resolve()
     config_file = run_dir / "config.yaml"
     if not config_file.is_file():
@@ -582,8 +657,8 @@ def resume(run_dir: str | Path, *, log: Log = print) -> dict[str, Any]:
         baseline_path = Path(config.baseline.checkpoint)
         if not baseline_path.is_file():
             raise ConfigError(f"baseline.checkpoint: {str(baseline_path)!r} (in {config_file}) no longer exists")
-    elif baseline_cache_path(config).exists():
-        baseline_path = baseline_cache_path(config)
+    else:
+        baseline_path = cached_baseline(config, log=log)
     command_file = run_dir / COMMAND_FILE
     command = command_file.read_text().strip() if command_file.is_file() else None
     with _ray_for(config, log=log):
@@ -592,6 +667,56 @@ def resume(run_dir: str | Path, *, log: Log = print) -> dict[str, Any]:
                                     else ""))
         return _pipeline(config, data, baseline_path, run_dir, run_storage, log=log, command=command,
                          started=started, resume=True)
+
+
+def fetch_run(uri: str, staging_path: str | None, *, log: Log = print) -> Path:
+    """The local run folder for a run in remote storage, its driver files fetched from ``uri`` if not here yet.
+
+    The driver's files (config.yaml, command.txt, chosen_trial.json, and whatever was uploaded when it stopped)
+    are copied into ``<staging>/<name>``; Ray's search/ and retrain/ stay in the storage, where the resumed run
+    reads and continues them. A staging path given here replaces the one in the fetched config.yaml (the first
+    machine's folder)."""
+    import pyarrow.fs
+
+    from pf_ray.config import from_dict
+
+    name = uri.partition("?")[0].rstrip("/").rsplit("/", 1)[-1]
+    filesystem, root = _filesystem(uri)
+    config_info = filesystem.get_file_info(f"{root}/config.yaml")
+    if config_info.type != pyarrow.fs.FileType.File:
+        raise ConfigError(f"run_dir: {uri!r} is not a pf-ray run folder (it has no config.yaml)")
+    with filesystem.open_input_stream(f"{root}/config.yaml") as stream:
+        config_text = stream.read().decode()
+    try:
+        config = yaml.safe_load(config_text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"run_dir: {uri}/config.yaml is not valid YAML ({error})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("storage") or {}, dict):
+        raise ConfigError(f"run_dir: {uri}/config.yaml is not a pf-ray run configuration")
+    storage = config.get("storage") or {}
+    if not is_remote(str(storage.get("path", ""))):
+        raise ConfigError(f"run_dir: {uri!r} holds a run whose storage.path is {storage.get('path')!r}, not a URI; "
+                          f"resume it from its local folder")
+    staging = Path(staging_path or storage.get("staging_path") or "runs").expanduser().resolve()
+    local = staging / name
+    if local.exists():
+        log(f"resume: using the local run folder {local}")
+        return local
+    if staging_path is not None:
+        storage["staging_path"] = str(staging)
+        config["storage"] = storage
+    from_dict(ExperimentConfig, config).learner_config()  # one this version cannot read: refused before writing
+    partial = staging / f".{name}.fetching"  # renamed to the run folder once whole
+    shutil.rmtree(partial, ignore_errors=True)
+    for info in filesystem.get_file_info(pyarrow.fs.FileSelector(root, recursive=True)):
+        relative = info.path[len(root):].lstrip("/")
+        if info.type != pyarrow.fs.FileType.File or relative.split("/", 1)[0] in (SEARCH_DIR, "retrain"):
+            continue
+        _copy_file(join_uri(uri, *relative.split("/")), partial / relative)
+    (partial / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    partial.rename(local)
+    log(f"resume: fetched {uri} into {local}")
+    return local
 
 
 @contextlib.contextmanager

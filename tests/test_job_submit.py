@@ -53,9 +53,10 @@ def _get(url: str, token: str | None) -> int:
         return error.code
 
 
-@pytest.fixture
-def head(tmp_path):
-    """A one-node cluster with the dashboard (and so the Jobs API) on 127.0.0.1, token authentication on."""
+@pytest.fixture(scope="module")
+def head():
+    """A one-node cluster with the dashboard (and so the Jobs API) on 127.0.0.1, token authentication on; one for
+    the module (a head takes 15-30 s to start and to stop on this machine)."""
     if shutil.which("ray") is None:
         pytest.skip("the `ray` command is not on PATH")
     port, dashboard_port = _free_port(), _free_port()
@@ -85,7 +86,7 @@ def head(tmp_path):
     finally:
         process.send_signal(signal.SIGTERM)  # `ray start --block` stops the head's processes on SIGTERM
         with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=30)
+            process.wait(timeout=10)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)  # this cluster's own process group, nothing else
         process.wait()

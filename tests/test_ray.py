@@ -200,3 +200,48 @@ def test_a_diverging_trial_and_a_crashing_one_do_not_stop_the_search(ray_session
     state = pickle.loads(sorted(search_dir.glob("searcher-state-*.pkl"))[-1].read_bytes())
     assert state["counts"]["errored"] == 1 and len(state["observations"]) == 3
     assert choose_best(trials, max_epochs=2)["trial_id"] != diverged["trial_id"]
+
+
+def test_retrain_progress_reaches_the_driver_through_its_queue(ray_session, tmp_path):
+    """Rank 0 of a Ray Train run may be on any node: it sends its progress lines and epoch metrics to a queue
+    that the driver drains into its own progress.log and TensorBoard files."""
+    import ray
+
+    from pf_ray.launch import driver_progress
+    from trainables._common import PROGRESS_LINE, PROGRESS_SCALARS, _sender
+
+    @ray.remote(num_cpus=0)
+    def rank0(queue, items) -> None:  # what the train loop's rank 0 does, in another process
+        send = _sender(queue)
+        for item in items:
+            send(item)
+
+    shown: list[str] = []
+    folder = tmp_path / "retrain"
+    with driver_progress(folder, shown.append) as queue:
+        ray.get(rank0.remote(queue, [(PROGRESS_LINE, "  epoch 1/2 ..."),
+                                     (PROGRESS_SCALARS, 1, {ACCURACY: 0.5, "loss": 1.25})]))
+        stale = ray.put(queue)  # the queue as a worker holds it
+    assert shown == ["  epoch 1/2 ..."]
+    assert (folder / "progress.log").read_text() == "  epoch 1/2 ...\n"
+    assert sorted(_scalars(folder / "tensorboard")) == [(1, "retrain/accuracy", 0.5), (1, "retrain/loss", 1.25)]
+    # A queue that is gone (its driver ended) drops progress without failing the training.
+    ray.get(rank0.remote(stale, [(PROGRESS_LINE, "after the driver")]))
+    assert (folder / "progress.log").read_text() == "  epoch 1/2 ...\n"
+
+
+def _scalars(folder: Path) -> list[tuple[int, str, float]]:
+    """(step, tag, value) of every scalar in a folder's TensorBoard event files (TFRecord: length, CRC, event, CRC)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    found = []
+    for path in folder.glob("events.out.tfevents.*"):
+        data, offset = path.read_bytes(), 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset:offset + 8])
+            event = Event.FromString(data[offset + 12:offset + 12 + length])
+            offset += 12 + length + 4
+            found += [(event.step, value.tag, value.simple_value) for value in event.summary.value]
+    return found

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pf_ray.cli import main
-from pf_ray.config import StorageConfig
+from pf_ray.config import StorageConfig, load_experiment
 from pf_ray.errors import ConfigError
 from pf_ray.launch import baseline_cache_path, join_uri, resume, run_location
 from tests.test_end_to_end import TINY
@@ -38,9 +38,22 @@ def test_staging_path_must_be_local():
         StorageConfig(path="s3://bucket/runs", staging_path="s3://bucket/x")
 
 
-def test_resume_takes_the_local_run_folder_not_the_uri():
-    with pytest.raises(ConfigError, match="run_dir: got 's3://bucket/runs/tiny'; pass the local run folder"):
-        resume("s3://bucket/runs/tiny")
+def test_resume_of_a_uri_needs_a_run_folder_there(tmp_path):
+    (tmp_path / "remote" / "tiny").mkdir(parents=True)
+    with pytest.raises(ConfigError, match=f"run_dir: 'file://{tmp_path}/remote/tiny' is not a pf-ray run folder"):
+        resume(f"file://{tmp_path}/remote/tiny", staging_path=str(tmp_path / "staging"))
+    (tmp_path / "remote" / "tiny" / "config.yaml").write_text(f"storage: {{path: {tmp_path}/runs}}\n")
+    with pytest.raises(ConfigError, match="storage.path is .*, not a URI; resume it from its local folder"):
+        resume(f"file://{tmp_path}/remote/tiny", staging_path=str(tmp_path / "staging"))
+    (tmp_path / "remote" / "tiny" / "config.yaml").write_text("storage: [")
+    with pytest.raises(ConfigError, match="config.yaml is not valid YAML"):
+        resume(f"file://{tmp_path}/remote/tiny", staging_path=str(tmp_path / "staging"))
+    assert not (tmp_path / "staging").exists()
+
+
+def test_staging_is_only_for_a_run_given_by_its_uri(tmp_path):
+    with pytest.raises(ConfigError, match="--staging: got '/elsewhere' with the local run folder"):
+        resume(tmp_path, staging_path="/elsewhere")
 
 
 def test_the_report_of_an_interrupted_remote_run_reads_the_search_from_the_storage(tmp_path):
@@ -82,8 +95,23 @@ def test_compress_to_a_remote_storage_path(ray_session, tmp_path, monkeypatch):
     assert list((uploaded / "search").glob("experiment_state-*.json"))
     assert {t["trial_id"] for t in results["search"]["trials"]} <= {p.name for p in (uploaded / "search").iterdir()}
     assert list((uploaded / "retrain").glob("**/checkpoint_*"))
-    assert (staging / "baselines").is_dir() and not (remote / "baselines").exists()
+    # The baseline cache: on the driver, and beside the runs in the storage for other machines.
+    cached = baseline_cache_path(load_experiment(run / "config.yaml"))
+    assert cached.parent == staging / "baselines"
+    assert (remote / "baselines" / cached.name).read_bytes() == cached.read_bytes()
     # No URI was taken for a local path anywhere.
     assert not [p for p in tmp_path.rglob("*") if p.name in ("s3:", "file:", "gs:")]
     assert not [p for p in Path(__file__).parents[1].iterdir() if p.name in ("s3:", "file:", "gs:")]
 
+
+    # The driver's machine is lost before results.json was uploaded: another machine resumes from the URI alone,
+    # fetching the driver's files and the baseline from the storage.
+    (uploaded / "results.json").unlink()
+    elsewhere = tmp_path / "elsewhere"
+    assert main(["resume", f"file://{uploaded}", "--staging", str(elsewhere)]) == 0
+    resumed = json.loads((elsewhere / "tiny" / "results.json").read_text())
+    assert resumed["resumed"] is True and resumed["baseline"]["checkpoint"] == str(elsewhere / "baselines" /
+                                                                                   cached.name)
+    assert {t["trial_id"] for t in resumed["search"]["trials"]} == {t["trial_id"] for t in results["search"]["trials"]}
+    assert resumed["config"]["storage"]["staging_path"] == str(elsewhere)
+    assert not (elsewhere / "tiny" / "search").exists() and (uploaded / "results.json").is_file()

@@ -127,8 +127,7 @@ def ray_train_fit(
     storage_filesystem: Any = None,
     callbacks: list[Any] = (),
     max_failures: int = 2,
-    progress_file: str | None = None,
-    tensorboard_dir: str | None = None,
+    progress: Any = None,
 ):
     """Compress + fine-tune with a ``TorchTrainer`` of ``num_workers``; returns the ``ray.train.Result``.
 
@@ -136,10 +135,10 @@ def ray_train_fit(
     path every worker can read. ``storage_path``: a local folder or a URI (s3://...), or a path on
     ``storage_filesystem`` (a ``pyarrow.fs.FileSystem``) when that is given.
     Resumes from the last checkpoint of the run ``(storage_path, name)`` if there is one, and retries a worker
-    group that died (a lost node) up to ``max_failures`` times from its last checkpoint. ``progress_file``:
-    rank 0 appends a line per epoch to it (on the driver's file system: local runs only), which the driver
-    follows to show progress without forwarding all of Ray's worker output. ``tensorboard_dir``: rank 0 writes
-    each epoch's metrics there as TensorBoard scalars (also the driver's file system).
+    group that died (a lost node) up to ``max_failures`` times from its last checkpoint. ``progress``: a
+    ``ray.util.queue.Queue`` the driver drains (``pf_ray.launch.driver_progress``): rank 0 puts its progress
+    lines (``(PROGRESS_LINE, text)``) and each epoch's metrics (``(PROGRESS_SCALARS, epoch, metrics)``) there, so
+    the driver writes the progress log and TensorBoard files on its own disk, wherever rank 0 runs.
     """
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -153,8 +152,7 @@ def ray_train_fit(
             "train_config": to_dict(train_config),
             "validation_subset": validation_subset,
             "cpus_per_worker": cpus_per_worker,
-            "progress_file": progress_file,
-            "tensorboard_dir": tensorboard_dir,
+            "progress": progress,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=num_workers,
@@ -196,21 +194,15 @@ def _train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as directory:
             start_epoch = load_training_state(candidate, directory)
 
-    board = None
-    if loop_config.get("tensorboard_dir") and context.get_world_rank() == 0:
-        from tensorboardX import SummaryWriter  # Ray Tune's own TensorBoard writer, installed with ray[tune]
-
-        board = SummaryWriter(loop_config["tensorboard_dir"])
+    send = _sender(loop_config.get("progress")) if context.get_world_rank() == 0 else None
 
     def report(metrics: dict[str, Any]) -> None:
         # Every rank must call report; only rank 0 writes the (identical) model.
         with tempfile.TemporaryDirectory() as directory:
             saved = None
-            if board is not None:
-                for key, value in metrics.items():
-                    if isinstance(value, (int, float)) and key != EPOCH:
-                        board.add_scalar(f"retrain/{key}", value, global_step=metrics[EPOCH])
-                board.flush()
+            if send is not None:
+                send((PROGRESS_SCALARS, metrics[EPOCH], {key: value for key, value in metrics.items()
+                                                         if isinstance(value, (int, float)) and key != EPOCH}))
             if context.get_world_rank() == 0:
                 # MODEL_FILE: the deployable model (the learner's finalize on a copy; what the retrain returns);
                 # TRAINING_STATE_FILE: the model as it trains (masks, quantizer ranges), to resume from.
@@ -227,24 +219,32 @@ def _train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 saved = ray.train.Checkpoint.from_directory(directory)
             ray.train.report(metrics, checkpoint=saved)
 
-    log = _progress_log(loop_config["progress_file"]) if context.get_world_rank() == 0 else None
+    log = None if send is None else (lambda line: send((PROGRESS_LINE, line)))
     if log is not None and start_epoch:
         log(f"  resuming from the checkpoint of epoch {start_epoch}/{train_config.epochs}")
     fine_tune(candidate, data, train_config, validation_subset=loop_config["validation_subset"],
               report=report, reward=spec.search.reward, seed=spec.seed, wrap=ray.train.torch.prepare_model,
               distributed=distributed, device=ray.train.torch.get_device(), start_epoch=start_epoch, log=log)
-    if board is not None:
-        board.close()
 
 
-def _progress_log(path: str | None):
-    if path is None:
+PROGRESS_LINE = "line"  # (PROGRESS_LINE, text): a progress line for the driver's log
+PROGRESS_SCALARS = "scalars"  # (PROGRESS_SCALARS, epoch, {name: value}): an epoch's metrics for TensorBoard
+
+
+def _sender(queue: Any):
+    """Rank 0's way to the driver's progress queue; None without one. Progress is best effort: a queue that is
+    gone (its driver died, and this worker group is about to be stopped too) never fails the training."""
+    if queue is None:
         return None
+    warned = []
 
-    def log(line: str) -> None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a") as handle:
-            handle.write(line + "\n")
+    def send(item: tuple[Any, ...]) -> None:
+        try:
+            queue.put(item, timeout=10)
+        except Exception as error:  # noqa: BLE001 - any Ray or queue error: drop the item, say so once
+            if not warned:
+                warned.append(True)
+                print(f"pf-ray: progress for the driver dropped ({type(error).__name__}: {error})", flush=True)
 
-    return log
+    return send
 
