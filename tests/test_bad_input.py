@@ -176,6 +176,11 @@ def _malformed_run_config(inputs: Inputs) -> list[str]:
     return ["report", str(inputs.root / "run")]
 
 
+def _remote_run_with_a_local_storage_path(inputs: Inputs) -> list[str]:
+    inputs.file("bucket/run/config.yaml", f"storage: {{path: {inputs.root / 'runs'}}}\n")
+    return ["resume", f"file://{inputs.root}/bucket/run", "--staging", str(inputs.root / "new")]
+
+
 def _corrupt_idx_files(inputs: Inputs) -> list[str]:
     for name in FASHION_MNIST_FILES.values():
         inputs.file(f"fmnist/{name}", b"garbage, not IDX")
@@ -482,6 +487,14 @@ CASES = [
     pytest.param(lambda inputs: ["report", str(inputs.root / "gone")], ["run folder ", "gone' does not exist"],
                  id="report-missing-folder"),
     pytest.param(_malformed_run_config, ["config.yaml: not valid YAML"], id="report-malformed-config"),
+    pytest.param(lambda inputs: ["resume", str(inputs.root)], ["is not a pf-ray run folder (it has no config.yaml)"],
+                 id="resume-not-a-run-folder"),
+    pytest.param(lambda inputs: ["resume", f"file://{inputs.root}/gone", "--staging", str(inputs.root / "new")],
+                 ["gone' is not a pf-ray run folder (it has no config.yaml)"], id="resume-uri-not-a-run-folder"),
+    pytest.param(_remote_run_with_a_local_storage_path,
+                 ["storage.path is ", "not a URI; resume it from its local folder"], id="resume-uri-of-a-local-run"),
+    pytest.param(lambda inputs: ["resume", str(inputs.root), "--staging", str(inputs.root / "new")],
+                 ["--staging: got ", "with the local run folder"], id="resume-staging-without-a-uri"),
 ]
 
 

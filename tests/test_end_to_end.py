@@ -16,6 +16,7 @@ TINY = [
     "baseline.train.epochs=2",
     "baseline.train.train_subset=null",
     "learner.options.round_to=4",
+    "learner.options.num_batches=2",  # LASSO's feature batches: 2 of 64 images are plenty for the tiny set
     "search.num_trials=3",
     "search.fine_tune.epochs=1",
     "search.fine_tune.train_subset=128",

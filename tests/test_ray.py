@@ -20,7 +20,7 @@ pytestmark = pytest.mark.ray
 TINY = {
     "model": {"name": "resnet20"},
     "dataset": {"name": "synthetic"},
-    "learner": {"name": "channel_pruning", "options": {"round_to": 4}},
+    "learner": {"name": "channel_pruning", "options": {"round_to": 4, "num_batches": 2}},
     "search": {"num_trials": 4, "target_macs_ratio": 0.5, "validation_subset": 64,
                "fine_tune": {"epochs": 2, "batch_size": 64, "learning_rate": 0.01, "train_subset": 128}},
     "resources": {"cpus_per_trial": 1},
@@ -67,13 +67,18 @@ def test_in_process_trial_reports_every_epoch_within_the_budget(ray_session, bas
     assert result.metrics[MACS_RATIO] <= 0.5
 
 
-def test_two_worker_ray_train_trial_reports_and_checkpoints(ray_session, baseline, tmp_path):
-    config = from_dict(ExperimentConfig, {**TINY, "resources": {"workers_per_trial": 2, "cpus_per_worker": 1}})
+def test_two_worker_ray_train_trial_distils_reports_and_checkpoints(ray_session, baseline, tmp_path):
+    # With distillation: each Train worker builds the teacher too (tests/test_learners_ray.py: in a trial).
+    config = from_dict(ExperimentConfig, {
+        **TINY, "learner": {**TINY["learner"], "distillation": {"weight": 4.0, "temperature": 4.0}},
+        "resources": {"workers_per_trial": 2, "cpus_per_worker": 1}})
     grid = _run_one_trial(config, baseline, tmp_path)
     result = grid[0]
     assert result.error is None, result.error
     assert list(result.metrics_dataframe[EPOCH]) == [1, 2]
     assert result.metrics[MACS_RATIO] <= 0.5
+    # cross-entropy + 4 * the soft-target term (about ln 10 for an untrained teacher): see test_learners_ray.py
+    assert min(result.metrics_dataframe["loss"]) > 8.0
     # The Train run is named after the trial id and left a checkpoint per epoch (2 kept).
     trial_id = result.metrics["trial_id"]
     checkpoints = sorted(p for p in (Path(result.path) / "train" / trial_id).glob("checkpoint_*") if p.is_dir())
@@ -81,10 +86,12 @@ def test_two_worker_ray_train_trial_reports_and_checkpoints(ray_session, baselin
     assert all((c / "model.pt").is_file() for c in checkpoints)
 
 
-# TPE in the default run; the other searchers run the same path under Tune in tests/test_search_ray.py (on a
-# trivial trainable) and here with `make test-slow`: each full search costs about a minute on 2 cores.
-@pytest.mark.parametrize("algorithm", ["tpe", *(pytest.param(name, marks=pytest.mark.slow)
-                                                for name in ("gp", "ddpg", "random"))])
+# `make test-slow`: each full search costs 25-60 s on 2 cores. The default run has every searcher under Tune with
+# ASHA on a trivial trainable (tests/test_search_ray.py), each learner's trainable under a searcher with ASHA
+# (tests/test_learners_ray.py), and TPE with ASHA on this trainable inside `pf-ray compress`
+# (tests/test_end_to_end.py).
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", ["tpe", "gp", "ddpg", "random"])
 def test_search_with_asha_scores_only_candidates_within_budget(ray_session, baseline, tmp_path, algorithm):
     from pf_ray.launch import choose_best, run_search
 

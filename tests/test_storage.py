@@ -77,7 +77,8 @@ def test_compress_to_a_remote_storage_path(ray_session, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a relative folder named "file:" would appear here
     remote, staging = tmp_path / "remote", tmp_path / "staging"
     overrides = [o for o in TINY if not o.startswith("export.formats=")]
-    overrides += ["export.formats=[onnx]", f"storage.path=file://{remote}", f"storage.staging_path={staging}"]
+    overrides += ["export.formats=[onnx]", "search.num_trials=2", f"storage.path=file://{remote}",
+                  f"storage.staging_path={staging}"]
     args = ["compress"]
     for override in overrides:
         args += ["--set", override]

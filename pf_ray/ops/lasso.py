@@ -26,8 +26,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import Lasso
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
@@ -400,6 +398,10 @@ def select_channels(
     num_channels = len(problem.correlation)
     if not 1 <= num_kept <= num_channels:
         raise ValueError(f"num_kept: got {num_kept}; expected 1..{num_channels}")
+    # scikit-learn costs 1.7 s to import on this machine: only processes that run a LASSO selection pay it
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import Lasso
+
     design, response, scale = _least_squares_form(problem)
     solver = Lasso(
         alpha=alpha_start,
