@@ -5,7 +5,7 @@ Long stages (training epochs, INT8 calibration, verification on a runtime) draw 
     baseline epoch 2/5 [#########...........] 45% 211/469 steps, 1m02s, ETA 1m16s, loss 0.4121
 
 On a terminal (``log`` is ``print`` and stdout is a TTY) the bar is redrawn in place. Anywhere else (a log
-file, a Ray Train worker's progress file followed by the driver, ``ray job logs``) a carriage return would
+file, a Ray Train worker's lines relayed to the driver, ``ray job logs``) a carriage return would
 garble the output, so the bar is written as a whole line at most every ``interval`` seconds, and once at the
 end. Code deep in the export path does not take a ``log`` argument: the caller sets where bars go for a block
 with ``progress_to(log)``; with no destination set, bars are silent.
