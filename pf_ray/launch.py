@@ -532,10 +532,13 @@ def driver_progress(folder: Path, log: Log, interval: float = 0.5):
     def drain() -> None:
         while True:
             finished = done.is_set()
-            with contextlib.suppress(Exception):  # a queue that is gone (Ray shutting down): nothing to drain
+            try:
                 size = queue.qsize()
-                if size:
-                    write(queue.get_nowait_batch(size))
+                items = queue.get_nowait_batch(size) if size else []
+            except Exception:  # noqa: BLE001 - the queue's actor is gone (Ray shutting down): nothing more comes
+                return
+            if items:
+                write(items)
             if finished:
                 return
             done.wait(interval)
