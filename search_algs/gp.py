@@ -178,8 +178,13 @@ class GPSearcher(Searcher):
         """Register the trial's last metric; errored and non-finite trials are dropped (see the class docstring)."""
         point = self._pending.pop(trial_id, None)
         if point is None:
-            logger.debug("GPSearcher: ignoring trial %s, which it did not suggest", trial_id)
-            return
+            # A trial this searcher does not know: suggested in the instant before a driver was killed, after
+            # the searcher's state was saved but before the trial list was (a resumed search then runs it).
+            # Its point is in the result's config, so it is not lost.
+            point = self._point_from((result or {}).get("config"))
+            if point is None:
+                logger.debug("GPSearcher: ignoring trial %s, which it did not suggest", trial_id)
+                return
         if error:
             self.counts["errored"] += 1
             return
@@ -195,6 +200,13 @@ class GPSearcher(Searcher):
                 self.counts["early_stopped"] += 1
             self._max_epoch = max(self._max_epoch, epoch)
         self._observations.append((point, value))
+
+    def _point_from(self, config: Any) -> tuple[float, ...] | None:
+        """The point of a trial config holding every key of this space as a number, else None."""
+        if not isinstance(config, dict):
+            return None
+        values = [finite_number(config.get(key)) for key in self._keys]
+        return None if any(value is None for value in values) else tuple(float(value) for value in values)
 
     def get_state(self) -> dict[str, Any]:
         return {

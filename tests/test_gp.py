@@ -146,6 +146,23 @@ def test_save_restore_continues_the_search(tmp_path):
     assert len(restored.observations) == len(original.observations) + 1
 
 
+def test_a_trial_suggested_after_the_saved_state_is_registered_from_its_config(tmp_path):
+    # The driver saved the searcher, suggested one more trial, saved the trial list, and was killed: the resumed
+    # search runs that trial, which the restored searcher never suggested. Its point comes from the result's config.
+    original = GPSearcher(SPACE, metric="score", mode="max", seed=0)
+    run(original, 2)
+    original.save(tmp_path / "gp.pkl")
+    config = original.suggest("late")
+    restored = GPSearcher(SPACE, metric="score", mode="max", seed=0)
+    restored.restore(tmp_path / "gp.pkl")
+    restored.on_trial_complete("late", {"score": -0.25, "epoch": 3, "config": config})
+    assert restored.observations[-1] == (config, -0.25)
+    # Without a usable config (another space, a missing key) it is ignored, as before.
+    for unusable in ({"other": 0.5}, {**config, SPACE.keys()[1]: None}, None):
+        restored.on_trial_complete("stranger", {"score": -0.1, "config": unusable})
+    assert len(restored.observations) == 3
+
+
 def test_restore_rejects_another_space_or_mode(tmp_path):
     searcher = GPSearcher(SPACE, metric="score", mode="max")
     run(searcher, 1)
