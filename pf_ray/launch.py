@@ -772,6 +772,9 @@ def _pipeline(config: ExperimentConfig, data: DataBundle, baseline_path: Path | 
             if best is None:
                 best = choose_best(trials, search_epochs(config))
                 _write_json(run_dir / CHOICE_FILE, {"trial_id": best["trial_id"]})
+                # in the storage now: a resume from another machine must retrain this candidate, whose
+                # checkpoints the retrain is about to write there, whatever ties the search has
+                upload(run_dir, run_storage)
             else:  # the retrain may have checkpointed that candidate: continue it, whatever ties the search had
                 log(f"search: keeping the candidate chosen before the interruption ({best['trial_id']})")
             learner_config = candidate_learner_config(config, baseline, data.input_shape, best["proposal"])
