@@ -173,21 +173,25 @@ def cached_baseline(config: ExperimentConfig, *, log: Log = print) -> Path | Non
     local = baseline_cache_path(config)
     remote = remote_baseline(config)
     if not local.exists() and remote is not None and _exists(remote):
-        _copy_file(remote, local)
+        _copy_file(remote, str(local))
         log(f"baseline: fetched {remote}")
     return local if local.exists() else None
 
 
-def _copy_file(source: str, target: Path) -> None:
-    """Copy one file from a URI to a local path, whole or not at all (a temporary file renamed)."""
+def _copy_file(source: str, target: str) -> None:
+    """Copy one file between a URI and a local path, either way; a local target is written whole (a temporary
+    file renamed), an object store replaces its objects atomically itself."""
     import pyarrow.fs
 
-    filesystem, path = _filesystem(source)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(target.name + ".partial")
-    pyarrow.fs.copy_files(path, str(partial), source_filesystem=filesystem,
-                          destination_filesystem=pyarrow.fs.LocalFileSystem())
-    partial.replace(target)
+    source_filesystem, source_path = _filesystem(source)
+    target_filesystem, target_path = _filesystem(target)
+    target_filesystem.create_dir(target_path.rsplit("/", 1)[0], recursive=True)
+    local = isinstance(target_filesystem, pyarrow.fs.LocalFileSystem)
+    written = target_path + ".partial" if local else target_path
+    pyarrow.fs.copy_files(source_path, written, source_filesystem=source_filesystem,
+                          destination_filesystem=target_filesystem)
+    if local:
+        os.replace(written, target_path)
 
 
 def train_baseline(config: ExperimentConfig, data: DataBundle, *, log: Log = print, force: bool = False) -> Path:
@@ -215,12 +219,7 @@ def train_baseline(config: ExperimentConfig, data: DataBundle, *, log: Log = pri
     log(f"baseline: validation accuracy {metrics[ACCURACY]:.4f}; saved {path}")
     remote = remote_baseline(config)
     if remote is not None:
-        import pyarrow.fs
-
-        filesystem, target = _filesystem(remote)
-        filesystem.create_dir(target.rsplit("/", 1)[0], recursive=True)
-        pyarrow.fs.copy_files(str(path), target, source_filesystem=pyarrow.fs.LocalFileSystem(),
-                              destination_filesystem=filesystem)
+        _copy_file(str(path), remote)
         log(f"baseline: uploaded to {remote}")
     return path
 
@@ -715,7 +714,7 @@ def fetch_run(uri: str, staging_path: str | None, *, log: Log = print) -> Path:
         relative = info.path[len(root):].lstrip("/")
         if info.type != pyarrow.fs.FileType.File or relative.split("/", 1)[0] in (SEARCH_DIR, "retrain"):
             continue
-        _copy_file(join_uri(uri, *relative.split("/")), partial / relative)
+        _copy_file(join_uri(uri, *relative.split("/")), str(partial / relative))
     (partial / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     partial.rename(local)
     log(f"resume: fetched {uri} into {local}")
