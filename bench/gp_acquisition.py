@@ -34,7 +34,7 @@ from sklearn.gaussian_process import GaussianProcessRegressor
 from sklearn.gaussian_process.kernels import Matern
 from threadpoolctl import threadpool_limits
 
-from pf_ray.candidate import PerLayerSpace
+from pf_ray.search_space import PerLayerSpace
 from search_algs.gp import GP_RESTARTS, GPSearcher
 
 LOW, HIGH = 0.1, 1.0

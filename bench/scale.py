@@ -53,7 +53,7 @@ os.environ["RAY_AUTH_MODE"] = "disabled"
 import _common  # noqa: E402  (puts the repository root on sys.path)
 import numpy as np  # noqa: E402
 
-from pf_ray.candidate import PerLayerSpace  # noqa: E402
+from pf_ray.search_space import PerLayerSpace  # noqa: E402
 
 METRIC = "score"
 EPOCHS = 3  # the epoch every latency-bench trial reports last: all of them count as finished
@@ -133,9 +133,10 @@ def synthetic_space(dims: int) -> PerLayerSpace:
     """Keep ratios for the ``dims`` conv layers of a plain CNN, with the MACs budget and features of the real thing."""
     from torch import nn
 
-    from pf_ray.candidate import MacsBudget, layer_features
+    from pf_ray.candidate import MacsBudget
     from pf_ray.learners.channel_pruning import search_dimensions
     from pf_ray.ops.pruning import macs_table
+    from pf_ray.search_space import layer_features
 
     layers: list[nn.Module] = []
     channels_in, shape = 1, (1, 28, 28)

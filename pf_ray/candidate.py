@@ -10,7 +10,7 @@ import copy
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import nn
@@ -18,8 +18,9 @@ from torch import nn
 from pf_ray.config import DistillationConfig, ExperimentConfig, Reward, SearchConfig, TrainConfig
 from pf_ray.data import DataBundle
 from pf_ray.learners import build_learner
-from pf_ray.metrics import finite_number, layer_table, model_stats
+from pf_ray.metrics import finite_number, model_stats
 from pf_ray.ops.pruning import MacsTable, macs_table
+from pf_ray.search_space import PerLayerSpace, layer_features
 from pf_ray.train import ACCURACY, Report, evaluate, fit, recalibrate_batchnorm, subset
 
 # Metric keys a candidate adds to every epoch's report.
@@ -33,17 +34,6 @@ PARAMS = "params"
 MACS_RATIO = "macs_ratio"  # candidate MACs / baseline MACs
 LAYER_VALUES = "layer_values"  # the projected per-layer vector the learner used (e.g. keep ratios)
 
-# How per-layer values appear in a Tune config: flat keys (nested spaces break HyperOpt's initial points).
-LAYER_KEY = "layer_{:02d}"
-
-
-class Budget(Protocol):
-    """What a per-layer vector costs as a fraction of the baseline (e.g. of its MACs), and the allowed fraction."""
-
-    target: float
-
-    def cost(self, values: Sequence[float]) -> float: ...
-
 
 @dataclass(frozen=True)
 class MacsBudget:
@@ -56,28 +46,6 @@ class MacsBudget:
     def cost(self, values: Sequence[float]) -> float:
         full = self.table.macs([1.0] * len(self.table.sizes), self.round_to)
         return self.table.macs(values, self.round_to) / full
-
-
-# Columns of PerLayerSpace.features (the static part of the DDPG agent's per-layer state).
-LAYER_FEATURES = ("index", "channels", "in_channels", "kernel", "stride", "output_positions", "macs")
-
-
-@dataclass(frozen=True)
-class PerLayerSpace:
-    """What the searchers search for one learner: one value per layer (or channel group), in model order."""
-
-    field: str  # the learner config's tuple field the values go into, e.g. "layer_keep_ratios"
-    names: tuple[str, ...]  # readable layer/group names, for reports
-    low: float
-    high: float
-    budget: Budget | None = None  # None: the learner has no budget to respect
-    features: tuple[tuple[float, ...], ...] = ()  # per layer, columns LAYER_FEATURES (raw, not normalised)
-
-    def keys(self) -> list[str]:
-        return [LAYER_KEY.format(i) for i in range(len(self.names))]
-
-    def values_from(self, config: dict[str, Any]) -> tuple[float, ...]:
-        return tuple(float(config[key]) for key in self.keys())
 
 
 def per_layer_space(experiment: ExperimentConfig, model: nn.Module,
@@ -98,19 +66,6 @@ def per_layer_space(experiment: ExperimentConfig, model: nn.Module,
     learner = build_learner(experiment.learner.name, experiment.learner_config())
     search_space = getattr(learner, "search_space", None)
     return None if search_space is None else search_space(model, input_shape)
-
-
-def layer_features(model: nn.Module, input_shape: tuple[int, int, int],
-                    names: Sequence[str]) -> tuple[tuple[float, ...], ...]:
-    """One row of LAYER_FEATURES per searched layer, from the layer (conv/linear) that each name refers to."""
-    rows = {layer.name: layer for layer in layer_table(model, input_shape)}
-    features = []
-    for index, name in enumerate(names):
-        layer = rows[name]
-        features.append((float(index), float(layer.out_channels), float(layer.in_channels),
-                         float(layer.kernel_size[0] * layer.kernel_size[1]), float(layer.stride[0]),
-                         float(layer.output_size[0] * layer.output_size[1]), float(layer.macs)))
-    return tuple(features)
 
 
 def project(experiment: ExperimentConfig, model: nn.Module, input_shape: tuple[int, int, int],

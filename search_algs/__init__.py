@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from pf_ray.candidate import PerLayerSpace
 from pf_ray.config import SearchAlgorithm
+from pf_ray.search_space import PerLayerSpace
 
 
 def make_searcher(algorithm: SearchAlgorithm, space: PerLayerSpace, *, metric: str, mode: str, seed: int,

@@ -27,8 +27,8 @@ from sklearn.gaussian_process import GaussianProcessRegressor
 from sklearn.gaussian_process.kernels import Matern
 from threadpoolctl import threadpool_limits
 
-from pf_ray.candidate import PerLayerSpace
 from pf_ray.metrics import finite_number
+from pf_ray.search_space import PerLayerSpace
 from search_algs.spaces import check_state_header, state_header, uniform_starting_point
 
 logger = logging.getLogger(__name__)

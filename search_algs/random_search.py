@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from ray.tune.search import Searcher
 
-from pf_ray.candidate import PerLayerSpace
+from pf_ray.search_space import PerLayerSpace
 from search_algs.spaces import uniform_starting_point
 
 MODES = ("min", "max")

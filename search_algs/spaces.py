@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pf_ray.candidate import PerLayerSpace
+from pf_ray.search_space import PerLayerSpace
 
 
 def tune_space(space: PerLayerSpace) -> dict[str, Any]:

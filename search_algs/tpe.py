@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from pf_ray.candidate import PerLayerSpace
+from pf_ray.search_space import PerLayerSpace
 from search_algs.spaces import tune_space, uniform_starting_point
 
 

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from pf_ray.candidate import PerLayerSpace
 from pf_ray.errors import ConfigError
+from pf_ray.search_space import PerLayerSpace
 from search_algs.ddpg.agent import AgentConfig, DDPGAgent, truncated_normal
 from search_algs.ddpg.searcher import DDPGSearcher, Outcome
 

@@ -10,7 +10,7 @@ from bayes_opt.target_space import TargetSpace
 from ray import tune
 
 import search_algs.gp
-from pf_ray.candidate import PerLayerSpace
+from pf_ray.search_space import PerLayerSpace
 from search_algs.gp import MAX_GP_OBSERVATIONS, GPSearcher
 from search_algs.spaces import uniform_starting_point
 

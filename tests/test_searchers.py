@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import pytest
 from ray.tune.search import Searcher
 
-from pf_ray.candidate import PerLayerSpace
+from pf_ray.search_space import PerLayerSpace
 
 METRIC = "accuracy"
 MODE = "max"

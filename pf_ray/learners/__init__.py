@@ -13,7 +13,10 @@ from pf_ray.learners import (  # noqa: F401  (registration)
     uniform_quantization,
     weight_sparsification,
 )
+from pf_ray.learners.base import Learner
 from pf_ray.registry import LEARNERS
+
+__all__ = ["Learner", "build_learner", "learner_config_class"]
 
 
 def learner_config_class(name: str) -> type:

@@ -46,6 +46,7 @@ from pf_ray.ops.codebook import (
     codebook_of_values,
 )
 from pf_ray.registry import LEARNERS
+from pf_ray.search_space import PerLayerSpace, layer_features
 
 MODES = ("uniform", "list", "auto")
 LAYER_BITS_FIELD = "learner.options.layer_bits"
@@ -187,8 +188,6 @@ class NonUniformQuantization:
 
     def search_space(self, model: nn.Module, input_shape: tuple[int, int, int]):
         """Bits per quantized layer in [min_bits, max_bits] under an average of ``bits`` per weight."""
-        from pf_ray.candidate import PerLayerSpace, layer_features  # pf_ray.candidate imports the learners
-
         if self.config.mode != "auto":
             return None
         names = tuple(self._layers(model, input_shape))

@@ -77,6 +77,7 @@ from pf_ray.ops.quantization import (
     packed_weights,
 )
 from pf_ray.registry import LEARNERS
+from pf_ray.search_space import PerLayerSpace, layer_features
 from pf_ray.train import make_loader
 
 MODES = ("uniform", "list", "auto")
@@ -276,8 +277,6 @@ class UniformQuantization:
         mode); None in the other modes. Returns a ``pf_ray.candidate.PerLayerSpace``."""
         if self.config.mode != "auto":
             return None
-        from pf_ray.candidate import PerLayerSpace, layer_features  # circular at module level
-
         layers = self._layers(model, input_shape)
         names = tuple(name for name, _ in layers)
         budget = WeightBitsBudget(self.config.weight_bits / FP32_BITS,

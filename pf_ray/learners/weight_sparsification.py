@@ -31,7 +31,6 @@ densely; ``packed`` stores each sparse weight as a bitmask plus its float32 non-
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -51,9 +50,7 @@ from pf_ray.ops.sparsity import (
     project_sparsities,
 )
 from pf_ray.registry import LEARNERS
-
-if TYPE_CHECKING:
-    from pf_ray.candidate import PerLayerSpace
+from pf_ray.search_space import PerLayerSpace, layer_features
 
 MODES = ("uniform", "heuristic", "list", "auto")
 SPARSITIES_FIELD = "learner.options.layer_sparsities"
@@ -198,8 +195,6 @@ class WeightSparsification:
     def search_space(self, model: nn.Module, input_shape: tuple[int, int, int]) -> PerLayerSpace | None:
         """One final sparsity per conv/linear layer in [0, max_layer_sparsity]; the budget is the fraction of
         the covered weights kept, 1 - sparsity. None unless mode is 'auto'."""
-        from pf_ray.candidate import PerLayerSpace, layer_features  # pf_ray.candidate imports the learners
-
         if self.config.mode != "auto":
             return None
         names, sizes = _unzip(self._layers(model, input_shape))

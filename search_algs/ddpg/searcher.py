@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from ray.tune.search import Searcher
 
-from pf_ray.candidate import PerLayerSpace
 from pf_ray.metrics import finite_number
+from pf_ray.search_space import PerLayerSpace
 from search_algs.ddpg.agent import AgentConfig, DDPGAgent
 from search_algs.spaces import check_state_header, state_header
 
