@@ -13,28 +13,25 @@ from __future__ import annotations
 
 import logging
 import math
-import pickle
 import warnings
 from enum import StrEnum
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from bayes_opt.acquisition import AcquisitionFunction, ExpectedImprovement, UpperConfidenceBound
 from bayes_opt.target_space import TargetSpace
-from ray.tune.search import Searcher
 from sklearn.gaussian_process import GaussianProcessRegressor
 from sklearn.gaussian_process.kernels import Matern
 from threadpoolctl import threadpool_limits
 
 from pf_ray.metrics import finite_number
 from pf_ray.search_space import PerLayerSpace
-from search_algs.spaces import check_state_header, state_header, uniform_starting_point
+from pf_ray.train import EPOCH
+from search_algs.base import PerLayerSearcher
+from search_algs.spaces import uniform_starting_point
 
 logger = logging.getLogger(__name__)
 
-EPOCH = "epoch"  # the result key ASHA's time_attr counts in; tells a truncated trial from a finished one
-MODES = ("min", "max")
 MIN_OBSERVATIONS = 2  # fewer finite observations than this and the GP has nothing to fit: sample at random
 NUM_RANDOM_CANDIDATES = 1_000  # acquisition evaluated at this many uniform random points (one batched GP call)...
 NUM_LOCAL_SEARCHES = 3  # ...then around the best few: per round, LOCAL_SAMPLES Gaussian steps from each
@@ -45,7 +42,6 @@ LOCAL_STEPS = tuple(0.2 * 0.7**i for i in range(10))  # each round's step, as a 
 # 20 dimensions on the 2-core machine a suggestion took 1.5-2 s at 500 observations without the cap (bench/scale.py).
 MAX_GP_OBSERVATIONS = 100
 GP_RESTARTS = 1  # random restarts of the GP's likelihood optimiser (bayesian-optimization uses 5)
-_STATE_VERSION = 1
 
 Point = tuple[float, ...]  # one value per layer, in space.keys() order
 
@@ -55,7 +51,7 @@ class Acquisition(StrEnum):
     EI = "ei"  # expected improvement over the best observation by more than xi
 
 
-class GPSearcher(Searcher):
+class GPSearcher(PerLayerSearcher):
     """GP-based Bayesian optimisation over the box ``[space.low, space.high]^n``, one flat key per layer.
 
     Suggestions, in order: the uniform point (every layer at ``space.high``, the classic baseline once the trial
@@ -101,14 +97,11 @@ class GPSearcher(Searcher):
         max_observations: the most observations the GP is fitted on (see "Cost bound"); None: all of them.
     """
 
+    label = "GPSearcher"
+
     def __init__(self, space: PerLayerSpace, *, metric: str | None = None, mode: str | None = None, seed: int = 0,
                  num_initial_points: int = 3, acquisition: str = "ucb", kappa: float = 2.576,
                  xi: float = 0.01, max_observations: int | None = MAX_GP_OBSERVATIONS) -> None:
-        _check_mode(mode)
-        if not space.low < space.high:
-            raise ValueError(f"GPSearcher needs space.low < space.high, but got low={space.low}, high={space.high}")
-        if not space.keys():
-            raise ValueError(f"GPSearcher needs at least one layer to search, but space {space.field!r} has none")
         if not isinstance(num_initial_points, int) or num_initial_points < 0:
             raise ValueError(f"num_initial_points must be an integer >= 0, but got {num_initial_points!r}")
         allowed = [choice.value for choice in Acquisition]
@@ -120,10 +113,7 @@ class GPSearcher(Searcher):
                                              or max_observations < 2 * MIN_OBSERVATIONS):
             raise ValueError(f"max_observations must be an integer >= {2 * MIN_OBSERVATIONS} or None, but got "
                              f"{max_observations!r}")
-        super().__init__(metric=metric, mode=mode)
-
-        self._space = space
-        self._keys = space.keys()
+        super().__init__(space, metric=metric, mode=mode)
         self._bounds = {key: (float(space.low), float(space.high)) for key in self._keys}
         self._num_initial_points = num_initial_points
         self._acquisition = Acquisition(acquisition)
@@ -147,15 +137,13 @@ class GPSearcher(Searcher):
         """
         from ray.tune.search.variant_generator import parse_spec_vars
 
-        _check_mode(mode)
         _, domain_vars, grid_vars = parse_spec_vars(config or {})
         foreign = ["/".join(map(str, path)) for path, _ in domain_vars + grid_vars
                    if len(path) != 1 or path[0] not in self._keys]
         if foreign:
             raise ValueError(f"GPSearcher samples only the per-layer keys {self._keys[0]}..{self._keys[-1]}, but "
                              f"the Tuner's param_space also asks it to sample {foreign}; make those fixed values")
-        self._metric = metric or self._metric
-        self._mode = mode or self._mode
+        super().set_search_properties(metric, mode, config)
         self._require_metric_and_mode(f"set_search_properties(metric={metric!r}, mode={mode!r})")
         return True
 
@@ -210,7 +198,7 @@ class GPSearcher(Searcher):
 
     def get_state(self) -> dict[str, Any]:
         return {
-            **state_header(self._space, self._metric, self._mode, _STATE_VERSION),
+            **self.state_header(),
             "observations": list(self._observations),
             "pending": dict(self._pending),
             "rng": self._rng.get_state(),
@@ -221,21 +209,13 @@ class GPSearcher(Searcher):
 
     def set_state(self, state: dict[str, Any]) -> None:
         """Continue a saved search; the space must be the same, and so must metric and mode where both are set."""
-        self._metric, self._mode = check_state_header("GP", state, self._space, self._metric, self._mode,
-                                                      _STATE_VERSION)
+        self.check_state_header(state)
         self._observations = list(state["observations"])
         self._pending = dict(state["pending"])
         self._rng.set_state(state["rng"])
         self._num_suggested = state["num_suggested"]
         self._max_epoch = state["max_epoch"]
         self.counts = dict(state["counts"])
-
-    def save(self, checkpoint_path: str) -> None:
-        # Pickle, like Tune's own searchers (HyperOptSearch, OptunaSearch): the state is plain Python + numpy.
-        Path(checkpoint_path).write_bytes(pickle.dumps(self.get_state()))
-
-    def restore(self, checkpoint_path: str) -> None:
-        self.set_state(pickle.loads(Path(checkpoint_path).read_bytes()))
 
     @property
     def observations(self) -> list[tuple[dict[str, float], float]]:
@@ -246,12 +226,6 @@ class GPSearcher(Searcher):
     def pending(self) -> dict[str, dict[str, float]]:
         """Trial id -> config, for the trials suggested and not yet complete."""
         return {trial_id: dict(zip(self._keys, point, strict=True)) for trial_id, point in self._pending.items()}
-
-    def _require_metric_and_mode(self, caller: str) -> None:
-        if not self._metric or self._mode not in MODES:
-            raise ValueError(f"GPSearcher needs a metric and a mode in {MODES} before {caller}, but has "
-                             f"metric={self._metric!r}, mode={self._mode!r}; pass them to GPSearcher(...) "
-                             f"(Tune hands TuneConfig's metric and mode on only when param_space is not empty)")
 
     def _random_point(self) -> Point:
         values = self._rng.uniform(self._space.low, self._space.high, size=len(self._keys))
@@ -348,10 +322,3 @@ class GPSearcher(Searcher):
         tolerance = 1e-6 * (self._space.high - self._space.low)
         known = [p for p, _ in self._observations] + list(self._pending.values())
         return any(max(abs(a - b) for a, b in zip(point, other, strict=True)) <= tolerance for other in known)
-
-
-def _check_mode(mode: str | None) -> None:
-    if mode is not None and mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, but got {mode!r}")
-
-

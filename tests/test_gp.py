@@ -168,7 +168,7 @@ def test_restore_rejects_another_space_or_mode(tmp_path):
     run(searcher, 1)
     searcher.save(tmp_path / "state.pkl")
     narrower = PerLayerSpace("layer_keep_ratios", SPACE.names, low=0.2, high=1.0)
-    with pytest.raises(ValueError, match="saved GP search"):
+    with pytest.raises(ValueError, match="saved GPSearcher search"):
         GPSearcher(narrower, metric="score", mode="max").restore(tmp_path / "state.pkl")
     with pytest.raises(ValueError, match="mode='max'"):
         GPSearcher(SPACE, metric="score", mode="min").restore(tmp_path / "state.pkl")

@@ -15,20 +15,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from ray.tune.search import Searcher
 
 from pf_ray.metrics import finite_number
 from pf_ray.search_space import PerLayerSpace
+from pf_ray.train import EPOCH
+from search_algs.base import PerLayerSearcher
 from search_algs.ddpg.agent import AgentConfig, DDPGAgent
-from search_algs.spaces import check_state_header, state_header
 
 logger = logging.getLogger(__name__)
 
-EPOCH = "epoch"  # the result key ASHA's time_attr counts in (pf_ray.train.EPOCH)
-MODES = ("min", "max")
 BISECTION_STEPS = 20  # budget clipping: the action is exact to (high - low) / 2^20
 MIN_BUFFER_EPISODES = 20  # the replay buffer keeps at least this many recent episodes
-_STATE_VERSION = 1
 
 
 class Outcome(enum.StrEnum):
@@ -41,7 +38,7 @@ class Outcome(enum.StrEnum):
     DROPPED_INVALID = "dropped_invalid"  # NaN, infinite or missing metric: nothing learned
 
 
-class DDPGSearcher(Searcher):
+class DDPGSearcher(PerLayerSearcher):
     """A DDPG agent (``search_algs.ddpg.agent``) proposing one value per layer in ``[space.low, space.high]``.
 
     State of layer t (one row, every column in [0, 1] or close to it):
@@ -101,15 +98,11 @@ class DDPGSearcher(Searcher):
             its epoch is the largest reported so far.
     """
 
+    label = "DDPGSearcher"
+
     def __init__(self, space: PerLayerSpace, *, metric: str | None = None, mode: str | None = None, seed: int = 0,
                  num_warmup: int | None = None, num_trials: int | None = None,
                  max_epochs: int | None = None) -> None:
-        _check_mode(mode)
-        if not space.names:
-            raise ValueError(f"DDPGSearcher: space {space.field!r} has no layers; expected at least one")
-        if not space.low < space.high:
-            raise ValueError(f"DDPGSearcher: space.low must be below space.high, but got low={space.low!r}, "
-                             f"high={space.high!r}")
         for name, value in (("num_warmup", num_warmup), ("num_trials", num_trials), ("max_epochs", max_epochs)):
             if value is not None and (not isinstance(value, int) or value < (0 if name == "num_warmup" else 1)):
                 raise ValueError(f"DDPGSearcher: {name} must be an integer >= {0 if name == 'num_warmup' else 1} "
@@ -117,9 +110,7 @@ class DDPGSearcher(Searcher):
         if space.features and len(space.features) != len(space.names):
             raise ValueError(f"DDPGSearcher: space.features has {len(space.features)} rows; expected one per layer "
                              f"({len(space.names)})")
-        super().__init__(metric=metric, mode=mode)
-        self._space = space
-        self._keys = space.keys()
+        super().__init__(space, metric=metric, mode=mode)
         self._max_epochs = max_epochs
         self._static = _normalised_features(space)  # (layers, static columns)
         # The agent acts on values whose cost grows with them (keep ratios, bits). A budget that falls as the
@@ -155,14 +146,6 @@ class DDPGSearcher(Searcher):
 
     # ----------------------------------------------------------------------------------------------------------
     # Ray Tune's Searcher interface.
-
-    def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
-        """Take metric and mode from the Tuner where given. The space is the searcher's own: ``config`` is not
-        sampled (Tune overwrites its per-layer keys with the suggestion)."""
-        _check_mode(mode)
-        self._metric = metric or self._metric
-        self._mode = mode or self._mode
-        return True
 
     def suggest(self, trial_id: str) -> dict[str, float]:
         self._require_metric_and_mode("suggest()")
@@ -216,7 +199,7 @@ class DDPGSearcher(Searcher):
 
     def get_state(self) -> dict[str, Any]:
         return {
-            **state_header(self._space, self._metric, self._mode, _STATE_VERSION),
+            **self.state_header(),
             "agent": self.agent.state_dict(),
             "pending": dict(self._pending),
             "history": {trial_id: dict(h) for trial_id, h in self._history.items()},
@@ -228,8 +211,7 @@ class DDPGSearcher(Searcher):
 
     def set_state(self, state: dict[str, Any]) -> None:
         """Continue a saved search; the space must be the same, and so must metric and mode where both are set."""
-        self._metric, self._mode = check_state_header("DDPG", state, self._space, self._metric, self._mode,
-                                                      _STATE_VERSION)
+        self.check_state_header(state)
         self.agent.load_state_dict(state["agent"])
         self._pending = dict(state["pending"])
         self._history = {trial_id: dict(h) for trial_id, h in state["history"].items()}
@@ -314,12 +296,6 @@ class DDPGSearcher(Searcher):
             if value is not None:
                 self._history[trial_id][int(epoch)] = value
 
-    def _require_metric_and_mode(self, caller: str) -> None:
-        if not self._metric or self._mode not in MODES:
-            raise ValueError(f"DDPGSearcher needs a metric and a mode in {MODES} before {caller}, but has "
-                             f"metric={self._metric!r}, mode={self._mode!r}; pass them to DDPGSearcher(...) "
-                             f"(Tune hands TuneConfig's metric and mode on only when param_space is not empty)")
-
 
 @contextlib.contextmanager
 def _one_torch_thread() -> Iterator[None]:
@@ -377,8 +353,3 @@ def _largest_within(budget: Any, low: float, high: float, *, head: Sequence[floa
         middle = 0.5 * (good + bad)
         good, bad = (middle, bad) if fits(middle) else (good, middle)
     return good
-
-
-def _check_mode(mode: str | None) -> None:
-    if mode is not None and mode not in MODES:
-        raise ValueError(f"DDPGSearcher: mode must be one of {MODES}, but got {mode!r}")
