@@ -1,4 +1,5 @@
-"""One candidate compressed model: per-layer search values -> learner config -> compressed, fine-tuned model.
+"""One candidate compressed model: a proposal (per-layer values) -> the learner's config -> the compressed model,
+fine-tuned and scored.
 
 Everything a trial does that is not Ray lives here, so the same code runs in a trial's own process, in each
 Ray Train worker and in the final retraining, and is tested without Ray.
@@ -9,7 +10,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,10 +18,12 @@ from torch import nn
 
 from pf_ray.config import DistillationConfig, ExperimentConfig, Reward, SearchConfig, TrainConfig
 from pf_ray.data import DataBundle
-from pf_ray.learners import build_learner
+from pf_ray.learners import Learner
+from pf_ray.learners.base import CountsSteps, SearchesPerLayer
 from pf_ray.metrics import finite_number, model_stats
 from pf_ray.ops.pruning import MacsTable, macs_table
 from pf_ray.search_space import PerLayerSpace, layer_features
+from pf_ray.spec import RunSpec
 from pf_ray.train import ACCURACY, Report, evaluate, fit, recalibrate_batchnorm, subset
 
 # Metric keys a candidate adds to every epoch's report.
@@ -42,68 +45,72 @@ class MacsBudget:
     target: float
     table: MacsTable  # plain data (no model): searchers carry it to the Ray driver
     round_to: int
+    min_ratio: float = 0.1
 
     def cost(self, values: Sequence[float]) -> float:
         full = self.table.macs([1.0] * len(self.table.sizes), self.round_to)
         return self.table.macs(values, self.round_to) / full
 
 
-def per_layer_space(experiment: ExperimentConfig, model: nn.Module,
-                    input_shape: tuple[int, int, int]) -> PerLayerSpace | None:
-    """The learner's per-layer search space on ``model``, or None for a learner with nothing to search."""
-    if experiment.learner.name == "channel_pruning":
+def search_space(spec: RunSpec, model: nn.Module, input_shape: tuple[int, int, int]) -> PerLayerSpace | None:
+    """The learner's per-layer search space on ``model``, or None for a learner (or mode) with nothing to search."""
+    if spec.learner_name == "channel_pruning":  # TODO(integration): ChannelPruning.search_space
         from pf_ray.learners.channel_pruning import ChannelPruning, search_dimensions
 
-        learner_config = experiment.learner_config()
-        if getattr(learner_config, "mode", "auto") != "auto":  # uniform or list: the ratios are given
+        config = spec.learner_config
+        if config.mode != "auto":  # uniform or list: the ratios are given
             return None
         names = tuple(search_dimensions(model, input_shape))
-        budget = MacsBudget(experiment.search.target_macs_ratio, macs_table(model, input_shape),
-                            learner_config.round_to)
-        return PerLayerSpace(ChannelPruning.searched_field, names, low=learner_config.min_keep_ratio, high=1.0,
-                             budget=budget, features=layer_features(model, input_shape, names))
-    # Every other learner owns its budget (a global sparsity, an average bit width) and describes its own space.
-    learner = build_learner(experiment.learner.name, experiment.learner_config())
-    search_space = getattr(learner, "search_space", None)
-    return None if search_space is None else search_space(model, input_shape)
+        budget = MacsBudget(spec.experiment.search.target_macs_ratio, macs_table(model, input_shape),
+                            config.round_to, config.min_keep_ratio)
+        return PerLayerSpace(ChannelPruning.searched_field, names, low=config.min_keep_ratio, high=1.0,
+                             budget=_ModelMacsBudget(budget, model, input_shape),
+                             features=layer_features(model, input_shape, names), label="keep ratio")
+    learner = spec.build_learner()
+    if not isinstance(learner, SearchesPerLayer):
+        return None
+    return learner.search_space(model, input_shape, spec.experiment.search)
 
 
-def project(experiment: ExperimentConfig, model: nn.Module, input_shape: tuple[int, int, int],
-            values: Sequence[float]) -> tuple[float, ...]:
-    """Project a proposal onto the budget, so no candidate that misses it is ever scored."""
-    if experiment.learner.name == "channel_pruning":
+@dataclass(frozen=True)
+class _ModelMacsBudget:  # TODO(integration): gone with MacsBudget.project on the table
+    budget: MacsBudget
+    model: nn.Module
+    input_shape: tuple[int, int, int]
+
+    @property
+    def target(self) -> float:
+        return self.budget.target
+
+    def cost(self, values: Sequence[float]) -> float:
+        return self.budget.cost(values)
+
+    def project(self, values: Sequence[float]) -> tuple[float, ...]:
         from pf_ray.ops.pruning import project_to_budget
 
-        learner_config = experiment.learner_config()
-        return tuple(project_to_budget(model, input_shape, values, experiment.search.target_macs_ratio,
-                                       round_to=learner_config.round_to,
-                                       min_ratio=learner_config.min_keep_ratio))
-    learner = build_learner(experiment.learner.name, experiment.learner_config())
-    return tuple(learner.project(model, input_shape, values)) if hasattr(learner, "project") else tuple(values)
+        return tuple(project_to_budget(self.model, self.input_shape, values, self.budget.target,
+                                       round_to=self.budget.round_to, min_ratio=self.budget.min_ratio))
 
 
-def candidate_learner_config(experiment: ExperimentConfig, model: nn.Module, input_shape: tuple[int, int, int],
-                             values: Sequence[float] | None) -> Any:
-    """The learner's typed config with the (projected) per-layer values filled in."""
-    learner_config = experiment.learner_config()
-    space = per_layer_space(experiment, model, input_shape)
-    if space is None or values is None:
-        return learner_config
-    return replace(learner_config, **{space.field: project(experiment, model, input_shape, values)})
+def resolve(spec: RunSpec, model: nn.Module, input_shape: tuple[int, int, int],
+            proposal: Sequence[float] | None) -> RunSpec:
+    """``spec`` with the candidate's learner config: ``proposal`` projected onto the budget and filled in (``spec``
+    itself without a proposal, or for a learner with nothing to search)."""
+    space = search_space(spec, model, input_shape) if proposal is not None else None
+    return spec if space is None else spec.with_learner_config(space.apply(spec.learner_config, proposal))
 
 
 @dataclass(frozen=True)
 class Candidate:
+    spec: RunSpec  # its learner_config is the candidate's (per-layer values filled in)
     model: nn.Module
-    learner: Any
-    learner_config: Any
+    learner: Learner
     static_metrics: dict[str, Any]  # MACs, params, ratio, per-layer values: the same every epoch
     teacher: nn.Module | None = None  # the frozen baseline, when the experiment distils (learner.distillation)
-    distillation: DistillationConfig | None = None  # its weight and temperature (set with the teacher)
 
-    def __post_init__(self) -> None:
-        if (self.teacher is None) != (self.distillation is None):
-            raise ValueError("Candidate: a teacher and a distillation config go together (see teacher_for)")
+    @property
+    def distillation(self) -> DistillationConfig | None:
+        return self.spec.experiment.learner.distillation if self.teacher is not None else None
 
 
 def teacher_for(experiment: ExperimentConfig, baseline: nn.Module) -> nn.Module | None:
@@ -115,27 +122,35 @@ def teacher_for(experiment: ExperimentConfig, baseline: nn.Module) -> nn.Module 
     return teacher
 
 
-def compress(experiment: ExperimentConfig, baseline: nn.Module, data: DataBundle,
-             learner_config: Any) -> Candidate:
-    """Apply the learner to a copy of ``baseline`` (the baseline itself is left untouched)."""
-    learner = build_learner(experiment.learner.name, learner_config)
-    model = learner.prepare(copy.deepcopy(baseline), data)
+def make_candidate(spec: RunSpec, baseline: nn.Module, data: DataBundle, *,
+                   proposal: Sequence[float] | None = None, measure: bool = True) -> Candidate:
+    """Apply the learner to a copy of ``baseline`` (the baseline itself is left untouched).
+
+    Args:
+        proposal: per-layer values from a searcher, projected onto the budget into the learner's config (the space
+            is built on the copy that is then compressed); None: ``spec.learner_config`` as it is.
+        measure: also measure what only the search uses: the proxy accuracy (and, with ``search.reward:
+            latency``, the latency). The retrain does not.
+    """
+    model = copy.deepcopy(baseline)
+    spec = resolve(spec, model, data.input_shape, proposal)
+    learner = spec.build_learner()
+    model = learner.prepare(model, data)
+    experiment = spec.experiment
     baseline_macs = model_stats(baseline, data.input_shape).macs
     stats = model_stats(model, data.input_shape)
     static = {MACS: stats.macs, PARAMS: stats.params, MACS_RATIO: stats.macs / max(baseline_macs, 1)}
-    field = getattr(learner, "searched_field", None)  # the config field a per-layer search fills
-    searched = getattr(learner_config, field, None) if field else None
-    if searched:
-        static[LAYER_VALUES] = list(searched)
-    if experiment.search.reward is Reward.LATENCY:
+    if isinstance(learner, SearchesPerLayer) and getattr(spec.learner_config, learner.searched_field):
+        static[LAYER_VALUES] = list(getattr(spec.learner_config, learner.searched_field))
+    if measure and experiment.search.reward is Reward.LATENCY:
         from pf_ray.export.latency import latency_ms
 
         static[LATENCY_MS] = latency_ms(model, data.input_shape)
         target = experiment.search.target_macs_ratio * latency_ms(baseline, data.input_shape)
         static[LATENCY_RATIO] = static[LATENCY_MS] / target
-    static[PROXY_ACCURACY] = proxy_accuracy(model, data, experiment.search)
-    return Candidate(model, learner, learner_config, static, teacher_for(experiment, baseline),
-                     experiment.learner.distillation)
+    if measure:
+        static[PROXY_ACCURACY] = proxy_accuracy(model, data, experiment.search)
+    return Candidate(spec, model, learner, static, teacher_for(experiment, baseline))
 
 
 def proxy_accuracy(model: nn.Module, data: DataBundle, search: SearchConfig) -> float:
@@ -172,29 +187,31 @@ def score(accuracy: float, static: dict[str, Any], reward: Reward) -> float:
 
 
 def fine_tune(candidate: Candidate, data: DataBundle, train_config: TrainConfig, *,
-              validation_subset: int | None, report: Report | None, reward: Reward = Reward.ACCURACY,
-              seed: int = 0,
+              validation_subset: int | None, report: Report | None = None,
               wrap: Callable[[nn.Module], nn.Module] | None = None, distributed: bool = False,
               device: str | torch.device = "cpu", start_epoch: int = 0,
               log: Callable[[str], None] | None = None) -> nn.Module:
-    """Fine-tune the candidate; every epoch's report carries its static metrics too. Returns the final model.
+    """Fine-tune the candidate (seeded by the experiment's seed, scored by its ``search.reward``); every epoch's
+    report carries its static metrics too. Returns the final model.
 
     Args:
         wrap: e.g. Ray Train's ``prepare_model`` (DDP) in a distributed worker.
 
     A candidate with a teacher (``learner.distillation`` set) distils from it with its distillation config.
     """
+    experiment = candidate.spec.experiment
     model = candidate.model
     trained = wrap(model) if wrap is not None else model
 
     def report_with_static(metrics: dict[str, Any]) -> None:
         if report is not None:
             static = candidate.static_metrics
-            report({**metrics, **static, SCORE: score(metrics[ACCURACY], static, reward)})
+            report({**metrics, **static, SCORE: score(metrics[ACCURACY], static, experiment.search.reward)})
 
+    counts_steps = isinstance(candidate.learner, CountsSteps)
     fit(trained, data.train, train_config, validation_set=subset(data.validation, validation_subset),
-        on_step=candidate.learner.on_step, on_start=getattr(candidate.learner, "set_total_steps", None),
-        report=report_with_static, seed=seed, distributed=distributed,
+        on_step=candidate.learner.on_step, on_start=candidate.learner.set_total_steps if counts_steps else None,
+        report=report_with_static, seed=experiment.seed, distributed=distributed,
         device=device, start_epoch=start_epoch, log=log,
         teacher=candidate.teacher, distillation=candidate.distillation)
     return candidate.learner.finalize(model)

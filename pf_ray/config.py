@@ -319,7 +319,8 @@ class DistillationConfig:
 
 @dataclass(frozen=True)
 class LearnerConfig:
-    """Which learner compresses the model, its options (validated by the learner's own config class), and
+    """Which learner compresses the model, its options (parsed by the learner's own config class into a
+    ``pf_ray.spec.RunSpec``), and
     whether its fine-tuning distils from the baseline (null: no distillation; ``{}``: PocketFlow's defaults)."""
 
     name: str = "channel_pruning"
@@ -471,13 +472,6 @@ class ExperimentConfig:
     storage: StorageConfig = field(default_factory=StorageConfig)
     seed: int = 0
 
-    def learner_config(self) -> Any:
-        """The learner's own typed config (validated; raises ConfigError naming ``learner.options.*``)."""
-        from pf_ray.learners import learner_config_class
-
-        return from_dict(learner_config_class(self.learner.name), self.learner.options,
-                         path="learner.options")
-
 
 # --------------------------------------------------------------------------------------------------------------
 # YAML files and --set overrides.
@@ -539,9 +533,10 @@ def apply_overrides(data: dict[str, Any], overrides: typing.Iterable[str]) -> di
 
 
 def load_experiment(path: str | Path | None = None, overrides: typing.Iterable[str] = ()) -> ExperimentConfig:
-    """Load an experiment: the embedded defaults, then the YAML file (if any), then ``--set`` overrides."""
+    """Load an experiment: the embedded defaults, then the YAML file (if any), then ``--set`` overrides.
+
+    ``learner.options`` stay a mapping here (their fields depend on the learner): ``pf_ray.spec.RunSpec.resolve``
+    parses them, first thing in a run's preflight (``pf_ray.spec.load_spec`` does both)."""
     data = load_yaml(path) if path is not None else {}
     data = apply_overrides(data, overrides)
-    config = from_dict(ExperimentConfig, data)
-    config.learner_config()  # validate the learner's options now, not inside a trial
-    return config
+    return from_dict(ExperimentConfig, data)

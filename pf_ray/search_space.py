@@ -7,11 +7,12 @@ layers' names and features, the box, the budget); searchers see only this, never
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from torch import nn
 
+from pf_ray.errors import ConfigError
 from pf_ray.metrics import layer_table
 
 # How per-layer values appear in a Tune config: flat keys (nested spaces break HyperOpt's initial points).
@@ -19,11 +20,14 @@ LAYER_KEY = "layer_{:02d}"
 
 
 class Budget(Protocol):
-    """What a per-layer vector costs as a fraction of the baseline (e.g. of its MACs), and the allowed fraction."""
+    """What a per-layer vector costs as a fraction of the baseline (e.g. of its MACs), the allowed fraction, and the
+    nearest vector that meets it. Plain data (no model): searchers carry it to the Ray driver."""
 
     target: float
 
     def cost(self, values: Sequence[float]) -> float: ...
+
+    def project(self, values: Sequence[float]) -> tuple[float, ...]: ...
 
 
 # Columns of PerLayerSpace.features (the static part of the DDPG agent's per-layer state).
@@ -40,12 +44,26 @@ class PerLayerSpace:
     high: float
     budget: Budget | None = None  # None: the learner has no budget to respect
     features: tuple[tuple[float, ...], ...] = ()  # per layer, columns LAYER_FEATURES (raw, not normalised)
+    label: str = "value"  # what one value is, for reports: "keep ratio", "sparsity", "bits"
 
     def keys(self) -> list[str]:
         return [LAYER_KEY.format(i) for i in range(len(self.names))]
 
     def values_from(self, config: dict[str, Any]) -> tuple[float, ...]:
         return tuple(float(config[key]) for key in self.keys())
+
+    def project(self, values: Sequence[float]) -> tuple[float, ...]:
+        """The per-layer values the learner gets for a proposal: the nearest that meet the budget (so no candidate
+        that misses it is ever scored), or the proposal itself where there is no budget."""
+        if len(values) != len(self.names):
+            shown = ", ".join(self.names[:4]) + (", ..." if len(self.names) > 4 else "")
+            raise ConfigError(f"learner.options.{self.field}: got {len(values)} values; expected {len(self.names)} "
+                              f"(one per searched layer of this model, in order: {shown})")
+        return tuple(self.budget.project(values)) if self.budget is not None else tuple(float(v) for v in values)
+
+    def apply(self, learner_config: Any, values: Sequence[float]) -> Any:
+        """``learner_config`` with the projected ``values`` in its searched field."""
+        return replace(learner_config, **{self.field: self.project(values)})
 
 
 def layer_features(model: nn.Module, input_shape: tuple[int, int, int],

@@ -299,7 +299,7 @@ CASES = [
     pytest.param(sets("learner.options.mode=uniform", "learner.options.layer_keep_ratios=[0.5, 0.5]"),
                  ["learner.options.layer_keep_ratios: got 2 values with mode 'uniform'"],
                  id="ratios-with-uniform-mode"),
-    pytest.param(sets("learner.options.mode=list"), ["learner.options.mode: got 'list' without ratios"],
+    pytest.param(sets("learner.options.mode=list"), ["learner.options.mode: got 'list' without layer_keep_ratios"],
                  id="list-mode-without-ratios"),
     pytest.param(lambda inputs: compress(inputs, f"learner.options.ratios_file={inputs.file('r.txt', '0.5')}"),
                  ["learner.options.ratios_file: got", "with mode 'auto'"], id="ratios-file-with-auto-mode"),
@@ -556,11 +556,10 @@ def test_a_checkpoint_that_runs_code_when_unpickled_is_refused_unexecuted(tmp_pa
 
 
 def test_the_learners_check_refuses_what_prepare_would():
-    """What ``launch.prepare`` calls: each learner's ``check`` raises, before any data is read, what its
+    """What the run's preflight calls: each learner's ``check`` raises, before any data is read, what its
     ``prepare`` would raise later on this model."""
-    from pf_ray.config import load_experiment
     from pf_ray.errors import ConfigError, ModelError
-    from pf_ray.learners import build_learner
+    from pf_ray.spec import load_spec
 
     resnet = build_model(ModelConfig("resnet20"), in_channels=1, num_classes=10)
     linear = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
@@ -573,11 +572,10 @@ def test_the_learners_check_refuses_what_prepare_would():
         (["learner.name=discrimination_aware_pruning"], linear, ModelError, "has no prunable channel group"),
     ]
     for overrides, model, error, message in cases:
-        config = load_experiment(None, overrides)
+        learner = load_spec(None, overrides).build_learner()
         with pytest.raises(error) as raised:
-            build_learner(config.learner.name, config.learner_config()).check(model, DIGITS)
+            learner.check(model, DIGITS)
         assert message in str(raised.value)
-    fine = load_experiment(None, ["learner.options.mode=list", f"learner.options.layer_keep_ratios={[0.5] * 12}"])
-    build_learner(fine.learner.name, fine.learner_config()).check(resnet, DIGITS)
-    build_learner("full_precision", load_experiment(None, ["learner.name=full_precision"]).learner_config()).check(
-        linear, DIGITS)
+    fine = load_spec(None, ["learner.options.mode=list", f"learner.options.layer_keep_ratios={[0.5] * 12}"])
+    fine.build_learner().check(resnet, DIGITS)
+    load_spec(None, ["learner.name=full_precision"]).build_learner().check(linear, DIGITS)

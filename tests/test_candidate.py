@@ -4,21 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
-from pf_ray.candidate import (
-    LAYER_VALUES,
-    MACS_RATIO,
-    Candidate,
-    candidate_learner_config,
-    compress,
-    fine_tune,
-    per_layer_space,
-)
+from pf_ray.candidate import LAYER_VALUES, MACS_RATIO, fine_tune, make_candidate, resolve, search_space
 from pf_ray.config import DistillationConfig, ExperimentConfig, TrainConfig, from_dict
 from pf_ray.data import load_data
 from pf_ray.metrics import model_stats
 from pf_ray.models import build_model
+from pf_ray.spec import RunSpec
 from pf_ray.train import ACCURACY, EPOCH
 
 
@@ -30,26 +22,26 @@ def setup():
     data = load_data(config.dataset)
     torch.manual_seed(0)
     model = build_model(config.model, in_channels=data.input_shape[0], num_classes=data.num_classes)
-    return config, data, model
+    return RunSpec.resolve(config), data, model
 
 
 def test_space_has_one_key_per_channel_group(setup):
-    config, data, model = setup
-    space = per_layer_space(config, model, data.input_shape)
-    assert space.field == "layer_keep_ratios"
+    spec, data, model = setup
+    space = search_space(spec, model, data.input_shape)
+    assert space.field == "layer_keep_ratios" and space.label == "keep ratio"
     assert len(space.names) == 12 and space.keys()[0] == "layer_00" and space.keys()[-1] == "layer_11"
     assert (space.low, space.high) == (0.1, 1.0)
     assert space.values_from({k: 0.5 for k in space.keys()}) == (0.5,) * 12
 
 
 def test_every_candidate_meets_the_budget_and_keeps_the_proposal_shape(setup):
-    config, data, model = setup
-    space = per_layer_space(config, model, data.input_shape)
+    spec, data, model = setup
+    space = search_space(spec, model, data.input_shape)
     proposal = [1.0 if i % 2 else 0.5 for i in range(len(space.names))]
-    learner_config = candidate_learner_config(config, model, data.input_shape, proposal)
-    ratios = learner_config.layer_keep_ratios
+    ratios = resolve(spec, model, data.input_shape, proposal).learner_config.layer_keep_ratios
     assert all(ratios[i] > ratios[i - 1] for i in range(1, len(ratios), 2))  # shape kept: odd > even
-    candidate = compress(config, model, data, learner_config)
+    candidate = make_candidate(spec, model, data, proposal=proposal)
+    assert candidate.spec.learner_config.layer_keep_ratios == ratios
     measured = model_stats(candidate.model, data.input_shape).macs / model_stats(model, data.input_shape).macs
     assert measured <= 0.4
     assert candidate.static_metrics[MACS_RATIO] == pytest.approx(measured)
@@ -58,8 +50,8 @@ def test_every_candidate_meets_the_budget_and_keeps_the_proposal_shape(setup):
 
 
 def test_fine_tune_reports_static_metrics_every_epoch(setup):
-    config, data, model = setup
-    candidate = compress(config, model, data, candidate_learner_config(config, model, data.input_shape, None))
+    spec, data, model = setup
+    candidate = make_candidate(spec, model, data)
     reports: list[dict] = []
     fine_tune(candidate, data, TrainConfig(epochs=2, batch_size=64, learning_rate=0.01, train_subset=128),
               validation_subset=64, report=reports.append)
@@ -78,9 +70,15 @@ def test_best_trial_breaks_ties_by_trial_id_not_by_order():
     assert best_trial(list(reversed(trials)), max_epochs=2)["trial_id"] == "b"
 
 
-def test_a_teacher_comes_with_its_distillation_config():
-    model = nn.Linear(2, 2)
-    with pytest.raises(ValueError, match="a teacher and a distillation config go together"):
-        Candidate(model, learner=None, learner_config=None, static_metrics={}, teacher=nn.Linear(2, 2))
-    with pytest.raises(ValueError, match="a teacher and a distillation config go together"):
-        Candidate(model, learner=None, learner_config=None, static_metrics={}, distillation=DistillationConfig())
+def test_a_candidate_distils_from_a_frozen_baseline_only_when_the_experiment_says_so(setup):
+    spec, data, model = setup
+    plain = make_candidate(spec, model, data, measure=False)
+    assert plain.teacher is None and plain.distillation is None
+    distilling = RunSpec.resolve(from_dict(ExperimentConfig, {
+        "dataset": {"name": "synthetic"}, "learner": {"options": {"round_to": 4, "criterion": "l1"},
+                                                      "distillation": {"weight": 2.0}}}))
+    candidate = make_candidate(distilling, model, data, measure=False)
+    assert candidate.distillation == DistillationConfig(weight=2.0)
+    assert candidate.teacher is not model and not candidate.teacher.training
+    assert not any(p.requires_grad for p in candidate.teacher.parameters())
+    assert "proxy_accuracy" not in candidate.static_metrics  # measure=False: what only the search uses is skipped

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from pf_ray.config import from_dict
+from pf_ray.config import SearchConfig, from_dict
 from pf_ray.errors import ConfigError, ModelError
 from pf_ray.export.onnx import export_onnx
 from pf_ray.export.packed import pack_state_dict, read_packed, write_packed
@@ -276,22 +276,23 @@ def test_learner_contract_on_resnet20_exports_and_packs(tmp_path):
 def test_search_space_budget_and_projection_on_resnet20():
     model = _resnet20()
     learner = NonUniformQuantization(NonUniformQuantizationConfig(mode="auto", bits=3))
-    space = learner.search_space(model, SHAPE)
+    space = learner.search_space(model, SHAPE, SearchConfig())
     names = quantized_layers(model, SHAPE)
     assert space.field == "layer_bits" and space.names == tuple(names) and (space.low, space.high) == (1.0, 8.0)
     assert len(space.features) == len(names)
     counts = [model.get_submodule(name).weight.numel() for name in names]
     assert space.budget.weight_counts == tuple(counts) and space.budget.target == 3 / 32
-    uniform = learner.project(model, SHAPE, [8.0] * len(names))
+    uniform = space.project([8.0] * len(names))
     assert uniform == (3.0,) * len(names) and space.budget.cost(uniform) == 3 / 32
-    projected = learner.project(model, SHAPE, [1.0 + (i % 8) for i in range(len(names))])
+    projected = space.project([1.0 + (i % 8) for i in range(len(names))])
     assert space.budget.cost(projected) <= 3 / 32
     # the config takes the projection, and the learner uses it
     tuned = NonUniformQuantization(NonUniformQuantizationConfig(mode="auto", bits=3, layer_bits=projected))
     tuned.prepare(model, _data())
     assert list(tuned.layer_bits.values()) == [int(b) for b in projected]
     # a mode that does not search has no space
-    assert NonUniformQuantization(NonUniformQuantizationConfig(mode="uniform")).search_space(model, SHAPE) is None
+    fixed = NonUniformQuantization(NonUniformQuantizationConfig(mode="uniform"))
+    assert fixed.search_space(model, SHAPE, SearchConfig()) is None
 
 
 def test_a_sparse_model_keeps_its_zeros_through_the_learner():

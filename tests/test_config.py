@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import yaml
 
 from pf_ray.config import (
     ExperimentConfig,
@@ -14,6 +15,7 @@ from pf_ray.config import (
     to_dict,
 )
 from pf_ray.errors import ConfigError
+from pf_ray.spec import RunSpec, load_spec
 
 
 def test_defaults_round_trip_through_dicts():
@@ -91,8 +93,17 @@ def test_yaml_top_level_must_be_a_mapping(tmp_path):
 
 def test_learner_options_are_validated_by_the_learners_own_config(tmp_path):
     with pytest.raises(ConfigError, match="unknown learner 'prune_everything'; known: channel_pruning, discrim"):
-        load_experiment(None, ["learner.name=prune_everything"])
+        load_spec(None, ["learner.name=prune_everything"])
     with pytest.raises(ConfigError, match="learner.options.keep_ratio"):
-        load_experiment(None, ["learner.options.keep_ratio=1.5"])
+        load_spec(None, ["learner.options.keep_ratio=1.5"])
     with pytest.raises(ConfigError, match="unknown field learner.options.keep"):
-        load_experiment(None, ["learner.options.keep=0.5"])
+        load_spec(None, ["learner.options.keep=0.5"])
+
+
+def test_a_run_spec_round_trips_through_a_plain_dict():
+    spec = load_spec(None, ["learner.options.mode=list", "learner.options.layer_keep_ratios=[0.5, 0.25]"])
+    assert spec.learner_config.layer_keep_ratios == (0.5, 0.25)
+    assert RunSpec.from_dict(spec.to_dict()) == spec
+    assert RunSpec.from_dict(yaml.safe_load(yaml.safe_dump(spec.to_dict()))) == spec
+    with pytest.raises(ConfigError, match="unknown field learner_config.keep"):
+        RunSpec.from_dict({**spec.to_dict(), "learner_config": {"keep": 1}})

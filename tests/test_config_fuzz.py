@@ -21,6 +21,7 @@ from pf_ray.config import ExperimentConfig, LearnerConfig, apply_overrides, from
 from pf_ray.errors import ConfigError
 from pf_ray.learners import learner_config_class
 from pf_ray.registry import DATASETS, LEARNERS, MODELS
+from pf_ray.spec import RunSpec
 
 # Deterministic (the same examples on every run, no example database written): a failure is reproducible.
 FUZZ = settings(max_examples=200, deadline=None, derandomize=True, database=None,
@@ -146,7 +147,7 @@ yaml_texts = st.one_of(
 def _accepts_or_config_error(load: typing.Callable[[], ExperimentConfig]) -> None:
     try:
         config = load()
-        config.learner_config()  # learner.options are checked by the learner's own config class
+        RunSpec.resolve(config)  # learner.options are checked by the learner's own config class
     except ConfigError:
         return
     # What loads must round-trip: through plain dicts (Tune results, checkpoints) and through YAML (config.yaml).
@@ -210,7 +211,7 @@ def test_the_fuzzing_reaches_past_the_first_check():
     @given(data=experiments)
     def collect(data):
         try:
-            loaded.append(from_dict(ExperimentConfig, data).learner_config())
+            loaded.append(RunSpec.resolve(from_dict(ExperimentConfig, data)))
         except ConfigError:
             pass
 

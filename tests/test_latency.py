@@ -8,11 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from pf_ray.candidate import LATENCY_MS, LATENCY_RATIO, MACS, compress, score
+from pf_ray.candidate import LATENCY_MS, LATENCY_RATIO, MACS, make_candidate, score
 from pf_ray.config import DatasetConfig, ExperimentConfig, LearnerConfig, ModelConfig, Reward
 from pf_ray.data import load_data
 from pf_ray.export import latency as latency_module
 from pf_ray.models import build_model
+from pf_ray.spec import RunSpec
 
 
 def small(channels: int) -> nn.Module:
@@ -67,7 +68,7 @@ def test_compress_with_the_latency_reward_measures_candidate_and_baseline(tmp_pa
                                                     validation_subset=64))
     data = load_data(experiment.dataset)
     baseline = build_model(ModelConfig(), in_channels=1, num_classes=data.num_classes).eval()
-    candidate = compress(experiment, baseline, data, experiment.learner_config())
+    candidate = make_candidate(RunSpec.resolve(experiment), baseline, data)
     static = candidate.static_metrics
     assert static[LATENCY_MS] > 0
     baseline_ms = latency_module.latency_ms(baseline, data.input_shape)  # from the cache the trial filled

@@ -97,7 +97,8 @@ def test_layer_keep_ratios_of_the_wrong_length_name_the_field():
         ({"min_keep_ratio": 0.0}, r"learner\.options\.min_keep_ratio: got 0\.0"),
         ({"keep_ratios": 0.5}, r"unknown field learner\.options\.keep_ratios"),
         ({"mode": "manual"}, r"learner\.options\.mode: got 'manual'; allowed: uniform, list, auto"),
-        ({"mode": "list"}, r"learner\.options\.mode: got 'list' without ratios; set layer_keep_ratios or ratios_file"),
+        ({"mode": "list"},
+         r"learner\.options\.mode: got 'list' without layer_keep_ratios; set layer_keep_ratios or ratios_file"),
         (
             {"mode": "uniform", "layer_keep_ratios": [0.5]},
             r"learner\.options\.layer_keep_ratios: got 1 values with mode 'uniform'",

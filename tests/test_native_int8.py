@@ -18,6 +18,7 @@ from pf_ray.errors import ConfigError, ModelError
 from pf_ray.export import executorch_pte
 from pf_ray.export.onnx import export_onnx
 from pf_ray.export.packed import pack_state_dict, read_packed, write_packed
+from pf_ray.learners.base import SearchesPerLayer
 from pf_ray.learners.native_int8 import (
     NativeInt8,
     NativeInt8Config,
@@ -188,8 +189,7 @@ def test_check_needs_a_conv_or_linear_layer_and_nothing_is_searched():
     learner = NativeInt8(NativeInt8Config())
     with pytest.raises(ModelError, match="no conv/linear layer to quantize"):
         learner.check(nn.Sequential(nn.Flatten(), nn.ReLU()), SHAPE)
-    assert learner.search_space(TwoConvNet(), SHAPE) is None
-    assert learner.project(TwoConvNet(), SHAPE, [8, 8.0]) == (8.0, 8.0)
+    assert not isinstance(learner, SearchesPerLayer)  # 8 bits everywhere: nothing to search
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from pf_ray.config import from_dict
+from pf_ray.config import SearchConfig, from_dict
 from pf_ray.errors import ConfigError, ModelError
 from pf_ray.export.onnx import export_onnx
 from pf_ray.export.packed import pack_state_dict, read_packed, write_packed
@@ -411,20 +411,21 @@ def test_a_model_with_only_a_first_and_last_layer_has_nothing_to_quantize():
 def test_search_space_and_projection_on_resnet20():
     model = _resnet20()
     learner = UniformQuantization(UniformQuantizationConfig(mode="auto", weight_bits=4))
-    space = learner.search_space(model, SHAPE)
+    space = learner.search_space(model, SHAPE, SearchConfig())
     assert space.field == "layer_bits" and (space.low, space.high) == (2.0, 8.0)
     assert len(space.names) == 20 and len(space.features) == 20
     assert space.budget.target == 4 / 32
     # every weight of layer1 (16*16*9 = 2304 each) ... layer3 (64*64*9 = 36864 each)
     assert space.budget.weight_counts[0] == 2304 and space.budget.weight_counts[-1] == 36864
-    uniform = learner.project(model, SHAPE, [8.0] * 20)
+    uniform = space.project([8.0] * 20)
     assert uniform == (4.0,) * 20 and space.budget.cost(uniform) == pytest.approx(space.budget.target)
     rng = np.random.default_rng(0)
     for _ in range(20):
-        projected = learner.project(model, SHAPE, rng.uniform(2, 8, 20).tolist())
+        projected = space.project(rng.uniform(2, 8, 20).tolist())
         assert space.budget.cost(projected) <= space.budget.target
         UniformQuantizationConfig(mode="auto", layer_bits=projected)  # the config accepts what project returns
-    assert UniformQuantization(UniformQuantizationConfig(mode="uniform")).search_space(model, SHAPE) is None
+    fixed = UniformQuantization(UniformQuantizationConfig(mode="uniform"))
+    assert fixed.search_space(model, SHAPE, SearchConfig()) is None
 
 
 def test_list_mode_gives_each_layer_its_bits():

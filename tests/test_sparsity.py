@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from pf_ray.config import from_dict
+from pf_ray.config import SearchConfig, from_dict
 from pf_ray.errors import ConfigError, ModelError
 from pf_ray.export.onnx import export_onnx
 from pf_ray.export.packed import pack_state_dict, read_packed, write_packed
@@ -222,21 +222,22 @@ def test_projection_shifts_onto_the_budget(values, sparsity, high, expected):
 def test_search_space_and_projection_on_resnet20():
     model = _resnet20()
     learner = WeightSparsification(WeightSparsificationConfig(sparsity=0.7))
-    space = learner.search_space(model, SHAPE)
+    space = learner.search_space(model, SHAPE, SearchConfig())
     names = [name for name, _ in covered_layers(model, SHAPE)]
     assert space.field == "layer_sparsities" and list(space.names) == names and len(names) == 22
     assert (space.low, space.high, space.budget.target) == (0.0, 0.98, pytest.approx(0.3))
     assert len(space.features) == 22
-    assert learner.project(model, SHAPE, [0.98] * 22) == (0.7,) * 22  # every layer at `high` -> uniform
+    assert space.project([0.98] * 22) == (0.7,) * 22  # every layer at `high` -> uniform
     proposal = torch.linspace(0.0, 0.98, 22).tolist()
-    projected = learner.project(model, SHAPE, proposal)
+    projected = space.project(proposal)
     assert abs(space.budget.cost(projected) - 0.3) < 1e-6
     assert all(0.0 <= value <= 0.98 for value in projected)
     # the config accepts it, and prepare then uses it
     chosen = WeightSparsification(dataclasses.replace(learner.config, layer_sparsities=projected))
     chosen.prepare(model, _data())
     assert tuple(chosen.targets.values()) == projected
-    assert WeightSparsification(WeightSparsificationConfig(mode="uniform")).search_space(model, SHAPE) is None
+    fixed = WeightSparsification(WeightSparsificationConfig(mode="uniform"))
+    assert fixed.search_space(model, SHAPE, SearchConfig()) is None
 
 
 def test_check_rejects_a_list_of_the_wrong_length():

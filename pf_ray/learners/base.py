@@ -1,37 +1,33 @@
-"""What every learner is: a frozen config dataclass plus a class with hooks (registered by name).
-
-Four hooks are required. The optional ones are looked up with ``hasattr`` by the code that can use them:
-
-- ``set_total_steps(total_steps)``: told the run's optimiser steps before training (``train.fit``'s
-  ``on_start``), for schedules that span the run (weight sparsification's);
-- ``searched_field``: the config field a per-layer search fills (one value per layer), reported with each trial;
-- ``search_space(model, input_shape) -> PerLayerSpace | None`` and ``project(model, input_shape, values)``:
-  what the searchers search (one value per layer in a box) and the nearest per-layer setting that meets the
-  learner's budget (``pf_ray.candidate``; channel pruning's MACs budget is the experiment's
-  ``search.target_macs_ratio`` and is built there);
-- ``packed(model) -> dict[str, PackedTensor]``: the compact encoding of the weights it compresses, for the
-  finalized model (``compressed.pfpack``: the stored size);
-- ``int8_artifacts(model, data, out_dir, stem) -> dict[str, Path]``: deployable INT8 files of its own
-  (native_int8's ExecuTorch program and QDQ ONNX);
-- ``rebuild_finalized(model, state_dict, input_shape) -> nn.Module``: for a learner whose finalized layers are
-  not the zoo's (uniform_quantization's frozen quantized layers), turn a freshly built zoo model into that
-  structure so the finalized state dict loads; ``load_checkpoint`` calls it for checkpoints naming the learner
-  (``compressed.pt``, the retrain's model), so ``pf-ray export``/``verify`` need no data.
+"""What a learner is: a frozen config dataclass plus a class with four required hooks (``Learner``), registered by
+name, and optionally the hooks of the smaller protocols below, which the code that can use them finds with
+``isinstance``. A learner class defines no other public attribute (tests/learners/test_contract.py checks it),
+so a misspelt hook is a test failure, not a hook silently never called.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+import enum
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
 
+import torch
 from torch import nn
 
+from pf_ray.config import SearchConfig
 from pf_ray.data import DataBundle
+from pf_ray.errors import ConfigError
+from pf_ray.export.packed import PackedTensor
+from pf_ray.search_space import PerLayerSpace
 
 
+@runtime_checkable
 class Learner(Protocol):
+    config: Any  # the learner's frozen config dataclass
+
     def check(self, model: nn.Module, input_shape: tuple[int, int, int]) -> None:
         """Raise, before any data is read, what ``prepare`` would raise on this model (nothing to compress, a
-        per-layer list of the wrong length): ``launch.prepare`` calls it so bad input fails before the run."""
+        per-layer list of the wrong length): the run's preflight calls it so bad input fails before the run."""
 
     def prepare(self, model: nn.Module, data: DataBundle) -> nn.Module:
         """Compress ``model`` before fine-tuning (prune channels, insert masks or quantizers); may return a new
@@ -44,3 +40,74 @@ class Learner(Protocol):
         """Called after fine-tuning; returns a plain model to evaluate and export (masks folded in, weights on
         their quantization grid), which ONNX export and ``load_checkpoint`` rebuild (the zoo's layers, resized, or
         the learner's ``rebuild_finalized``)."""
+
+
+@runtime_checkable
+class SearchesPerLayer(Protocol):
+    """A learner whose config has one value per layer (or channel group) that a search can fill."""
+
+    searched_field: str  # the config's tuple field the values go into, e.g. "layer_keep_ratios"
+
+    def search_space(self, model: nn.Module, input_shape: tuple[int, int, int],
+                     search: SearchConfig) -> PerLayerSpace | None:
+        """What the searchers search on ``model`` (box, budget, layer features), or None when the config gives
+        the values itself (modes uniform and list)."""
+
+
+@runtime_checkable
+class CountsSteps(Protocol):
+    def set_total_steps(self, total_steps: int) -> None:
+        """Told the run's optimiser steps before training (``train.fit``'s ``on_start``), for schedules that span
+        the run (weight sparsification's)."""
+
+
+@runtime_checkable
+class PacksWeights(Protocol):
+    def packed(self, model: nn.Module) -> dict[str, PackedTensor]:
+        """The compact encoding of the weights it compresses, for the finalized model (``.pfpack``: the stored
+        size)."""
+
+
+@runtime_checkable
+class WritesInt8Files(Protocol):
+    def int8_artifacts(self, model: nn.Module, data: DataBundle, out_dir: str | Path, stem: str) -> dict[str, Path]:
+        """Deployable INT8 files of its own for the finalized model (native_int8's ExecuTorch program and QDQ
+        ONNX), by format name."""
+
+
+@runtime_checkable
+class RebuildsFinalized(Protocol):
+    def rebuild_finalized(self, model: nn.Module, state_dict: dict[str, torch.Tensor],
+                          input_shape: tuple[int, int, int]) -> nn.Module:
+        """For a learner whose finalized layers are not the zoo's (uniform_quantization's frozen quantized
+        layers): turn a freshly built zoo model into that structure so the finalized state dict loads;
+        ``load_checkpoint`` calls it for checkpoints naming the learner, so export and verify need no data."""
+
+
+OPTIONAL_HOOKS = (SearchesPerLayer, CountsSteps, PacksWeights, WritesInt8Files, RebuildsFinalized)
+
+
+class PerLayerMode(enum.StrEnum):
+    """Where a learner's per-layer values come from (PocketFlow's modes). Weight sparsification adds one of its
+    own (``SparsityMode.HEURISTIC``)."""
+
+    UNIFORM = "uniform"  # one setting for every layer
+    LIST = "list"  # given one per layer
+    AUTO = "auto"  # the search fills them (uniform until it has)
+
+
+def check_per_layer_mode(mode: str, field: str, values: Sequence[Any], *, file_field: str | None = None,
+                         file: str | None = None) -> None:
+    """The checks every per-layer config shares: the per-layer ``values`` (its ``field``) come only with a mode that
+    reads them (list, auto), and mode list has them, or a ``file`` (the config's ``file_field``) to read them from."""
+    if mode not in (PerLayerMode.LIST, PerLayerMode.AUTO) and values:
+        raise ConfigError(f"{field}: got {len(values)} values with mode {str(mode)!r}, which derives them from one "
+                          f"setting; use mode 'list' (or 'auto') for per-layer values")
+    if mode == PerLayerMode.LIST and not values and file is None:
+        where = f"{field} or {file_field}" if file_field else field
+        raise ConfigError(f"mode: got 'list' without {field}; set {where} (one value per layer)")
+    if file is not None:
+        if mode != PerLayerMode.LIST:
+            raise ConfigError(f"{file_field}: got {file!r} with mode {str(mode)!r}; a file is read in mode 'list' only")
+        if values:
+            raise ConfigError(f"{file_field}: given together with {field}; give one of them")

@@ -31,18 +31,18 @@ from torch.utils.data import DataLoader
 from pf_ray.config import check_choice, check_path, check_range
 from pf_ray.data import DataBundle
 from pf_ray.errors import ConfigError, ModelError
+from pf_ray.learners.base import PerLayerMode, check_per_layer_mode
 from pf_ray.ops.pruning import CRITERIA, KEEP_RATIOS_FIELD, prunable_groups, prune_channels_
 from pf_ray.registry import LEARNERS
 from pf_ray.train import make_loader
 
-MODES = ("uniform", "list", "auto")
 RATIOS_FILE_FIELD = "learner.options.ratios_file"
 FEATURE_BATCH_SIZE = 64  # images per mini-batch for LASSO's feature sampling and for group fine-tuning
 
 
 @dataclass(frozen=True)
 class ChannelPruningConfig:
-    mode: str = "auto"  # "uniform": keep_ratio everywhere; "list": given ratios; "auto": the search picks them
+    mode: PerLayerMode = PerLayerMode.AUTO  # uniform: keep_ratio everywhere; list: given; auto: searched
     layer_keep_ratios: tuple[float, ...] = ()  # one per prunable group, in model order (mode list / auto)
     keep_ratio: float = 0.5  # mode uniform; also auto before the search has filled layer_keep_ratios
     ratios_file: str | None = None  # mode list: a YAML/JSON list or a text file of numbers, one per group
@@ -58,7 +58,8 @@ class ChannelPruningConfig:
     seed: int = 0  # feature batches, sampled positions and group fine-tuning order
 
     def __post_init__(self) -> None:
-        check_choice("mode", self.mode, MODES)
+        check_per_layer_mode(self.mode, "layer_keep_ratios", self.layer_keep_ratios, file_field="ratios_file",
+                             file=self.ratios_file)
         for index, ratio in enumerate(self.layer_keep_ratios):
             check_range(f"layer_keep_ratios[{index}]", ratio, low=0.0, high=1.0, low_inclusive=False)
         check_range("keep_ratio", self.keep_ratio, low=0.0, high=1.0, low_inclusive=False)
@@ -70,22 +71,8 @@ class ChannelPruningConfig:
         check_range("group_size", self.group_size, low=0)
         check_range("group_fine_tune_steps", self.group_fine_tune_steps, low=0)
         check_range("group_learning_rate", self.group_learning_rate, low=0.0, low_inclusive=False, high=1.0)
-        if self.mode == "uniform" and self.layer_keep_ratios:
-            raise ConfigError(
-                f"layer_keep_ratios: got {len(self.layer_keep_ratios)} values with mode 'uniform', which keeps "
-                "keep_ratio everywhere; use mode 'list' (or 'auto') for per-group ratios"
-            )
         if self.ratios_file is not None:
-            if self.mode != "list":
-                raise ConfigError(
-                    f"ratios_file: got {self.ratios_file!r} with mode {self.mode!r}; "
-                    "a ratios file is read in mode 'list' only"
-                )
-            if self.layer_keep_ratios:
-                raise ConfigError("ratios_file: given together with layer_keep_ratios; give one of them")
             read_ratios_file(self.ratios_file)  # fail now, where the config is read, not in a trial
-        elif self.mode == "list" and not self.layer_keep_ratios:
-            raise ConfigError("mode: got 'list' without ratios; set layer_keep_ratios or ratios_file")
 
 
 def read_ratios_file(path: str) -> tuple[float, ...]:
@@ -180,7 +167,7 @@ class ChannelPruning:
 
     def _keep_ratios(self, num_groups: int) -> tuple[float, ...]:
         config = self.config
-        if config.mode == "list" and config.ratios_file is not None:
+        if config.mode == PerLayerMode.LIST and config.ratios_file is not None:
             ratios = read_ratios_file(config.ratios_file)
             if len(ratios) != num_groups:
                 raise ConfigError(
@@ -188,7 +175,7 @@ class ChannelPruning:
                     f"expected {num_groups} (one per prunable group of this model)"
                 )
             return ratios
-        if config.mode == "uniform" or not config.layer_keep_ratios:
+        if config.mode == PerLayerMode.UNIFORM or not config.layer_keep_ratios:
             return (config.keep_ratio,) * num_groups  # auto before any search: uniform
         if len(config.layer_keep_ratios) != num_groups:
             raise ConfigError(

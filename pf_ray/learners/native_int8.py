@@ -41,11 +41,9 @@ from __future__ import annotations
 
 import copy
 import tempfile
-from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -312,15 +310,6 @@ class NativeInt8:
             onnx_int8 = quantize_onnx_int8(fp32, out_dir / f"{stem}{ONNX_SUFFIX}", images,
                                            batch_size=CALIBRATION_BATCH_SIZE)
         return {"pte_int8": pte, "onnx_int8": onnx_int8}
-
-    # ---- per-layer search: none (8 bits everywhere)
-
-    def search_space(self, model: nn.Module, input_shape: tuple[int, int, int]) -> Any:
-        return None
-
-    def project(self, model: nn.Module, input_shape: tuple[int, int, int],
-                values: Sequence[float]) -> tuple[float, ...]:
-        return tuple(float(value) for value in values)
 
 
 _DYNAMIC_BATCH = ({0: torch.export.Dim("batch")},)  # pt2e graphs would otherwise keep the example's batch size

@@ -32,11 +32,12 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from pf_ray.config import check_choice, check_range
+from pf_ray.config import SearchConfig, check_choice, check_range
 from pf_ray.data import DataBundle
 from pf_ray.errors import ConfigError, ModelError
 from pf_ray.export.packed import PackedTensor
-from pf_ray.ops.bits import WeightBitsBudget, allocate_bits
+from pf_ray.learners.base import PerLayerMode, check_per_layer_mode
+from pf_ray.ops.bits import FP32_BITS, WeightBitsBudget
 from pf_ray.ops.codebook import (
     CENTROID_GRADIENTS,
     INITS,
@@ -48,14 +49,13 @@ from pf_ray.ops.codebook import (
 from pf_ray.registry import LEARNERS
 from pf_ray.search_space import PerLayerSpace, layer_features
 
-MODES = ("uniform", "list", "auto")
 LAYER_BITS_FIELD = "learner.options.layer_bits"
 QUANTIZED_LAYERS = (nn.Conv2d, nn.Linear)
 
 
 @dataclass(frozen=True)
 class NonUniformQuantizationConfig:
-    mode: str = "auto"  # "uniform": bits everywhere; "list": layer_bits; "auto": the search picks layer_bits
+    mode: PerLayerMode = PerLayerMode.AUTO  # uniform: bits everywhere; list: layer_bits; auto: searched
     bits: int = 4  # uniform bits; in auto the average-bits budget (and the setting before a search)
     layer_bits: tuple[float, ...] = ()  # whole bits, one per quantized layer in forward order (list / auto)
     min_bits: int = 1  # the search's lower bound: below 2, so a 2-bit average still leaves something to trade
@@ -69,7 +69,7 @@ class NonUniformQuantizationConfig:
     quantize_first_last: bool = False  # also quantize the first and last conv/linear layers
 
     def __post_init__(self) -> None:
-        check_choice("mode", self.mode, MODES)
+        check_per_layer_mode(self.mode, "layer_bits", self.layer_bits)
         check_range("bits", self.bits, low=1, high=MAX_BITS)
         for index, bits in enumerate(self.layer_bits):
             if not (1 <= bits <= MAX_BITS and float(bits).is_integer()):
@@ -81,14 +81,9 @@ class NonUniformQuantizationConfig:
         check_range("bucket_size", self.bucket_size, low=0)
         check_choice("optimize", self.optimize, OPTIMIZE)
         check_choice("centroid_gradient", self.centroid_gradient, CENTROID_GRADIENTS)
-        if self.mode == "auto" and not self.min_bits <= self.bits <= self.max_bits:
+        if self.mode == PerLayerMode.AUTO and not self.min_bits <= self.bits <= self.max_bits:
             raise ConfigError(f"bits: got {self.bits} with mode 'auto'; the search reaches averages from min_bits="
                               f"{self.min_bits} to max_bits={self.max_bits}")
-        if self.mode == "uniform" and self.layer_bits:
-            raise ConfigError(f"layer_bits: got {len(self.layer_bits)} values with mode 'uniform', which gives "
-                              "every layer bits; use mode 'list' (or 'auto') for per-layer bits")
-        if self.mode == "list" and not self.layer_bits:
-            raise ConfigError("mode: got 'list' without layer_bits; set layer_bits")
 
 
 def quantized_layers(model: nn.Module, input_shape: tuple[int, int, int] | None = None, *,
@@ -128,7 +123,7 @@ class NonUniformQuantization:
 
     def _bits(self, names: list[str]) -> dict[str, int]:
         config = self.config
-        if config.mode == "uniform" or not config.layer_bits:
+        if config.mode == PerLayerMode.UNIFORM or not config.layer_bits:
             return dict.fromkeys(names, config.bits)  # auto before any search: uniform
         if len(config.layer_bits) != len(names):
             shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
@@ -186,26 +181,16 @@ class NonUniformQuantization:
 
     # -- per-layer search ---------------------------------------------------------------------------------------
 
-    def search_space(self, model: nn.Module, input_shape: tuple[int, int, int]):
-        """Bits per quantized layer in [min_bits, max_bits] under an average of ``bits`` per weight."""
-        if self.config.mode != "auto":
+    def search_space(self, model: nn.Module, input_shape: tuple[int, int, int],
+                     search: SearchConfig) -> PerLayerSpace | None:
+        """Bits per quantized layer in [min_bits, max_bits] under an average of ``bits`` per weight (auto mode);
+        None in the other modes."""
+        if self.config.mode != PerLayerMode.AUTO:
             return None
         names = tuple(self._layers(model, input_shape))
-        return PerLayerSpace(self.searched_field, names, low=float(self.config.min_bits),
-                             high=float(self.config.max_bits),
-                             budget=self._budget(model, names), features=layer_features(model, input_shape, names))
-
-    def _budget(self, model: nn.Module, names: tuple[str, ...] | list[str]) -> WeightBitsBudget:
         counts = tuple(model.get_submodule(name).weight.numel() for name in names)
-        return WeightBitsBudget(self.config.bits / 32, counts)
-
-    def project(self, model: nn.Module, input_shape: tuple[int, int, int],
-                values: tuple[float, ...] | list[float]) -> tuple[float, ...]:
-        """Whole bits per layer meeting the budget (``pf_ray.ops.bits.allocate_bits``); all ``max_bits``
-        projects to ``bits`` everywhere."""
-
-        config = self.config
-        budget = self._budget(model, self._layers(model, input_shape))
-        bits = allocate_bits(values, budget.weight_counts, average_bits=config.bits, min_bits=config.min_bits,
-                             max_bits=config.max_bits)
-        return tuple(float(b) for b in bits)
+        budget = WeightBitsBudget(self.config.bits / FP32_BITS, counts, min_bits=self.config.min_bits,
+                                  max_bits=self.config.max_bits)
+        return PerLayerSpace(self.searched_field, names, low=float(self.config.min_bits),
+                             high=float(self.config.max_bits), budget=budget,
+                             features=layer_features(model, input_shape, names), label="bits")

@@ -47,20 +47,19 @@ ranges; the model exports to ONNX, as QuantizeLinear/DequantizeLinear where weig
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import islice
-from typing import Any
 
 import torch
 from torch import nn
 
-from pf_ray.config import check_choice, check_range
+from pf_ray.config import SearchConfig, check_choice, check_range
 from pf_ray.data import DataBundle
 from pf_ray.errors import ConfigError, ModelError
 from pf_ray.export.packed import PackedTensor
+from pf_ray.learners.base import PerLayerMode, check_per_layer_mode
 from pf_ray.metrics import layer_table
-from pf_ray.ops.bits import FP32_BITS, WeightBitsBudget, allocate_bits
+from pf_ray.ops.bits import FP32_BITS, WeightBitsBudget
 from pf_ray.ops.quantization import (
     GRANULARITIES,
     INT8_BITS,
@@ -80,7 +79,6 @@ from pf_ray.registry import LEARNERS
 from pf_ray.search_space import PerLayerSpace, layer_features
 from pf_ray.train import make_loader
 
-MODES = ("uniform", "list", "auto")
 LAYER_BITS_FIELD = "learner.options.layer_bits"
 CALIBRATION_BATCH_SIZE = 64  # images per calibration batch of the activation ranges
 
@@ -89,7 +87,7 @@ __all__ = ["UniformQuantization", "UniformQuantizationConfig", "is_int8_qdq", "q
 
 @dataclass(frozen=True)
 class UniformQuantizationConfig:
-    mode: str = "uniform"  # "uniform": weight_bits everywhere; "list": layer_bits; "auto": the search fills them
+    mode: PerLayerMode = PerLayerMode.UNIFORM  # uniform: weight_bits everywhere; list: layer_bits; auto: searched
     weight_bits: int = 4  # uniform width; in auto mode also the budget: weight_bits per weight on average
     layer_bits: tuple[float, ...] = ()  # one per quantized layer in model order (mode list / auto); whole numbers
     activation_bits: int | None = None  # None: float activations; else the input of every quantized layer
@@ -105,7 +103,7 @@ class UniformQuantizationConfig:
     seed: int = 0  # which calibration batches
 
     def __post_init__(self) -> None:
-        check_choice("mode", self.mode, MODES)
+        check_per_layer_mode(self.mode, "layer_bits", self.layer_bits)
         check_range("weight_bits", self.weight_bits, low=MIN_BITS, high=MAX_BITS)
         for index, bits in enumerate(self.layer_bits):
             if not (MIN_BITS <= bits <= MAX_BITS and float(bits).is_integer()):
@@ -121,11 +119,6 @@ class UniformQuantizationConfig:
                               f"[{self.min_bits}, {self.max_bits}] (the search's budget)")
         check_range("activation_ema_decay", self.activation_ema_decay, low=0.0, high=1.0, high_inclusive=False)
         check_range("num_calibration_batches", self.num_calibration_batches, low=0)
-        if self.mode == "uniform" and self.layer_bits:
-            raise ConfigError(f"layer_bits: got {len(self.layer_bits)} values with mode 'uniform', which gives "
-                              "every layer weight_bits; use mode 'list' (or 'auto') for per-layer bits")
-        if self.mode == "list" and not self.layer_bits:
-            raise ConfigError("mode: got 'list' without layer_bits; set layer_bits (one per quantized layer)")
 
 
 def quantized_layer_names(model: nn.Module, input_shape: tuple[int, int, int], *,
@@ -170,7 +163,7 @@ class UniformQuantization:
 
     def _bits(self, num_layers: int) -> tuple[int, ...]:
         config = self.config
-        if config.mode == "uniform" or not config.layer_bits:
+        if config.mode == PerLayerMode.UNIFORM or not config.layer_bits:
             return (config.weight_bits,) * num_layers  # auto before any search: uniform
         if len(config.layer_bits) != num_layers:
             raise ConfigError(f"{LAYER_BITS_FIELD}: got {len(config.layer_bits)} values; expected {num_layers} "
@@ -272,29 +265,17 @@ class UniformQuantization:
 
     # ---- per-layer search
 
-    def search_space(self, model: nn.Module, input_shape: tuple[int, int, int]) -> Any:
+    def search_space(self, model: nn.Module, input_shape: tuple[int, int, int],
+                     search: SearchConfig) -> PerLayerSpace | None:
         """Bits per quantized layer in [min_bits, max_bits] under ``weight_bits`` per weight on average (auto
-        mode); None in the other modes. Returns a ``pf_ray.candidate.PerLayerSpace``."""
-        if self.config.mode != "auto":
+        mode); None in the other modes."""
+        if self.config.mode != PerLayerMode.AUTO:
             return None
         layers = self._layers(model, input_shape)
         names = tuple(name for name, _ in layers)
         budget = WeightBitsBudget(self.config.weight_bits / FP32_BITS,
-                                  tuple(layer.weight.numel() for _, layer in layers))
+                                  tuple(layer.weight.numel() for _, layer in layers),
+                                  min_bits=self.config.min_bits, max_bits=self.config.max_bits)
         return PerLayerSpace(self.searched_field, names, low=float(self.config.min_bits),
-                             high=float(self.config.max_bits),
-                             budget=budget, features=layer_features(model, input_shape, names))
-
-    def project(self, model: nn.Module, input_shape: tuple[int, int, int],
-                values: Sequence[float]) -> tuple[float, ...]:
-        """Whole bits per layer that spend at most ``weight_bits`` per weight on average (``allocate_bits``);
-        an all-``max_bits`` proposal gives ``weight_bits`` everywhere."""
-
-        layers = self._layers(model, input_shape)
-        if len(values) != len(layers):
-            raise ConfigError(f"{LAYER_BITS_FIELD}: got {len(values)} values; expected {len(layers)} "
-                              "(one per quantized layer of this model)")
-        bits = allocate_bits(values, [layer.weight.numel() for _, layer in layers],
-                             average_bits=self.config.weight_bits, min_bits=self.config.min_bits,
-                             max_bits=self.config.max_bits)
-        return tuple(float(b) for b in bits)
+                             high=float(self.config.max_bits), budget=budget,
+                             features=layer_features(model, input_shape, names), label="bits")

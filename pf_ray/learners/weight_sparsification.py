@@ -30,16 +30,18 @@ densely; ``packed`` stores each sparse weight as a bitmask plus its float32 non-
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from pf_ray.config import check_choice, check_range
+from pf_ray.config import SearchConfig, check_range
 from pf_ray.data import DataBundle
 from pf_ray.errors import ConfigError, ModelError
 from pf_ray.export.packed import PackedTensor
+from pf_ray.learners.base import check_per_layer_mode
 from pf_ray.metrics import layer_table
 from pf_ray.ops.sparsity import (
     KeptWeightsBudget,
@@ -47,12 +49,20 @@ from pf_ray.ops.sparsity import (
     heuristic_sparsities,
     magnitude_mask,
     num_pruned,
-    project_sparsities,
 )
 from pf_ray.registry import LEARNERS
 from pf_ray.search_space import PerLayerSpace, layer_features
 
-MODES = ("uniform", "heuristic", "list", "auto")
+
+class SparsityMode(enum.StrEnum):
+    """``PerLayerMode``'s three, and PocketFlow's log-size rule."""
+
+    UNIFORM = "uniform"  # every layer at sparsity
+    HEURISTIC = "heuristic"  # s_i = c * ln(n_i), c chosen to meet sparsity (ops.sparsity.heuristic_sparsities)
+    LIST = "list"  # layer_sparsities as given
+    AUTO = "auto"  # the search fills layer_sparsities
+
+
 SPARSITIES_FIELD = "learner.options.layer_sparsities"
 _LAYERS = (nn.Conv2d, nn.Linear)  # pf_ray.metrics.layer_table's layers
 
@@ -60,7 +70,7 @@ _LAYERS = (nn.Conv2d, nn.Linear)  # pf_ray.metrics.layer_table's layers
 @dataclass(frozen=True)
 class WeightSparsificationConfig:
     sparsity: float = 0.5  # target fraction of zeros among all covered weights (uniform: in every layer)
-    mode: str = "auto"  # uniform | heuristic | list | auto (see the module docstring)
+    mode: SparsityMode = SparsityMode.AUTO
     layer_sparsities: tuple[float, ...] = ()  # final sparsity per conv/linear layer, in forward order (list/auto)
     max_layer_sparsity: float = 0.98  # upper bound of each layer's sparsity in the search and the heuristic
     begin_fraction: float = 0.1  # t_b as a fraction of the training steps (PocketFlow: 0.1)
@@ -71,7 +81,7 @@ class WeightSparsificationConfig:
 
     def __post_init__(self) -> None:
         check_range("sparsity", self.sparsity, low=0.0, high=1.0, high_inclusive=False)
-        check_choice("mode", self.mode, MODES)
+        check_per_layer_mode(self.mode, "layer_sparsities", self.layer_sparsities)
         for index, value in enumerate(self.layer_sparsities):
             check_range(f"layer_sparsities[{index}]", value, low=0.0, high=1.0, high_inclusive=False)
         check_range("max_layer_sparsity", self.max_layer_sparsity, low=0.0, high=1.0, low_inclusive=False,
@@ -84,13 +94,8 @@ class WeightSparsificationConfig:
         check_range("exponent", self.exponent, low=0.0, low_inclusive=False)
         check_range("mask_update_steps", self.mask_update_steps, low=1)
         check_range("total_steps", self.total_steps, low=1)
-        if self.mode in ("uniform", "heuristic") and self.layer_sparsities:
-            raise ConfigError(f"layer_sparsities: got {len(self.layer_sparsities)} values with mode "
-                              f"{self.mode!r}, which derives them from sparsity; use mode 'list' (or 'auto')")
-        if self.mode == "list" and not self.layer_sparsities:
-            raise ConfigError("mode: got 'list' without layer_sparsities; set one sparsity per conv/linear layer")
-        if self.mode in ("heuristic", "auto") and self.sparsity > self.max_layer_sparsity:
-            raise ConfigError(f"sparsity: got {self.sparsity:g} with mode {self.mode!r}; no layer may exceed "
+        if self.mode in (SparsityMode.HEURISTIC, SparsityMode.AUTO) and self.sparsity > self.max_layer_sparsity:
+            raise ConfigError(f"sparsity: got {self.sparsity:g} with mode {str(self.mode)!r}; no layer may exceed "
                               f"max_layer_sparsity ({self.max_layer_sparsity:g}), so neither may the target")
 
 
@@ -192,25 +197,16 @@ class WeightSparsification:
 
     # ---- per-layer search
 
-    def search_space(self, model: nn.Module, input_shape: tuple[int, int, int]) -> PerLayerSpace | None:
+    def search_space(self, model: nn.Module, input_shape: tuple[int, int, int],
+                     search: SearchConfig) -> PerLayerSpace | None:
         """One final sparsity per conv/linear layer in [0, max_layer_sparsity]; the budget is the fraction of
         the covered weights kept, 1 - sparsity. None unless mode is 'auto'."""
-        if self.config.mode != "auto":
+        if self.config.mode != SparsityMode.AUTO:
             return None
         names, sizes = _unzip(self._layers(model, input_shape))
-        budget = KeptWeightsBudget(1.0 - self.config.sparsity, sizes)
+        budget = KeptWeightsBudget(1.0 - self.config.sparsity, sizes, self.config.max_layer_sparsity)
         return PerLayerSpace(self.searched_field, names, low=0.0, high=self.config.max_layer_sparsity,
-                             budget=budget, features=layer_features(model, input_shape, names))
-
-    def project(self, model: nn.Module, input_shape: tuple[int, int, int],
-                values: tuple[float, ...] | list[float]) -> tuple[float, ...]:
-        """The size-weighted least-squares nearest sparsities that keep exactly 1 - sparsity of the weights (see
-        ``pf_ray.ops.sparsity.project_sparsities``); all-equal proposals give the uniform setting."""
-        _, sizes = _unzip(self._layers(model, input_shape))
-        if len(values) != len(sizes):
-            raise ConfigError(f"{SPARSITIES_FIELD}: got {len(values)} values; expected {len(sizes)} "
-                              "(one per conv/linear layer of this model)")
-        return project_sparsities(sizes, values, self.config.sparsity, self.config.max_layer_sparsity)
+                             budget=budget, features=layer_features(model, input_shape, names), label="sparsity")
 
     # ---- helpers
 
@@ -225,9 +221,9 @@ class WeightSparsification:
         """Final sparsity per layer name, from the mode."""
         config = self.config
         names, sizes = _unzip(layers)
-        if config.mode == "heuristic":
+        if config.mode == SparsityMode.HEURISTIC:
             values = heuristic_sparsities(sizes, config.sparsity, config.max_layer_sparsity)
-        elif config.mode == "uniform" or not config.layer_sparsities:  # auto before any search: uniform
+        elif config.mode == SparsityMode.UNIFORM or not config.layer_sparsities:  # auto before any search: uniform
             values = (config.sparsity,) * len(names)
         elif len(config.layer_sparsities) != len(names):
             raise ConfigError(f"{SPARSITIES_FIELD}: got {len(config.layer_sparsities)} values; expected "

@@ -36,12 +36,21 @@ class WeightBitsBudget:
 
     target: float  # average_bits / 32
     weight_counts: tuple[int, ...]  # n_i, the weights of each quantized layer (plain data: travels to Ray)
+    min_bits: int = 1  # the search box of every layer's bits
+    max_bits: int = MAX_BITS
 
     def cost(self, values: Sequence[float]) -> float:
         if len(values) != len(self.weight_counts):
             raise ConfigError(f"layer_bits: got {len(values)} values; expected {len(self.weight_counts)}")
         bits = sum(n * b for n, b in zip(self.weight_counts, values, strict=True))
         return bits / (FP32_BITS * sum(self.weight_counts))
+
+    def project(self, values: Sequence[float]) -> tuple[float, ...]:
+        """Whole bits per layer spending at most ``target * 32`` bits per weight on average (``allocate_bits``);
+        an all-``max_bits`` proposal gives the average everywhere it can."""
+        bits = allocate_bits(values, self.weight_counts, average_bits=self.target * FP32_BITS,
+                             min_bits=self.min_bits, max_bits=self.max_bits)
+        return tuple(float(b) for b in bits)
 
 
 def allocate_in_order(bits: Sequence[float], weight_counts: Sequence[int], budget_bits: int, *,

@@ -99,9 +99,14 @@ class KeptWeightsBudget:
 
     target: float
     sizes: tuple[int, ...]  # weights per layer, in layer order
+    max_sparsity: float = 1.0  # no layer's sparsity above this (the search box's top)
 
     def cost(self, values: Sequence[float]) -> float:
         return density(self.sizes, values)
+
+    def project(self, values: Sequence[float]) -> tuple[float, ...]:
+        """``project_sparsities``: the size-weighted nearest sparsities keeping exactly ``target`` of the weights."""
+        return project_sparsities(self.sizes, values, 1.0 - self.target, self.max_sparsity)
 
 
 def density(sizes: Sequence[int], sparsities: Sequence[float]) -> float:
