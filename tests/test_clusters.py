@@ -8,6 +8,7 @@ autoscaler v2 and token auth; (c) no configuration opens Ray beyond loopback or 
 from __future__ import annotations
 
 import ast
+import copy
 import ipaddress
 import json
 import re
@@ -16,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 import yaml
 
@@ -95,7 +97,22 @@ def test_launcher_yaml_passes_ray_validation(name):
 
     # What `ray up` does before touching the cloud: merge the provider's defaults, then check ray-schema.json
     # (no unknown keys, types) and Ray's consistency rules (head type exists, min_workers within max_workers).
-    validate_config(prepare_config(_launcher(name)))
+    config = _launcher(name)
+    prepared = prepare_config(copy.deepcopy(config))
+    assert validate_config(prepared) is None
+    # the merge kept ours: provider, head type and every node type's resources and bounds
+    assert prepared["provider"]["type"] == config["provider"]["type"]
+    assert prepared["head_node_type"] == config["head_node_type"]
+    for type_name, node in config["available_node_types"].items():
+        merged = prepared["available_node_types"][type_name]
+        assert merged["resources"] == node["resources"], type_name
+        for bound in ("min_workers", "max_workers"):
+            if bound in node:
+                assert merged[bound] == node[bound], (type_name, bound)
+    # and the validation can fail: the same file with an unknown key, or a head type that does not exist
+    for broken in ({**config, "not_a_ray_field": 1}, {**config, "head_node_type": "no_such_type"}):
+        with pytest.raises((ValueError, KeyError, jsonschema.ValidationError)):
+            validate_config(prepare_config(copy.deepcopy(broken)))
 
 
 def test_fake_multinode_yaml_passes_ray_validation():

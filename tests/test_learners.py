@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 
 import numpy as np
@@ -16,7 +17,8 @@ from pf_ray.errors import ConfigError, ModelError
 from pf_ray.export.onnx import export_onnx
 from pf_ray.export.packed import pack_state_dict, read_packed, write_packed
 from pf_ray.export.verify import onnx_session
-from pf_ray.learners import build_learner, channel_pruning, learner_config_class
+from pf_ray.learners import Learner, build_learner, channel_pruning, learner_config_class
+from pf_ray.learners.base import OPTIONAL_HOOKS
 from pf_ray.learners.channel_pruning import (
     ChannelPruning,
     ChannelPruningConfig,
@@ -67,6 +69,31 @@ def test_learner_contract(name, tmp_path):
     rebuilt, _ = load_checkpoint(checkpoint)
     with torch.no_grad():
         assert torch.allclose(rebuilt(inputs), expected, atol=1e-5)
+
+
+def _members(protocol: type) -> set[str]:
+    """The attributes and methods a protocol declares."""
+    return {name for name in {*vars(protocol), *getattr(protocol, "__annotations__", {})}
+            if not name.startswith("_")}
+
+
+@pytest.mark.parametrize("name", LEARNERS.names())
+def test_a_learner_defines_only_declared_hooks_with_their_signatures(name):
+    """A misspelt or unknown hook (``packd``, ``search_spaces``) would never be called: every public attribute of a
+    learner class belongs to ``Learner`` or to one of the optional hook protocols, whole and with its arguments."""
+    cls = LEARNERS.get(name)
+    public = {attribute for attribute in vars(cls) if not attribute.startswith("_")}
+    declared = _members(Learner).union(*map(_members, OPTIONAL_HOOKS))
+    assert public <= declared, f"{name} defines {sorted(public - declared)}, which no learner protocol declares"
+    for protocol in (Learner, *OPTIONAL_HOOKS):
+        members = _members(protocol)
+        if protocol is Learner or members & public:
+            assert members - {"config"} <= public, f"{name} has only part of {protocol.__name__}"
+            for member in members & public:
+                if callable(vars(protocol).get(member)):
+                    expected = list(inspect.signature(vars(protocol)[member]).parameters)
+                    assert list(inspect.signature(getattr(cls, member)).parameters) == expected, (name, member)
+            assert isinstance(build_learner(name, learner_config_class(name)()), protocol)
 
 
 def test_channel_pruning_prunes_in_prepare():

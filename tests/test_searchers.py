@@ -107,25 +107,42 @@ def test_suggestions_cover_every_layer_within_bounds_over_suggest_complete_cycle
         report(searcher, f"t{i}", config)
 
 
-def test_nan_errored_and_early_stopped_trials_are_taken_and_poison_nothing(factory):
-    space = small_space()
-    searcher = factory(space, 1)
+def _run_with_bad_trials(searcher: Searcher, space: PerLayerSpace, *, nan_as_error: bool) -> list[dict[str, float]]:
+    """Ten trials of every outcome (NaN, errored, stopped early by ASHA, finished), then five suggestions after them
+    (model-based steps, where a searcher has them); returns those five."""
     for i in range(10):
         config = searcher.suggest(f"t{i}")
         check_config(config, space)
         kind = i % 4
         if kind == 1:
-            report(searcher, f"t{i}", config, value=math.nan)
+            if nan_as_error:  # the same trial failing instead: the same NaN results, then an error
+                for epoch in range(1, MAX_EPOCHS + 1):
+                    searcher.on_trial_result(f"t{i}", {METRIC: math.nan, "epoch": epoch})
+                searcher.on_trial_complete(f"t{i}", result=None, error=True)
+            else:
+                report(searcher, f"t{i}", config, value=math.nan)
         elif kind == 2:
             searcher.on_trial_complete(f"t{i}", result=None, error=True)
         elif kind == 3:
             report(searcher, f"t{i}", config, epochs=1)  # stopped by ASHA after the first epoch
         else:
             report(searcher, f"t{i}", config)
-    for i in range(10, 15):  # model-based steps (where a searcher has them) after every kind of outcome
+    following = []
+    for i in range(10, 15):
         config = searcher.suggest(f"t{i}")
         check_config(config, space)
+        following.append(config)
         report(searcher, f"t{i}", config)
+    return following
+
+
+def test_nan_errored_and_early_stopped_trials_are_taken_and_poison_nothing(factory):
+    """A NaN result teaches a searcher exactly what a failed trial teaches, nothing: the suggestions that follow
+    are the very ones a twin searcher makes when those trials fail instead, and all stay in the box."""
+    space = small_space()
+    with_nan = _run_with_bad_trials(factory(space, 1), space, nan_as_error=False)
+    with_errors = _run_with_bad_trials(factory(space, 1), space, nan_as_error=True)
+    assert with_nan == with_errors
 
 
 def test_concurrent_suggestions_before_any_completion_are_distinct(factory):

@@ -126,7 +126,7 @@ class WeightSparsification:
         self.total_steps = total_steps
 
     @property
-    def schedule(self) -> PruningSchedule:
+    def _schedule(self) -> PruningSchedule:
         config = self.config
         return PruningSchedule.from_fractions(self.total_steps, config.begin_fraction, config.end_fraction,
                                               exponent=config.exponent, update_every=config.mask_update_steps)
@@ -151,7 +151,7 @@ class WeightSparsification:
 
     def on_step(self, model: nn.Module, step: int) -> None:
         self._require_prepared("on_step")
-        schedule = self.schedule
+        schedule = self._schedule
         due = schedule.update_due(step)
         after_end = step >= schedule.end_step
         if not (due or after_end):
