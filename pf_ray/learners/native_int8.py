@@ -56,7 +56,7 @@ from pf_ray.errors import ConfigError, DataError, ModelError
 from pf_ray.export import executorch_pte
 from pf_ray.export.int8 import quantize_onnx_int8
 from pf_ray.export.onnx import eval_on_cpu, export_onnx
-from pf_ray.export.packed import PackedTensor
+from pf_ray.packing import PackedTensor
 from pf_ray.registry import LEARNERS
 from pf_ray.train import make_loader
 

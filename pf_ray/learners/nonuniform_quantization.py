@@ -35,7 +35,6 @@ from torch.nn.utils import parametrize
 from pf_ray.config import check_choice, check_range
 from pf_ray.data import DataBundle
 from pf_ray.errors import ConfigError, ModelError
-from pf_ray.export.packed import PackedTensor
 from pf_ray.ops.bits import WeightBitsBudget, allocate_bits
 from pf_ray.ops.codebook import (
     CENTROID_GRADIENTS,
@@ -45,6 +44,7 @@ from pf_ray.ops.codebook import (
     CodebookWeight,
     codebook_of_values,
 )
+from pf_ray.packing import PackedTensor
 from pf_ray.registry import LEARNERS
 from pf_ray.search_space import PerLayerSpace, layer_features
 

@@ -58,7 +58,6 @@ from torch import nn
 from pf_ray.config import check_choice, check_range
 from pf_ray.data import DataBundle
 from pf_ray.errors import ConfigError, ModelError
-from pf_ray.export.packed import PackedTensor
 from pf_ray.metrics import layer_table
 from pf_ray.ops.bits import FP32_BITS, WeightBitsBudget, allocate_bits
 from pf_ray.ops.quantization import (
@@ -76,6 +75,7 @@ from pf_ray.ops.quantization import (
     layers_feeding_float,
     packed_weights,
 )
+from pf_ray.packing import PackedTensor
 from pf_ray.registry import LEARNERS
 from pf_ray.search_space import PerLayerSpace, layer_features
 from pf_ray.train import make_loader

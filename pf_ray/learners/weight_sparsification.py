@@ -39,7 +39,6 @@ from torch.nn.utils import parametrize
 from pf_ray.config import check_choice, check_range
 from pf_ray.data import DataBundle
 from pf_ray.errors import ConfigError, ModelError
-from pf_ray.export.packed import PackedTensor
 from pf_ray.metrics import layer_table
 from pf_ray.ops.sparsity import (
     KeptWeightsBudget,
@@ -49,6 +48,7 @@ from pf_ray.ops.sparsity import (
     num_pruned,
     project_sparsities,
 )
+from pf_ray.packing import PackedTensor
 from pf_ray.registry import LEARNERS
 from pf_ray.search_space import PerLayerSpace, layer_features
 

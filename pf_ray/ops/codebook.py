@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from pf_ray.errors import ConfigError, ModelError
-from pf_ray.export.packed import PackedTensor
+from pf_ray.packing import PackedTensor
 
 INITS = ("kmeans", "quantile", "linear")
 OPTIMIZE = ("weights", "centroids", "both")

@@ -72,7 +72,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pf_ray.errors import ConfigError, ModelError
-from pf_ray.export.packed import PackedTensor
+from pf_ray.packing import PackedTensor
 
 MIN_BITS = 2  # PocketFlow's range for per-layer bits
 MAX_BITS = 8  # ONNX's QuantizeLinear (opset 17) holds at most 8 bits
