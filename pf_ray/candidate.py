@@ -19,7 +19,7 @@ from pf_ray.config import DistillationConfig, ExperimentConfig, Reward, SearchCo
 from pf_ray.data import DataBundle
 from pf_ray.learners import build_learner
 from pf_ray.metrics import finite_number, model_stats
-from pf_ray.ops.pruning import MacsTable, macs_table
+from pf_ray.ops.macs_budget import MacsTable, macs_table, project_to_budget
 from pf_ray.search_space import PerLayerSpace, layer_features
 from pf_ray.train import ACCURACY, Report, evaluate, fit, recalibrate_batchnorm, subset
 
@@ -72,12 +72,10 @@ def project(experiment: ExperimentConfig, model: nn.Module, input_shape: tuple[i
             values: Sequence[float]) -> tuple[float, ...]:
     """Project a proposal onto the budget, so no candidate that misses it is ever scored."""
     if experiment.learner.name == "channel_pruning":
-        from pf_ray.ops.pruning import project_to_budget
-
         learner_config = experiment.learner_config()
-        return tuple(project_to_budget(model, input_shape, values, experiment.search.target_macs_ratio,
+        return tuple(project_to_budget(macs_table(model, input_shape), values, experiment.search.target_macs_ratio,
                                        round_to=learner_config.round_to,
-                                       min_ratio=learner_config.min_keep_ratio))
+                                       min_ratio=learner_config.min_keep_ratio, model_name=type(model).__name__))
     learner = build_learner(experiment.learner.name, experiment.learner_config())
     return tuple(learner.project(model, input_shape, values)) if hasattr(learner, "project") else tuple(values)
 

@@ -17,6 +17,7 @@ from pf_ray.learners.discrimination_aware_pruning import (  # importing register
 )
 from pf_ray.metrics import model_stats
 from pf_ray.models import build_model
+from pf_ray.ops.channel_groups import GroupMember, prunable_groups
 from pf_ray.ops.dcp import (
     AuxiliaryHead,
     channel_mask,
@@ -26,7 +27,7 @@ from pf_ray.ops.dcp import (
     reconstruction_loss,
     select_channels_greedily_,
 )
-from pf_ray.ops.pruning import GroupMember, kept_channel_count, prunable_groups, prune_channels_
+from pf_ray.ops.pruning import kept_channel_count, prune_channels_
 from pf_ray.registry import LEARNERS
 
 

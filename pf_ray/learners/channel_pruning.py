@@ -31,7 +31,8 @@ from torch.utils.data import DataLoader
 from pf_ray.config import check_choice, check_path, check_range
 from pf_ray.data import DataBundle
 from pf_ray.errors import ConfigError, ModelError
-from pf_ray.ops.pruning import CRITERIA, KEEP_RATIOS_FIELD, prunable_groups, prune_channels_
+from pf_ray.ops.channel_groups import prunable_groups
+from pf_ray.ops.pruning import CRITERIA, KEEP_RATIOS_FIELD, prune_channels_
 from pf_ray.registry import LEARNERS
 from pf_ray.train import make_loader
 

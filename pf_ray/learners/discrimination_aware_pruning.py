@@ -42,6 +42,7 @@ from torch.utils.data import Dataset
 from pf_ray.config import check_range
 from pf_ray.data import DataBundle
 from pf_ray.errors import ConfigError, DataError, ModelError
+from pf_ray.ops.channel_groups import GroupMember, PrunableGroup, prunable_groups
 from pf_ray.ops.dcp import (
     CONSUMER_LAYERS,
     AuxiliaryHead,
@@ -51,14 +52,7 @@ from pf_ray.ops.dcp import (
     reconstruction_loss,
     select_channels_greedily_,
 )
-from pf_ray.ops.pruning import (
-    CRITERIA,
-    GroupMember,
-    PrunableGroup,
-    kept_channel_count,
-    prunable_groups,
-    prune_channels_,
-)
+from pf_ray.ops.pruning import CRITERIA, kept_channel_count, prune_channels_
 from pf_ray.registry import LEARNERS
 from pf_ray.train import make_loader
 

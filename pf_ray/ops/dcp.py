@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from pf_ray.ops.pruning import GroupMember
+from pf_ray.ops.channel_groups import GroupMember
 
 # The layers whose input-channel slices DCP scores and masks.
 CONSUMER_LAYERS = (nn.Conv2d, nn.Linear)
