@@ -18,6 +18,7 @@ from torch import nn
 from pf_ray.errors import ConfigError, ModelError
 from pf_ray.ops import lasso
 from pf_ray.ops.channel_groups import MAC_LAYERS, GroupMember, GroupTrace, PrunableGroup, trace_groups
+from pf_ray.ops.feature_sampling import LayerSamples, residual_target, sample_layers
 
 # The field a user sets to choose per-group ratios; named in errors about the ratio vector.
 KEEP_RATIOS_FIELD = "learner.options.layer_keep_ratios"
@@ -71,7 +72,7 @@ def lasso_channel_scores(
         warnings.warn(f"group {group.name!r}: {reason}; its channels are chosen by L1 norm", stacklevel=2)
         return l1_channel_scores(model, group)
     names = [member.module for member in consumers]
-    samples = lasso.sample_layers(model, names, batches, points_per_image=points_per_image, seed=seed)
+    samples = sample_layers(model, names, batches, points_per_image=points_per_image, seed=seed)
     targets = {name: samples[name].outputs for name in names}
     return lasso.selection_scores(lasso.select_channels(_problem(model, group, consumers, samples, targets), num_kept))
 
@@ -111,7 +112,7 @@ def _problem(
     model: nn.Module,
     group: PrunableGroup,
     consumers: Sequence[GroupMember],
-    samples: Mapping[str, lasso.LayerSamples],
+    samples: Mapping[str, LayerSamples],
     targets: Mapping[str, torch.Tensor],
 ) -> lasso.ChannelProblem:
     """The group's regression: one problem per consumer, stacked (channel c has one coefficient for all)."""
@@ -193,9 +194,9 @@ def prune_channels_(
     - ``"lasso"``: groups are pruned one at a time in forward order, each selected on features sampled from
       the model as it is then (earlier groups already pruned and reconstructed); the regression target is the
       output of the model as passed in (He et al.), for a layer that feeds a residual add corrected by the drift
-      of the add's other operand (``lasso.residual_target``). With ``reconstruct`` the consumers of each group
-      are then refit by least squares on the kept channels. Groups that LASSO cannot regress fall back to L1,
-      with a warning.
+      of the add's other operand (``feature_sampling.residual_target``). With ``reconstruct`` the consumers of
+      each group are then refit by least squares on the kept channels. Groups that LASSO cannot regress fall back
+      to L1, with a warning.
 
     Args:
         keep_ratios: one per group of ``prunable_groups(model, input_shape)``, in that order; or a mapping
@@ -269,7 +270,7 @@ def _prune_lasso_(
         dict.fromkeys(m.module for g in trace.groups if g.name in pruned for m in lasso_consumers(model, g)[0])
     )
     # targets: the model as passed in (its outputs and residual partners), sampled once for every group
-    reference = lasso.sample_layers(model, observed, batches, keep_inputs=False, **sampling)
+    reference = sample_layers(model, observed, batches, keep_inputs=False, **sampling)
     # which reference output channel each current output channel of an observed layer is
     channels = {name: torch.arange(reference[name].outputs.shape[1]) for name in observed}
 
@@ -285,8 +286,8 @@ def _prune_lasso_(
         else:
             names = [member.module for member in consumers]
             partners = [n for n in names if reference[n].partner is not None]
-            current = lasso.sample_layers(model, names, batches, keep_outputs=False, partners=partners, **sampling)
-            targets = {n: lasso.residual_target(reference[n], current[n], channels[n]) for n in names}
+            current = sample_layers(model, names, batches, keep_outputs=False, partners=partners, **sampling)
+            targets = {n: residual_target(reference[n], current[n], channels[n]) for n in names}
             selection = lasso.select_channels(_problem(model, group, consumers, current, targets), kept)
             remove = sorted(set(range(group.num_channels)) - set(selection.keep))
             if reconstruct:
@@ -301,7 +302,7 @@ def _refits(
     trace: GroupTrace,
     group: PrunableGroup,
     consumers: Sequence[GroupMember],
-    samples: Mapping[str, lasso.LayerSamples],
+    samples: Mapping[str, LayerSamples],
     targets: Mapping[str, torch.Tensor],
     removed: set[int],
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
