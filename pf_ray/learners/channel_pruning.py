@@ -1,32 +1,19 @@
 """Channel pruning: remove whole channels, residual trunks included (He et al., "Channel Pruning for
 Accelerating Very Deep Neural Networks", ICCV 2017; dependency groups after Fang et al., DepGraph, CVPR 2023).
 
-Channels are chosen by LASSO regression on features sampled from training batches, and the layers that consume
-them are refit by least squares (``criterion="lasso"``, the paper's method), or by the L1 norm of their filters
-(``"l1"``, PocketFlow's data-free option). They are removed physically, so the fine-tuned model is really
-smaller. Kept counts are rounded to ``round_to`` because runtimes compute in channel blocks: unaligned counts
-made a 48%-MACs ResNet-20 slower than the original under ONNX Runtime.
-
-Modes (PocketFlow's): ``uniform`` keeps ``keep_ratio`` of every group; ``list`` takes one ratio per group from
-``layer_keep_ratios`` or ``ratios_file``; ``auto`` lets the search choose ``layer_keep_ratios`` under the MACs
-budget. Group fine-tuning (``group_size`` > 0) prunes a few groups at a time, each on features of the partly
-pruned model, with a short Adam fine-tuning in between.
+The criteria, the modes and group fine-tuning: docs/design.md, "Channel pruning".
 """
 
 from __future__ import annotations
 
 import json
-import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 import yaml
 from torch import nn
-from torch.utils.data import DataLoader
 
 from pf_ray.config import check_choice, check_path, check_range
 from pf_ray.data import DataBundle
@@ -34,7 +21,7 @@ from pf_ray.errors import ConfigError, ModelError
 from pf_ray.ops.channel_groups import prunable_groups
 from pf_ray.ops.pruning import CRITERIA, KEEP_RATIOS_FIELD, prune_channels_
 from pf_ray.registry import LEARNERS
-from pf_ray.train import make_loader
+from pf_ray.train import take_batches
 
 MODES = ("uniform", "list", "auto")
 RATIOS_FILE_FIELD = "learner.options.ratios_file"
@@ -156,8 +143,8 @@ class ChannelPruning:
         ratios = dict(zip(names, self._keep_ratios(len(names)), strict=True))
         batches = None
         if config.criterion == "lasso":
-            loader = make_loader(data.train, FEATURE_BATCH_SIZE, shuffle=True, seed=config.seed)
-            batches = [inputs for inputs, _ in _take(loader, config.num_batches)]
+            batches = [inputs for inputs, _ in take_batches(data.train, FEATURE_BATCH_SIZE, config.num_batches,
+                                                            seed=config.seed)]
         options = {
             "round_to": config.round_to,
             "criterion": config.criterion,
@@ -206,10 +193,10 @@ class ChannelPruning:
             return
         parameter = next(model.parameters())
         optimizer = torch.optim.Adam(model.parameters(), lr=self.config.group_learning_rate)
-        loader = make_loader(data.train, FEATURE_BATCH_SIZE, shuffle=True, seed=seed)
         was_training = model.training
         model.train()
-        for step, (inputs, labels) in enumerate(_take(loader, steps, repeat=True)):
+        batches = take_batches(data.train, FEATURE_BATCH_SIZE, steps, seed=seed, cycle=True)
+        for step, (inputs, labels) in enumerate(batches):
             loss = F.cross_entropy(model(inputs.to(parameter.device)), labels.to(parameter.device))
             if not torch.isfinite(loss):
                 raise FloatingPointError(
@@ -226,18 +213,3 @@ class ChannelPruning:
 
     def finalize(self, model: nn.Module) -> nn.Module:
         return model
-
-
-def _take(loader: DataLoader, count: int, *, repeat: bool = False) -> Iterator[Any]:
-    """The first ``count`` batches of ``loader`` (cycling through it again if ``repeat`` and it is shorter)."""
-    taken = 0
-    rounds = math.inf if repeat else 1
-    while taken < count and rounds > 0:
-        rounds -= 1
-        for batch in loader:
-            if taken == count:
-                return
-            yield batch
-            taken += 1
-        if taken == 0:
-            return  # an empty loader
