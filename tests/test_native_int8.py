@@ -18,13 +18,8 @@ from pf_ray.errors import ConfigError, ModelError
 from pf_ray.export import executorch_pte
 from pf_ray.export.onnx import export_onnx
 from pf_ray.export.packed import pack_state_dict, read_packed, write_packed
-from pf_ray.learners.native_int8 import (
-    NativeInt8,
-    NativeInt8Config,
-    QatGraph,
-    snap_to_int8_,
-    symmetric_int8,
-)
+from pf_ray.learners.native_int8 import NativeInt8, NativeInt8Config
+from pf_ray.ops.int8 import QatGraph, snap_to_int8_, symmetric_int8
 from pf_ray.registry import LEARNERS
 
 SHAPE = (1, 16, 16)
