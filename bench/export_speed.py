@@ -135,7 +135,8 @@ def _pruned(args: argparse.Namespace, data: DataBundle, baseline: nn.Module, not
         )
         return model
     try:
-        from pf_ray.ops.pruning import prunable_groups, prune_channels_
+        from pf_ray.ops.channel_groups import prunable_groups
+        from pf_ray.ops.pruning import prune_channels_
     except ImportError:
         notes.append("pruned: pf_ray.ops.pruning is not available; pruned rows skipped")
         return None

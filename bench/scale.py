@@ -135,7 +135,7 @@ def synthetic_space(dims: int) -> PerLayerSpace:
 
     from pf_ray.candidate import MacsBudget
     from pf_ray.learners.channel_pruning import search_dimensions
-    from pf_ray.ops.pruning import macs_table
+    from pf_ray.ops.macs_budget import macs_table
     from pf_ray.search_space import layer_features
 
     layers: list[nn.Module] = []

@@ -21,8 +21,7 @@ from pf_ray.data import DataBundle
 from pf_ray.learners import Learner
 from pf_ray.learners.base import CountsSteps, SearchesPerLayer
 from pf_ray.metrics import finite_number, model_stats
-from pf_ray.ops.pruning import MacsTable, macs_table
-from pf_ray.search_space import PerLayerSpace, layer_features
+from pf_ray.search_space import PerLayerSpace
 from pf_ray.spec import RunSpec
 from pf_ray.train import ACCURACY, Report, evaluate, fit, recalibrate_batchnorm, subset
 
@@ -38,58 +37,12 @@ MACS_RATIO = "macs_ratio"  # candidate MACs / baseline MACs
 LAYER_VALUES = "layer_values"  # the projected per-layer vector the learner used (e.g. keep ratios)
 
 
-@dataclass(frozen=True)
-class MacsBudget:
-    """Channel pruning's budget: the MACs left by per-group keep ratios (after rounding), as a fraction."""
-
-    target: float
-    table: MacsTable  # plain data (no model): searchers carry it to the Ray driver
-    round_to: int
-    min_ratio: float = 0.1
-
-    def cost(self, values: Sequence[float]) -> float:
-        full = self.table.macs([1.0] * len(self.table.sizes), self.round_to)
-        return self.table.macs(values, self.round_to) / full
-
-
 def search_space(spec: RunSpec, model: nn.Module, input_shape: tuple[int, int, int]) -> PerLayerSpace | None:
     """The learner's per-layer search space on ``model``, or None for a learner (or mode) with nothing to search."""
-    if spec.learner_name == "channel_pruning":  # TODO(integration): ChannelPruning.search_space
-        from pf_ray.learners.channel_pruning import ChannelPruning, search_dimensions
-
-        config = spec.learner_config
-        if config.mode != "auto":  # uniform or list: the ratios are given
-            return None
-        names = tuple(search_dimensions(model, input_shape))
-        budget = MacsBudget(spec.experiment.search.target_macs_ratio, macs_table(model, input_shape),
-                            config.round_to, config.min_keep_ratio)
-        return PerLayerSpace(ChannelPruning.searched_field, names, low=config.min_keep_ratio, high=1.0,
-                             budget=_ModelMacsBudget(budget, model, input_shape),
-                             features=layer_features(model, input_shape, names), label="keep ratio")
     learner = spec.build_learner()
     if not isinstance(learner, SearchesPerLayer):
         return None
     return learner.search_space(model, input_shape, spec.experiment.search)
-
-
-@dataclass(frozen=True)
-class _ModelMacsBudget:  # TODO(integration): gone with MacsBudget.project on the table
-    budget: MacsBudget
-    model: nn.Module
-    input_shape: tuple[int, int, int]
-
-    @property
-    def target(self) -> float:
-        return self.budget.target
-
-    def cost(self, values: Sequence[float]) -> float:
-        return self.budget.cost(values)
-
-    def project(self, values: Sequence[float]) -> tuple[float, ...]:
-        from pf_ray.ops.pruning import project_to_budget
-
-        return tuple(project_to_budget(self.model, self.input_shape, values, self.budget.target,
-                                       round_to=self.budget.round_to, min_ratio=self.budget.min_ratio))
 
 
 def resolve(spec: RunSpec, model: nn.Module, input_shape: tuple[int, int, int],

@@ -117,7 +117,7 @@ def load_checkpoint(
     """
     from pf_ray.models import build_model
     from pf_ray.models.user import is_user_model
-    from pf_ray.ops.pruning import resize_to_state_dict_
+    from pf_ray.ops.resize import resize_to_state_dict_
 
     info, state_dict = read_checkpoint(path)
     if is_user_model(info.model.name) and info.model.name != user_model:

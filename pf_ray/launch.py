@@ -864,8 +864,8 @@ def export_and_verify(models: dict[str, torch.nn.Module], data: DataBundle, conf
     """
     from pf_ray.export import export_all
     from pf_ray.export.manifest import artifact_entry, preprocessing, write_manifest
-    from pf_ray.export.packed import pack_state_dict, verify_packed, write_packed
-    from pf_ray.export.verify import verify_artifact
+    from pf_ray.export.packed import pack_state_dict, write_packed
+    from pf_ray.export.verify import verify_artifact, verify_packed
     from pf_ray.progress import progress_to
 
     rows, entries = [], []

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from pf_ray.errors import ModelError
+from pf_ray.hooks import forward_hooks
 
 CONV = "conv"
 DEPTHWISE_CONV = "depthwise_conv"
@@ -63,8 +64,7 @@ def layer_table(model: nn.Module, input_shape: tuple[int, int, int]) -> list[Lay
     def record(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
         rows.append(_describe(names[module], module, output))
 
-    handles = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    modes = {module: module.training for module in model.modules()}
+    hooks = {m: record for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
     reference = next(model.parameters(), None)
     example = torch.zeros(
         (1, *input_shape),
@@ -72,19 +72,25 @@ def layer_table(model: nn.Module, input_shape: tuple[int, int, int]) -> list[Lay
         dtype=reference.dtype if reference is not None and reference.is_floating_point() else torch.float32,
     )
     try:
-        model.eval()
-        with torch.no_grad():
+        with forward_hooks(model, hooks, training=False), torch.no_grad():
             model(example)
     except Exception as error:
         raise ModelError(
             f"model forward failed on an input of shape {tuple(example.shape)}: {type(error).__name__}: {error}"
         ) from error
-    finally:
-        for handle in handles:
-            handle.remove()
-        for module, training in modes.items():
-            module.training = training
     return rows
+
+
+def quantized_layers(model: nn.Module, input_shape: tuple[int, int, int] | None = None, *,
+                     first_last: bool = False) -> list[str]:
+    """The conv/linear layers a quantizing learner covers, each once: in forward order (``input_shape`` given,
+    from ``layer_table``) or in definition order; without ``first_last`` the first and the last of them are left
+    out (PocketFlow keeps those in float)."""
+    if input_shape is not None:
+        names = list(dict.fromkeys(row.name for row in layer_table(model, input_shape)))
+    else:
+        names = [name for name, module in model.named_modules() if isinstance(module, (nn.Conv2d, nn.Linear))]
+    return names if first_last else names[1:-1]
 
 
 def model_stats(model: nn.Module, input_shape: tuple[int, int, int]) -> ModelStats:

@@ -7,9 +7,10 @@ caller has already wrapped the model in DDP and started the process group; ``fit
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -46,6 +47,39 @@ def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int =
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler)
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator)
+
+
+def take_batches(dataset: Dataset, batch_size: int, count: int | None = None, *, seed: int = 0, cycle: bool = False,
+                 reseed: bool = False, full_only: bool = False,
+                 device: str | torch.device | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Shuffled (inputs, labels) batches of ``dataset``, the first ``count`` of them (None: no limit).
+
+    Args:
+        cycle: after the last batch, pass over the data again (reshuffled) until ``count`` are taken; without it,
+            one pass at most. A pass that yields nothing (an empty data set) ends it.
+        reseed: pass p shuffles with its own loader seeded ``seed + p``; without it every pass draws its order
+            from the one loader seeded ``seed``. (Two random streams, both kept: they are what the learners'
+            results were measured with.)
+        full_only: leave out batches smaller than ``batch_size`` (every step averages as many examples).
+        device: where the batches go (None: left where the data set has them).
+    """
+    loader = make_loader(dataset, batch_size, shuffle=True, seed=seed)
+    taken = 0
+    for number in itertools.count():
+        if count is not None and taken >= count:
+            return
+        if reseed and number > 0:
+            loader = make_loader(dataset, batch_size, shuffle=True, seed=seed + number)
+        taken_before = taken
+        for inputs, labels in loader:
+            if full_only and len(labels) != batch_size:
+                continue
+            yield (inputs, labels) if device is None else (inputs.to(device), labels.to(device))
+            taken += 1
+            if taken == count:
+                return
+        if not cycle or taken == taken_before:
+            return
 
 
 def _all_reduce_sum(values: list[float], distributed: bool, device: torch.device) -> list[float]:

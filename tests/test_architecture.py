@@ -1,4 +1,4 @@
-"""Import rules: pf_ray imports without Ray; torch-pruning stays in ops/pruning.py; trainables and
+"""Import rules: pf_ray imports without Ray; torch-pruning stays in ops/channel_groups.py; trainables and
 search_algs do not import each other."""
 
 from __future__ import annotations
@@ -48,10 +48,10 @@ def _python_files(folder: str) -> list[Path]:
     return sorted((ROOT / folder).rglob("*.py"))
 
 
-def test_torch_pruning_is_imported_only_by_ops_pruning():
+def test_torch_pruning_is_imported_only_by_ops_channel_groups():
     users = [p.relative_to(ROOT).as_posix() for p in _python_files("pf_ray")
              if any(n.split(".")[0] == "torch_pruning" for n in _imported_modules(p))]
-    assert users == ["pf_ray/ops/pruning.py"]
+    assert users == ["pf_ray/ops/channel_groups.py"]
 
 
 def test_trainables_and_search_algs_do_not_import_each_other():

@@ -82,3 +82,23 @@ def test_a_candidate_distils_from_a_frozen_baseline_only_when_the_experiment_say
     assert candidate.teacher is not model and not candidate.teacher.training
     assert not any(p.requires_grad for p in candidate.teacher.parameters())
     assert "proxy_accuracy" not in candidate.static_metrics  # measure=False: what only the search uses is skipped
+
+
+def test_a_channel_pruning_candidate_traces_its_dependency_graph_once(setup, monkeypatch):
+    """The space (groups, MACs table, budget) and the pruning itself come from one torch-pruning trace of the copy
+    being pruned (it used to be traced five times per trial)."""
+    import torch_pruning
+
+    spec, data, model = setup
+    proposal = [0.5] * len(search_space(spec, model, data.input_shape).names)
+    builds = []
+    original = torch_pruning.DependencyGraph.build_dependency
+
+    def counted(self, *args, **kwargs):
+        builds.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch_pruning.DependencyGraph, "build_dependency", counted)
+    candidate = make_candidate(spec, model, data, proposal=proposal, measure=False)
+    assert len(builds) == 1
+    assert candidate.static_metrics[MACS_RATIO] <= 0.4

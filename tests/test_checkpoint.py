@@ -11,7 +11,8 @@ from pf_ray.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint,
 from pf_ray.config import ModelConfig
 from pf_ray.errors import CheckpointError
 from pf_ray.models import build_model
-from pf_ray.ops.pruning import prunable_groups, prune_channels_
+from pf_ray.ops.channel_groups import prunable_groups
+from pf_ray.ops.pruning import prune_channels_
 
 SHAPE = (1, 8, 8)
 

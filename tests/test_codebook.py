@@ -15,11 +15,8 @@ from pf_ray.config import SearchConfig, from_dict
 from pf_ray.errors import ConfigError, ModelError
 from pf_ray.export.onnx import export_onnx
 from pf_ray.export.packed import pack_state_dict, read_packed, write_packed
-from pf_ray.learners.nonuniform_quantization import (
-    NonUniformQuantization,
-    NonUniformQuantizationConfig,
-    quantized_layers,
-)
+from pf_ray.learners.nonuniform_quantization import NonUniformQuantization, NonUniformQuantizationConfig
+from pf_ray.metrics import quantized_layers
 from pf_ray.ops.codebook import (
     CodebookWeight,
     codebook_of_values,

@@ -13,10 +13,10 @@ from pf_ray.errors import ConfigError, ModelError
 from pf_ray.learners.discrimination_aware_pruning import (  # importing registers the learner
     DiscriminationAwarePruning,
     DiscriminationAwarePruningConfig,
-    _remove_unkept_channels_,
 )
 from pf_ray.metrics import model_stats
 from pf_ray.models import build_model
+from pf_ray.ops.channel_groups import GroupMember, prunable_groups
 from pf_ray.ops.dcp import (
     AuxiliaryHead,
     channel_mask,
@@ -24,9 +24,10 @@ from pf_ray.ops.dcp import (
     input_channel_weight_mask,
     mask_consumer_inputs_,
     reconstruction_loss,
+    remove_unkept_channels_,
     select_channels_greedily_,
 )
-from pf_ray.ops.pruning import GroupMember, kept_channel_count, prunable_groups, prune_channels_
+from pf_ray.ops.pruning import kept_channel_count, prune_channels_
 from pf_ray.registry import LEARNERS
 
 
@@ -126,7 +127,7 @@ def test_masking_the_consumers_equals_removing_the_channels():
     inputs = torch.randn(4, *shape, generator=generator)
     with torch.no_grad():
         masked = model(inputs)
-        counts = _remove_unkept_channels_(model, shape, groups, kept)
+        counts = remove_unkept_channels_(model, shape, groups, kept)
         pruned = model(inputs)
     assert counts == {name: int(mask.sum()) for name, mask in kept.items()}
     assert model.conv1.out_channels == 8

@@ -15,16 +15,11 @@ from pf_ray.errors import ConfigError
 from pf_ray.metrics import model_stats
 from pf_ray.models import build_model
 from pf_ray.ops import pruning
-from pf_ray.ops.lasso import (
-    ChannelProblem,
-    _conv_patches,
-    channel_problem,
-    least_squares_weights,
-    residual_target,
-    sample_layers,
-    select_channels,
-)
-from pf_ray.ops.pruning import CRITERIA, lasso_consumers, macs_after, prunable_groups, prune_channels_
+from pf_ray.ops.channel_groups import prunable_groups
+from pf_ray.ops.feature_sampling import _conv_patches, residual_target, sample_layers
+from pf_ray.ops.lasso import ChannelProblem, channel_problem, least_squares_weights, select_channels
+from pf_ray.ops.macs_budget import macs_after
+from pf_ray.ops.pruning import CRITERIA, lasso_consumers, prune_channels_
 
 
 def _generator(seed: int) -> torch.Generator:

@@ -19,13 +19,8 @@ from pf_ray.export import executorch_pte
 from pf_ray.export.onnx import export_onnx
 from pf_ray.export.packed import pack_state_dict, read_packed, write_packed
 from pf_ray.learners.base import SearchesPerLayer
-from pf_ray.learners.native_int8 import (
-    NativeInt8,
-    NativeInt8Config,
-    QatGraph,
-    snap_to_int8_,
-    symmetric_int8,
-)
+from pf_ray.learners.native_int8 import NativeInt8, NativeInt8Config
+from pf_ray.ops.int8 import QatGraph, snap_to_int8_, symmetric_int8
 from pf_ray.registry import LEARNERS
 
 SHAPE = (1, 16, 16)
@@ -286,8 +281,8 @@ def test_qat_int8_artifacts_come_from_the_trained_graph(data, trained, tmp_path)
     # the last bit, the rest within 3 output steps). A model rebuilt from a checkpoint (not the object finalize
     # returned) is calibrated afresh instead: other activation ranges, so almost no logit is equal (measured 0.4%).
     with torch.no_grad():
-        converted = learner.quantized_graph(finalized, data)(inputs)
-        recalibrated = learner.quantized_graph(copy.deepcopy(finalized), data)(inputs)
+        converted = learner._quantized_graph(finalized, data)(inputs)
+        recalibrated = learner._quantized_graph(copy.deepcopy(finalized), data)(inputs)
     assert (converted == fake_quantized).float().mean() >= 0.2
     assert (recalibrated == fake_quantized).float().mean() <= 0.05
     for logits in (converted, recalibrated):

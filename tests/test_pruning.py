@@ -14,16 +14,10 @@ from pf_ray.config import ModelConfig
 from pf_ray.errors import ConfigError
 from pf_ray.metrics import model_stats
 from pf_ray.models import build_model
-from pf_ray.ops.pruning import (
-    kept_channel_count,
-    l1_channel_scores,
-    macs_after,
-    macs_table,
-    project_to_budget,
-    prunable_groups,
-    prune_channels_,
-    resize_to_state_dict_,
-)
+from pf_ray.ops.channel_groups import prunable_groups
+from pf_ray.ops.macs_budget import macs_after, macs_table, project_to_budget
+from pf_ray.ops.pruning import kept_channel_count, l1_channel_scores, prune_channels_
+from pf_ray.ops.resize import resize_to_state_dict_
 
 SHAPE = (1, 16, 16)  # small grey images keep every trace fast
 
@@ -227,7 +221,7 @@ def test_projection_spends_the_budget_and_keeps_the_shape(resnet20, seed):
     ratios = [rng.uniform(0.2, 1.0) for _ in range(12)]
     table = macs_table(resnet20, SHAPE)
     budget = 0.5 * table.macs([1.0] * 12, 8)
-    projected = project_to_budget(resnet20, SHAPE, ratios, 0.5, round_to=8, min_ratio=0.1)
+    projected = project_to_budget(macs_table(resnet20, SHAPE), ratios, 0.5, round_to=8, min_ratio=0.1)
 
     kept = [kept_channel_count(n, p, 8) for n, p in zip(table.sizes, projected, strict=True)]
     assert table.macs_of_counts(kept) == macs_after(resnet20, SHAPE, projected, 8) <= budget
@@ -259,7 +253,7 @@ def test_projection_with_round_to_1_lands_within_2_percent_of_the_target(build, 
     rng = random.Random(0)
     for target in (0.21, 0.5, 0.74):
         proposal = [rng.uniform(0.05, 1.0) for _ in table.names]
-        projected = project_to_budget(model, shape, proposal, target, round_to=1, min_ratio=0.1)
+        projected = project_to_budget(macs_table(model, shape), proposal, target, round_to=1, min_ratio=0.1)
         assert 0.98 * target <= table.macs(projected, 1) / baseline <= target
 
 
@@ -267,7 +261,7 @@ def test_lasso_pruned_resnet20_has_the_projected_macs():
     model = _resnet20()
     shape = (1, 8, 8)
     proposal = [random.Random(3).uniform(0.2, 1.0) for _ in range(12)]
-    projected = project_to_budget(model, shape, proposal, 0.4, round_to=1, min_ratio=0.1)
+    projected = project_to_budget(macs_table(model, shape), proposal, 0.4, round_to=1, min_ratio=0.1)
     baseline = model_stats(model, shape).macs
     batches = [torch.randn(16, *shape, generator=torch.Generator().manual_seed(0))]
     prune_channels_(model, shape, projected, round_to=1, criterion="lasso", batches=batches)
@@ -275,7 +269,7 @@ def test_lasso_pruned_resnet20_has_the_projected_macs():
 
 
 def test_projection_grows_a_proposal_far_under_budget(resnet20):
-    projected = project_to_budget(resnet20, SHAPE, [0.2] * 12, 0.5, round_to=8, min_ratio=0.1)
+    projected = project_to_budget(macs_table(resnet20, SHAPE), [0.2] * 12, 0.5, round_to=8, min_ratio=0.1)
     assert all(p > 0.2 for p in projected)
     baseline = macs_after(resnet20, SHAPE, [1.0] * 12, 8)
     assert 0.4 * baseline < macs_after(resnet20, SHAPE, projected, 8) <= 0.5 * baseline
@@ -287,7 +281,7 @@ def test_projection_reports_an_unreachable_budget(resnet20):
         match=r"search\.target_macs_ratio: got 0.01; the smallest reachable with "
         r"round_to=8 and min ratio 0.1 is 0\.\d+",
     ):
-        project_to_budget(resnet20, SHAPE, [0.5] * 12, 0.01, round_to=8, min_ratio=0.1)
+        project_to_budget(macs_table(resnet20, SHAPE), [0.5] * 12, 0.01, round_to=8, min_ratio=0.1)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -17,29 +17,18 @@ from pf_ray.config import SearchConfig, from_dict
 from pf_ray.errors import ConfigError, ModelError
 from pf_ray.export.onnx import export_onnx
 from pf_ray.export.packed import pack_state_dict, read_packed, write_packed
-from pf_ray.learners.uniform_quantization import (
-    UniformQuantization,
-    UniformQuantizationConfig,
-    quantized_layer_names,
-)
-from pf_ray.ops.quantization import (
+from pf_ray.learners.uniform_quantization import UniformQuantization, UniformQuantizationConfig
+from pf_ray.metrics import quantized_layers
+from pf_ray.ops.batchnorm_folding import conv_bn_pairs, fold_batchnorm_, fold_batchnorms_, layers_feeding_float
+from pf_ray.ops.qat_layers import (
     ActivationQuantizer,
     FakeQuantConv2d,
     FakeQuantLinear,
     FrozenQuantConv2d,
     FrozenQuantLinear,
-    conv_bn_pairs,
-    dequantize,
-    fake_quantize,
-    fold_batchnorm_,
-    fold_batchnorms_,
     is_int8_qdq,
-    layers_feeding_float,
-    min_max_qparams,
-    quantize,
-    symmetric_qparams,
-    weight_qparams,
 )
+from pf_ray.ops.quantize import dequantize, fake_quantize, min_max_qparams, quantize, symmetric_qparams, weight_qparams
 from tests.tiny import SHAPE, train_two_steps
 from tests.tiny import tiny_data as _data
 from tests.tiny import tiny_resnet20 as _resnet20
@@ -221,7 +210,7 @@ def test_layers_feeding_float_on_resnet20():
     # conv1 of a block feeds (through bn1 folded away and a ReLU) conv2: a quantized layer. conv2 and the
     # projection shortcuts feed the residual add: float.
     model = _resnet20()
-    names = quantized_layer_names(model, SHAPE, quantize_first_last=False)
+    names = quantized_layers(model, SHAPE, first_last=False)
     fold_batchnorms_(model, names)
     feeding = layers_feeding_float(model, names)
     expected = {f"layer{s}.{b}.conv2" for s in (1, 2, 3) for b in range(3)} | {"layer2.0.shortcut.0",
@@ -388,10 +377,10 @@ def test_layer_bits_from_yaml_become_a_tuple_of_floats():
 
 def test_first_and_last_layers_stay_float_by_default():
     model = _resnet20()
-    names = quantized_layer_names(model, SHAPE, quantize_first_last=False)
+    names = quantized_layers(model, SHAPE, first_last=False)
     assert len(names) == 20 and names[0] == "layer1.0.conv1" and names[-1] == "layer3.2.conv2"
     assert "layer2.0.shortcut.0" in names
-    every = quantized_layer_names(model, SHAPE, quantize_first_last=True)
+    every = quantized_layers(model, SHAPE, first_last=True)
     assert every == ["conv1", *names, "fc"]
 
 

@@ -165,3 +165,32 @@ def test_distillation_config_defaults_and_errors():
     message = r"^learner\.distillation\.temperature: got 0\.0; allowed range is \(0, 100\]$"
     with pytest.raises(ConfigError, match=message):
         from_dict(ExperimentConfig, {"learner": {"distillation": {"temperature": 0}}})
+
+
+def _labels_of(batches) -> list[list[int]]:
+    return [labels.tolist() for _, labels in batches]
+
+
+def test_take_batches_counts_cycles_and_reshuffles_each_pass():
+    from pf_ray.train import make_loader, take_batches
+
+    data = TensorDataset(torch.zeros(10, 1), torch.arange(10))  # labels name the examples
+    one_pass = _labels_of(take_batches(data, 4, seed=3))
+    assert [len(b) for b in one_pass] == [4, 4, 2] and sorted(sum(one_pass, [])) == list(range(10))
+    assert _labels_of(take_batches(data, 4, 2, seed=3)) == one_pass[:2]
+    assert _labels_of(take_batches(data, 4, 0, seed=3)) == []
+    # cycling goes on with the same loader: pass 2 is that loader's next order (what iterating it again gives)
+    loader = make_loader(data, 4, shuffle=True, seed=3)
+    expected = _labels_of(loader) + _labels_of(loader)
+    assert _labels_of(take_batches(data, 4, 5, seed=3, cycle=True)) == expected[:5]
+    # reseeded: pass p is a fresh loader seeded seed + p; full_only drops the 2-example batches
+    reseeded = _labels_of(take_batches(data, 4, 4, seed=3, cycle=True, reseed=True, full_only=True))
+    expected = [b for p in range(2) for b in _labels_of(make_loader(data, 4, shuffle=True, seed=3 + p)) if len(b) == 4]
+    assert reseeded == expected
+
+
+def test_take_batches_ends_when_a_pass_yields_nothing_even_when_cycling():
+    from pf_ray.train import take_batches
+
+    three = TensorDataset(torch.zeros(3, 1), torch.arange(3))
+    assert list(take_batches(three, 4, 5, cycle=True, full_only=True)) == []  # no full batch of 4: no endless loop

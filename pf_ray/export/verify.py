@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -17,7 +18,9 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from pf_ray.data import DataBundle
 from pf_ray.errors import ExportError
 from pf_ray.export.onnx import eval_on_cpu
+from pf_ray.export.packed import read_packed
 from pf_ray.progress import ProgressBar
+from pf_ray.train import ACCURACY, evaluate
 
 # Metric keys, the same in every report.
 TOP1_AGREEMENT = "top1_agreement"
@@ -203,6 +206,33 @@ def verify_artifact(
         latency={size: measure_latency(session, data.input_shape, size, repeats=repeats,
                                        label=f"  {path.name}: latency b{size}")
                  for size in batch_sizes},
+    )
+
+
+def verify_packed(path: str | Path, *, model: torch.nn.Module, data: Any,
+                  reference_inputs: torch.Tensor | None = None) -> ArtifactReport:
+    """Decode a ``.pfpack`` into a copy of ``model`` and measure it as ``verify_artifact`` measures a runtime file:
+    test accuracy (PyTorch, on the decoded weights), top-1 agreement and largest logit difference with ``model``,
+    size on disk. No latency: a packed file is a storage format, decoded to dense weights before any runtime
+    executes it (no runtime here has kernels for bit-packed codebooks or bitmask-sparse convolutions)."""
+    path = Path(path)
+    state, _ = read_packed(path)
+    decoded = copy.deepcopy(model).cpu().eval()
+    missing, unexpected = decoded.load_state_dict(state, strict=False)
+    floating = {name for name, tensor in model.state_dict().items() if tensor.is_floating_point()}
+    if unexpected or floating & set(missing):
+        raise ValueError(f"{path}: does not match the model (missing {sorted(floating & set(missing))[:3]}, "
+                         f"unexpected {sorted(unexpected)[:3]})")
+    if reference_inputs is None:
+        reference_inputs = dataset_inputs(data.test, limit=256)
+    with torch.no_grad():
+        reference = copy.deepcopy(model).cpu().eval()(reference_inputs)
+        got = decoded(reference_inputs)
+    return ArtifactReport(
+        path=path, format="pfpack", size_bytes=path.stat().st_size,
+        test_accuracy=evaluate(decoded, data.test)[ACCURACY],
+        top1_agreement=float((got.argmax(1) == reference.argmax(1)).float().mean()),
+        max_abs_diff=float((got - reference).abs().max()),
     )
 
 

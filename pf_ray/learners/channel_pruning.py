@@ -1,40 +1,30 @@
 """Channel pruning: remove whole channels, residual trunks included (He et al., "Channel Pruning for
 Accelerating Very Deep Neural Networks", ICCV 2017; dependency groups after Fang et al., DepGraph, CVPR 2023).
 
-Channels are chosen by LASSO regression on features sampled from training batches, and the layers that consume
-them are refit by least squares (``criterion="lasso"``, the paper's method), or by the L1 norm of their filters
-(``"l1"``, PocketFlow's data-free option). They are removed physically, so the fine-tuned model is really
-smaller. Kept counts are rounded to ``round_to`` because runtimes compute in channel blocks: unaligned counts
-made a 48%-MACs ResNet-20 slower than the original under ONNX Runtime.
-
-Modes (PocketFlow's): ``uniform`` keeps ``keep_ratio`` of every group; ``list`` takes one ratio per group from
-``layer_keep_ratios`` or ``ratios_file``; ``auto`` lets the search choose ``layer_keep_ratios`` under the MACs
-budget. Group fine-tuning (``group_size`` > 0) prunes a few groups at a time, each on features of the partly
-pruned model, with a short Adam fine-tuning in between.
+The criteria, the modes and group fine-tuning: docs/design.md, "Channel pruning".
 """
 
 from __future__ import annotations
 
 import json
-import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 import yaml
 from torch import nn
-from torch.utils.data import DataLoader
 
-from pf_ray.config import check_choice, check_path, check_range
+from pf_ray.config import SearchConfig, check_choice, check_path, check_range
 from pf_ray.data import DataBundle
 from pf_ray.errors import ConfigError, ModelError
 from pf_ray.learners.base import PerLayerMode, check_per_layer_mode
-from pf_ray.ops.pruning import CRITERIA, KEEP_RATIOS_FIELD, prunable_groups, prune_channels_
+from pf_ray.ops.channel_groups import prunable_groups
+from pf_ray.ops.macs_budget import MacsBudget, macs_table
+from pf_ray.ops.pruning import CRITERIA, KEEP_RATIOS_FIELD, prune_channels_
 from pf_ray.registry import LEARNERS
-from pf_ray.train import make_loader
+from pf_ray.search_space import PerLayerSpace, layer_features
+from pf_ray.train import take_batches
 
 RATIOS_FILE_FIELD = "learner.options.ratios_file"
 FEATURE_BATCH_SIZE = 64  # images per mini-batch for LASSO's feature sampling and for group fine-tuning
@@ -118,7 +108,7 @@ def search_dimensions(model: nn.Module, input_shape: tuple[int, int, int]) -> li
 class ChannelPruning:
     """Pruning (and group fine-tuning) in ``prepare``; fine-tuning then trains the smaller model as it is."""
 
-    searched_field = "layer_keep_ratios"  # its per-layer space is built in pf_ray.candidate (the MACs budget)
+    searched_field = "layer_keep_ratios"
 
     def __init__(self, config: ChannelPruningConfig) -> None:
         self.config = config
@@ -136,14 +126,28 @@ class ChannelPruning:
             )
         return names
 
+    def search_space(self, model: nn.Module, input_shape: tuple[int, int, int],
+                     search: SearchConfig) -> PerLayerSpace | None:
+        """One keep ratio per prunable group in [min_keep_ratio, 1] under ``search.target_macs_ratio`` of the MACs
+        (auto mode); None in the other modes, whose ratios are given."""
+        if self.config.mode != PerLayerMode.AUTO:
+            return None
+        table = macs_table(model, input_shape)
+        if not table.names:
+            self._groups(model, input_shape)  # raises: nothing to prune
+        budget = MacsBudget(search.target_macs_ratio, table, self.config.round_to, self.config.min_keep_ratio)
+        return PerLayerSpace(self.searched_field, table.names, low=self.config.min_keep_ratio, high=1.0,
+                             budget=budget, features=layer_features(model, input_shape, table.names),
+                             label="keep ratio")
+
     def prepare(self, model: nn.Module, data: DataBundle) -> nn.Module:
         config = self.config
         names = self._groups(model, data.input_shape)
         ratios = dict(zip(names, self._keep_ratios(len(names)), strict=True))
         batches = None
         if config.criterion == "lasso":
-            loader = make_loader(data.train, FEATURE_BATCH_SIZE, shuffle=True, seed=config.seed)
-            batches = [inputs for inputs, _ in _take(loader, config.num_batches)]
+            batches = [inputs for inputs, _ in take_batches(data.train, FEATURE_BATCH_SIZE, config.num_batches,
+                                                            seed=config.seed)]
         options = {
             "round_to": config.round_to,
             "criterion": config.criterion,
@@ -192,10 +196,10 @@ class ChannelPruning:
             return
         parameter = next(model.parameters())
         optimizer = torch.optim.Adam(model.parameters(), lr=self.config.group_learning_rate)
-        loader = make_loader(data.train, FEATURE_BATCH_SIZE, shuffle=True, seed=seed)
         was_training = model.training
         model.train()
-        for step, (inputs, labels) in enumerate(_take(loader, steps, repeat=True)):
+        batches = take_batches(data.train, FEATURE_BATCH_SIZE, steps, seed=seed, cycle=True)
+        for step, (inputs, labels) in enumerate(batches):
             loss = F.cross_entropy(model(inputs.to(parameter.device)), labels.to(parameter.device))
             if not torch.isfinite(loss):
                 raise FloatingPointError(
@@ -212,18 +216,3 @@ class ChannelPruning:
 
     def finalize(self, model: nn.Module) -> nn.Module:
         return model
-
-
-def _take(loader: DataLoader, count: int, *, repeat: bool = False) -> Iterator[Any]:
-    """The first ``count`` batches of ``loader`` (cycling through it again if ``repeat`` and it is shorter)."""
-    taken = 0
-    rounds = math.inf if repeat else 1
-    while taken < count and rounds > 0:
-        rounds -= 1
-        for batch in loader:
-            if taken == count:
-                return
-            yield batch
-            taken += 1
-        if taken == 0:
-            return  # an empty loader

@@ -1,66 +1,37 @@
 """Discrimination-aware channel pruning (Zhuang et al., "Discrimination-aware Channel Pruning for Deep Neural
 Networks", NeurIPS 2018).
 
-The prunable groups, in forward order, are split into ``num_stages`` stages of (nearly) equal size; after the
-last layer of each stage but the last sits an auxiliary head (BN, ReLU, global average pool, linear, softmax
-cross-entropy). Stage by stage: fine-tune the model on the stage's auxiliary loss + the final loss, then for each
-group of the stage select the channels its consumers (the conv/linear layers reading it) keep, greedily by the
-gradient norm of (reconstruction against the frozen original + auxiliary loss). Channels are masked during
-selection and removed physically once at the end, so the returned model is the input's class, really smaller;
-the heads are thrown away. The paper's final whole-network fine-tune is the trial's fine-tuning after ``prepare``.
-
-Differences from the paper (all deliberate):
-
-- Groups, not layers: a group is every layer sharing a set of channels (a residual trunk with all its blocks,
-  see ``pf_ray.ops.pruning``). Its consumers' input channels are selected together, with the gradient norms of
-  all its consumers summed and the reconstruction losses of all of them added. Trunk groups are included.
-- A stage's "last layer" is the consumer of its groups that runs last; the head reads that layer's output (for
-  a ResNet stage ending at a downsampling block, the projection shortcut of the next block).
-- ``channel_fine_tune_steps`` = 0 (the default) skips the paper's fine-tuning of a layer after each added
-  channel: kept channels keep their stage-fine-tuned weights. It is the cheap approximation (one forward and
-  backward per kept channel); the paper's setting costs ``channel_fine_tune_steps`` more per kept channel.
-- Batch norms are frozen (eval mode) while channels are selected and layers fine-tuned: with most channels
-  masked, batch statistics would be meaningless. Stage fine-tuning trains them as usual.
-- Optimiser: SGD with Nesterov momentum 0.9 and a constant rate, for both fine-tunings (PocketFlow used Adam).
-- Masks stand in for removal until the end. That is exact through convs, batch norms, depthwise convs and residual
-  additions, not through a layer normalising across channels (LayerNorm/GroupNorm over C), which sees the
-  removal only at the end. A layer called twice in one forward is scored on its last call.
+The algorithm as implemented, and its differences from the paper: docs/design.md, "Discrimination-aware pruning".
 """
 
 from __future__ import annotations
 
 import copy
-import itertools
-from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset
 
 from pf_ray.config import check_range
 from pf_ray.data import DataBundle
 from pf_ray.errors import ConfigError, DataError, ModelError
+from pf_ray.ops.channel_groups import GroupMember, PrunableGroup, prunable_groups
 from pf_ray.ops.dcp import (
     CONSUMER_LAYERS,
     AuxiliaryHead,
     Consumer,
+    call_order,
     channel_mask,
     mask_consumer_inputs_,
     reconstruction_loss,
+    record_outputs,
+    remove_unkept_channels_,
     select_channels_greedily_,
 )
-from pf_ray.ops.pruning import (
-    CRITERIA,
-    GroupMember,
-    PrunableGroup,
-    kept_channel_count,
-    prunable_groups,
-    prune_channels_,
-)
+from pf_ray.ops.pruning import kept_channel_count
 from pf_ray.registry import LEARNERS
-from pf_ray.train import make_loader
+from pf_ray.train import take_batches
 
 MOMENTUM = 0.9  # of both fine-tunings' SGD
 
@@ -121,7 +92,7 @@ class DiscriminationAwarePruning:
         with torch.random.fork_rng(devices=[]):  # seeded heads without touching the caller's random state
             torch.manual_seed(self.config.seed)
             kept = _Selection(self.config, model, data, groups).run()
-        self.kept_channels = _remove_unkept_channels_(model, data.input_shape, groups, kept)
+        self.kept_channels = remove_unkept_channels_(model, data.input_shape, groups, kept)
         model.train(was_training)
         return model
 
@@ -130,10 +101,6 @@ class DiscriminationAwarePruning:
 
     def finalize(self, model: nn.Module) -> nn.Module:
         return model
-
-
-class _StopForward(Exception):
-    """Raised by a hook once every feature a loss needs exists: the rest of the forward pass would be waste."""
 
 
 class _Selection:
@@ -147,7 +114,10 @@ class _Selection:
         self.original = copy.deepcopy(model).eval().requires_grad_(False)  # targets of the reconstruction losses
         self.num_classes = data.num_classes
         self.device = next(model.parameters()).device
-        self.batches = _batches(data.train, config.batch_size, config.seed, self.device)
+        # only full batches (unless the data set is smaller than one): every greedy gradient averages as many examples,
+        # and no batch norm trains on a single example
+        self.batches = take_batches(data.train, min(config.batch_size, len(data.train)), seed=config.seed, cycle=True,
+                                    reseed=True, full_only=True, device=self.device)
         self.modules = dict(model.named_modules())
         original_modules = dict(self.original.named_modules())
         self.original_of = {module: original_modules[name] for name, module in self.modules.items()}
@@ -160,7 +130,7 @@ class _Selection:
             for member in group.members:
                 if member.dim == "out":
                     self.produces.setdefault(self.modules[member.module], []).append((member, self.kept[group.name]))
-        self.call_order = _call_order(model, data.input_shape, self.device)
+        self.call_order = call_order(model, data.input_shape, self.device)
 
     def _consumers(self, group: PrunableGroup) -> list[Consumer]:
         consumers = []
@@ -220,7 +190,7 @@ class _Selection:
         record = [head_layer] if head_layer is not None else []
         for _ in range(self.config.stage_fine_tune_steps):
             inputs, labels = next(self.batches)
-            features, logits = _forward(self.model, inputs, record)
+            features, logits = record_outputs(self.model, inputs, record)
             loss = F.cross_entropy(logits, labels)
             if head is not None:
                 loss = loss + F.cross_entropy(head(features[head_layer], self._output_mask(head_layer)), labels)
@@ -243,11 +213,11 @@ class _Selection:
         def loss_fn() -> torch.Tensor:
             """reconstruction_weight * L_M (every consumer of the group) + the stage's auxiliary loss."""
             inputs, labels = next(self.batches)
-            features, logits = _forward(
+            features, logits = record_outputs(
                 self.model, inputs, [*layers, head_layer] if head else layers, stop_after=head_layer
             )
             with torch.no_grad():
-                targets, _ = _forward(
+                targets, _ = record_outputs(
                     self.original,
                     inputs,
                     [self.original_of[m] for m in layers],
@@ -289,83 +259,3 @@ class _Selection:
         for group in self.groups:
             if not bool(self.kept[group.name].all()):
                 mask_consumer_inputs_(self.consumers[group.name], self.kept[group.name])
-
-
-def _remove_unkept_channels_(
-    model: nn.Module, input_shape: tuple[int, int, int], groups: list[PrunableGroup], kept: dict[str, torch.Tensor]
-) -> dict[str, int]:
-    """Physically remove the unkept channels through ``prune_channels_``; returns the kept count per group.
-
-    ``prune_channels_`` keeps, in each group, the k best channels by a criterion named in ``CRITERIA``. Scoring
-    kept channels 1 and the others 0, with k = the number kept (ratio k / n and round_to=1, so no rounding can
-    move k), makes it keep exactly the selected channels. That criterion is registered under a private key for
-    this one call and removed afterwards.
-    """
-    key = f"_discrimination_aware_selection_{id(kept)}"
-    CRITERIA[key] = lambda _model, group: kept[group.name].to(torch.float64)
-    ratios = [int(kept[group.name].sum()) / group.num_channels for group in groups]
-    try:
-        return prune_channels_(model, input_shape, ratios, round_to=1, criterion=key)
-    finally:
-        del CRITERIA[key]
-
-
-def _forward(
-    model: nn.Module, inputs: torch.Tensor, record: Collection[nn.Module], stop_after: nn.Module | None = None
-) -> tuple[dict[nn.Module, torch.Tensor], torch.Tensor | None]:
-    """Run ``model`` and return (the outputs of the ``record`` layers, the model's output or None if stopped).
-
-    Recorded outputs are clones, so a later in-place activation cannot change them; the forward stops right
-    after ``stop_after`` runs (None: runs to the end).
-    """
-    outputs: dict[nn.Module, torch.Tensor] = {}
-
-    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        if module in record:
-            outputs[module] = output.clone()
-        if module is stop_after:
-            raise _StopForward
-
-    handles = [module.register_forward_hook(hook) for module in {*record, stop_after} if module is not None]
-    try:
-        return outputs, model(inputs)
-    except _StopForward:
-        return outputs, None
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def _call_order(model: nn.Module, input_shape: tuple[int, int, int], device: torch.device) -> dict[nn.Module, int]:
-    """Position of each conv/linear layer's last call in one forward pass."""
-    order: dict[nn.Module, int] = {}
-    calls = itertools.count()
-    hook = lambda module, args, output: order.__setitem__(module, next(calls))
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, CONSUMER_LAYERS)]
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(torch.zeros(1, *input_shape, device=device))
-    finally:
-        model.train(was_training)
-        for handle in handles:
-            handle.remove()
-    return order
-
-
-def _batches(
-    dataset: Dataset, batch_size: int, seed: int, device: torch.device
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Training batches forever, reshuffled (seed + epoch) every pass over the data.
-
-    Only full batches (unless the data set is smaller than one): every greedy gradient averages as many examples,
-    and no batch norm trains on a single example.
-    """
-    batch_size = min(batch_size, len(dataset))
-    epoch = 0
-    while True:
-        for inputs, labels in make_loader(dataset, batch_size, shuffle=True, seed=seed + epoch):
-            if len(labels) == batch_size:
-                yield inputs.to(device), labels.to(device)
-        epoch += 1

@@ -1,28 +1,5 @@
 """Non-uniform weight quantization with trained codebooks (Han et al., "Deep Compression", ICLR 2016;
-PocketFlow's NonUniformQuantLearner).
-
-Every conv/linear weight is replaced by one of 2^k shared values of its layer (or bucket), fitted by k-means,
-quantiles or a linear grid, then fine-tuned: the centroids by the gradients of their weights, the float
-weights straight-through, or both (``optimize``; what each does to the assignment is in
-``pf_ray.ops.codebook.CodebookWeight``). Activations stay float. The finalized model is a plain model whose
-weights hold the shared values (it exports to ONNX as any float model); ``packed`` stores it as k-bit codes plus
-float tables, and keeps a sparsified model's zeros as a 1-bit mask, so sparsity and codebooks compound.
-
-A centroid's exact gradient is the sum of its weights' gradients (Han et al.; ``centroid_gradient="sum"``). But
-fine-tuning uses one learning rate for every parameter, and a centroid shared by 2,300 weights (a ResNet-20
-stage-3 conv at 4 bits) then takes steps thousands of times a weight's: 20 SGD steps at learning rate 0.1 moved
-such centroids by up to 20 where they lie 0.01 apart, collapsing the layer to one value. The default ``"mean"``
-divides each centroid's sum by its cluster size (same direction, the step of an average member weight; the same
-run moved them by 0.002).
-
-The first and last layers stay float unless ``quantize_first_last``, as in PocketFlow's quantization learners:
-they are the most sensitive (the stem sees raw pixels, the classifier writes the logits) and hold a small share
-of the weights (0.4% of a ResNet-20).
-
-Modes (PocketFlow's): ``uniform`` gives every quantized layer ``bits``; ``list`` takes ``layer_bits``; ``auto``
-lets the search choose ``layer_bits`` under an average of ``bits`` per weight (weighted by weight count), and is
-``uniform`` until a search has filled them.
-"""
+PocketFlow's NonUniformQuantLearner)."""
 
 from __future__ import annotations
 
@@ -35,22 +12,15 @@ from torch.nn.utils import parametrize
 from pf_ray.config import SearchConfig, check_choice, check_range
 from pf_ray.data import DataBundle
 from pf_ray.errors import ConfigError, ModelError
-from pf_ray.export.packed import PackedTensor
 from pf_ray.learners.base import PerLayerMode, check_per_layer_mode
-from pf_ray.ops.bits import FP32_BITS, WeightBitsBudget
-from pf_ray.ops.codebook import (
-    CENTROID_GRADIENTS,
-    INITS,
-    MAX_BITS,
-    OPTIMIZE,
-    CodebookWeight,
-    codebook_of_values,
-)
+from pf_ray.metrics import quantized_layers
+from pf_ray.ops.bits import FP32_BITS, MAX_BITS, WeightBitsBudget
+from pf_ray.ops.codebook import CENTROID_GRADIENTS, INITS, OPTIMIZE, CodebookWeight, codebook_of_values
+from pf_ray.packing import PackedTensor
 from pf_ray.registry import LEARNERS
 from pf_ray.search_space import PerLayerSpace, layer_features
 
 LAYER_BITS_FIELD = "learner.options.layer_bits"
-QUANTIZED_LAYERS = (nn.Conv2d, nn.Linear)
 
 
 @dataclass(frozen=True)
@@ -84,19 +54,6 @@ class NonUniformQuantizationConfig:
         if self.mode == PerLayerMode.AUTO and not self.min_bits <= self.bits <= self.max_bits:
             raise ConfigError(f"bits: got {self.bits} with mode 'auto'; the search reaches averages from min_bits="
                               f"{self.min_bits} to max_bits={self.max_bits}")
-
-
-def quantized_layers(model: nn.Module, input_shape: tuple[int, int, int] | None = None, *,
-                     first_last: bool = False) -> list[str]:
-    """The conv/linear layers whose weights get a codebook, in forward order (``input_shape`` given) or in
-    definition order; without ``first_last`` the first and the last of them are left out."""
-    if input_shape is not None:
-        from pf_ray.metrics import layer_table
-
-        names = list(dict.fromkeys(layer.name for layer in layer_table(model, input_shape)))
-    else:
-        names = [name for name, module in model.named_modules() if isinstance(module, QUANTIZED_LAYERS)]
-    return names if first_last else names[1:-1]
 
 
 @LEARNERS.register("nonuniform_quantization", config=NonUniformQuantizationConfig)

@@ -1,54 +1,8 @@
-"""Uniform quantization by quantization-aware training (PocketFlow's UniformQuantLearner; Jacob et al., CVPR 2018).
-
-Each quantized conv/linear layer trains with fake-quantized weights (``weight_bits``, an asymmetric min/max grid
-per tensor or per output channel, straight-through gradients; the maths in ``pf_ray.ops.quantization``) and,
-optionally, a fake-quantized input (``activation_bits``, a running min/max range, calibrated on a few training
-batches in ``prepare`` so the model is already quantized when it is first evaluated). The first and last layers
-stay float unless ``quantize_first_last``, as in PocketFlow: they hold few weights and cost the most accuracy.
-
-Modes (PocketFlow's): ``uniform`` gives every quantized layer ``weight_bits``; ``list`` takes one width per layer
-from ``layer_bits``; ``auto`` lets the search choose ``layer_bits`` (one float per layer in [min_bits, max_bits],
-rounded under a budget of ``weight_bits`` per weight on average, see ``allocate_bits``); before a search, auto is
-uniform.
-
-Batch norm (``fold_batchnorm``, on by default): every BatchNorm2d that directly follows a quantized conv is
-taken into that conv (``FakeQuantConv2d``'s ``bn``; the model's BN becomes ``nn.Identity``), and the weight
-quantized is the folded one, w gamma / sigma (sigma from the running variance). That is the weight an integer
-runtime executes: TFLite, and PocketFlow's TF-QAT path through TensorFlow's rewriter, deploy folded weights, and
-ONNX Runtime fuses a W8A8 conv into QLinearConv only without a BN between the conv and the next QuantizeLinear.
-``finalize`` then folds for good (w' = Q(w gamma / sigma), b' = beta + (b - mean) gamma / sigma) and the
-finalized model has no batch norm after a quantized conv. In eval mode (calibration, the search's proxy,
-validation) the QAT layer already computes exactly that folded layer. In training it divides the conv output by
-gamma / sigma again and applies the batch norm on the batch's statistics, as torch.ao's ConvBn QAT modules do
-(Jacob et al. 2018, section 3.2, without their later freeze and batch-to-running correction): the unfolded
-weight trains with batch norm as in the float model, and the running statistics keep updating.
-
-Why not fold first and train the folded conv without batch norm ("fold then quantize" in its plain form, the
-first version of this learner): on the bench's ResNet-20 it diverged. Weights-only W4 at lr 0.01 went to NaN
-after 9 steps, and over 12 steps its loss rose from 0.08 to 1.3 with the gradient norm growing from 2 to 21, where
-the unfolded model trained stably (loss 0.17 -> 0.09, gradient norm ~1); a folded float model alone grew its
-gradient norm to 11. Without batch statistics nothing renormalises the layers during fine-tuning, and the
-folded parametrisation scales each channel's effective learning rate by (sigma / gamma)^2. What folding still
-costs: per-tensor grids (channels with small gamma / sigma get few levels; per-channel grids lose nothing), and
-during training the quantized weight uses the running sigma while the batch norm normalises by the batch's.
-
-Two more settings exist for ONNX Runtime's integer kernels and apply only to layers with 8-bit weights and 8-bit
-inputs (the ones exported as INT8 QDQ; see ``pf_ray.ops.quantization``): ``symmetric_int8`` puts their weights
-on a symmetric grid (int8 zero point 0, codes -127..127; with per-channel weight zero points ORT's QLinearConv
-took 2.3x the time in a profile, the whole model 1.25x), and ``int8_outputs`` makes those whose output meets no
-other quantized layer (before a residual add) fake-quantize their output at 8 bits as well, so every one of them
-fuses. With both and folding, W8A8 ResNet-20 runs 1.3x faster than FP32 in ONNX Runtime (one thread); with none
-of the three, 2x slower.
-
-``finalize`` replaces the weights by their dequantized values (exactly on the grid) and freezes the activation
-ranges; the model exports to ONNX, as QuantizeLinear/DequantizeLinear where weights and inputs are 8-bit
-(``is_int8_qdq``), and ``packed`` stores every quantized weight as ``weight_bits``-bit codes plus scales.
-"""
+"""Uniform quantization by quantization-aware training (PocketFlow's UniformQuantLearner; Jacob et al., CVPR 2018)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from itertools import islice
 
 import torch
 from torch import nn
@@ -56,33 +10,28 @@ from torch import nn
 from pf_ray.config import SearchConfig, check_choice, check_range
 from pf_ray.data import DataBundle
 from pf_ray.errors import ConfigError, ModelError
-from pf_ray.export.packed import PackedTensor
 from pf_ray.learners.base import PerLayerMode, check_per_layer_mode
-from pf_ray.metrics import layer_table
-from pf_ray.ops.bits import FP32_BITS, WeightBitsBudget
-from pf_ray.ops.quantization import (
-    GRANULARITIES,
-    INT8_BITS,
-    MAX_BITS,
-    MIN_BITS,
+from pf_ray.metrics import quantized_layers
+from pf_ray.ops.bits import FP32_BITS, MAX_BITS, WeightBitsBudget
+from pf_ray.ops.qat_layers import (
+    FAKE_QUANT_LAYERS,
     ActivationQuantizer,
-    FakeQuantConv2d,
-    FakeQuantLinear,
     FrozenActivationQuantizer,
-    conv_bn_pairs,
+    fake_quantize_layers_,
     freeze_,
     is_int8_qdq,
-    layers_feeding_float,
     packed_weights,
 )
+from pf_ray.ops.quantize import GRANULARITIES, INT8_BITS, MIN_BITS
+from pf_ray.packing import PackedTensor
 from pf_ray.registry import LEARNERS
 from pf_ray.search_space import PerLayerSpace, layer_features
-from pf_ray.train import make_loader
+from pf_ray.train import take_batches
 
 LAYER_BITS_FIELD = "learner.options.layer_bits"
 CALIBRATION_BATCH_SIZE = 64  # images per calibration batch of the activation ranges
 
-__all__ = ["UniformQuantization", "UniformQuantizationConfig", "is_int8_qdq", "quantized_layer_names"]
+__all__ = ["UniformQuantization", "UniformQuantizationConfig", "is_int8_qdq"]
 
 
 @dataclass(frozen=True)
@@ -121,14 +70,6 @@ class UniformQuantizationConfig:
         check_range("num_calibration_batches", self.num_calibration_batches, low=0)
 
 
-def quantized_layer_names(model: nn.Module, input_shape: tuple[int, int, int], *,
-                          quantize_first_last: bool) -> list[str]:
-    """The conv/linear layers to quantize, in the order they run (each once); without ``quantize_first_last``
-    the first and the last to run are left out."""
-    names = list(dict.fromkeys(row.name for row in layer_table(model, input_shape)))
-    return names if quantize_first_last else names[1:-1]
-
-
 @LEARNERS.register("uniform_quantization", config=UniformQuantizationConfig)
 class UniformQuantization:
     """Layers swapped for fake-quantized ones in ``prepare``; fine-tuning then trains through the quantizers."""
@@ -145,7 +86,7 @@ class UniformQuantization:
         self._bits(len(self._layers(model, input_shape)))
 
     def _layers(self, model: nn.Module, input_shape: tuple[int, int, int]) -> list[tuple[str, nn.Module]]:
-        names = quantized_layer_names(model, input_shape, quantize_first_last=self.config.quantize_first_last)
+        names = quantized_layers(model, input_shape, first_last=self.config.quantize_first_last)
         if not names:
             raise ModelError(
                 f"uniform_quantization: the model ({type(model).__name__}) has no conv/linear layer to quantize"
@@ -156,7 +97,7 @@ class UniformQuantization:
         for name, layer in layers:
             # A subclass may compute its forward differently: replacing it by a plain quantized layer would not
             # be the same model.
-            if type(layer) not in (nn.Conv2d, nn.Linear, FakeQuantConv2d, FakeQuantLinear):
+            if type(layer) not in (nn.Conv2d, nn.Linear, *FAKE_QUANT_LAYERS):
                 raise ModelError(f"uniform_quantization: layer {name!r} is a {type(layer).__name__}, a subclass of "
                                  "Conv2d/Linear with its own code; only plain nn.Conv2d and nn.Linear are quantized")
         return layers
@@ -204,29 +145,15 @@ class UniformQuantization:
         layers = self._layers(model, input_shape)
         bits = self._bits(len(layers))
         for name, layer in layers:
-            if isinstance(layer, (FakeQuantConv2d, FakeQuantLinear)):
+            if isinstance(layer, FAKE_QUANT_LAYERS):
                 raise ModelError(f"uniform_quantization: layer {name!r} is already fake-quantized")
-        names = [name for name, _ in layers]
-        batch_norms: dict[str, nn.BatchNorm2d] = {}  # conv name -> the BN it takes over
-        if config.fold_batchnorm:
-            wanted = set(names)
-            for conv_name, bn_name in conv_bn_pairs(model):
-                if conv_name in wanted:
-                    batch_norms[conv_name] = model.get_submodule(bn_name)
-                    model.set_submodule(bn_name, nn.Identity())
-        feeding_float = (layers_feeding_float(model, names)
-                         if config.int8_outputs and config.activation_bits == INT8_BITS else set())
-        for (name, layer), layer_bits in zip(layers, bits, strict=True):
-            quantized_class = FakeQuantConv2d if isinstance(layer, nn.Conv2d) else FakeQuantLinear
-            int8 = layer_bits == INT8_BITS and config.activation_bits == INT8_BITS  # exported as INT8 QDQ
-            model.set_submodule(name, quantized_class.from_float(
-                layer, weight_bits=layer_bits, granularity=config.granularity,
-                activation_bits=config.activation_bits if activations else None,
-                ema_decay=config.activation_ema_decay,
-                output_bits=INT8_BITS if activations and int8 and name in feeding_float else None,
-                symmetric=int8 and config.symmetric_int8, bn=batch_norms.get(name)))
-        self.layer_bits = {name: layer_bits for (name, _), layer_bits in zip(layers, bits, strict=True)}
-        return names
+        layer_bits = {name: layer_bits for (name, _), layer_bits in zip(layers, bits, strict=True)}
+        fake_quantize_layers_(model, layer_bits, granularity=config.granularity,
+                              activation_bits=config.activation_bits, ema_decay=config.activation_ema_decay,
+                              fold_batchnorm=config.fold_batchnorm, int8_outputs=config.int8_outputs,
+                              symmetric_int8=config.symmetric_int8, activations=activations)
+        self.layer_bits = layer_bits
+        return list(layer_bits)
 
     @torch.no_grad()
     def _calibrate(self, model: nn.Module, data: DataBundle) -> None:
@@ -234,13 +161,13 @@ class UniformQuantization:
         keeps its statistics); each layer sees its inputs as quantized by the layers before it."""
         quantizers = [m for m in model.modules() if isinstance(m, ActivationQuantizer)]
         parameter = next(model.parameters())
-        loader = make_loader(data.train, CALIBRATION_BATCH_SIZE, shuffle=True, seed=self.config.seed)
         was_training = model.training
         model.eval()
         for quantizer in quantizers:
             quantizer.calibrating = True
         try:
-            for inputs, _ in islice(loader, self.config.num_calibration_batches):
+            for inputs, _ in take_batches(data.train, CALIBRATION_BATCH_SIZE, self.config.num_calibration_batches,
+                                          seed=self.config.seed):
                 model(inputs.to(parameter.device))
         finally:
             for quantizer in quantizers:
@@ -258,7 +185,7 @@ class UniformQuantization:
     def packed(self, model: nn.Module) -> dict[str, PackedTensor]:
         """Every quantized weight of the finalized model as ``PackedTensor.integer`` (its bits per code, one scale
         and zero point per output channel or per tensor)."""
-        if any(isinstance(m, (FakeQuantConv2d, FakeQuantLinear)) for m in model.modules()):
+        if any(isinstance(m, FAKE_QUANT_LAYERS) for m in model.modules()):
             # its weights are still float: packing nothing would silently store them all dense
             raise ModelError("uniform_quantization: packed() takes the finalized model; call finalize(model) first")
         return packed_weights(model)

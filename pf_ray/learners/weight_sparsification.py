@@ -1,31 +1,7 @@
-"""Weight sparsification: gradual magnitude pruning of conv and linear weights during fine-tuning (Zhu & Gupta,
-"To prune, or not to prune: exploring the efficacy of pruning for model compression", 2017; PocketFlow's
-WeightSparseLearner).
+"""Weight sparsification: gradual magnitude pruning during fine-tuning (Zhu & Gupta, "To prune, or not to prune:
+exploring the efficacy of pruning for model compression", 2017; PocketFlow's WeightSparseLearner).
 
-Every conv/linear weight (biases and batch norm stay dense) gets a 0/1 mask. The optimiser trains a dense
-*backup* of the weight and the layer computes with ``backup * mask`` (a ``torch.nn.utils.parametrize``
-parametrization of ``weight``: state-dict keys ``<layer>.parametrizations.weight.original`` for the backup and
-``<layer>.parametrizations.weight.0.mask`` for the mask, so a checkpoint of a run in progress keeps both; such a
-model deep-copies, but pickles only through its state dict). Along the cubic schedule of ``pf_ray.ops.sparsity``
-each mask is recomputed from the backup's magnitudes. Gradients are masked, as in the paper's TensorFlow
-implementation: d loss / d backup = mask * d loss / d weight, so a pruned weight's backup gets no gradient from
-the loss (only weight decay, and the momentum it had, still move it). It is not lost, though: because masks are
-recomputed from backups, not from the masked weights, a pruned weight returns at the next update if the layer's
-kept weights have shrunk below it, or if its backup was moved above them.
-
-After t_e the masks stay fixed while the kept weights keep training. ``finalize`` makes the sparsity exact and
-the model plain: a layer whose mask does not yet hold its final count of zeros, round(s_f * n) (training ended
-before t_e, or never called ``on_step``), gets its final mask from the backup's magnitudes at once (one-shot
-pruning); then the masks are folded into the weights and the parametrizations removed.
-
-The schedule's t_b and t_e are fractions of the run, so the learner must know its length: the training loop
-tells it with ``set_total_steps``. A loop that does not is assumed to run ``total_steps`` (10,000) steps; if it
-stops before t_e, ``finalize`` still delivers the exact target sparsity, by the one-shot pruning above.
-
-Per-layer final sparsities (``mode``): ``uniform``, every layer at ``sparsity``; ``heuristic``, PocketFlow's
-log-size rule; ``list``, given ``layer_sparsities``; ``auto``, the search fills ``layer_sparsities`` under the
-budget "fraction of covered weights kept = 1 - sparsity" (uniform until it has). PocketFlow stored the zeros
-densely; ``packed`` stores each sparse weight as a bitmask plus its float32 non-zeros.
+The masks, the schedule and the modes: docs/design.md, "Weight sparsification".
 """
 
 from __future__ import annotations
@@ -40,16 +16,17 @@ from torch.nn.utils import parametrize
 from pf_ray.config import SearchConfig, check_range
 from pf_ray.data import DataBundle
 from pf_ray.errors import ConfigError, ModelError
-from pf_ray.export.packed import PackedTensor
 from pf_ray.learners.base import check_per_layer_mode
 from pf_ray.metrics import layer_table
 from pf_ray.ops.sparsity import (
     KeptWeightsBudget,
     PruningSchedule,
+    WeightMask,
     heuristic_sparsities,
     magnitude_mask,
     num_pruned,
 )
+from pf_ray.packing import PackedTensor
 from pf_ray.registry import LEARNERS
 from pf_ray.search_space import PerLayerSpace, layer_features
 
@@ -146,7 +123,7 @@ class WeightSparsification:
                                  "(prepare called twice on this model?)")
             # the backup becomes parametrizations.weight.original (the same Parameter, trained by the optimiser
             # the loop builds after prepare); module.weight now reads backup * mask
-            parametrize.register_parametrization(module, "weight", _Mask(module.weight))
+            parametrize.register_parametrization(module, "weight", WeightMask(module.weight))
         return model
 
     def on_step(self, model: nn.Module, step: int) -> None:
@@ -241,23 +218,11 @@ class WeightSparsification:
         """(mask buffer, backup Parameter) of layer ``name`` of a prepared model."""
         module = model.get_submodule(name)
         if not parametrize.is_parametrized(module, "weight") or not isinstance(
-            module.parametrizations.weight[0], _Mask
+            module.parametrizations.weight[0], WeightMask
         ):
             raise ModelError(f"weight_sparsification: layer {name!r} has no mask; was the model prepared by this "
                              "learner (and not finalized yet)?")
         return module.parametrizations.weight[0].mask, module.parametrizations.weight.original
-
-
-class _Mask(nn.Module):
-    """The parametrization weight = backup * mask. Its gradient with respect to the backup is mask * (gradient
-    with respect to weight): masked weights get none from the loss."""
-
-    def __init__(self, weight: torch.Tensor) -> None:
-        super().__init__()
-        self.register_buffer("mask", torch.ones_like(weight.detach()))  # 1 = kept, 0 = pruned; weight's dtype
-
-    def forward(self, backup: torch.Tensor) -> torch.Tensor:
-        return backup * self.mask
 
 
 def _zeros(mask: torch.Tensor) -> int:

@@ -27,12 +27,12 @@ import torch
 from torch import nn
 
 from pf_ray.errors import ConfigError, ModelError
-from pf_ray.export.packed import PackedTensor
+from pf_ray.ops.bits import MAX_BITS  # codes are uint8 while training; 256 shared values are near float precision
+from pf_ray.packing import PackedTensor
 
 INITS = ("kmeans", "quantile", "linear")
 OPTIMIZE = ("weights", "centroids", "both")
 CENTROID_GRADIENTS = ("sum", "mean")
-MAX_BITS = 8  # codes are stored as uint8 while training; 256 shared values are already near float precision
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """Discrimination-aware channel selection, the maths (Zhuang et al., "Discrimination-aware Channel Pruning for
-Deep Neural Networks", NeurIPS 2018): input-channel masks, auxiliary heads, reconstruction losses and the greedy
-selection by gradient norm.
+Deep Neural Networks", NeurIPS 2018): input-channel masks, auxiliary heads, reconstruction losses, the greedy
+selection by gradient norm, and the forwards and the final removal around them.
 
-A group's channels (see ``pf_ray.ops.pruning.prunable_groups``) are read by its *consumers*: the conv/linear
+A group's channels (see ``pf_ray.ops.channel_groups.prunable_groups``) are read by its *consumers*: the conv/linear
 layers listed with dim "in". Zeroing a channel's kernel slice in every consumer removes the channel's effect on
 the model exactly (batch norms, depthwise convs and residual additions keep channels apart, so no other path
 mixes it into another channel), so selection can run on masks and the physical removal can come once, at the end.
@@ -10,12 +10,15 @@ mixes it into another channel), so selection can run on masks and the physical r
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import itertools
+from collections.abc import Callable, Collection, Iterable, Sequence
 
 import torch
 from torch import nn
 
-from pf_ray.ops.pruning import GroupMember
+from pf_ray.hooks import forward_hooks
+from pf_ray.ops.channel_groups import GroupMember, PrunableGroup
+from pf_ray.ops.pruning import CRITERIA, prune_channels_
 
 # The layers whose input-channel slices DCP scores and masks.
 CONSUMER_LAYERS = (nn.Conv2d, nn.Linear)
@@ -158,3 +161,65 @@ def select_channels_greedily_(
         if after_addition is not None:
             after_addition()
     return order
+
+
+class _StopForward(Exception):
+    """Raised by a hook once every feature a loss needs exists: the rest of the forward pass would be waste."""
+
+
+def record_outputs(
+    model: nn.Module, inputs: torch.Tensor, record: Collection[nn.Module], stop_after: nn.Module | None = None
+) -> tuple[dict[nn.Module, torch.Tensor], torch.Tensor | None]:
+    """Run ``model`` and return (the outputs of the ``record`` layers, the model's output or None if stopped).
+
+    Recorded outputs are clones, so a later in-place activation cannot change them; the forward stops right
+    after ``stop_after`` runs (None: runs to the end). The modes are the caller's.
+    """
+    outputs: dict[nn.Module, torch.Tensor] = {}
+
+    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        if module in record:
+            outputs[module] = output.clone()
+        if module is stop_after:
+            raise _StopForward
+
+    hooked = [module for module in {*record, stop_after} if module is not None]
+    with forward_hooks(model, dict.fromkeys(hooked, hook)):
+        try:
+            return outputs, model(inputs)
+        except _StopForward:
+            return outputs, None
+
+
+def call_order(model: nn.Module, input_shape: tuple[int, int, int], device: torch.device) -> dict[nn.Module, int]:
+    """Position of each conv/linear layer's last call in one forward pass (eval mode, no gradients; modes
+    restored)."""
+    order: dict[nn.Module, int] = {}
+    calls = itertools.count()
+
+    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        order[module] = next(calls)
+
+    layers = [m for m in model.modules() if isinstance(m, CONSUMER_LAYERS)]
+    with forward_hooks(model, dict.fromkeys(layers, hook), training=False), torch.no_grad():
+        model(torch.zeros(1, *input_shape, device=device))
+    return order
+
+
+def remove_unkept_channels_(
+    model: nn.Module, input_shape: tuple[int, int, int], groups: list[PrunableGroup], kept: dict[str, torch.Tensor]
+) -> dict[str, int]:
+    """Physically remove the unkept channels through ``prune_channels_``; returns the kept count per group.
+
+    ``prune_channels_`` keeps, in each group, the k best channels by a criterion named in ``CRITERIA``. Scoring
+    kept channels 1 and the others 0, with k = the number kept (ratio k / n and round_to=1, so no rounding can
+    move k), makes it keep exactly the selected channels. That criterion is registered under a private key for
+    this one call and removed afterwards.
+    """
+    key = f"_discrimination_aware_selection_{id(kept)}"
+    CRITERIA[key] = lambda _model, group: kept[group.name].to(torch.float64)
+    ratios = [int(kept[group.name].sum()) / group.num_channels for group in groups]
+    try:
+        return prune_channels_(model, input_shape, ratios, round_to=1, criterion=key)
+    finally:
+        del CRITERIA[key]

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from pf_ray.errors import ConfigError
 
@@ -189,3 +190,15 @@ def _allocate(sizes: Sequence[int], slopes: Sequence[float], offsets: Sequence[f
             x = left if g_right == g_left else left + (total - g_left) * (right - left) / (g_right - g_left)
             break
     return tuple(clipped(x))
+
+
+class WeightMask(nn.Module):
+    """The parametrization weight = backup * mask (``torch.nn.utils.parametrize``). Its gradient with respect to
+    the backup is mask * (gradient with respect to weight): masked weights get none from the loss."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mask", torch.ones_like(weight.detach()))  # 1 = kept, 0 = pruned; weight's dtype
+
+    def forward(self, backup: torch.Tensor) -> torch.Tensor:
+        return backup * self.mask
