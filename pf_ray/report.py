@@ -11,19 +11,17 @@ import base64
 import html
 import io
 import json
-import os
 import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from pf_ray.candidate import best_trial
-from pf_ray.config import is_remote
 from pf_ray.errors import ConfigError, PfRayError
+from pf_ray.files import RUN_CONFIG, atomic_write, read_run_config
 from pf_ray.metrics import finite_number
+from pf_ray.storage import is_remote, join_uri
 
 FILES_DIR = "report_files"  # the PNGs report.md links to (report.html embeds them)
 COMMAND_FILE = "command.txt"  # the command that started the run (written by `pf-ray compress`)
@@ -61,26 +59,14 @@ class RunRecord:
 def load_run(run_dir: str | Path) -> RunRecord:
     """Read a run folder: results.json when the run finished, else the search rebuilt from search/*/."""
     run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise ConfigError(f"run folder {str(run_dir)!r} does not exist")
-    config_path = run_dir / "config.yaml"
-    if not config_path.is_file():
-        raise ConfigError(f"{str(run_dir)!r} is not a run folder: it has no config.yaml")
-    config_text = config_path.read_text()
-    try:
-        config = yaml.safe_load(config_text)
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{config_path}: not valid YAML: {str(error).splitlines()[0]}") from None
-    if not isinstance(config, dict):
-        raise ConfigError(f"{config_path}: got {type(config).__name__}; expected a mapping of fields")
+    run_config = read_run_config(run_dir)
+    config, config_text, config_path = run_config.data, run_config.text, run_dir / RUN_CONFIG
     command_path = run_dir / COMMAND_FILE
     command = command_path.read_text().strip() if command_path.is_file() else f"pf-ray compress {config_path}"
     results_path = run_dir / "results.json"
     if not results_path.is_file():
         storage_path = str((config.get("storage") or {}).get("path") or "")
         if is_remote(storage_path) and not (run_dir / "search").is_dir():  # the search is in the remote storage
-            from pf_ray.launch import join_uri
-
             with tempfile.TemporaryDirectory() as directory:
                 search_dir = _fetch_search(join_uri(storage_path, run_dir.name, "search"), Path(directory))
                 trials, names = _trials_from_tune(search_dir)
@@ -106,11 +92,11 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     figures = _figures(record)
     (record.run_dir / FILES_DIR).mkdir(exist_ok=True)
     for name, png in figures.items():
-        _write_atomic(record.run_dir / FILES_DIR / name, png)
+        atomic_write(record.run_dir / FILES_DIR / name, png)
     blocks = _blocks(record, figures)
     markdown_path, html_path = record.run_dir / "report.md", record.run_dir / "report.html"
-    _write_atomic(markdown_path, _markdown(blocks).encode())
-    _write_atomic(html_path, _html(blocks, figures).encode())
+    atomic_write(markdown_path, _markdown(blocks).encode())
+    atomic_write(html_path, _html(blocks, figures).encode())
     return markdown_path, html_path
 
 
@@ -451,10 +437,3 @@ def _html(blocks: list[Block], figures: dict[str, bytes]) -> str:
     title = e(blocks[0][1])
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
             f"<style>{CSS}</style></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n")
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """A reader (or a browser refresh) never sees half a file: write aside, then rename over."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_bytes(data)
-    os.replace(temporary, path)
