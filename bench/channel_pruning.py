@@ -58,7 +58,7 @@ from pf_ray.config import (
 )
 from pf_ray.data import DataBundle, load_data
 from pf_ray.export import export_onnx, measure_latency, onnx_session
-from pf_ray.launch import train_baseline
+from pf_ray.launch.baseline import train_baseline
 from pf_ray.metrics import model_stats
 from pf_ray.ops.pruning import macs_after, prunable_groups
 from pf_ray.train import ACCURACY, EPOCH, evaluate, fit, subset

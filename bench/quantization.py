@@ -88,7 +88,7 @@ from pf_ray.data import DataBundle, load_data
 from pf_ray.export import export_onnx, measure_latency
 from pf_ray.export.packed import pack_state_dict, write_packed
 from pf_ray.export.verify import open_session, runtime_accuracy
-from pf_ray.launch import train_baseline
+from pf_ray.launch.baseline import train_baseline
 from pf_ray.learners import build_learner, learner_config_class
 from pf_ray.train import ACCURACY, EPOCH, evaluate, subset
 

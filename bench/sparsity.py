@@ -59,7 +59,7 @@ from pf_ray.config import (
 from pf_ray.data import DataBundle, load_data
 from pf_ray.export import export_onnx, measure_latency, onnx_session
 from pf_ray.export.packed import pack_state_dict, write_packed
-from pf_ray.launch import train_baseline
+from pf_ray.launch.baseline import train_baseline
 from pf_ray.learners import build_learner, learner_config_class
 from pf_ray.learners.weight_sparsification import covered_layers
 from pf_ray.ops.sparsity import heuristic_sparsities, magnitude_mask

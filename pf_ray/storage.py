@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 # The URI schemes pf-ray's storage supports: those pyarrow's FileSystem.from_uri opens with the pyarrow that Ray
 # installs (S3, Google Cloud Storage under both its names, and the local filesystem as a URI).
@@ -46,10 +46,17 @@ def local_root(storage: StorageSettings) -> Path:
     return Path(storage.staging_path if is_remote(storage.path) else storage.path)
 
 
-def run_location(storage: StorageSettings, name: str) -> tuple[Path, str]:
+class RunLocation(NamedTuple):
+    """Where a run's files go."""
+
+    folder: Path  # the local run folder: config.yaml, artifacts/, results.json, the report
+    storage: str  # where Ray writes search/ and retrain/: the folder itself, or its URI in a remote storage.path
+
+
+def run_location(storage: StorageSettings, name: str) -> RunLocation:
     """The run's local folder, and where Ray writes its search/ and retrain/ (the same folder, or a URI)."""
     folder = local_root(storage) / name
-    return folder, join_uri(storage.path, name) if is_remote(storage.path) else str(folder)
+    return RunLocation(folder, join_uri(storage.path, name) if is_remote(storage.path) else str(folder))
 
 
 def filesystem_of(location: str) -> tuple[Any, str]:

@@ -2,7 +2,7 @@
 exit code 2, and nothing new on disk (no run folder, no baseline cache, no partial file).
 
 Every case runs ``pf_ray.cli.main`` in this process on the digits dataset; ``compress`` cases fail in
-``launch.prepare`` (or before), and a guard fails the test at once if ``prepare`` accepts one.
+``pf_ray.launch.preflight`` (or before), and a guard fails the test at once if ``preflight`` accepts one.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-import pf_ray.launch as launch
+import pf_ray.launch.pipeline as pipeline
 from pf_ray.checkpoint import FORMAT, save_checkpoint
 from pf_ray.cli import EXIT_BAD_INPUT, main
 from pf_ray.config import ModelConfig, to_dict
@@ -504,6 +504,9 @@ CASES = [
                  ["storage.path is ", "not a URI; resume it from its local folder"], id="resume-uri-of-a-local-run"),
     pytest.param(lambda inputs: ["resume", str(inputs.root), "--staging", str(inputs.root / "new")],
                  ["--staging: got ", "with the local run folder"], id="resume-staging-without-a-uri"),
+    pytest.param(lambda inputs: ["resume", "ftp://host/runs/tiny"],
+                 ["run_dir: got 'ftp://host/runs/tiny'; pf-ray cannot read ftp:// URIs; allowed: a local run folder "
+                  "or a URI starting s3://, gs://, gcs://, file://"], id="resume-unsupported-uri-scheme"),
 ]
 
 
@@ -519,15 +522,15 @@ def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
 
 
 @pytest.fixture(autouse=True)
-def _prepare_must_refuse(monkeypatch):
-    """Fail at once (instead of starting Ray and training) if ``prepare`` accepts a case."""
-    real_prepare = launch.prepare
+def _preflight_must_refuse(monkeypatch):
+    """Fail at once (instead of starting Ray and training) if ``preflight`` accepts a case."""
+    real_preflight = pipeline.preflight
 
-    def prepare(*args, **kwargs):
-        real_prepare(*args, **kwargs)
-        raise AssertionError("launch.prepare accepted this input")
+    def preflight(*args, **kwargs):
+        real_preflight(*args, **kwargs)
+        raise AssertionError("preflight accepted this input")
 
-    monkeypatch.setattr(launch, "prepare", prepare)
+    monkeypatch.setattr(pipeline, "preflight", preflight)
 
 
 def test_at_least_forty_distinct_bad_inputs():
@@ -565,7 +568,7 @@ def test_a_checkpoint_that_runs_code_when_unpickled_is_refused_unexecuted(tmp_pa
 
 
 def test_the_learners_check_refuses_what_prepare_would():
-    """What ``launch.prepare`` calls: each learner's ``check`` raises, before any data is read, what its
+    """What ``preflight`` calls: each learner's ``check`` raises, before any data is read, what its
     ``prepare`` would raise later on this model."""
     from pf_ray.config import load_experiment
     from pf_ray.errors import ConfigError, ModelError

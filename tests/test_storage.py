@@ -10,7 +10,9 @@ import pytest
 from pf_ray.cli import main
 from pf_ray.config import StorageConfig, load_experiment
 from pf_ray.errors import ConfigError
-from pf_ray.launch import baseline_cache_path, join_uri, resume, run_location
+from pf_ray.launch import resume
+from pf_ray.launch.baseline import baseline_cache_path
+from pf_ray.storage import join_uri, run_location
 from tests.test_end_to_end import TINY
 
 
