@@ -14,7 +14,7 @@ from pf_ray.data import DataBundle, load_data
 from pf_ray.errors import ConfigError
 from pf_ray.launch.baseline import cached_baseline
 from pf_ray.launch.cluster import cpu_count, max_concurrent_trials
-from pf_ray.models import absolute_model_name, build_model
+from pf_ray.models import absolute_model_name, build_model, run_name_prefix
 from pf_ray.spec import RunSpec
 from pf_ray.storage import RunLocation, exists, is_remote, run_location
 from trainables import get_trainable
@@ -84,8 +84,8 @@ def preflight(config: ExperimentConfig, *, log: Log = print) -> Prepared:
     available = config.resources.num_cpus or (cpu_count() if config.resources.ray_address is None else None)
     if available is not None:  # a local Ray: its size is known now (a remote cluster's is checked at search)
         max_concurrent_trials(config, available)
-    model_name = config.model.name.replace("/", "_").replace(":", "_")
-    name = config.storage.name or f"{model_name}-{config.learner.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name = config.storage.name or \
+        f"{run_name_prefix(config.model.name)}-{config.learner.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     location = run_location(config.storage, name)
     taken = [str(location.folder)] if location.folder.exists() else []
     if is_remote(location.storage) and exists(location.storage):
