@@ -19,9 +19,9 @@ from typing import Any
 
 from pf_ray.candidate import best_trial
 from pf_ray.errors import ConfigError, PfRayError
-from pf_ray.files import RUN_CONFIG, atomic_write, read_run_config
+from pf_ray.files import atomic_write
 from pf_ray.metrics import finite_number
-from pf_ray.storage import is_remote, join_uri
+from pf_ray.storage import RUN_CONFIG, is_remote, join_uri, read_run_config
 
 FILES_DIR = "report_files"  # the PNGs report.md links to (report.html embeds them)
 COMMAND_FILE = "command.txt"  # the command that started the run (written by `pf-ray compress`)

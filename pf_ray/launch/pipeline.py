@@ -15,7 +15,7 @@ from pf_ray.checkpoint import load_checkpoint, save_checkpoint
 from pf_ray.config import ExperimentConfig, to_dict
 from pf_ray.errors import AccuracyGuardError
 from pf_ray.export.pipeline import LearnerModel, export_and_verify, summary_table
-from pf_ray.files import atomic_write, write_json, write_run_config
+from pf_ray.files import atomic_write, write_json
 from pf_ray.launch.baseline import train_baseline
 from pf_ray.launch.cluster import check_storage, cpu_count, ray_for
 from pf_ray.launch.preflight import Prepared, preflight
@@ -24,7 +24,7 @@ from pf_ray.launch.search import choose_best, run_search, search_epochs
 from pf_ray.metrics import model_stats
 from pf_ray.report import COMMAND_FILE, write_report
 from pf_ray.search_space import PerLayerSpace
-from pf_ray.storage import is_remote, upload
+from pf_ray.storage import is_remote, upload, write_run_config
 from pf_ray.train import ACCURACY
 
 Log = Callable[[str], None]

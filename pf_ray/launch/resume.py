@@ -12,7 +12,6 @@ from typing import Any
 from pf_ray.config import ExperimentConfig, from_dict
 from pf_ray.data import load_data
 from pf_ray.errors import ConfigError
-from pf_ray.files import RUN_CONFIG, RunConfigFile, read_run_config, write_run_config
 from pf_ray.launch.baseline import cached_baseline
 from pf_ray.launch.cluster import check_storage, ray_for
 from pf_ray.launch.pipeline import run_stages
@@ -22,13 +21,17 @@ from pf_ray.launch.search import SEARCH_DIR
 from pf_ray.report import COMMAND_FILE
 from pf_ray.spec import RunSpec
 from pf_ray.storage import (
+    RUN_CONFIG,
     URI_SCHEMES,
+    RunConfigFile,
     RunLocation,
     copy_file,
     filesystem_of,
     is_remote,
     join_uri,
+    read_run_config,
     unsupported_scheme,
+    write_run_config,
 )
 
 Log = Callable[[str], None]
