@@ -381,7 +381,7 @@ def _blocks(record: RunRecord, figures: dict[str, bytes]) -> list[Block]:
     else:
         blocks.append(("p", "No per-layer values: the learner used one setting for every layer."))
     blocks += [("h2", "Reproduce"), ("p", "Command:"), ("code", record.command, "bash")]
-    if (record.config.get("storage") or {}).get("name"):  # prepare() refuses a run folder that exists
+    if (record.config.get("storage") or {}).get("name"):  # preflight refuses a run folder that exists
         blocks.append(("p", "This config fixes storage.name: add --set storage.name=NEW to run it again."))
     blocks += [("p", "The exact config (config.yaml):"), ("code", record.config_text, "yaml")]
     return blocks
