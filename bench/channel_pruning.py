@@ -46,7 +46,7 @@ import _common  # first: puts the repository root on sys.path
 import torch
 from torch import nn
 
-from pf_ray.candidate import PROXY_ACCURACY, SCORE, candidate_learner_config, compress, per_layer_space
+from pf_ray.candidate import candidate_learner_config, compress, per_layer_space
 from pf_ray.checkpoint import load_checkpoint
 from pf_ray.config import (
     BaselineConfig,
@@ -58,11 +58,11 @@ from pf_ray.config import (
 )
 from pf_ray.data import DataBundle, load_data
 from pf_ray.export import export_onnx, measure_latency, onnx_session
-from pf_ray.launch import train_baseline
-from pf_ray.metrics import model_stats
+from pf_ray.launch.baseline import train_baseline
+from pf_ray.metrics import ACCURACY, EPOCH, PROXY_ACCURACY, SCORE, model_stats
 from pf_ray.ops.channel_groups import prunable_groups
 from pf_ray.ops.macs_budget import macs_after
-from pf_ray.train import ACCURACY, EPOCH, evaluate, fit, subset
+from pf_ray.train import evaluate, fit, subset
 
 SEARCHERS = ("random", "tpe", "gp", "ddpg")
 ROUND_TO = 8  # the learner's default channel multiple (ONNX Runtime's x86 convolutions use blocks of 8)

@@ -157,8 +157,8 @@ def _fresh(name: str, data: DataBundle) -> nn.Module:
 
 def _measure(label: str, model: nn.Module, data: DataBundle, work: Path, args: argparse.Namespace) -> list[dict]:
     """Three rows for one model: PyTorch eager FP32, ONNX Runtime FP32, ONNX Runtime INT8."""
-    from pf_ray.metrics import model_stats
-    from pf_ray.train import ACCURACY, evaluate
+    from pf_ray.metrics import ACCURACY, model_stats
+    from pf_ray.train import evaluate
 
     stats = model_stats(model, data.input_shape)
     common = {"model": label, "macs": stats.macs, "params": stats.params}

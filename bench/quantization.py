@@ -65,15 +65,7 @@ import _common  # first: puts the repository root on sys.path
 import torch
 from torch import nn
 
-from pf_ray.candidate import (
-    PROXY_ACCURACY,
-    SCORE,
-    Candidate,
-    candidate_learner_config,
-    compress,
-    fine_tune,
-    per_layer_space,
-)
+from pf_ray.candidate import Candidate, candidate_learner_config, compress, fine_tune, per_layer_space
 from pf_ray.checkpoint import load_checkpoint
 from pf_ray.config import (
     BaselineConfig,
@@ -88,9 +80,10 @@ from pf_ray.data import DataBundle, load_data
 from pf_ray.export import export_onnx, measure_latency
 from pf_ray.export.packed import pack_state_dict, write_packed
 from pf_ray.export.verify import open_session, runtime_accuracy
-from pf_ray.launch import train_baseline
+from pf_ray.launch.baseline import train_baseline
 from pf_ray.learners import build_learner, learner_config_class
-from pf_ray.train import ACCURACY, EPOCH, evaluate, subset
+from pf_ray.metrics import ACCURACY, EPOCH, PROXY_ACCURACY, SCORE
+from pf_ray.train import evaluate, subset
 
 UNIFORM, NONUNIFORM, SPARSIFICATION, NATIVE = ("uniform_quantization", "nonuniform_quantization",
                                                "weight_sparsification", "native_int8")

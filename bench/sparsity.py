@@ -44,7 +44,7 @@ import _common  # first: puts the repository root on sys.path
 import torch
 from torch import nn
 
-from pf_ray.candidate import SCORE, compress, fine_tune, per_layer_space
+from pf_ray.candidate import compress, fine_tune, per_layer_space
 from pf_ray.checkpoint import load_checkpoint
 from pf_ray.config import (
     BaselineConfig,
@@ -59,11 +59,12 @@ from pf_ray.config import (
 from pf_ray.data import DataBundle, load_data
 from pf_ray.export import export_onnx, measure_latency, onnx_session
 from pf_ray.export.packed import pack_state_dict, write_packed
-from pf_ray.launch import train_baseline
+from pf_ray.launch.baseline import train_baseline
 from pf_ray.learners import build_learner, learner_config_class
 from pf_ray.learners.weight_sparsification import covered_layers
+from pf_ray.metrics import ACCURACY, EPOCH, SCORE
 from pf_ray.ops.sparsity import heuristic_sparsities, magnitude_mask
-from pf_ray.train import ACCURACY, EPOCH, evaluate, recalibrate_batchnorm, subset
+from pf_ray.train import evaluate, recalibrate_batchnorm, subset
 
 LEARNER = "weight_sparsification"
 ALLOCATIONS = ("uniform", "heuristic", "searched")

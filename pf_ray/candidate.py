@@ -20,21 +20,24 @@ from pf_ray.config import DistillationConfig, ExperimentConfig, Reward, SearchCo
 from pf_ray.data import DataBundle
 from pf_ray.learners import Learner
 from pf_ray.learners.base import CountsSteps, SearchesPerLayer
-from pf_ray.metrics import finite_number, model_stats
+from pf_ray.metrics import (
+    ACCURACY,
+    LATENCY_MS,
+    LATENCY_RATIO,
+    LAYER_VALUES,
+    MACS,
+    MACS_RATIO,
+    PARAMS,
+    PROXY_ACCURACY,
+    SCORE,
+    finite_number,
+    model_stats,
+)
 from pf_ray.search_space import PerLayerSpace
 from pf_ray.spec import RunSpec
-from pf_ray.train import ACCURACY, Report, evaluate, fit, recalibrate_batchnorm, subset
+from pf_ray.train import Report, evaluate, fit, recalibrate_batchnorm, subset
 
-# Metric keys a candidate adds to every epoch's report.
-SCORE = "score"  # what searchers and ASHA maximise (search.reward applied to the search.scoring accuracy)
-PROXY_ACCURACY = "proxy_accuracy"  # validation accuracy right after compression, before any fine-tuning
-MACS = "macs"
-LATENCY_MS = "latency_ms"  # batch-1 ONNX Runtime latency on the trial's node (search.reward: latency)
-LATENCY_RATIO = "latency_ratio"  # candidate latency / (target_macs_ratio * baseline latency), same node
 LATENCY_EXPONENT = -0.07  # MnasNet's soft-constraint exponent: 2x over the target costs 5% of the reward
-PARAMS = "params"
-MACS_RATIO = "macs_ratio"  # candidate MACs / baseline MACs
-LAYER_VALUES = "layer_values"  # the projected per-layer vector the learner used (e.g. keep ratios)
 
 
 def search_space(spec: RunSpec, model: nn.Module, input_shape: tuple[int, int, int]) -> PerLayerSpace | None:

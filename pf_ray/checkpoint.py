@@ -8,8 +8,6 @@ architecture whose layers are then resized to the shapes found in the state dict
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,7 @@ from torch import nn
 
 from pf_ray.config import ModelConfig, from_dict, to_dict
 from pf_ray.errors import CheckpointError, ConfigError, PfRayError
+from pf_ray.files import atomic_path
 
 FORMAT = "pf-ray-checkpoint/1"
 
@@ -54,7 +53,6 @@ def save_checkpoint(
 ) -> Path:
     """Write atomically (temporary file + rename): a reader never sees half a checkpoint."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "format": FORMAT,
         "model": to_dict(model_config),
@@ -64,14 +62,8 @@ def save_checkpoint(
         "metrics": dict(metrics or {}),
         "extra": dict(extra or {}),
     }
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
+    with atomic_path(path) as temporary:
         torch.save(payload, temporary)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
     return path
 
 

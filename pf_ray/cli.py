@@ -117,7 +117,8 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     config = load_experiment(args.config, args.overrides)
     if args.command == "train":
         from pf_ray.data import load_data
-        from pf_ray.launch import train_baseline, with_absolute_paths
+        from pf_ray.launch.baseline import train_baseline
+        from pf_ray.launch.preflight import with_absolute_paths
 
         config = with_absolute_paths(config)
         train_baseline(config, load_data(config.dataset, seed=config.seed), force=args.force)
@@ -138,8 +139,8 @@ def _export(args: argparse.Namespace) -> int:
     from pf_ray.checkpoint import checkpoint_learner, load_checkpoint, read_checkpoint
     from pf_ray.config import ExperimentConfig, ExportConfig, LearnerConfig, default_export_formats
     from pf_ray.data import load_data
+    from pf_ray.export.pipeline import LearnerModel, export_and_verify
     from pf_ray.export.verify import accuracy_guard
-    from pf_ray.launch import export_and_verify
 
     export = ExportConfig(formats=tuple(args.formats or default_export_formats()),
                           calibration_samples=args.calibration_samples, latency_threads=args.threads,
@@ -156,8 +157,8 @@ def _export(args: argparse.Namespace) -> int:
     learner = checkpoint_learner(info)  # compressed.pt names its learner: its .pfpack and own INT8 files too
     if learner is not None:
         config = replace(config, learner=LearnerConfig(name=info.extra["learner"]))
-    rows = export_and_verify({checkpoint.stem: model}, data, config, out, log=_stderr, learner=learner,
-                             learner_model=checkpoint.stem)
+    rows = export_and_verify({checkpoint.stem: model}, data, config, out, log=_stderr,
+                             learner_model=None if learner is None else LearnerModel(checkpoint.stem, learner))
     _print_rows(rows, args.json)
     failures = accuracy_guard(rows, export.max_accuracy_drop)
     if failures:
@@ -172,8 +173,9 @@ def _verify(args: argparse.Namespace) -> int:
     from pf_ray.errors import ConfigError
     from pf_ray.export.manifest import MANIFEST_FILE, check_manifest
     from pf_ray.export.verify import accuracy_guard, artifact_format, verify_artifact
+    from pf_ray.metrics import ACCURACY
     from pf_ray.progress import progress_to
-    from pf_ray.train import ACCURACY, evaluate
+    from pf_ray.train import evaluate
 
     artifact = Path(args.artifact)
     if not artifact.is_file():

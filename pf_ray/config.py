@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import yaml
 
 from pf_ray.errors import ConfigError
+from pf_ray.storage import URI_SCHEMES, is_remote, unsupported_scheme
 
 T = TypeVar("T")
 
@@ -49,11 +50,6 @@ def check_range(
         low_text = "-inf" if low is None else f"{low:g}"
         high_text = "inf" if high is None else f"{high:g}"
         raise ConfigError(f"{name}: got {_show(value)}; allowed range is {left}{low_text}, {high_text}{right}")
-
-
-def is_remote(path: str) -> bool:
-    """A URI (s3://bucket/runs, gs://..., file://...): not a path on this machine, so never a ``Path``."""
-    return "://" in path
 
 
 def check_choice(name: str, value: Any, choices: typing.Iterable[Any]) -> None:
@@ -442,7 +438,7 @@ class ResourcesConfig:
 
 @dataclass(frozen=True)
 class StorageConfig:
-    path: str = "runs"  # run folders and the baseline cache go here (local path, s3:// or gs://)
+    path: str = "runs"  # run folders and the baseline cache go here (local path, s3://, gs://, gcs://, file://)
     name: str | None = None  # run folder name; None = "<model>-<learner>-<timestamp>"
     shared: bool = False  # a local path that is one shared filesystem (NFS) mounted alike on every node
     # Local folder on the driver for runs whose storage.path is remote; the run folder is written here and
@@ -451,6 +447,10 @@ class StorageConfig:
 
     def __post_init__(self) -> None:
         check_path("storage.path", self.path)
+        scheme = unsupported_scheme(self.path)
+        if scheme is not None:
+            raise ConfigError(f"storage.path: got {_show(self.path)}; pf-ray cannot write to {scheme} URIs; "
+                              f"allowed: a local folder or a URI starting {', '.join(URI_SCHEMES)}")
         check_path("storage.staging_path", self.staging_path)
         if is_remote(self.staging_path):
             raise ConfigError(f"storage.staging_path: got {_show(self.staging_path)}; expected a local folder "

@@ -165,13 +165,20 @@ def _cache_dir() -> Path:
     return Path.home() / ".cache" / "pf_ray"
 
 
+def _data_folder(data_dir: str) -> Path:
+    """``dataset.data_dir`` as a folder that exists (DataError naming what is there instead)."""
+    folder = Path(data_dir).expanduser()
+    if folder.is_file():
+        raise DataError(f"dataset.data_dir: {data_dir!r} is a file; expected a folder holding the dataset's files")
+    if not folder.is_dir():
+        raise DataError(f"dataset.data_dir: {data_dir!r} does not exist")
+    return folder
+
+
 def _search_roots(config: DatasetConfig) -> list[Path]:
     """``config.data_dir`` alone when given (it must exist); else $PF_RAY_DATA, then the shared cache."""
     if config.data_dir is not None:
-        data_dir = Path(config.data_dir).expanduser()
-        if not data_dir.is_dir():
-            raise DataError(f"dataset.data_dir: {config.data_dir!r} does not exist")
-        return [data_dir]
+        return [_data_folder(config.data_dir)]
     roots = []
     if os.environ.get("PF_RAY_DATA"):
         roots.append(Path(os.environ["PF_RAY_DATA"]).expanduser())
@@ -381,9 +388,7 @@ def imagefolder(config: DatasetConfig) -> RawData:
             "dataset.data_dir: got None; the imagefolder dataset needs a folder with train/ and "
             "val/ (or test/) class subfolders"
         )
-    root = Path(config.data_dir).expanduser()
-    if not root.is_dir():
-        raise DataError(f"dataset.data_dir: {config.data_dir!r} does not exist")
+    root = _data_folder(config.data_dir)
     train_dir = root / "train"
     test_dir = next((root / name for name in ("val", "test") if (root / name).is_dir()), None)
     if not train_dir.is_dir() or test_dir is None:

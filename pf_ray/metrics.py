@@ -23,6 +23,21 @@ from torch import nn
 from pf_ray.errors import ModelError
 from pf_ray.hooks import forward_hooks
 
+# Metric keys: the same strings in trial results, results.json, reports and searchers.
+EPOCH = "epoch"  # fine-tuning epochs done (ASHA's time attribute)
+ACCURACY = "accuracy"  # validation top-1 during search and retraining, as a fraction in [0, 1]
+LOSS = "loss"  # mean training loss over the epoch
+TRAIN_ACCURACY = "train_accuracy"
+SECONDS = "epoch_seconds"
+SCORE = "score"  # what searchers and ASHA maximise (search.reward applied to the search.scoring accuracy)
+PROXY_ACCURACY = "proxy_accuracy"  # validation accuracy right after compression, before any fine-tuning
+MACS = "macs"
+PARAMS = "params"
+MACS_RATIO = "macs_ratio"  # candidate MACs / baseline MACs
+LAYER_VALUES = "layer_values"  # the projected per-layer vector the learner used (e.g. keep ratios)
+LATENCY_MS = "latency_ms"  # batch-1 ONNX Runtime latency on the trial's node (search.reward: latency)
+LATENCY_RATIO = "latency_ratio"  # candidate latency / (target_macs_ratio * baseline latency), same node
+
 CONV = "conv"
 DEPTHWISE_CONV = "depthwise_conv"
 LINEAR = "linear"

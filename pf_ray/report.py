@@ -11,25 +11,36 @@ import base64
 import html
 import io
 import json
-import os
 import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from pf_ray.candidate import best_trial
-from pf_ray.config import is_remote
 from pf_ray.errors import ConfigError, PfRayError
-from pf_ray.metrics import finite_number
+from pf_ray.files import atomic_write
+from pf_ray.metrics import (
+    ACCURACY,
+    EPOCH,
+    LATENCY_MS,
+    LAYER_VALUES,
+    MACS,
+    MACS_RATIO,
+    PARAMS,
+    PROXY_ACCURACY,
+    SCORE,
+    finite_number,
+)
+from pf_ray.storage import RUN_CONFIG, is_remote, join_uri, read_run_config
 
 FILES_DIR = "report_files"  # the PNGs report.md links to (report.html embeds them)
 COMMAND_FILE = "command.txt"  # the command that started the run (written by `pf-ray compress`)
+# The searched space (its config field, what a value is, the layer names), written before the search starts: how
+# the report of an interrupted run labels its per-layer values (a finished run has them in results.json).
+SPACE_FILE = "search_space.json"
 # What an interrupted run keeps of a trial's last result.json line: results.json's trial keys, plus latency.
-TRIAL_KEYS = ("score", "accuracy", "proxy_accuracy", "epoch", "macs_ratio", "macs", "params", "layer_values",
-              "latency_ms", "timestamp")
+TRIAL_KEYS = (SCORE, ACCURACY, PROXY_ACCURACY, EPOCH, MACS_RATIO, MACS, PARAMS, LAYER_VALUES, LATENCY_MS, "timestamp")
 CSS = """body{font-family:system-ui,sans-serif;max-width:72rem;margin:2rem auto;padding:0 1rem;color:#222}
 table{border-collapse:collapse;margin:1rem 0;font-size:.9rem}th,td{border:1px solid #ccc;padding:.2rem .5rem}
 th{background:#f0f0f0}td{text-align:right}td:first-child{text-align:left}img{max-width:100%}
@@ -53,6 +64,7 @@ class RunRecord:
     best: dict[str, Any] | None  # the chosen trial (an interrupted run: the best so far)
     layer_names: list[str]
     chosen_values: list[float]  # per-layer values of the final model (or of the best trial); may be empty
+    value_label: str  # what one per-layer value is: "keep ratio", "sparsity", "bits"
     artifacts: list[dict[str, Any]] = field(default_factory=list)
     seconds: float | None = None
     guard_failures: list[str] = field(default_factory=list)  # artifacts that lost too much accuracy on export
@@ -61,42 +73,33 @@ class RunRecord:
 def load_run(run_dir: str | Path) -> RunRecord:
     """Read a run folder: results.json when the run finished, else the search rebuilt from search/*/."""
     run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise ConfigError(f"run folder {str(run_dir)!r} does not exist")
-    config_path = run_dir / "config.yaml"
-    if not config_path.is_file():
-        raise ConfigError(f"{str(run_dir)!r} is not a run folder: it has no config.yaml")
-    config_text = config_path.read_text()
-    try:
-        config = yaml.safe_load(config_text)
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{config_path}: not valid YAML: {str(error).splitlines()[0]}") from None
-    if not isinstance(config, dict):
-        raise ConfigError(f"{config_path}: got {type(config).__name__}; expected a mapping of fields")
+    run_config = read_run_config(run_dir)
+    config, config_text, config_path = run_config.data, run_config.text, run_dir / RUN_CONFIG
     command_path = run_dir / COMMAND_FILE
     command = command_path.read_text().strip() if command_path.is_file() else f"pf-ray compress {config_path}"
     results_path = run_dir / "results.json"
     if not results_path.is_file():
         storage_path = str((config.get("storage") or {}).get("path") or "")
         if is_remote(storage_path) and not (run_dir / "search").is_dir():  # the search is in the remote storage
-            from pf_ray.launch import join_uri
-
             with tempfile.TemporaryDirectory() as directory:
                 search_dir = _fetch_search(join_uri(storage_path, run_dir.name, "search"), Path(directory))
                 trials, names = _trials_from_tune(search_dir)
         else:
             trials, names = _trials_from_tune(run_dir / "search")
+        space = _read_json(run_dir / SPACE_FILE) if (run_dir / SPACE_FILE).is_file() else {}
         best = best_trial(trials, _max_epochs(config))
-        chosen = (best or {}).get("layer_values") or (best or {}).get("proposal") or []
-        return RunRecord(run_dir, False, config, config_text, command, _ordered(trials), best, names,
-                         [float(v) for v in chosen])
+        chosen = (best or {}).get(LAYER_VALUES) or (best or {}).get("proposal") or []
+        return RunRecord(run_dir, False, config, config_text, command, _ordered(trials), best,
+                         list(space.get("layer_names") or names), [float(v) for v in chosen],
+                         space.get("value_label") or "value")
     results = _read_json(results_path)
     search = results.get("search") or {}
     best = search.get("best")
-    chosen = (results.get("learner_config") or {}).get("layer_keep_ratios") or (best or {}).get("layer_values")
+    chosen = (results.get("learner_config") or {}).get(search.get("field") or "") or (best or {}).get(LAYER_VALUES)
     return RunRecord(run_dir, True, config, config_text, results.get("command") or command,
                      _ordered(list(search.get("trials") or [])), best, list(search.get("layer_names") or []),
-                     [float(v) for v in chosen or []], list(results.get("artifacts") or []), results.get("seconds"),
+                     [float(v) for v in chosen or []], search.get("value_label") or "value",
+                     list(results.get("artifacts") or []), results.get("seconds"),
                      list((results.get("accuracy_guard") or {}).get("failures") or []))
 
 
@@ -106,11 +109,11 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     figures = _figures(record)
     (record.run_dir / FILES_DIR).mkdir(exist_ok=True)
     for name, png in figures.items():
-        _write_atomic(record.run_dir / FILES_DIR / name, png)
+        atomic_write(record.run_dir / FILES_DIR / name, png)
     blocks = _blocks(record, figures)
     markdown_path, html_path = record.run_dir / "report.md", record.run_dir / "report.html"
-    _write_atomic(markdown_path, _markdown(blocks).encode())
-    _write_atomic(html_path, _html(blocks, figures).encode())
+    atomic_write(markdown_path, _markdown(blocks).encode())
+    atomic_write(html_path, _html(blocks, figures).encode())
     return markdown_path, html_path
 
 
@@ -197,8 +200,8 @@ def _max_epochs(config: dict[str, Any]) -> int:
 
 
 def _accuracy(trial: dict[str, Any]) -> float | None:
-    value = finite_number(trial.get("accuracy"))
-    return value if value is not None else finite_number(trial.get("proxy_accuracy"))
+    value = finite_number(trial.get(ACCURACY))
+    return value if value is not None else finite_number(trial.get(PROXY_ACCURACY))
 
 
 # Plots.
@@ -232,9 +235,9 @@ def _pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]
 
 
 def _pareto_png(record: RunRecord) -> bytes | None:
-    axes_keys = [("macs_ratio", "MACs ratio (of the baseline)")]
-    if any(finite_number(t.get("latency_ms")) is not None for t in record.trials):
-        axes_keys.append(("latency_ms", "latency (ms)"))
+    axes_keys = [(MACS_RATIO, "MACs ratio (of the baseline)")]
+    if any(finite_number(t.get(LATENCY_MS)) is not None for t in record.trials):
+        axes_keys.append((LATENCY_MS, "latency (ms)"))
     figure, axes = _figure(5.5 * len(axes_keys), 4.2, len(axes_keys))
     plotted = False
     for ax, (key, label) in zip(axes, axes_keys, strict=True):
@@ -256,16 +259,6 @@ def _pareto_png(record: RunRecord) -> bytes | None:
     return _png(figure) if plotted else None
 
 
-def _value_label(record: RunRecord) -> str:
-    """What the per-layer values are, by learner: the bar chart's y label."""
-    learner = str((record.config.get("learner") or {}).get("name", ""))
-    if learner == "channel_pruning":
-        return "keep ratio"
-    if learner == "weight_sparsification":
-        return "sparsity"
-    return "bits" if learner.endswith("quantization") else "value"
-
-
 def _layer_names(record: RunRecord) -> list[str]:
     if len(record.layer_names) == len(record.chosen_values):
         return record.layer_names
@@ -277,13 +270,13 @@ def _layers_png(record: RunRecord) -> bytes:
     figure, (ax,) = _figure(max(6.0, 0.4 * len(values) + 2), 4.2)
     ax.bar(range(len(values)), values, color="C0")
     ax.set_xticks(range(len(values)), names, rotation=60, ha="right", fontsize=8)
-    ax.set(ylabel=_value_label(record), title=f"chosen {_value_label(record)} per layer")
+    ax.set(ylabel=record.value_label, title=f"chosen {record.value_label} per layer")
     ax.grid(axis="y", alpha=0.3)
     return _png(figure)
 
 
 def _progress_png(record: RunRecord) -> bytes | None:
-    scores = [finite_number(t.get("score")) for t in record.trials]
+    scores = [finite_number(t.get(SCORE)) for t in record.trials]
     points = [(i + 1, s) for i, s in enumerate(scores) if s is not None]
     if not points:
         return None
@@ -388,14 +381,14 @@ def _blocks(record: RunRecord, figures: dict[str, bytes]) -> list[Block]:
         blocks.append(("table", *_trial_table(record)))
     blocks.append(("h2", "Chosen per-layer values"))
     if "layers.png" in figures:
-        label = _value_label(record)
+        label = record.value_label
         pairs = zip(_layer_names(record), record.chosen_values, strict=True)
         blocks += [("img", "layers.png", f"Chosen {label} per layer"),
                    ("table", ["layer", label], [[name, f"{value:.4g}"] for name, value in pairs])]
     else:
         blocks.append(("p", "No per-layer values: the learner used one setting for every layer."))
     blocks += [("h2", "Reproduce"), ("p", "Command:"), ("code", record.command, "bash")]
-    if (record.config.get("storage") or {}).get("name"):  # prepare() refuses a run folder that exists
+    if (record.config.get("storage") or {}).get("name"):  # preflight refuses a run folder that exists
         blocks.append(("p", "This config fixes storage.name: add --set storage.name=NEW to run it again."))
     blocks += [("p", "The exact config (config.yaml):"), ("code", record.config_text, "yaml")]
     return blocks
@@ -451,10 +444,3 @@ def _html(blocks: list[Block], figures: dict[str, bytes]) -> str:
     title = e(blocks[0][1])
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
             f"<style>{CSS}</style></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n")
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """A reader (or a browser refresh) never sees half a file: write aside, then rename over."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_bytes(data)
-    os.replace(temporary, path)

@@ -66,6 +66,15 @@ class PerLayerSpace:
         return replace(learner_config, **{self.field: self.project(values)})
 
 
+def proposal_from(config: dict[str, Any]) -> tuple[float, ...] | None:
+    """A searcher's per-layer values from a trial config (keys ``layer_00``, ``layer_01``, ... in order), or None
+    when it has none (a learner with nothing to search runs one trial with an empty config)."""
+    values = []
+    while LAYER_KEY.format(len(values)) in config:
+        values.append(float(config[LAYER_KEY.format(len(values))]))
+    return tuple(values) if values else None
+
+
 def layer_features(model: nn.Module, input_shape: tuple[int, int, int],
                     names: Sequence[str]) -> tuple[tuple[float, ...], ...]:
     """One row of LAYER_FEATURES per searched layer, from the layer (conv/linear) that each name refers to."""

@@ -19,14 +19,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from pf_ray.config import DistillationConfig, TrainConfig
+from pf_ray.metrics import ACCURACY, EPOCH, LOSS, SECONDS, TRAIN_ACCURACY
 from pf_ray.progress import ProgressBar
-
-# Metric keys: the same strings in trial results, results.json and reports.
-EPOCH = "epoch"
-ACCURACY = "accuracy"  # validation top-1 during search and retraining, as a fraction in [0, 1]
-LOSS = "loss"  # mean training loss over the epoch
-TRAIN_ACCURACY = "train_accuracy"
-SECONDS = "epoch_seconds"
 
 PROGRESS_SECONDS = 15.0  # with a log: a progress-bar line at most this often within an epoch
 

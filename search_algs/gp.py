@@ -24,9 +24,8 @@ from sklearn.gaussian_process import GaussianProcessRegressor
 from sklearn.gaussian_process.kernels import Matern
 from threadpoolctl import threadpool_limits
 
-from pf_ray.metrics import finite_number
+from pf_ray.metrics import EPOCH, finite_number
 from pf_ray.search_space import PerLayerSpace
-from pf_ray.train import EPOCH
 from search_algs.base import PerLayerSearcher
 from search_algs.spaces import uniform_starting_point
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pf_ray.train import EPOCH
+from pf_ray.metrics import EPOCH
 
 
 def make_asha(*, max_epochs: int, grace_period: int, reduction_factor: int):

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 BLOCK_RAY = """
@@ -60,9 +62,36 @@ def test_trainables_and_search_algs_do_not_import_each_other():
             assert not any(n.split(".")[0] == forbidden for n in _imported_modules(path)), path
 
 
-def test_ray_is_imported_in_pf_ray_only_by_launch():
-    # search_state.py reads and rewrites Tune's saved search (pickled with ray.cloudpickle) for launch.resume;
-    # orphans.py removes the placement groups stopped Ray Train runs leave behind (a Ray 2.60 workaround).
+def test_ray_is_imported_in_pf_ray_only_under_launch():
+    # The run side (pf_ray/launch/) wires Ray in, lazily; among its modules search_state.py reads and rewrites
+    # Tune's saved search (ray.cloudpickle) and orphans.py removes the placement groups stopped Ray Train runs
+    # leave behind (a Ray 2.60 workaround).
     users = [p.relative_to(ROOT).as_posix() for p in _python_files("pf_ray")
              if any(n.split(".")[0] == "ray" for n in _imported_modules(p))]
-    assert sorted(users) == ["pf_ray/launch.py", "pf_ray/orphans.py", "pf_ray/search_state.py"]
+    assert users and all(user.startswith("pf_ray/launch/") for user in users), users
+
+
+def test_trainables_never_import_the_run_side():
+    # pf_ray.launch imports trainables (the Ray edge on the workers' side), never the other way round.
+    for path in _python_files("trainables"):
+        assert not any(n == "pf_ray.launch" or n.startswith("pf_ray.launch.") for n in _imported_modules(path)), path
+
+
+def test_every_learner_has_a_trainable():
+    import pf_ray.learners  # noqa: F401  (registration)
+    from pf_ray.registry import LEARNERS
+    from trainables import get_trainable
+
+    for name in LEARNERS.names():
+        assert callable(get_trainable(name)), name
+
+
+def test_a_learner_without_a_trainable_is_a_config_error():
+    from pf_ray.errors import ConfigError
+    from trainables import get_trainable
+
+    with pytest.raises(ConfigError, match="learner 'lasso' has no trainable: there is no trainables/lasso.py"):
+        get_trainable("lasso")
+    with pytest.raises(ConfigError, match="learner 'trial' has no trainable: trainables/trial.py defines no "
+                                          r"function trial\(\)"):
+        get_trainable("trial")

@@ -21,8 +21,9 @@ from pf_ray.errors import ExportError
 from pf_ray.export import convert_to_ort, export_onnx, onnx_session
 from pf_ray.export.manifest import check_manifest
 from pf_ray.export.verify import accuracy_guard, artifact_format
+from pf_ray.metrics import ACCURACY
 from pf_ray.models import build_model
-from pf_ray.train import ACCURACY, evaluate, fit
+from pf_ray.train import evaluate, fit
 
 DATASET = DatasetConfig(name="digits")
 FAST = ["--repeats", "3", "--batch-sizes", "1"]

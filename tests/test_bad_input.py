@@ -2,7 +2,7 @@
 exit code 2, and nothing new on disk (no run folder, no baseline cache, no partial file).
 
 Every case runs ``pf_ray.cli.main`` in this process on the digits dataset; ``compress`` cases fail in
-``launch.prepare`` (or before), and a guard fails the test at once if ``prepare`` accepts one.
+``pf_ray.launch.preflight`` (or before), and a guard fails the test at once if ``preflight`` accepts one.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-import pf_ray.launch as launch
+import pf_ray.launch.pipeline as pipeline
 from pf_ray.checkpoint import FORMAT, save_checkpoint
 from pf_ray.cli import EXIT_BAD_INPUT, main
 from pf_ray.config import ModelConfig, to_dict
@@ -327,6 +327,12 @@ CASES = [
                  ["baseline.checkpoint: got 'model\\x00.pt'; a path cannot hold a NUL byte"], id="path-with-nul-byte"),
     pytest.param(sets("storage.path=~nosuchuser_pf/runs"), ["storage.path: got '~nosuchuser_pf/runs'; "],
                  id="storage-path-of-unknown-user"),
+    pytest.param(sets("storage.path=ftp://host/runs"),
+                 ["storage.path: got 'ftp://host/runs'; pf-ray cannot write to ftp:// URIs; allowed: a local folder "
+                  "or a URI starting s3://, gs://, gcs://, file://"], id="storage-path-unsupported-uri-scheme"),
+    pytest.param(lambda inputs: compress(inputs, "dataset.name=fashion_mnist",
+                                         f"dataset.data_dir={inputs.file('fmnist.gz', b'not a folder')}"),
+                 ["dataset.data_dir: ", "fmnist.gz' is a file; expected a folder"], id="data-dir-is-a-file"),
     pytest.param(sets("model.name=~nosuchuser_pf/models.py:build"), ["model.name: got '~nosuchuser_pf/models.py"],
                  id="user-model-path-of-unknown-user"),
     pytest.param(_existing_run_folder, ["storage.name: run folder", "taken' already exists"],
@@ -482,11 +488,14 @@ CASES = [
                  ["was trained on inputs (3, 32, 32); the dataset gives (1, 8, 8)"],
                  id="verify-checkpoint-wrong-shape"),
     pytest.param(_broken_manifest_verify, ["manifest.json: cannot be read as JSON"], id="verify-broken-manifest"),
-    pytest.param(lambda inputs: ["report", str(inputs.root)], ["is not a run folder: it has no config.yaml"],
+    pytest.param(lambda inputs: ["report", str(inputs.root)],
+                 ["run_dir: ", "is not a pf-ray run folder (it has no config.yaml)"],
                  id="report-not-a-run-folder"),
-    pytest.param(lambda inputs: ["report", str(inputs.root / "gone")], ["run folder ", "gone' does not exist"],
+    pytest.param(lambda inputs: ["report", str(inputs.root / "gone")],
+                 ["run_dir: ", "gone' is not a pf-ray run folder (it does not exist)"],
                  id="report-missing-folder"),
-    pytest.param(_malformed_run_config, ["config.yaml: not valid YAML"], id="report-malformed-config"),
+    pytest.param(_malformed_run_config, ["config.yaml is not valid YAML at line 2, column 1: expected"],
+                 id="report-malformed-config"),
     pytest.param(lambda inputs: ["resume", str(inputs.root)], ["is not a pf-ray run folder (it has no config.yaml)"],
                  id="resume-not-a-run-folder"),
     pytest.param(lambda inputs: ["resume", f"file://{inputs.root}/gone", "--staging", str(inputs.root / "new")],
@@ -495,6 +504,9 @@ CASES = [
                  ["storage.path is ", "not a URI; resume it from its local folder"], id="resume-uri-of-a-local-run"),
     pytest.param(lambda inputs: ["resume", str(inputs.root), "--staging", str(inputs.root / "new")],
                  ["--staging: got ", "with the local run folder"], id="resume-staging-without-a-uri"),
+    pytest.param(lambda inputs: ["resume", "ftp://host/runs/tiny"],
+                 ["run_dir: got 'ftp://host/runs/tiny'; pf-ray cannot read ftp:// URIs; allowed: a local run folder "
+                  "or a URI starting s3://, gs://, gcs://, file://"], id="resume-unsupported-uri-scheme"),
 ]
 
 
@@ -510,15 +522,15 @@ def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
 
 
 @pytest.fixture(autouse=True)
-def _prepare_must_refuse(monkeypatch):
-    """Fail at once (instead of starting Ray and training) if ``prepare`` accepts a case."""
-    real_prepare = launch.prepare
+def _preflight_must_refuse(monkeypatch):
+    """Fail at once (instead of starting Ray and training) if ``preflight`` accepts a case."""
+    real_preflight = pipeline.preflight
 
-    def prepare(*args, **kwargs):
-        real_prepare(*args, **kwargs)
-        raise AssertionError("launch.prepare accepted this input")
+    def preflight(*args, **kwargs):
+        real_preflight(*args, **kwargs)
+        raise AssertionError("preflight accepted this input")
 
-    monkeypatch.setattr(launch, "prepare", prepare)
+    monkeypatch.setattr(pipeline, "preflight", preflight)
 
 
 def test_at_least_forty_distinct_bad_inputs():
@@ -556,7 +568,7 @@ def test_a_checkpoint_that_runs_code_when_unpickled_is_refused_unexecuted(tmp_pa
 
 
 def test_the_learners_check_refuses_what_prepare_would():
-    """What the run's preflight calls: each learner's ``check`` raises, before any data is read, what its
+    """What ``preflight`` calls: each learner's ``check`` raises, before any data is read, what its
     ``prepare`` would raise later on this model."""
     from pf_ray.errors import ConfigError, ModelError
     from pf_ray.spec import load_spec

@@ -5,13 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pf_ray.candidate import LAYER_VALUES, MACS_RATIO, fine_tune, make_candidate, resolve, search_space
+from pf_ray.candidate import fine_tune, make_candidate, resolve, search_space
 from pf_ray.config import DistillationConfig, ExperimentConfig, TrainConfig, from_dict
 from pf_ray.data import load_data
-from pf_ray.metrics import model_stats
+from pf_ray.metrics import ACCURACY, EPOCH, LAYER_VALUES, MACS_RATIO, model_stats
 from pf_ray.models import build_model
 from pf_ray.spec import RunSpec
-from pf_ray.train import ACCURACY, EPOCH
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +59,8 @@ def test_fine_tune_reports_static_metrics_every_epoch(setup):
 
 
 def test_best_trial_breaks_ties_by_trial_id_not_by_order():
-    from pf_ray.candidate import SCORE, best_trial
+    from pf_ray.candidate import best_trial
+    from pf_ray.metrics import SCORE
 
     trials = [{"trial_id": "c", SCORE: 0.5, "epoch": 2, "error": None},
               {"trial_id": "b", SCORE: 0.5, "epoch": 2, "error": None},

@@ -34,13 +34,15 @@ from pathlib import Path
 import ray
 from ray.cluster_utils import Cluster
 
-from pf_ray.candidate import per_layer_space
+from pf_ray.candidate import search_space
 from pf_ray.checkpoint import save_checkpoint
 from pf_ray.config import ExperimentConfig, from_dict
 from pf_ray.data import load_data
 from pf_ray.errors import ConfigError
-from pf_ray.launch import check_storage, run_search
+from pf_ray.launch.cluster import check_storage
+from pf_ray.launch.search import run_search
 from pf_ray.models import build_model
+from pf_ray.spec import RunSpec
 
 out = Path(sys.argv[1])
 # A lost node is noticed within about 3 s (the defaults take 30 s or more).
@@ -66,7 +68,7 @@ data = load_data(config.dataset)
 model = build_model(config.model, in_channels=data.input_shape[0], num_classes=data.num_classes)
 baseline = save_checkpoint(out / "baseline.pt", model, model_config=config.model, input_shape=data.input_shape,
                            num_classes=data.num_classes)
-space = per_layer_space(config, model, data.input_shape)
+space = search_space(RunSpec.resolve(config), model, data.input_shape)
 
 def actor_nodes(class_name):
     from ray._private.state import actors  # the GCS's actor table (no dashboard needed)
@@ -84,7 +86,7 @@ def watch():  # which nodes host the trials' actors while the search runs
     while not done.wait(0.3):
         seen.update(actor_nodes("ImplicitFunc"))
 threading.Thread(target=watch, daemon=True).start()
-trials = run_search(config, space, baseline, out / "runs" / "spread", log=lambda line: None)
+trials = run_search(RunSpec.resolve(config), space, baseline, out / "runs" / "spread", log=lambda line: None)
 done.set()
 print(json.dumps({"refused": refused, "trial_nodes": sorted(seen), "nodes": len(ray.nodes()),
                   "errors": [t["error"] for t in trials], "epochs": [t["epoch"] for t in trials]}), flush=True)
@@ -100,8 +102,8 @@ config = experiment(**{"search.num_trials": 1, "resources.workers_per_trial": 2,
 run_dir = out / "runs" / "loss"
 # The search runs in a thread; the main thread removes the node (Ray adds a node only from the main thread).
 found = {}
-search = threading.Thread(target=lambda: found.update(trials=run_search(config, space, baseline, run_dir,
-                                                                        log=lambda line: None)))
+search = threading.Thread(target=lambda: found.update(trials=run_search(RunSpec.resolve(config), space, baseline,
+                                                                        run_dir, log=lambda line: None)))
 search.start()
 removed = {}
 deadline = time.monotonic() + 300

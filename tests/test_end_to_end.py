@@ -141,12 +141,12 @@ def test_a_quantized_model_is_rebuilt_from_its_checkpoint_and_stored_packed(ray_
 @pytest.mark.slow  # about 3 min: `make test-slow`
 def test_two_worker_trials_under_asha_leave_no_placement_group_behind(ray_session, tmp_path):
     # Tune ends each trial's actor when the trial stops; its Ray Train controller dies with it and, on Ray 2.60,
-    # leaves its workers' placement group reserved (pf_ray.orphans). Before the reaper, the third and fourth
+    # leaves its workers' placement group reserved (pf_ray.launch.orphans). Before the reaper, the third and fourth
     # trials' workers waited for those CPUs for ever. ray_session has 4 CPUs: one 2.25-CPU trial at a time.
     results = _compress(tmp_path, "search.num_trials=3", "search.fine_tune.epochs=2", "search.reduction_factor=2",
                         "resources.workers_per_trial=2", "resources.cpus_per_worker=1", "resources.num_cpus=4")
     assert len(results["search"]["trials"]) == 3
     assert all(trial["error"] is None for trial in results["search"]["trials"])
-    from pf_ray.orphans import job_placement_groups
+    from pf_ray.launch.orphans import job_placement_groups
 
     assert job_placement_groups() == []

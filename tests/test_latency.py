@@ -8,10 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from pf_ray.candidate import LATENCY_MS, LATENCY_RATIO, MACS, make_candidate, score
+from pf_ray.candidate import make_candidate, score
 from pf_ray.config import DatasetConfig, ExperimentConfig, LearnerConfig, ModelConfig, Reward
 from pf_ray.data import load_data
 from pf_ray.export import latency as latency_module
+from pf_ray.metrics import LATENCY_MS, LATENCY_RATIO, MACS
 from pf_ray.models import build_model
 from pf_ray.spec import RunSpec
 

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import pytest
 
-from pf_ray.candidate import LAYER_VALUES, per_layer_space
+from pf_ray.candidate import search_space
 from pf_ray.config import ExperimentConfig, from_dict
 from pf_ray.data import load_data
+from pf_ray.metrics import ACCURACY, EPOCH, LAYER_VALUES
 from pf_ray.models import build_model
-from pf_ray.train import ACCURACY, EPOCH
+from pf_ray.spec import RunSpec
 from tests.test_ray import TINY, _run_one_trial, baseline  # noqa: F401  (baseline: the module's fixture)
 
 pytestmark = pytest.mark.ray
@@ -25,15 +26,15 @@ LEARNERS = {
 
 @pytest.mark.parametrize("name", sorted(LEARNERS))
 def test_learner_search_with_asha_meets_its_budget(ray_session, baseline, tmp_path, name):  # noqa: F811
-    from pf_ray.launch import run_search
+    from pf_ray.launch.search import run_search
 
     options, algorithm = LEARNERS[name]
     config = from_dict(ExperimentConfig, {**TINY, "learner": {"name": name, "options": options},
                                           "search": {**TINY["search"], "algorithm": algorithm, "num_trials": 3}})
     data = load_data(config.dataset)
     model = build_model(config.model, in_channels=data.input_shape[0], num_classes=data.num_classes)
-    space = per_layer_space(config, model, data.input_shape)
-    trials = run_search(config, space, baseline, tmp_path, log=lambda line: None)
+    space = search_space(RunSpec.resolve(config), model, data.input_shape)
+    trials = run_search(RunSpec.resolve(config), space, baseline, tmp_path, log=lambda line: None)
     assert len(trials) == 3 and all(t["error"] is None for t in trials)
     assert all(1 <= t[EPOCH] <= 2 and 0 <= t[ACCURACY] <= 1 for t in trials)
     for trial in trials:  # the projected per-layer values the trial trained with meet the budget
@@ -61,15 +62,14 @@ def test_native_int8_runs_as_a_trainable_under_asha(ray_session, baseline, tmp_p
     # retrain. Here its trainable runs as Tune trials under ASHA with Tune's own variant generator.
     from ray import tune
 
-    from pf_ray.candidate import SCORE
-    from pf_ray.config import to_dict
-    from pf_ray.launch import trial_cost
+    from pf_ray.launch.cluster import trial_cost
+    from pf_ray.metrics import SCORE
     from search_algs.schedulers import make_asha
     from trainables import get_trainable
 
     config = from_dict(ExperimentConfig, {**TINY, "learner": {"name": "native_int8", "options": {"method": "ptq"}}})
     trainable = tune.with_resources(
-        tune.with_parameters(get_trainable("native_int8"), experiment=to_dict(config),
+        tune.with_parameters(get_trainable("native_int8"), spec=RunSpec.resolve(config),
                              baseline_checkpoint=str(baseline)),
         trial_cost(config)[0])
     tuner = tune.Tuner(trainable, param_space={},

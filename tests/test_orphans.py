@@ -1,4 +1,4 @@
-"""Placement groups that a dead actor created and Ray left behind are found and removed (pf_ray.orphans)."""
+"""Placement groups that a dead actor created and Ray left behind are found and removed (pf_ray.launch.orphans)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ def test_a_dead_actors_placement_group_is_removed_and_a_live_ones_kept(ray_sessi
     import ray
     from ray.util.placement_group import placement_group
 
-    from pf_ray.orphans import job_placement_groups, orphaned_placement_groups, remove_orphaned_placement_groups
+    from pf_ray.launch.orphans import job_placement_groups, orphaned_placement_groups, remove_orphaned_placement_groups
 
     @ray.remote(num_cpus=0)
     class Creator:  # what a Ray Train controller does: a placement group for its workers
@@ -43,7 +43,7 @@ def test_a_placement_group_the_driver_created_is_never_an_orphan(ray_session):
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    from pf_ray.orphans import orphaned_placement_groups
+    from pf_ray.launch.orphans import orphaned_placement_groups
 
     group = placement_group([{"CPU": 0.01}])
     ray.get(group.ready())

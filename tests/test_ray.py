@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from pf_ray.candidate import MACS_RATIO, PROXY_ACCURACY, SCORE, per_layer_space
+from pf_ray.candidate import search_space
 from pf_ray.checkpoint import load_checkpoint, save_checkpoint
-from pf_ray.config import ExperimentConfig, from_dict, to_dict
+from pf_ray.config import ExperimentConfig, from_dict
 from pf_ray.data import load_data
+from pf_ray.metrics import ACCURACY, EPOCH, MACS_RATIO, PROXY_ACCURACY, SCORE
 from pf_ray.models import build_model
-from pf_ray.train import ACCURACY, EPOCH
+from pf_ray.spec import RunSpec
 
 pytestmark = pytest.mark.ray
 
@@ -39,15 +40,15 @@ def baseline(tmp_path_factory) -> Path:
 def _run_one_trial(config: ExperimentConfig, baseline: Path, storage: Path):
     from ray import tune
 
-    from pf_ray.launch import trial_cost
+    from pf_ray.launch.cluster import trial_cost
     from trainables import get_trainable
 
     data = load_data(config.dataset)
     model = build_model(config.model, in_channels=data.input_shape[0], num_classes=data.num_classes)
-    space = per_layer_space(config, model, data.input_shape)
+    space = search_space(RunSpec.resolve(config), model, data.input_shape)
     point = {key: 1.0 for key in space.keys()}
     trainable = tune.with_resources(
-        tune.with_parameters(get_trainable("channel_pruning"), experiment=to_dict(config),
+        tune.with_parameters(get_trainable("channel_pruning"), spec=RunSpec.resolve(config),
                              baseline_checkpoint=str(baseline)),
         trial_cost(config)[0],
     )
@@ -93,13 +94,13 @@ def test_two_worker_ray_train_trial_distils_reports_and_checkpoints(ray_session,
 @pytest.mark.slow
 @pytest.mark.parametrize("algorithm", ["tpe", "gp", "ddpg", "random"])
 def test_search_with_asha_scores_only_candidates_within_budget(ray_session, baseline, tmp_path, algorithm):
-    from pf_ray.launch import choose_best, run_search
+    from pf_ray.launch.search import choose_best, run_search
 
     config = from_dict(ExperimentConfig, {**TINY, "search": {**TINY["search"], "algorithm": algorithm}})
     data = load_data(config.dataset)
     model = build_model(config.model, in_channels=data.input_shape[0], num_classes=data.num_classes)
-    space = per_layer_space(config, model, data.input_shape)
-    trials = run_search(config, space, baseline, tmp_path, log=lambda line: None)
+    space = search_space(RunSpec.resolve(config), model, data.input_shape)
+    trials = run_search(RunSpec.resolve(config), space, baseline, tmp_path, log=lambda line: None)
     assert len(trials) == 4
     assert all(t["error"] is None for t in trials)
     assert all(t[MACS_RATIO] <= 0.5 + 1e-9 for t in trials)
@@ -114,14 +115,14 @@ def test_search_with_asha_scores_only_candidates_within_budget(ray_session, base
 
 
 def test_proxy_scoring_runs_no_fine_tuning_and_amc_reward(ray_session, baseline, tmp_path):
-    from pf_ray.launch import run_search
+    from pf_ray.launch.search import run_search
 
     config = from_dict(ExperimentConfig, {**TINY, "search": {**TINY["search"], "num_trials": 2,
                                                              "scoring": "proxy", "reward": "amc"}})
     data = load_data(config.dataset)
     model = build_model(config.model, in_channels=data.input_shape[0], num_classes=data.num_classes)
-    trials = run_search(config, per_layer_space(config, model, data.input_shape), baseline, tmp_path,
-                        log=lambda line: None)
+    spec = RunSpec.resolve(config)
+    trials = run_search(spec, search_space(spec, model, data.input_shape), baseline, tmp_path, log=lambda line: None)
     for trial in trials:
         assert trial[EPOCH] == 1 and trial[ACCURACY] == trial[PROXY_ACCURACY]
         assert trial[SCORE] == pytest.approx(-(1 - trial[ACCURACY]) * math.log(trial["macs"]))
@@ -130,13 +131,14 @@ def test_proxy_scoring_runs_no_fine_tuning_and_amc_reward(ray_session, baseline,
 def test_latency_reward_measures_each_candidate_on_its_node(ray_session, baseline, tmp_path):
     """The trials (Ray workers started before this test) use the default cache, ~/.cache/pf_ray/latency; the
     cache itself is tested in test_latency.py."""
-    from pf_ray.launch import run_search
+    from pf_ray.launch.search import run_search
 
     config = from_dict(ExperimentConfig, {**TINY, "search": {**TINY["search"], "num_trials": 2,
                                                              "scoring": "proxy", "reward": "latency"}})
     data = load_data(config.dataset)
     model = build_model(config.model, in_channels=data.input_shape[0], num_classes=data.num_classes)
-    trials = run_search(config, per_layer_space(config, model, data.input_shape), baseline, tmp_path / "run",
+    spec = RunSpec.resolve(config)
+    trials = run_search(spec, search_space(spec, model, data.input_shape), baseline, tmp_path / "run",
                         log=lambda line: None)
     assert len(trials) == 2
     for trial in trials:
@@ -154,7 +156,7 @@ def test_a_diverging_trial_and_a_crashing_one_do_not_stop_the_search(ray_session
     import ray.tune
 
     import trainables
-    from pf_ray.launch import choose_best, run_search
+    from pf_ray.launch.search import choose_best, run_search
 
     real = trainables.get_trainable("channel_pruning")
     faults = tmp_path / "faults"
@@ -168,7 +170,7 @@ def test_a_diverging_trial_and_a_crashing_one_do_not_stop_the_search(ray_session
     poisoned = save_checkpoint(tmp_path / "poisoned.pt", model, model_config=info.model,
                                input_shape=info.input_shape, num_classes=info.num_classes)
 
-    def faulty(config, experiment, baseline_checkpoint):
+    def faulty(config, spec, baseline_checkpoint):
         trial_id = ray.tune.get_context().get_trial_id()
         role = faults / f"role-{trial_id}"
         if not role.exists():  # the k-th trial to start takes slot k (O_EXCL: concurrent trials never share one)
@@ -187,14 +189,15 @@ def test_a_diverging_trial_and_a_crashing_one_do_not_stop_the_search(ray_session
             baseline_checkpoint = str(poisoned)
         if slot == 1 and (faults / f"attempts-{trial_id}").read_text() == "x":
             raise RuntimeError("simulated crash of the trial's process")
-        return real(config, experiment=experiment, baseline_checkpoint=baseline_checkpoint)
+        return real(config, spec=spec, baseline_checkpoint=baseline_checkpoint)
 
     monkeypatch.setattr(trainables, "get_trainable", lambda name: faulty)
     config = from_dict(ExperimentConfig, {**TINY, "search": {**TINY["search"], "algorithm": "gp",
                                                              "max_failures": 1, "num_trials": 3}})
     data = load_data(config.dataset)
     model = build_model(config.model, in_channels=data.input_shape[0], num_classes=data.num_classes)
-    trials = run_search(config, per_layer_space(config, model, data.input_shape), baseline, tmp_path / "run",
+    spec = RunSpec.resolve(config)
+    trials = run_search(spec, search_space(spec, model, data.input_shape), baseline, tmp_path / "run",
                         log=lambda line: None)
     by_slot = {int((faults / f"role-{t['trial_id']}").read_text()): t for t in trials}
     assert sorted(by_slot) == [0, 1, 2]
@@ -214,12 +217,11 @@ def test_retrain_progress_reaches_the_driver_through_its_queue(ray_session, tmp_
     that the driver drains into its own progress.log and TensorBoard files."""
     import ray
 
-    from pf_ray.launch import driver_progress
-    from trainables._common import PROGRESS_LINE, PROGRESS_SCALARS, _sender
+    from trainables.progress_relay import PROGRESS_LINE, PROGRESS_SCALARS, driver_progress, sender
 
     @ray.remote(num_cpus=0)
     def rank0(queue, items) -> None:  # what the train loop's rank 0 does, in another process
-        send = _sender(queue)
+        send = sender(queue)
         for item in items:
             send(item)
 

@@ -15,7 +15,7 @@ import yaml
 
 from pf_ray.config import ExperimentConfig, to_dict
 from pf_ray.errors import ConfigError
-from pf_ray.report import _pareto_front, load_run, write_report
+from pf_ray.report import SPACE_FILE, _pareto_front, load_run, write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 DATA_URI = re.compile(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
@@ -39,14 +39,18 @@ def _artifact(model: str, fmt: str, accuracy: float, median_ms: float) -> dict[s
             "test_accuracy": accuracy, "top1_agreement": 0.995, "max_abs_diff": 0.01, "latency": latency}
 
 
+def make_trials() -> list[dict[str, Any]]:
+    return [_trial(0, 0.81, 0.52), _trial(1, 0.84, 0.49), _trial(2, None, None, error="ValueError: <bad> | x"),
+            _trial(3, 0.86, 0.50), _trial(4, 0.79, 0.41), _trial(5, 0.88, 0.62)]
+
+
 def make_finished_run(root: Path, *, trials: list[dict[str, Any]] | None = None) -> Path:
     """A run folder as `pf-ray compress` leaves it, with 6 trials (one errored) and 4 artifact rows."""
     run = root / "finished-run"
     run.mkdir(parents=True)
     (run / "config.yaml").write_text(yaml.safe_dump(to_dict(ExperimentConfig()), sort_keys=False))
     if trials is None:
-        trials = [_trial(0, 0.81, 0.52), _trial(1, 0.84, 0.49), _trial(2, None, None, error="ValueError: <bad> | x"),
-                  _trial(3, 0.86, 0.50), _trial(4, 0.79, 0.41), _trial(5, 0.88, 0.62)]
+        trials = make_trials()
     best = max((t for t in trials if t["score"] is not None), key=lambda t: t["score"], default=None)
     results = {
         "command": "pf-ray compress examples/resnet20_fashion_mnist.yaml --set search.num_trials=6",
@@ -54,6 +58,7 @@ def make_finished_run(root: Path, *, trials: list[dict[str, Any]] | None = None)
         "baseline": {"checkpoint": "/b.pt", "sha256": "00", "macs": 41_000_000, "params": 270_000,
                      "size_bytes": 1_100_000},
         "search": {"algorithm": "tpe" if trials else None, "layer_names": LAYER_NAMES if trials else [],
+                   "field": "layer_keep_ratios" if trials else None, "value_label": "keep ratio" if trials else None,
                    "trials": trials, "best": best},
         "learner_config": {"mode": "auto", "layer_keep_ratios": best["layer_values"] if best else [],
                            "keep_ratio": 0.5},
@@ -117,6 +122,9 @@ def test_finished_run_report_has_the_tables_and_embedded_plots(tmp_path):
     assert "pf-ray compress examples/resnet20_fashion_mnist.yaml --set search.num_trials=6" in markdown
     assert "learner:\n  name: channel_pruning" in markdown  # config.yaml verbatim
     assert "did not finish" not in markdown
+    assert "Chosen keep ratio per layer" in markdown  # results.json's search says what a value is
+    assert load_run(run).chosen_values == max((t for t in make_trials() if t["score"]), key=lambda t: t["score"])[
+        "layer_values"]  # the learner config's searched field
 
 
 def test_html_is_self_contained_and_escaped(tmp_path):
@@ -143,8 +151,13 @@ def test_interrupted_run_is_rebuilt_from_the_trial_folders(tmp_path):
     assert record.trials[0]["score"] == 0.80 and record.trials[1]["epoch"] == 1  # last complete line
     assert record.trials[2]["error"] == "no result reported"
     assert record.best["trial_id"] == "f00d_00000"  # the only one that ran every epoch
-    assert record.layer_names == ["layer_00", "layer_01", "layer_02"]
+    assert record.layer_names == ["layer_00", "layer_01", "layer_02"] and record.value_label == "value"
     assert record.command == f"pf-ray compress {run / 'config.yaml'}"
+    # the space file written before the search names the layers and what a value is
+    (run / SPACE_FILE).write_text(json.dumps({"field": "layer_sparsities", "value_label": "sparsity",
+                                              "layer_names": ["conv1", "fc", "head"]}))
+    record = load_run(run)
+    assert record.layer_names == ["conv1", "fc", "head"] and record.value_label == "sparsity"
 
     markdown_path, html_path = write_report(run)
     markdown = markdown_path.read_text()

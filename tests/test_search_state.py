@@ -10,8 +10,8 @@ import pyarrow.fs
 import pytest
 import ray.cloudpickle as cloudpickle
 
-from pf_ray.atomic_fs import atomic_local_filesystem
-from pf_ray.search_state import DamagedSearchState, describe, reconcile
+from pf_ray.launch.atomic_fs import atomic_local_filesystem
+from pf_ray.launch.search_state import DamagedSearchState, describe, reconcile
 
 SESSION = "2026-11-23_08-08-20"
 
@@ -65,7 +65,7 @@ def test_the_newest_session_is_the_one_reconciled(tmp_path):
 @pytest.mark.parametrize("damage", ["empty generator", "truncated searcher", "no trial list", "bad trial list"])
 def test_a_damaged_state_is_refused(tmp_path, damage):
     _save(tmp_path, {"a": "TERMINATED"}, counter=1, live=set())
-    if damage == "empty generator":  # what a driver killed during Tune's copy left before pf_ray.atomic_fs
+    if damage == "empty generator":  # what a driver killed during Tune's copy left before pf_ray.launch.atomic_fs
         (tmp_path / f"search_gen_state-{SESSION}.json").write_bytes(b"")
     elif damage == "truncated searcher":
         path = tmp_path / f"searcher-state-{SESSION}.pkl"

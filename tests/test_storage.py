@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,9 @@ import pytest
 from pf_ray.cli import main
 from pf_ray.config import StorageConfig, load_experiment
 from pf_ray.errors import ConfigError
-from pf_ray.launch import baseline_cache_path, join_uri, resume, run_location
+from pf_ray.launch import resume
+from pf_ray.launch.baseline import baseline_cache_path
+from pf_ray.storage import join_uri, run_location
 from tests.test_end_to_end import TINY
 
 
@@ -24,6 +27,24 @@ def test_a_remote_storage_path_stays_a_uri_and_the_run_folder_is_staged():
     assert folder == Path("/staging/tiny") and storage == "s3://bucket/runs/tiny"
     assert join_uri("s3://bucket/runs?region=eu-west-1", "tiny", "search") == \
         "s3://bucket/runs/tiny/search?region=eu-west-1"
+
+
+def test_a_run_folder_is_named_after_a_model_files_stem_and_function(tmp_path, monkeypatch):
+    from pf_ray.launch.preflight import preflight
+    from pf_ray.models import run_name_prefix
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "user_model.py").write_text(
+        "from torch import nn\n\n\ndef build(in_channels, num_classes):\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * 64, num_classes))\n")
+    config = load_experiment(None, ["model.name=models/user_model.py:build", "dataset.name=digits",
+                                    "learner.name=full_precision", f"storage.path={tmp_path / 'runs'}"])
+    name = preflight(config, log=lambda line: None).location.folder.name
+    assert re.fullmatch(r"user_model-build-full_precision-\d{8}-\d{6}", name), name
+    assert not (tmp_path / "runs").exists()
+    assert run_name_prefix("resnet20") == "resnet20"  # registered names and module references as before
+    assert run_name_prefix("my_package.models:build") == "my_package.models_build"
 
 
 def test_the_baseline_cache_of_a_remote_run_is_on_the_driver():

@@ -8,7 +8,8 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from pf_ray.config import DistillationConfig, TrainConfig
-from pf_ray.train import ACCURACY, EPOCH, LOSS, distillation_loss, evaluate, fit, recalibrate_batchnorm
+from pf_ray.metrics import ACCURACY, EPOCH, LOSS
+from pf_ray.train import distillation_loss, evaluate, fit, recalibrate_batchnorm
 
 
 def _linearly_separable(n: int = 256, seed: int = 0) -> TensorDataset:

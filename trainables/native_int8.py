@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from trainables._common import run_trial
+from pf_ray.spec import RunSpec
+from trainables.trial import run_trial
 
 
-def native_int8(config: dict[str, Any], *, experiment: dict[str, Any],
-                baseline_checkpoint: str | bytes) -> None:
-    run_trial("native_int8", config, experiment=experiment, baseline_checkpoint=baseline_checkpoint)
+def native_int8(config: dict[str, Any], *, spec: RunSpec, baseline_checkpoint: str | bytes) -> None:
+    run_trial("native_int8", config, spec=spec, baseline_checkpoint=baseline_checkpoint)

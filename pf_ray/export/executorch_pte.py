@@ -15,8 +15,6 @@ without it the formats ``pte`` / ``pte_int8`` are refused when the config is rea
 from __future__ import annotations
 
 import importlib.util
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ from torch import nn
 
 from pf_ray.errors import ExportError
 from pf_ray.export.onnx import eval_on_cpu
+from pf_ray.files import atomic_write
 from pf_ray.progress import ProgressBar
 
 PTE_BATCH = 1
@@ -63,7 +62,7 @@ def export_pte(model: nn.Module, input_shape: tuple[int, ...], path: str | Path,
         except Exception as error:  # torch.export / ExecuTorch raise many types; all mean "cannot lower this"
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise ExportError(f"ExecuTorch cannot lower {type(model).__name__} to {path.name}: {first}") from error
-    return _write_program(program.buffer, path)
+    return atomic_write(path, program.buffer)  # appears only when complete
 
 
 def export_quantized_pte(graph_module: torch.fx.GraphModule, input_shape: tuple[int, ...], path: str | Path, *,
@@ -86,21 +85,7 @@ def export_quantized_pte(graph_module: torch.fx.GraphModule, input_shape: tuple[
         except Exception as error:  # torch.export / ExecuTorch raise many types; all mean "cannot lower this"
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise ExportError(f"ExecuTorch cannot lower the quantized graph to {path.name}: {first}") from error
-    return _write_program(program.buffer, path)
-
-
-def _write_program(buffer: bytes, path: Path) -> Path:
-    """``buffer`` at ``path``, appearing only when complete (temporary file + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(buffer)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-    return path
+    return atomic_write(path, program.buffer)  # appears only when complete
 
 
 def xnnpack_quantizer(*, is_qat: bool = False, per_channel: bool = True) -> Any:

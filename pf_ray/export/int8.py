@@ -14,7 +14,8 @@ from onnxruntime import quantization as ort_quantization
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from pf_ray.errors import ExportError
-from pf_ray.export.onnx import atomic_output, check_onnx_file
+from pf_ray.export.onnx import check_onnx_file
+from pf_ray.files import atomic_path
 from pf_ray.progress import ProgressBar
 
 # Activations as unsigned 8-bit (QUInt8), weights as signed 8-bit per output channel (QInt8): "U8S8".
@@ -80,7 +81,7 @@ def quantize_onnx_int8(
     reader = _TensorReader(input_name, calibration.detach().cpu().float().numpy(), batch_size,
                            label=f"  calibrate {int8_path.name}")
 
-    with tempfile.TemporaryDirectory(prefix="pf_ray_int8_") as work, atomic_output(int8_path) as tmp_path:
+    with tempfile.TemporaryDirectory(prefix="pf_ray_int8_") as work, atomic_path(int8_path) as tmp_path:
         source = _preprocess(fp32_path, Path(work) / "preprocessed.onnx")
         try:
             ort_quantization.quantize_static(

@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pf_ray.files import atomic_write
+
 CACHE_ENV = "PF_RAY_LATENCY_CACHE"  # overrides the cache folder
 WARMUP = 20
 REPEATS = 100
@@ -57,9 +59,6 @@ def latency_ms(model: nn.Module, input_shape: tuple[int, ...], *, threads: int =
                                     repeats=REPEATS)
         finally:
             torch.set_num_threads(previous)
-    folder.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=folder, prefix=f".{entry.name}.", suffix=".tmp")
-    with os.fdopen(handle, "w") as file:
-        json.dump({"median_ms": timed["median_ms"], "p95_ms": timed["p95_ms"]}, file)
-    os.replace(temporary, entry)  # concurrent trials may both measure; either result is a valid entry
+    # concurrent trials may both measure; either result is a valid entry
+    atomic_write(entry, json.dumps({"median_ms": timed["median_ms"], "p95_ms": timed["p95_ms"]}))
     return float(timed["median_ms"])

@@ -8,13 +8,13 @@ figures it was verified with on its runtime.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from pf_ray.checkpoint import sha256_of
 from pf_ray.data import DataBundle
 from pf_ray.errors import ExportError
+from pf_ray.files import atomic_write
 
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = "pf-ray-manifest/1"
@@ -81,10 +81,7 @@ def write_manifest(out_dir: str | Path, entries: list[dict[str, Any]], *, prepro
     out_dir = Path(out_dir)
     manifest = {"format": MANIFEST_FORMAT, "preprocessing": preprocessing_info, "artifacts": entries}
     path = out_dir / MANIFEST_FILE
-    temporary = path.with_suffix(".json.tmp")
-    temporary.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(temporary, path)
-    return path
+    return atomic_write(path, json.dumps(manifest, indent=2) + "\n")
 
 
 def check_manifest(path: str | Path) -> list[str]:

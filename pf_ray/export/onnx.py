@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
-import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -15,6 +13,7 @@ import torch
 from torch import nn
 
 from pf_ray.errors import ExportError
+from pf_ray.files import atomic_path
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -42,7 +41,7 @@ def export_onnx(model: nn.Module, input_shape: Sequence[int], path: str | Path, 
     # Batch 2, not 1: the tracer could otherwise fold size-1 dimensions (squeeze, broadcasting) into
     # constants that break other batch sizes.
     example = torch.randn((2, *shape), generator=torch.Generator().manual_seed(0))
-    with eval_on_cpu(model) as cpu_model, atomic_output(path) as tmp_path:
+    with eval_on_cpu(model) as cpu_model, atomic_path(path) as tmp_path:
         try:
             with warnings.catch_warnings():
                 # The legacy exporter announces its deprecation on every call; TracerWarnings stay visible.
@@ -76,21 +75,6 @@ def check_onnx_file(path: Path) -> None:
         onnx.checker.check_model(str(path), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
         raise ExportError(f"{path.name} fails the ONNX checker: {_first_line(error)}") from error
-
-
-@contextlib.contextmanager
-def atomic_output(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; move it onto ``path`` only if the block succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Same folder, so os.replace is an atomic rename on the same file system.
-    handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    tmp_path = Path(tmp_name)
-    try:
-        yield tmp_path
-        os.replace(tmp_path, path)
-    finally:
-        tmp_path.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pf_ray.files import atomic_path
 from pf_ray.packing import ENCODINGS, PackedTensor
 
 SUFFIX = ".pfpack"
@@ -57,12 +58,10 @@ def write_packed(path: str | Path, tensors: dict[str, PackedTensor], *, meta: di
                          "bucket_size": tensor.bucket_size, "arrays": layout}
     header = zlib.compress(json.dumps({"version": FORMAT_VERSION, "meta": meta or {}, "tensors": entries},
                                       separators=(",", ":")).encode(), 9)
-    partial = path.with_name(path.name + ".partial")
-    with open(partial, "wb") as handle:
+    with atomic_path(path) as partial, open(partial, "wb") as handle:
         handle.write(MAGIC + struct.pack("<I", len(header)) + header)
         for data in blobs:
             handle.write(data)
-    partial.replace(path)
     return {"file_bytes": path.stat().st_size,
             "payload_bytes": sum(t.nbytes for t in tensors.values()),
             "dense_bytes": 4 * sum(t.size for t in tensors.values())}

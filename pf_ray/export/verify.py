@@ -19,8 +19,9 @@ from pf_ray.data import DataBundle
 from pf_ray.errors import ExportError
 from pf_ray.export.onnx import eval_on_cpu
 from pf_ray.export.packed import read_packed
+from pf_ray.metrics import ACCURACY
 from pf_ray.progress import ProgressBar
-from pf_ray.train import ACCURACY, evaluate
+from pf_ray.train import evaluate
 
 # Metric keys, the same in every report.
 TOP1_AGREEMENT = "top1_agreement"

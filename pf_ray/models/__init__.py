@@ -7,10 +7,10 @@ from torch import nn
 from pf_ray.config import ModelConfig
 from pf_ray.errors import ConfigError, ModelError
 from pf_ray.models import mobilenet, resnet_cifar, torchvision_models  # noqa: F401  (registration)
-from pf_ray.models.user import absolute_model_name, build_user_model, is_user_model
+from pf_ray.models.user import absolute_model_name, build_user_model, is_user_model, run_name_prefix
 from pf_ray.registry import MODELS
 
-__all__ = ["absolute_model_name", "build_model"]
+__all__ = ["absolute_model_name", "build_model", "run_name_prefix"]
 
 
 def build_model(config: ModelConfig, *, in_channels: int, num_classes: int) -> nn.Module:

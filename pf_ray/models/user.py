@@ -35,6 +35,15 @@ def absolute_model_name(name: str) -> str:
     return f"{Path(target).expanduser().resolve()}:{function}"
 
 
+def run_name_prefix(name: str) -> str:
+    """A model's name as the start of a run folder's name: a model file's stem and function (``user_model-build``
+    for ``path/to/user_model.py:build``); any other name with "/" and ":" made "_" (``resnet20``)."""
+    target, colon, function = name.rpartition(":")
+    if colon and _is_file_reference(target):
+        return f"{Path(target).stem}-{function}"
+    return name.replace("/", "_").replace(":", "_")
+
+
 def build_user_model(name: str, *, in_channels: int, num_classes: int, width_multiplier: float = 1.0) -> nn.Module:
     """Import the function ``name`` refers to, call it, and check that it returned an ``nn.Module``."""
     # rpartition: a Windows path ("C:/models/net.py:build") keeps its drive letter.

@@ -16,9 +16,8 @@ from typing import Any
 
 import torch
 
-from pf_ray.metrics import finite_number
+from pf_ray.metrics import EPOCH, finite_number
 from pf_ray.search_space import PerLayerSpace
-from pf_ray.train import EPOCH
 from search_algs.base import PerLayerSearcher
 from search_algs.ddpg.agent import AgentConfig, DDPGAgent
 

@@ -18,9 +18,12 @@ from __future__ import annotations
 import io
 import os
 import uuid
+from pathlib import Path
 
 import pyarrow
 import pyarrow.fs
+
+from pf_ray.storage import is_remote
 
 PARTIAL = ".partial-"  # in the name of a file being written; listings leave these out
 
@@ -106,3 +109,12 @@ class AtomicLocalHandler(pyarrow.fs.FileSystemHandler):
 
 def atomic_local_filesystem() -> pyarrow.fs.PyFileSystem:
     return pyarrow.fs.PyFileSystem(AtomicLocalHandler())
+
+
+def ray_storage(location: str) -> tuple[str, pyarrow.fs.FileSystem | None]:
+    """``(storage_path, storage_filesystem)`` for a Ray ``RunConfig`` writing to ``location``: a URI goes as it is
+    (object stores replace files atomically); a local folder goes through the atomic filesystem above, so a
+    driver killed while Ray copies its state leaves no half-written file behind."""
+    if is_remote(location):
+        return location, None
+    return str(Path(location).resolve()), atomic_local_filesystem()

@@ -3,7 +3,7 @@
 Tune saves three files per driver session into the search folder (``experiment_state-<s>.json``: the trials and
 their statuses; ``search_gen_state-<s>.json``: the trial counter and the concurrency limiter's live trials;
 ``searcher-state-<s>.pkl``: the searcher itself), then copies them to storage one by one. pf-ray writes each
-file atomically (``pf_ray.atomic_fs``), but a driver killed between two of them leaves a set from two moments:
+file atomically (``pf_ray.launch.atomic_fs``), but a driver killed between two of them leaves a set from two moments:
 e.g. a counter that already counts a trial the trial list does not hold. Restored as is, Tune would then run
 one trial too few (or too many), or keep a slot of the concurrency limit for a trial that no longer exists.
 The trial list is the truth; ``reconcile`` makes the other two agree with it.

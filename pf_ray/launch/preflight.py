@@ -1,0 +1,95 @@
+"""Every input checked before the run folder exists: bad input exits 2 and leaves nothing on disk."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from pf_ray.candidate import search_space
+from pf_ray.checkpoint import load_checkpoint
+from pf_ray.config import ExperimentConfig
+from pf_ray.data import DataBundle, load_data
+from pf_ray.errors import ConfigError
+from pf_ray.launch.baseline import cached_baseline
+from pf_ray.launch.cluster import cpu_count, max_concurrent_trials
+from pf_ray.models import absolute_model_name, build_model, run_name_prefix
+from pf_ray.spec import RunSpec
+from pf_ray.storage import RunLocation, exists, is_remote, run_location
+from trainables import get_trainable
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A run ready to start: everything checked, the learner's config resolved once (the run's spec)."""
+
+    spec: RunSpec  # the experiment with absolute paths, and its learner's typed config
+    data: DataBundle
+    baseline_path: Path | None  # None: the baseline must be trained first
+    location: RunLocation  # the local run folder, and where Ray writes search/ and retrain/
+
+    @property
+    def config(self) -> ExperimentConfig:
+        return self.spec.experiment
+
+
+def _absolute(path: str | None) -> str | None:
+    if path is None or is_remote(path):  # None, or a URI (s3://, gs://) that is not ours to resolve
+        return path
+    return str(Path(path).expanduser().resolve())
+
+
+def with_absolute_paths(config: ExperimentConfig) -> ExperimentConfig:
+    """Trials and Train workers run in their own working directories: resolve every relative path first."""
+    return replace(
+        config,
+        model=replace(config.model, name=absolute_model_name(config.model.name)),
+        dataset=replace(config.dataset, data_dir=_absolute(config.dataset.data_dir)),
+        baseline=replace(config.baseline, checkpoint=_absolute(config.baseline.checkpoint)),
+        storage=replace(config.storage, path=_absolute(config.storage.path),
+                        staging_path=_absolute(config.storage.staging_path)),
+        learner=replace(config.learner, options={
+            key: _absolute(value) if key == "ratios_file" else value
+            for key, value in config.learner.options.items()}),
+    )
+
+
+def preflight(config: ExperimentConfig, *, log: Log = print) -> Prepared:
+    """Validate every input that can be checked up front: learner options, data, model, checkpoint, budget,
+    resources, the run folder's name; returns the run's spec (the learner's config parsed once) and data."""
+    spec = RunSpec.resolve(with_absolute_paths(config))
+    config = spec.experiment
+    get_trainable(spec.learner_name)  # a learner without one would fail only at the search, after the baseline
+    data = load_data(config.dataset, seed=config.seed)
+    model = build_model(config.model, in_channels=data.input_shape[0], num_classes=data.num_classes)
+    baseline_path: Path | None = None
+    if config.baseline.checkpoint:
+        baseline_path = Path(config.baseline.checkpoint)
+        model, info = load_checkpoint(baseline_path, expect_input_shape=data.input_shape,
+                                      expect_num_classes=data.num_classes, user_model=config.model.name)
+        if info.model != config.model:
+            raise ConfigError(f"baseline.checkpoint: {str(baseline_path)!r} holds model {info.model.name!r}; "
+                              f"model.name is {config.model.name!r}")
+    else:
+        baseline_path = cached_baseline(config, log=log)
+    # What the learner's prepare() would refuse inside every trial (ratios for another model, more stages than
+    # prunable groups, nothing prunable), refused now.
+    spec.build_learner().check(model, data.input_shape)
+    space = search_space(spec, model, data.input_shape)
+    if space is not None:
+        space.project([space.low] * len(space.names))  # raises if the budget is out of reach
+    available = config.resources.num_cpus or (cpu_count() if config.resources.ray_address is None else None)
+    if available is not None:  # a local Ray: its size is known now (a remote cluster's is checked at search)
+        max_concurrent_trials(config, available)
+    name = config.storage.name or \
+        f"{run_name_prefix(config.model.name)}-{config.learner.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    location = run_location(config.storage, name)
+    taken = [str(location.folder)] if location.folder.exists() else []
+    if is_remote(location.storage) and exists(location.storage):
+        taken.append(location.storage)
+    if taken:
+        raise ConfigError(f"storage.name: run folder {taken[0]!r} already exists; choose another name")
+    return Prepared(spec, data, baseline_path, location)
