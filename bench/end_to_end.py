@@ -26,11 +26,12 @@ import _common  # first: puts the repository root on sys.path
 import torch
 
 from pf_ray.checkpoint import load_checkpoint, read_checkpoint
-from pf_ray.config import DatasetConfig, executorch_installed, from_dict
+from pf_ray.config import DatasetConfig, executorch_installed
 from pf_ray.data import load_data
 from pf_ray.export import export_onnx, measure_latency, quantize_onnx_int8, runtime_accuracy
 from pf_ray.export.verify import dataset_inputs, open_session
 from pf_ray.metrics import model_stats
+from pf_ray.strict import from_dict
 
 THROUGHPUT_BATCH = 32
 

@@ -67,15 +67,7 @@ from torch import nn
 
 from pf_ray.candidate import Candidate, candidate_learner_config, compress, fine_tune, per_layer_space
 from pf_ray.checkpoint import load_checkpoint
-from pf_ray.config import (
-    BaselineConfig,
-    ExperimentConfig,
-    LearnerConfig,
-    SearchAlgorithm,
-    StorageConfig,
-    TrainConfig,
-    from_dict,
-)
+from pf_ray.config import BaselineConfig, ExperimentConfig, LearnerConfig, SearchAlgorithm, StorageConfig, TrainConfig
 from pf_ray.data import DataBundle, load_data
 from pf_ray.export import export_onnx, measure_latency
 from pf_ray.export.packed import pack_state_dict, write_packed
@@ -83,6 +75,7 @@ from pf_ray.export.verify import open_session, runtime_accuracy
 from pf_ray.launch.baseline import train_baseline
 from pf_ray.learners import build_learner, learner_config_class
 from pf_ray.metrics import ACCURACY, EPOCH, PROXY_ACCURACY, SCORE
+from pf_ray.strict import from_dict
 from pf_ray.train import evaluate, subset
 
 UNIFORM, NONUNIFORM, SPARSIFICATION, NATIVE = ("uniform_quantization", "nonuniform_quantization",

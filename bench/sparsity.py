@@ -54,7 +54,6 @@ from pf_ray.config import (
     SearchAlgorithm,
     StorageConfig,
     TrainConfig,
-    from_dict,
 )
 from pf_ray.data import DataBundle, load_data
 from pf_ray.export import export_onnx, measure_latency, onnx_session
@@ -64,6 +63,7 @@ from pf_ray.learners import build_learner, learner_config_class
 from pf_ray.learners.weight_sparsification import covered_layers
 from pf_ray.metrics import ACCURACY, EPOCH, SCORE
 from pf_ray.ops.sparsity import heuristic_sparsities, magnitude_mask
+from pf_ray.strict import from_dict
 from pf_ray.train import evaluate, recalibrate_batchnorm, subset
 
 LEARNER = "weight_sparsification"

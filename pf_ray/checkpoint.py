@@ -15,9 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from pf_ray.config import ModelConfig, from_dict, to_dict
+from pf_ray.config import ModelConfig
 from pf_ray.errors import CheckpointError, ConfigError, PfRayError
 from pf_ray.files import atomic_path
+from pf_ray.strict import from_dict, to_dict
 
 FORMAT = "pf-ray-checkpoint/1"
 

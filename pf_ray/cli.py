@@ -168,13 +168,13 @@ def _export(args: argparse.Namespace) -> int:
 
 def _verify(args: argparse.Namespace) -> int:
     from pf_ray.checkpoint import load_checkpoint, read_checkpoint
-    from pf_ray.config import check_range
     from pf_ray.data import load_data
     from pf_ray.errors import ConfigError
     from pf_ray.export.manifest import MANIFEST_FILE, check_manifest
     from pf_ray.export.verify import accuracy_guard, artifact_format, verify_artifact
     from pf_ray.metrics import ACCURACY
     from pf_ray.progress import progress_to
+    from pf_ray.strict import check_range
     from pf_ray.train import evaluate
 
     artifact = Path(args.artifact)
@@ -220,8 +220,9 @@ def _verify(args: argparse.Namespace) -> int:
 
 def _dataset_config(args: argparse.Namespace, extra: dict[str, Any], manifest: dict[str, Any] | None):
     """The dataset to verify on: --dataset, else the checkpoint's record, else the artifact folder's manifest."""
-    from pf_ray.config import DatasetConfig, from_dict
+    from pf_ray.config import DatasetConfig
     from pf_ray.errors import ConfigError
+    from pf_ray.strict import from_dict
 
     recorded = extra.get("dataset") or (extra.get("config") or {}).get("dataset")
     if args.dataset:

@@ -1,18 +1,13 @@
-"""Typed, frozen configuration: strict ``from_dict`` / ``to_dict``, YAML loading and ``--set`` overrides.
+"""The experiment: one frozen dataclass per section, the embedded defaults, YAML loading and ``--set`` overrides.
 
-Every section of an experiment is a frozen dataclass. ``from_dict`` is the one way a dict becomes a config:
-unknown keys, wrong types and out-of-range values raise ``ConfigError`` naming the dotted field, the value and
-what is allowed; ``str`` becomes an enum, ``list`` becomes a tuple. ``to_dict`` is its inverse, so a config
-round-trips through YAML, Ray Tune results, checkpoints and reports.
+A YAML file or dict becomes an ``ExperimentConfig`` through ``pf_ray.strict.from_dict`` (unknown keys, wrong types
+and out-of-range values raise ``ConfigError`` naming the dotted field); ``to_dict`` is its inverse.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import importlib.util
-import math
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,192 +17,9 @@ import yaml
 
 from pf_ray.errors import ConfigError
 from pf_ray.storage import URI_SCHEMES, is_remote, unsupported_scheme
+from pf_ray.strict import check_choice, check_path, check_range, describe_value, from_dict, show_value
 
 T = TypeVar("T")
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Validation helpers, used in the dataclasses' __post_init__.
-
-
-def check_range(
-    name: str,
-    value: float,
-    *,
-    low: float | None = None,
-    high: float | None = None,
-    low_inclusive: bool = True,
-    high_inclusive: bool = True,
-) -> None:
-    """Raise ConfigError unless ``low <= value <= high`` (bounds optional, each inclusive or not)."""
-    if isinstance(value, float) and math.isnan(value):
-        raise ConfigError(f"{name}: got nan; expected a number")
-    too_low = low is not None and (value < low if low_inclusive else value <= low)
-    too_high = high is not None and (value > high if high_inclusive else value >= high)
-    if too_low or too_high:
-        left = "[" if low_inclusive else "("
-        right = "]" if high_inclusive else ")"
-        low_text = "-inf" if low is None else f"{low:g}"
-        high_text = "inf" if high is None else f"{high:g}"
-        raise ConfigError(f"{name}: got {_show(value)}; allowed range is {left}{low_text}, {high_text}{right}")
-
-
-def check_choice(name: str, value: Any, choices: typing.Iterable[Any]) -> None:
-    choices = list(choices)
-    if value not in choices:
-        raise ConfigError(f"{name}: got {_show(value)}; allowed: {', '.join(map(str, choices))}")
-
-
-def check_path(name: str, value: str) -> None:
-    """Raise ConfigError unless ``value`` can name a file: no NUL byte, and a leading ``~user`` that exists."""
-    if "\0" in value:
-        raise ConfigError(f"{name}: got {_show(value)}; a path cannot hold a NUL byte")
-    if value.startswith("~"):
-        try:
-            Path(value).expanduser()
-        except RuntimeError:  # "~someone" with no such user
-            raise ConfigError(f"{name}: got {_show(value)}; {value.split('/', 1)[0]!r} is no user's home "
-                              "folder") from None
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Generic strict conversion between dicts and (nested) frozen dataclasses.
-
-
-def from_dict(cls: type[T], data: Any, *, path: str = "") -> T:
-    """Build dataclass ``cls`` from ``data`` strictly. ``path`` prefixes field names in error messages."""
-    if isinstance(data, cls):
-        return data
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path or cls.__name__}: got {_describe(data)}; expected a mapping of fields")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(map(_key_text, data)) - set(fields))
-    if unknown:
-        where = f"{path}." if path else ""
-        raise ConfigError(
-            f"unknown field {where}{unknown[0]}; valid fields of {path or cls.__name__}: {', '.join(fields)}"
-        )
-    kwargs = {}
-    for name, value in data.items():
-        kwargs[name] = _convert(hints[name], value, _join(path, name))
-    try:
-        return cls(**kwargs)
-    except ConfigError as error:
-        # __post_init__ checks name the bare field; prefix the section so the user can find it.
-        message = str(error)
-        if path and not message.startswith(path):
-            message = f"{path}.{message}"
-        raise ConfigError(message) from None
-    except TypeError as error:  # a required field is missing
-        raise ConfigError(f"{path or cls.__name__}: {error}") from None
-
-
-def to_dict(config: Any) -> Any:
-    """Inverse of ``from_dict``: plain dicts, lists, strings and numbers only (YAML- and JSON-safe)."""
-    if dataclasses.is_dataclass(config) and not isinstance(config, type):
-        return {f.name: to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
-    if isinstance(config, enum.Enum):
-        return config.value
-    if isinstance(config, (list, tuple)):
-        return [to_dict(v) for v in config]
-    if isinstance(config, dict):
-        return {str(k): to_dict(v) for k, v in config.items()}
-    return config
-
-
-def _join(path: str, name: str) -> str:
-    return f"{path}.{name}" if path else name
-
-
-def _describe(value: Any) -> str:
-    return f"{_show(value)} ({type(value).__name__})"
-
-
-MAX_SHOWN = 80  # characters of a received value quoted in an error message
-MAX_INT = 2**63 - 1  # the largest integer a setting may hold
-
-
-def _show(value: Any) -> str:
-    """``repr(value)`` for an error message: at most MAX_SHOWN characters, and never an exception of its own
-    (Python refuses to print an integer of more than 4300 digits)."""
-    try:
-        text = repr(value)
-    except ValueError:
-        if isinstance(value, int):
-            return f"an integer of about {round(value.bit_length() * math.log10(2))} digits"
-        return f"a {type(value).__name__}"
-    return text if len(text) <= MAX_SHOWN else f"{text[: MAX_SHOWN - 5]}...{text[-2:]}"
-
-
-def _key_text(key: Any) -> str:
-    return key if isinstance(key, str) else _show(key)
-
-
-def _convert(hint: Any, value: Any, path: str) -> Any:
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if hint is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for option in (a for a in args if a is not type(None)):
-            try:
-                return _convert(option, value, path)
-            except ConfigError as error:
-                errors.append(str(error))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{path}: got {_describe(value)}; "
-                          f"expected one of {', '.join(_type_name(a) for a in args)}")
-    if dataclasses.is_dataclass(hint):
-        return from_dict(hint, value, path=path)
-    if isinstance(hint, type) and issubclass(hint, enum.Enum):
-        if isinstance(value, hint):
-            return value
-        allowed = [m.value for m in hint]
-        if value not in allowed:
-            raise ConfigError(f"{path}: got {_show(value)}; allowed: {', '.join(map(str, allowed))}")
-        return hint(value)
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{path}: got {_describe(value)}; expected a list")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_convert(args[0], v, f"{path}[{i}]") for i, v in enumerate(value))
-        if len(args) != len(value):
-            raise ConfigError(f"{path}: got {len(value)} values; expected {len(args)}")
-        return tuple(_convert(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{path}: got {_describe(value)}; expected a mapping")
-        return dict(value)
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{path}: got {_describe(value)}; expected true or false")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{path}: got {_describe(value)}; expected an integer")
-        if abs(value) > MAX_INT:  # no setting needs more, and YAML/JSON writers choke on thousands of digits
-            raise ConfigError(f"{path}: got {_show(value)}; integers are at most {MAX_INT} in magnitude")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{path}: got {_describe(value)}; expected a number")
-        if isinstance(value, int) and abs(value) > MAX_INT:
-            raise ConfigError(f"{path}: got {_show(value)}; integers are at most {MAX_INT} in magnitude")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{path}: got {_describe(value)}; expected a string")
-        return value
-    raise TypeError(f"config type {hint!r} of {path} is not supported by from_dict")
-
-
-def _type_name(hint: Any) -> str:
-    return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -449,11 +261,11 @@ class StorageConfig:
         check_path("storage.path", self.path)
         scheme = unsupported_scheme(self.path)
         if scheme is not None:
-            raise ConfigError(f"storage.path: got {_show(self.path)}; pf-ray cannot write to {scheme} URIs; "
+            raise ConfigError(f"storage.path: got {show_value(self.path)}; pf-ray cannot write to {scheme} URIs; "
                               f"allowed: a local folder or a URI starting {', '.join(URI_SCHEMES)}")
         check_path("storage.staging_path", self.staging_path)
         if is_remote(self.staging_path):
-            raise ConfigError(f"storage.staging_path: got {_show(self.staging_path)}; expected a local folder "
+            raise ConfigError(f"storage.staging_path: got {show_value(self.staging_path)}; expected a local folder "
                               "on the driver (storage.path takes the s3:// or gs:// URI)")
         if self.name is not None:
             check_path("storage.name", self.name)
@@ -502,7 +314,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {str(path)!r} is empty (or holds only comments); expected a mapping of "
                           "sections (leave the file out to use the defaults)")
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {str(path)!r}: got {_describe(data)}; expected a mapping of sections")
+        raise ConfigError(f"config file {str(path)!r}: got {describe_value(data)}; expected a mapping of sections")
     return data
 
 
@@ -514,10 +326,11 @@ def apply_overrides(data: dict[str, Any], overrides: typing.Iterable[str]) -> di
     for override in overrides:
         key, sep, raw = override.partition("=")
         if not sep or not key:
-            raise ConfigError(f"--set {_show(override)}: expected dotted.key=value")
+            raise ConfigError(f"--set {show_value(override)}: expected dotted.key=value")
         parts = key.split(".")
         if not all(parts):
-            raise ConfigError(f"--set {_show(override)}: empty key in {_show(key)}; expected dotted.key=value")
+            raise ConfigError(f"--set {show_value(override)}: empty key in {show_value(key)}; "
+                              "expected dotted.key=value")
         try:
             value = yaml.safe_load(raw) if raw else ""
         except (yaml.YAMLError, ValueError, RecursionError):  # not YAML (or not buildable): keep it as a string
@@ -526,7 +339,7 @@ def apply_overrides(data: dict[str, Any], overrides: typing.Iterable[str]) -> di
         for depth, part in enumerate(parts[:-1]):
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise ConfigError(f"--set {_show(override)}: {'.'.join(parts[: depth + 1])} is not a section")
+                raise ConfigError(f"--set {show_value(override)}: {'.'.join(parts[: depth + 1])} is not a section")
             node = child
         node[parts[-1]] = value
     return data

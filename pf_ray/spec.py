@@ -13,9 +13,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from pf_ray.config import ExperimentConfig, from_dict, load_experiment, to_dict
+from pf_ray.config import ExperimentConfig, load_experiment
 from pf_ray.errors import ConfigError
 from pf_ray.learners import Learner, build_learner, learner_config_class
+from pf_ray.strict import from_dict, to_dict
 
 
 @dataclass(frozen=True)

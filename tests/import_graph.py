@@ -2,7 +2,9 @@
 for the architecture tests: ``python tests/import_graph.py`` prints any import cycle.
 
 A module ``a.b.c`` depends on each module it imports and, since importing ``a.b.c`` runs them, on the packages
-above what it imports (``a.b`` and ``a``); ``from a.b import c`` names the module ``a.b.c`` when there is one.
+above what it imports (``a.b`` and ``a``); ``from a.b import c`` names the module ``a.b.c`` when there is one. A
+package that imports its own modules by discovery (``pkgutil.iter_modules``, as ``pf_ray.learners`` does) depends
+on each of them.
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ def import_graph(root: Path = ROOT) -> dict[str, set[str]]:
                     continue  # not ours, or "from package import function"
                 parts = name.split(".")
                 edges.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+        if path.name == "__init__.py" and "pkgutil.iter_modules" in path.read_text():  # imports its modules by name
+            edges.update(name for name in files if name.rpartition(".")[0] == module)
         edges.discard(module)
         # a module's own packages run before it anyway: importing them is no edge back
         edges -= {".".join(module.split(".")[:i]) for i in range(1, len(module.split(".")))}

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.import_graph import cycles, import_graph, path_within
+
 ROOT = Path(__file__).resolve().parents[1]
 
 BLOCK_RAY = """
@@ -95,3 +97,24 @@ def test_a_learner_without_a_trainable_is_a_config_error():
     with pytest.raises(ConfigError, match="learner 'trial' has no trainable: trainables/trial.py defines no "
                                           r"function trial\(\)"):
         get_trainable("trial")
+
+
+def test_no_import_cycle_in_the_project():
+    """Imports run one way (every import counts, at module level or inside a function): config and search spaces
+    below the learners, the learners below the candidate, trainables below launch."""
+    graph = import_graph()
+    assert {"pf_ray.candidate", "pf_ray.learners", "pf_ray.launch.pipeline", "trainables.trial"} <= set(graph)
+    assert "pf_ray.learners.channel_pruning" in graph["pf_ray.learners"]  # discovered modules are edges too
+    assert [path_within(graph, component) for component in cycles(graph)] == []
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert cycles(graph) == [["a", "b", "c"]]
+    assert path_within(graph, ["a", "b", "c"]) == ["a", "b", "c", "a"]
+
+
+def test_no_module_is_over_500_lines():
+    long = {path.relative_to(ROOT).as_posix(): length for folder in ("pf_ray", "trainables", "search_algs")
+            for path in _python_files(folder) if (length := len(path.read_text().splitlines())) > 500}
+    assert long == {}

@@ -15,7 +15,7 @@ from onnx import numpy_helper
 
 from pf_ray.checkpoint import save_checkpoint, sha256_of
 from pf_ray.cli import EXIT_BAD_INPUT, EXIT_GUARD, main
-from pf_ray.config import DatasetConfig, ModelConfig, TrainConfig, executorch_installed, to_dict
+from pf_ray.config import DatasetConfig, ModelConfig, TrainConfig, executorch_installed
 from pf_ray.data import load_data
 from pf_ray.errors import ExportError
 from pf_ray.export import convert_to_ort, export_onnx, onnx_session
@@ -23,6 +23,7 @@ from pf_ray.export.manifest import check_manifest
 from pf_ray.export.verify import accuracy_guard, artifact_format
 from pf_ray.metrics import ACCURACY
 from pf_ray.models import build_model
+from pf_ray.strict import to_dict
 from pf_ray.train import evaluate, fit
 
 DATASET = DatasetConfig(name="digits")

@@ -18,9 +18,10 @@ from torch import nn
 import pf_ray.launch.pipeline as pipeline
 from pf_ray.checkpoint import FORMAT, save_checkpoint
 from pf_ray.cli import EXIT_BAD_INPUT, main
-from pf_ray.config import ModelConfig, to_dict
+from pf_ray.config import ModelConfig
 from pf_ray.data import FASHION_MNIST_FILES
 from pf_ray.models import build_model
+from pf_ray.strict import to_dict
 
 DIGITS = (1, 8, 8)  # scikit-learn's digits: 1x8x8 images, 10 classes
 

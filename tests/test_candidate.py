@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from pf_ray.candidate import fine_tune, make_candidate, resolve, search_space
-from pf_ray.config import DistillationConfig, ExperimentConfig, TrainConfig, from_dict
+from pf_ray.config import DistillationConfig, ExperimentConfig, TrainConfig
 from pf_ray.data import load_data
 from pf_ray.metrics import ACCURACY, EPOCH, LAYER_VALUES, MACS_RATIO, model_stats
 from pf_ray.models import build_model
 from pf_ray.spec import RunSpec
+from pf_ray.strict import from_dict
 
 
 @pytest.fixture(scope="module")

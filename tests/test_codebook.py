@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from pf_ray.config import SearchConfig, from_dict
+from pf_ray.config import SearchConfig
 from pf_ray.errors import ConfigError, ModelError
 from pf_ray.export.onnx import export_onnx
 from pf_ray.export.packed import pack_state_dict, read_packed, write_packed
@@ -27,6 +27,7 @@ from pf_ray.ops.codebook import (
     quantize,
 )
 from pf_ray.registry import LEARNERS
+from pf_ray.strict import from_dict
 from tests.tiny import SHAPE
 from tests.tiny import tiny_data as _data
 from tests.tiny import tiny_resnet20 as _resnet20

@@ -5,17 +5,10 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from pf_ray.config import (
-    ExperimentConfig,
-    SearchAlgorithm,
-    TrainConfig,
-    apply_overrides,
-    from_dict,
-    load_experiment,
-    to_dict,
-)
+from pf_ray.config import ExperimentConfig, SearchAlgorithm, TrainConfig, apply_overrides, load_experiment
 from pf_ray.errors import ConfigError
 from pf_ray.spec import RunSpec, load_spec
+from pf_ray.strict import from_dict, to_dict
 
 
 def test_defaults_round_trip_through_dicts():

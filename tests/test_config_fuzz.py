@@ -17,11 +17,12 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pf_ray.config import ExperimentConfig, LearnerConfig, apply_overrides, from_dict, load_experiment, to_dict
+from pf_ray.config import ExperimentConfig, LearnerConfig, apply_overrides, load_experiment
 from pf_ray.errors import ConfigError
 from pf_ray.learners import learner_config_class
 from pf_ray.registry import DATASETS, LEARNERS, MODELS
 from pf_ray.spec import RunSpec
+from pf_ray.strict import from_dict, to_dict
 
 # Deterministic (the same examples on every run, no example database written): a failure is reproducible.
 FUZZ = settings(max_examples=200, deadline=None, derandomize=True, database=None,

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from pf_ray.checkpoint import load_checkpoint, save_checkpoint
-from pf_ray.config import ModelConfig, from_dict, to_dict
+from pf_ray.config import ModelConfig
 from pf_ray.errors import ConfigError, ModelError
 from pf_ray.export.onnx import export_onnx
 from pf_ray.export.packed import pack_state_dict, read_packed, write_packed
@@ -26,6 +26,7 @@ from pf_ray.learners.channel_pruning import (
     search_dimensions,
 )
 from pf_ray.registry import LEARNERS
+from pf_ray.strict import from_dict, to_dict
 from tests.tiny import SHAPE, train_two_steps
 from tests.tiny import tiny_data as _data
 from tests.tiny import tiny_resnet20 as _resnet20

@@ -7,11 +7,12 @@ from __future__ import annotations
 import pytest
 
 from pf_ray.candidate import search_space
-from pf_ray.config import ExperimentConfig, from_dict
+from pf_ray.config import ExperimentConfig
 from pf_ray.data import load_data
 from pf_ray.metrics import ACCURACY, EPOCH, LAYER_VALUES
 from pf_ray.models import build_model
 from pf_ray.spec import RunSpec
+from pf_ray.strict import from_dict
 from tests.test_ray import TINY, _run_one_trial, baseline  # noqa: F401  (baseline: the module's fixture)
 
 pytestmark = pytest.mark.ray

@@ -12,7 +12,6 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from pf_ray.config import from_dict
 from pf_ray.data import DataBundle
 from pf_ray.errors import ConfigError, ModelError
 from pf_ray.export import executorch_pte
@@ -22,6 +21,7 @@ from pf_ray.learners.base import SearchesPerLayer
 from pf_ray.learners.native_int8 import NativeInt8, NativeInt8Config
 from pf_ray.ops.int8 import QatGraph, snap_to_int8_, symmetric_int8
 from pf_ray.registry import LEARNERS
+from pf_ray.strict import from_dict
 
 SHAPE = (1, 16, 16)
 NUM_CLASSES = 4

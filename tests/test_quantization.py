@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from pf_ray.config import SearchConfig, from_dict
+from pf_ray.config import SearchConfig
 from pf_ray.errors import ConfigError, ModelError
 from pf_ray.export.onnx import export_onnx
 from pf_ray.export.packed import pack_state_dict, read_packed, write_packed
@@ -29,6 +29,7 @@ from pf_ray.ops.qat_layers import (
     is_int8_qdq,
 )
 from pf_ray.ops.quantize import dequantize, fake_quantize, min_max_qparams, quantize, symmetric_qparams, weight_qparams
+from pf_ray.strict import from_dict
 from tests.tiny import SHAPE, train_two_steps
 from tests.tiny import tiny_data as _data
 from tests.tiny import tiny_resnet20 as _resnet20

@@ -10,11 +10,12 @@ import torch
 
 from pf_ray.candidate import search_space
 from pf_ray.checkpoint import load_checkpoint, save_checkpoint
-from pf_ray.config import ExperimentConfig, from_dict
+from pf_ray.config import ExperimentConfig
 from pf_ray.data import load_data
 from pf_ray.metrics import ACCURACY, EPOCH, MACS_RATIO, PROXY_ACCURACY, SCORE
 from pf_ray.models import build_model
 from pf_ray.spec import RunSpec
+from pf_ray.strict import from_dict
 
 pytestmark = pytest.mark.ray
 

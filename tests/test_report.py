@@ -13,9 +13,10 @@ from typing import Any
 import pytest
 import yaml
 
-from pf_ray.config import ExperimentConfig, to_dict
+from pf_ray.config import ExperimentConfig
 from pf_ray.errors import ConfigError
 from pf_ray.report import SPACE_FILE, _pareto_front, load_run, write_report
+from pf_ray.strict import to_dict
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 DATA_URI = re.compile(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"')

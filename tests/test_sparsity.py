@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from pf_ray.config import SearchConfig, from_dict
+from pf_ray.config import SearchConfig
 from pf_ray.errors import ConfigError, ModelError
 from pf_ray.export.onnx import export_onnx
 from pf_ray.export.packed import pack_state_dict, read_packed, write_packed
@@ -30,6 +30,7 @@ from pf_ray.ops.sparsity import (
     num_pruned,
     project_sparsities,
 )
+from pf_ray.strict import from_dict
 from tests.tiny import SHAPE, train_two_steps
 from tests.tiny import tiny_data as _data
 from tests.tiny import tiny_resnet20 as _resnet20

@@ -48,7 +48,8 @@ def test_a_run_folder_is_named_after_a_model_files_stem_and_function(tmp_path, m
 
 
 def test_the_baseline_cache_of_a_remote_run_is_on_the_driver():
-    from pf_ray.config import ExperimentConfig, from_dict
+    from pf_ray.config import ExperimentConfig
+    from pf_ray.strict import from_dict
 
     config = from_dict(ExperimentConfig, {"storage": {"path": "gs://bucket/runs", "staging_path": "/staging"}})
     assert baseline_cache_path(config).parent == Path("/staging/baselines")

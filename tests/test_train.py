@@ -157,8 +157,9 @@ def test_fit_with_a_teacher_adds_the_weighted_distillation_term():
 
 
 def test_distillation_config_defaults_and_errors():
-    from pf_ray.config import ExperimentConfig, from_dict
+    from pf_ray.config import ExperimentConfig
     from pf_ray.errors import ConfigError
+    from pf_ray.strict import from_dict
 
     config = from_dict(ExperimentConfig, {"learner": {"distillation": {}}})
     assert config.learner.distillation == DistillationConfig(weight=4.0, temperature=4.0)

@@ -21,10 +21,11 @@ from torch import nn
 
 from pf_ray.candidate import Candidate, fine_tune, make_candidate
 from pf_ray.checkpoint import load_checkpoint, save_checkpoint
-from pf_ray.config import TrainConfig, to_dict
+from pf_ray.config import TrainConfig
 from pf_ray.data import load_data
 from pf_ray.metrics import EPOCH
 from pf_ray.spec import RunSpec
+from pf_ray.strict import to_dict
 from trainables.progress_relay import PROGRESS_LINE, PROGRESS_SCALARS, sender
 
 if TYPE_CHECKING:

@@ -11,10 +11,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from pf_ray.config import ExperimentConfig, to_dict
+from pf_ray.config import ExperimentConfig
 from pf_ray.data import DataBundle
 from pf_ray.learners import Learner
 from pf_ray.metrics import ACCURACY, model_stats
+from pf_ray.strict import to_dict
 from pf_ray.train import evaluate
 
 Log = Callable[[str], None]

@@ -10,12 +10,13 @@ from pathlib import Path
 import torch
 
 from pf_ray.checkpoint import save_checkpoint
-from pf_ray.config import ExperimentConfig, to_dict
+from pf_ray.config import ExperimentConfig
 from pf_ray.data import DataBundle
 from pf_ray.launch.cluster import cpu_count
 from pf_ray.metrics import ACCURACY
 from pf_ray.models import build_model
 from pf_ray.storage import copy_file, exists, is_remote, join_uri, local_root
+from pf_ray.strict import to_dict
 from pf_ray.train import evaluate, fit
 
 Log = Callable[[str], None]

@@ -12,7 +12,7 @@ import torch
 
 from pf_ray.candidate import search_space
 from pf_ray.checkpoint import load_checkpoint, save_checkpoint
-from pf_ray.config import ExperimentConfig, to_dict
+from pf_ray.config import ExperimentConfig
 from pf_ray.errors import AccuracyGuardError
 from pf_ray.export.pipeline import LearnerModel, export_and_verify, summary_table
 from pf_ray.files import atomic_write, write_json
@@ -25,6 +25,7 @@ from pf_ray.metrics import ACCURACY, LAYER_VALUES, MACS_RATIO, model_stats
 from pf_ray.report import COMMAND_FILE, SPACE_FILE, write_report
 from pf_ray.search_space import PerLayerSpace
 from pf_ray.storage import is_remote, upload, write_run_config
+from pf_ray.strict import to_dict
 
 Log = Callable[[str], None]
 

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pf_ray.config import ExperimentConfig, from_dict
+from pf_ray.config import ExperimentConfig
 from pf_ray.data import load_data
 from pf_ray.errors import ConfigError
 from pf_ray.launch.baseline import cached_baseline
@@ -33,6 +33,7 @@ from pf_ray.storage import (
     unsupported_scheme,
     write_run_config,
 )
+from pf_ray.strict import from_dict
 
 Log = Callable[[str], None]
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from pf_ray.config import SearchConfig, check_choice, check_path, check_range
+from pf_ray.config import SearchConfig
 from pf_ray.data import DataBundle
 from pf_ray.errors import ConfigError, ModelError
 from pf_ray.learners.base import PerLayerMode, check_per_layer_mode
@@ -24,6 +24,7 @@ from pf_ray.ops.macs_budget import MacsBudget, macs_table
 from pf_ray.ops.pruning import CRITERIA, KEEP_RATIOS_FIELD, prune_channels_
 from pf_ray.registry import LEARNERS
 from pf_ray.search_space import PerLayerSpace, layer_features
+from pf_ray.strict import check_choice, check_path, check_range
 from pf_ray.train import take_batches
 
 RATIOS_FILE_FIELD = "learner.options.ratios_file"

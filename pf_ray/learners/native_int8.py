@@ -14,7 +14,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pf_ray.config import check_choice, check_range
 from pf_ray.data import DataBundle
 from pf_ray.errors import ConfigError, DataError, ModelError
 from pf_ray.export import executorch_pte
@@ -31,6 +30,7 @@ from pf_ray.ops.int8 import (
 )
 from pf_ray.packing import PackedTensor
 from pf_ray.registry import LEARNERS
+from pf_ray.strict import check_choice, check_range
 from pf_ray.train import take_batches
 
 METHODS = ("ptq", "qat")

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pf_ray.config import SearchConfig, check_choice, check_range
+from pf_ray.config import SearchConfig
 from pf_ray.data import DataBundle
 from pf_ray.errors import ConfigError, ModelError
 from pf_ray.learners.base import PerLayerMode, check_per_layer_mode
@@ -26,6 +26,7 @@ from pf_ray.ops.quantize import GRANULARITIES, INT8_BITS, MIN_BITS
 from pf_ray.packing import PackedTensor
 from pf_ray.registry import LEARNERS
 from pf_ray.search_space import PerLayerSpace, layer_features
+from pf_ray.strict import check_choice, check_range
 from pf_ray.train import take_batches
 
 LAYER_BITS_FIELD = "learner.options.layer_bits"

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from pf_ray.config import SearchConfig, check_range
+from pf_ray.config import SearchConfig
 from pf_ray.data import DataBundle
 from pf_ray.errors import ConfigError, ModelError
 from pf_ray.learners.base import check_per_layer_mode
@@ -29,6 +29,7 @@ from pf_ray.ops.sparsity import (
 from pf_ray.packing import PackedTensor
 from pf_ray.registry import LEARNERS
 from pf_ray.search_space import PerLayerSpace, layer_features
+from pf_ray.strict import check_range
 
 
 class SparsityMode(enum.StrEnum):

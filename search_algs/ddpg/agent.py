@@ -27,8 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from pf_ray.config import check_range
 from pf_ray.errors import ConfigError
+from pf_ray.strict import check_range
 
 
 @dataclass(frozen=True)
