@@ -17,7 +17,7 @@ from pf_ray.config import SearchConfig
 from pf_ray.data import DataBundle
 from pf_ray.errors import ConfigError, ModelError
 from pf_ray.learners.base import check_per_layer_mode
-from pf_ray.metrics import layer_table
+from pf_ray.metrics import quantized_layers
 from pf_ray.ops.sparsity import (
     KeptWeightsBudget,
     PruningSchedule,
@@ -80,9 +80,8 @@ class WeightSparsificationConfig:
 def covered_layers(model: nn.Module, input_shape: tuple[int, int, int]) -> list[tuple[str, int]]:
     """(name, weight count) of every conv/linear layer, in forward order (each once): one ``layer_sparsities``
     value per entry, in this order."""
-    names = dict.fromkeys(row.name for row in layer_table(model, input_shape))
-    modules = dict(model.named_modules())
-    return [(name, modules[name].weight.numel()) for name in names]
+    return [(name, model.get_submodule(name).weight.numel())
+            for name in quantized_layers(model, input_shape, first_last=True)]
 
 
 @LEARNERS.register("weight_sparsification", config=WeightSparsificationConfig)
