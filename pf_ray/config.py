@@ -17,7 +17,15 @@ import yaml
 
 from pf_ray.errors import ConfigError
 from pf_ray.storage import URI_SCHEMES, is_remote, unsupported_scheme
-from pf_ray.strict import check_choice, check_path, check_range, describe_value, from_dict, show_value
+from pf_ray.strict import (
+    check_choice,
+    check_path,
+    check_range,
+    describe_value,
+    from_dict,
+    parse_yaml,
+    show_value,
+)
 
 T = TypeVar("T")
 
@@ -300,16 +308,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     except UnicodeDecodeError as error:
         raise ConfigError(f"config file {str(path)!r} is not UTF-8 text (byte {error.start} is "
                           f"{error.object[error.start:error.start + 1]!r})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(error, "problem", None) or "malformed YAML"
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML{where}: {problem}") from None
-    except (ValueError, RecursionError) as error:  # a scalar YAML accepts but Python cannot build: 2026-13-45
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {type(error).__name__}: "
-                          f"{str(error).splitlines()[0] if str(error) else ''}") from None
+    data = parse_yaml(text, f"config file {str(path)!r}")
     if data is None:  # likely a file cut short or the wrong file: the defaults need no file at all
         raise ConfigError(f"config file {str(path)!r} is empty (or holds only comments); expected a mapping of "
                           "sections (leave the file out to use the defaults)")

@@ -16,6 +16,7 @@ import yaml
 
 from pf_ray.errors import ConfigError
 from pf_ray.files import atomic_path, atomic_write
+from pf_ray.strict import parse_yaml
 
 # The URI schemes pf-ray's storage supports: those pyarrow's FileSystem.from_uri opens with the pyarrow that Ray
 # installs (S3, Google Cloud Storage under both its names, and the local filesystem as a URI).
@@ -146,16 +147,7 @@ def read_run_config(run_dir: str | Path) -> RunConfigFile:
         location, text = _read_remote(str(run_dir))
     else:
         location, text = _read_local(Path(run_dir))
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(error, "problem", None) or "malformed YAML"
-        raise ConfigError(f"run_dir: {location} is not valid YAML{where}: {problem}") from None
-    except (ValueError, RecursionError) as error:  # a scalar YAML accepts but Python cannot build: 2026-13-45
-        first = str(error).splitlines()[0] if str(error) else ""
-        raise ConfigError(f"run_dir: {location} is not valid YAML: {type(error).__name__}: {first}") from None
+    data = parse_yaml(text, f"run_dir: {location}")
     if not isinstance(data, dict):
         raise ConfigError(f"run_dir: {location} is not a pf-ray run configuration (got {type(data).__name__}; "
                           "expected a mapping of sections)")

@@ -202,3 +202,20 @@ def _convert(hint: Any, value: Any, path: str) -> Any:
 
 def _type_name(hint: Any) -> str:
     return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
+
+
+def parse_yaml(text: str, what: str) -> Any:
+    """``yaml.safe_load(text)``, its failures as one ConfigError: ``{what} is not valid YAML at line L, column C:
+    <problem>``. ``what`` names the text's origin, e.g. "config file 'x.yaml'"."""
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or "malformed YAML"
+        raise ConfigError(f"{what} is not valid YAML{where}: {problem}") from None
+    except (ValueError, RecursionError) as error:  # a scalar YAML accepts but Python cannot build: 2026-13-45
+        first = str(error).splitlines()[0] if str(error) else ""
+        raise ConfigError(f"{what} is not valid YAML: {type(error).__name__}: {first}") from None

@@ -17,9 +17,9 @@ from torch import nn
 
 from pf_ray.config import SearchConfig
 from pf_ray.data import DataBundle
-from pf_ray.errors import ConfigError, ModelError
+from pf_ray.errors import ConfigError
 from pf_ray.learners.base import PerLayerMode, check_per_layer_mode
-from pf_ray.ops.channel_groups import prunable_groups
+from pf_ray.ops.channel_groups import prunable_groups, require_prunable_groups
 from pf_ray.ops.macs_budget import MacsBudget, macs_table
 from pf_ray.ops.pruning import CRITERIA, KEEP_RATIOS_FIELD, prune_channels_
 from pf_ray.registry import LEARNERS
@@ -119,13 +119,7 @@ class ChannelPruning:
         self._keep_ratios(len(self._groups(model, input_shape)))
 
     def _groups(self, model: nn.Module, input_shape: tuple[int, int, int]) -> list[str]:
-        names = search_dimensions(model, input_shape)
-        if not names:
-            raise ModelError(
-                f"channel_pruning: the model ({type(model).__name__}) has no prunable channel group: "
-                "no conv/linear layer whose outputs can be removed without changing the model's output"
-            )
-        return names
+        return [group.name for group in require_prunable_groups(model, input_shape, "channel_pruning")]
 
     def search_space(self, model: nn.Module, input_shape: tuple[int, int, int],
                      search: SearchConfig) -> PerLayerSpace | None:

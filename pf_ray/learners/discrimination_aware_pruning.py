@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from pf_ray.data import DataBundle
-from pf_ray.errors import ConfigError, DataError, ModelError
-from pf_ray.ops.channel_groups import PrunableGroup, prunable_groups
+from pf_ray.errors import ConfigError, DataError
+from pf_ray.ops.channel_groups import PrunableGroup, require_prunable_groups
 from pf_ray.ops.dcp import remove_unkept_channels_
 from pf_ray.ops.dcp_selection import StageWiseSelection
 from pf_ray.registry import LEARNERS
@@ -55,12 +55,7 @@ class DiscriminationAwarePruning:
         self._groups(model, input_shape)
 
     def _groups(self, model: nn.Module, input_shape: tuple[int, int, int]) -> list[PrunableGroup]:
-        groups = prunable_groups(model, input_shape)
-        if not groups:
-            raise ModelError(
-                f"discrimination_aware_pruning: the model ({type(model).__name__}) has no prunable channel group: "
-                "no conv/linear layer whose outputs can be removed without changing the model's output"
-            )
+        groups = require_prunable_groups(model, input_shape, "discrimination_aware_pruning")
         if self.config.num_stages > len(groups):
             raise ConfigError(
                 f"learner.options.num_stages: got {self.config.num_stages}; this model has {len(groups)} "

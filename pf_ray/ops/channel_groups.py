@@ -122,6 +122,15 @@ def _removed(members: list[tuple[int, int]], kept: Sequence[int], sizes: Sequenc
     return sum(count * (sizes[g] - kept[g]) // sizes[g] for g, count in members)
 
 
+def require_prunable_groups(model: nn.Module, input_shape: Sequence[int], learner: str) -> list[PrunableGroup]:
+    """``prunable_groups``, or a ModelError naming ``learner`` when there are none (nothing it could prune)."""
+    groups = prunable_groups(model, input_shape)
+    if not groups:
+        raise ModelError(f"{learner}: the model ({type(model).__name__}) has no prunable channel group: no "
+                         "conv/linear layer whose outputs can be removed without changing the model's output")
+    return groups
+
+
 # The most recent trace, for the next caller on the same model while its layers keep their shapes: a trial traces
 # its model once, for the search space, and prunes it through that same trace. One slot only, because a trace holds
 # its model (torch-pruning's graph keeps a reference to it).
