@@ -46,7 +46,7 @@ import _common  # first: puts the repository root on sys.path
 import torch
 from torch import nn
 
-from pf_ray.candidate import candidate_learner_config, compress, per_layer_space
+from pf_ray.candidate import make_candidate, search_space
 from pf_ray.checkpoint import load_checkpoint
 from pf_ray.config import (
     BaselineConfig,
@@ -59,9 +59,10 @@ from pf_ray.config import (
 from pf_ray.data import DataBundle, load_data
 from pf_ray.export import export_onnx, measure_latency, onnx_session
 from pf_ray.launch.baseline import train_baseline
-from pf_ray.metrics import ACCURACY, EPOCH, PROXY_ACCURACY, SCORE, model_stats
+from pf_ray.metrics import ACCURACY, EPOCH, MACS_RATIO, PROXY_ACCURACY, SCORE, model_stats
 from pf_ray.ops.channel_groups import prunable_groups
 from pf_ray.ops.macs_budget import macs_after
+from pf_ray.spec import RunSpec
 from pf_ray.train import evaluate, fit, subset
 
 SEARCHERS = ("random", "tpe", "gp", "ddpg")
@@ -201,21 +202,21 @@ def _search_phase(args, experiment, baseline, data, target, seeds) -> dict[str, 
     for criterion in ("l1", "lasso"):
         uniform = _with_target(experiment, target, mode="uniform", keep_ratio=ratio, criterion=criterion)
         tic = time.time()
-        candidate = compress(uniform, baseline, data, uniform.learner_config())
+        candidate = make_candidate(RunSpec.resolve(uniform), baseline, data)
         methods[f"uniform_{criterion}"] = {
-            "keep_ratio": ratio, "macs_ratio": candidate.static_metrics["macs_ratio"],
+            "keep_ratio": ratio, "macs_ratio": candidate.static_metrics[MACS_RATIO],
             "score": candidate.static_metrics[PROXY_ACCURACY], "seconds": round(time.time() - tic, 1)}
         _log(f"target {target}: uniform {criterion} (keep {ratio:.4f}) proxy "
              f"{methods[f'uniform_{criterion}']['score']:.4f}")
 
     # Uniform, then topped up to the budget by the projection every searched proposal goes through (the
     # searchers' first trial): rounding to 8 leaves strict uniform short of the target.
-    projected = _with_target(experiment, target)
+    projected = RunSpec.resolve(_with_target(experiment, target))
     tic = time.time()
-    values = candidate_learner_config(projected, baseline, shape, [1.0] * len(prunable_groups(baseline, shape)))
-    candidate = compress(projected, baseline, data, values)
+    candidate = make_candidate(projected, baseline, data, proposal=[1.0] * len(prunable_groups(baseline, shape)))
     methods["uniform_lasso_to_budget"] = {
-        "macs_ratio": candidate.static_metrics["macs_ratio"], "keep_ratios": list(values.layer_keep_ratios),
+        "macs_ratio": candidate.static_metrics[MACS_RATIO],
+        "keep_ratios": list(candidate.spec.learner_config.layer_keep_ratios),
         "score": candidate.static_metrics[PROXY_ACCURACY], "seconds": round(time.time() - tic, 1)}
 
     tic = time.time()
@@ -225,7 +226,7 @@ def _search_phase(args, experiment, baseline, data, target, seeds) -> dict[str, 
         "score": evaluate(pruned, validation)[ACCURACY], "seconds": round(time.time() - tic, 1)}
     _log(f"target {target}: torch_pruning (ratio {tp_ratio:.4f}) proxy {methods['torch_pruning']['score']:.4f}")
 
-    searched = _with_target(experiment, target)
+    searched = RunSpec.resolve(_with_target(experiment, target))
     for algorithm in args.searchers:
         runs = [run_searcher(algorithm, seed, args.trials, searched, baseline, data) for seed in seeds]
         bests = [run["best"]["score"] for run in runs]
@@ -280,12 +281,12 @@ def torch_pruning_model(baseline: nn.Module, input_shape, target: float) -> tupl
     return pruned(high), high
 
 
-def run_searcher(algorithm: str, seed: int, trials: int, experiment: ExperimentConfig, baseline: nn.Module,
+def run_searcher(algorithm: str, seed: int, trials: int, spec: RunSpec, baseline: nn.Module,
                  data: DataBundle) -> dict[str, Any]:
     """One search: ``trials`` proposals, each projected, pruned and proxy-scored; the searcher learns from each."""
     from search_algs import make_searcher
 
-    space = per_layer_space(experiment, baseline, data.input_shape)
+    space = search_space(spec, baseline, data.input_shape)
     searcher, _ = make_searcher(SearchAlgorithm(algorithm), space, metric=SCORE, mode="max", seed=seed,
                                 num_trials=trials, max_epochs=1)
     tic = time.time()
@@ -293,14 +294,13 @@ def run_searcher(algorithm: str, seed: int, trials: int, experiment: ExperimentC
     for index in range(trials):
         trial_id = f"{algorithm}_{seed}_{index:03d}"
         config = searcher.suggest(trial_id)
-        values = space.values_from(config)
-        learner_config = candidate_learner_config(experiment, baseline, data.input_shape, values)
-        candidate = compress(experiment, baseline, data, learner_config)
+        candidate = make_candidate(spec, baseline, data, proposal=space.values_from(config))
+        learner_config = candidate.spec.learner_config
         score = candidate.static_metrics[PROXY_ACCURACY]
         report = {SCORE: score, EPOCH: 1, "training_iteration": 1}
         searcher.on_trial_result(trial_id, report)
         searcher.on_trial_complete(trial_id, result=report)
-        history.append({"score": score, "macs_ratio": candidate.static_metrics["macs_ratio"],
+        history.append({"score": score, "macs_ratio": candidate.static_metrics[MACS_RATIO],
                         "keep_ratios": list(learner_config.layer_keep_ratios)})
     best = max(history, key=lambda trial: trial["score"])
     _log(f"  {algorithm} seed {seed}: best proxy {best['score']:.4f} at {best['macs_ratio']:.3f} of the MACs "
@@ -323,8 +323,7 @@ def _retrain_phase(args, experiment, baseline, data, target, methods) -> dict[st
     uniform_ratio = methods["uniform_lasso"]["keep_ratio"]
 
     def lasso(**options: Any) -> nn.Module:
-        config = _with_target(experiment, target, **options)
-        return compress(config, baseline, data, config.learner_config()).model
+        return make_candidate(RunSpec.resolve(_with_target(experiment, target, **options)), baseline, data).model
 
     builders = {
         "uniform_lasso": lambda: lasso(mode="uniform", keep_ratio=uniform_ratio),

@@ -34,6 +34,7 @@ from sklearn.gaussian_process import GaussianProcessRegressor
 from sklearn.gaussian_process.kernels import Matern
 from threadpoolctl import threadpool_limits
 
+from pf_ray.metrics import SCORE
 from pf_ray.search_space import PerLayerSpace
 from search_algs.gp import GP_RESTARTS, GPSearcher
 
@@ -97,7 +98,7 @@ def _compare(space: PerLayerSpace, objective, name: str, size: int, seed: int) -
     tic = time.process_time()
     theirs = ucb.suggest(gp, data, n_random=10_000, n_smart=3, fit_gp=False, random_state=np.random.RandomState(seed))
     theirs_ms = 1000 * (time.process_time() - tic)
-    searcher = GPSearcher(space, metric="score", mode="max", seed=seed)
+    searcher = GPSearcher(space, metric=SCORE, mode="max", seed=seed)
     tic = time.process_time()
     ours = searcher._maximise(gp, y_max=float(np.max(data.target)))
     ours_ms = 1000 * (time.process_time() - tic)

@@ -65,7 +65,7 @@ import _common  # first: puts the repository root on sys.path
 import torch
 from torch import nn
 
-from pf_ray.candidate import Candidate, candidate_learner_config, compress, fine_tune, per_layer_space
+from pf_ray.candidate import Candidate, fine_tune, make_candidate, search_space
 from pf_ray.checkpoint import load_checkpoint
 from pf_ray.config import (
     BaselineConfig,
@@ -74,15 +74,14 @@ from pf_ray.config import (
     SearchAlgorithm,
     StorageConfig,
     TrainConfig,
-    from_dict,
 )
 from pf_ray.data import DataBundle, load_data
 from pf_ray.export import export_onnx, measure_latency
 from pf_ray.export.packed import pack_state_dict, write_packed
 from pf_ray.export.verify import open_session, runtime_accuracy
 from pf_ray.launch.baseline import train_baseline
-from pf_ray.learners import build_learner, learner_config_class
 from pf_ray.metrics import ACCURACY, EPOCH, PROXY_ACCURACY, SCORE
+from pf_ray.spec import RunSpec
 from pf_ray.train import evaluate, subset
 
 UNIFORM, NONUNIFORM, SPARSIFICATION, NATIVE = ("uniform_quantization", "nonuniform_quantization",
@@ -265,23 +264,24 @@ def _baseline_row(args, baseline: nn.Module, data: DataBundle, path: Path) -> di
 
 def _run_row(args, name: str, baseline: nn.Module, data: DataBundle) -> dict[str, Any]:
     learner_name, options, _ = ROWS[name]
-    if learner_name == NATIVE:
-        import pf_ray.learners.native_int8  # noqa: F401  (registers the learner; pf_ray.learners does not yet)
-    experiment = _experiment(args, learner_name, options)
+    spec = RunSpec.resolve(_experiment(args, learner_name, options))
     row: dict[str, Any] = {"options": dict(options)}
-    learner_config = from_dict(learner_config_class(learner_name), options, path="learner.options")
+    learner_config = spec.learner_config
     if name in ("mixed4", "mixed2"):
-        row["search"] = _search(args, experiment, baseline, data)
+        row["search"] = _search(args, spec, baseline, data)
         learner_config = replace(learner_config, layer_bits=tuple(row["search"]["best"]["layer_bits"]))
     if name == "sparse90_cb4":
         learner_config = replace(learner_config, mask_update_steps=args.mask_update_steps)
         row["options"]["mask_update_steps"] = args.mask_update_steps
-    learner = build_learner(learner_name, learner_config)
+    spec = spec.with_learner_config(learner_config)
+    learner = spec.build_learner()
+    # prepared here as the rows were measured, not by make_candidate: its MACs count is a forward pass, which on a
+    # native_int8 graph switches the observers on and counts a BatchNorm batch (num_batches_tracked)
     model = learner.prepare(copy.deepcopy(baseline), data)
     if name == "int8_ptq":
         model = learner.finalize(model)  # post-training: the baseline's weights snapped, calibrated below
     else:
-        model = _fine_tune(args, Candidate(model, learner, learner_config, {}), data, name)
+        model = _fine_tune(args, Candidate(spec, model, learner, {}), data, name)
     model.eval()
     if name == "sparse90_cb4":
         return row | _sparse_codebook(model, learner, data)
@@ -302,7 +302,7 @@ def _run_row(args, name: str, baseline: nn.Module, data: DataBundle) -> dict[str
 def _fine_tune(args, candidate: Candidate, data: DataBundle, name: str) -> nn.Module:
     epochs, lr = (args.sparse_epochs, args.sparse_lr) if name == "sparse90_cb4" else (args.epochs, args.lr)
     schedule = TrainConfig(epochs=epochs, learning_rate=lr, train_subset=args.train_subset)
-    return fine_tune(candidate, data, schedule, validation_subset=args.check_subset, report=None, seed=0,
+    return fine_tune(candidate, data, schedule, validation_subset=args.check_subset,  # seed: experiment.seed (0)
                      log=lambda line: _log(f"  {name}: {line}"))
 
 
@@ -332,29 +332,28 @@ def _sparse_codebook(model: nn.Module, learner: Any, data: DataBundle) -> dict[s
             "codebook_bits": 4, **_sizes(model, packed)}
 
 
-def _search(args, experiment: ExperimentConfig, baseline: nn.Module, data: DataBundle) -> dict[str, Any]:
+def _search(args, spec: RunSpec, baseline: nn.Module, data: DataBundle) -> dict[str, Any]:
     """``--trials`` proposals, each projected onto the average-bits budget and scored by the proxy."""
     from search_algs import make_searcher
 
     shape = data.input_shape
-    space = per_layer_space(experiment, baseline, shape)
+    space = search_space(spec, baseline, shape)
     searcher, _ = make_searcher(SearchAlgorithm(args.searcher), space, metric=SCORE, mode="max", seed=0,
                                 num_trials=args.trials, max_epochs=1)
     tic = time.time()
     history = []
     for index in range(args.trials):
         trial_id = f"{args.searcher}_{index:03d}"
-        values = space.values_from(searcher.suggest(trial_id))
-        learner_config = candidate_learner_config(experiment, baseline, shape, values)
-        score = compress(experiment, baseline, data, learner_config).static_metrics[PROXY_ACCURACY]
+        candidate = make_candidate(spec, baseline, data, proposal=space.values_from(searcher.suggest(trial_id)))
+        learner_config = candidate.spec.learner_config
+        score = candidate.static_metrics[PROXY_ACCURACY]
         report = {SCORE: score, EPOCH: 1, "training_iteration": 1}
         searcher.on_trial_result(trial_id, report)
         searcher.on_trial_complete(trial_id, result=report)
         bits = list(learner_config.layer_bits)
         history.append({"score": score, "layer_bits": bits, "average_bits": 32 * space.budget.cost(bits)})
         _log(f"  search {index + 1}/{args.trials}: proxy {score:.4f}, {history[-1]['average_bits']:.2f} bits")
-    uniform_config = experiment.learner_config()  # auto before any search: uniform
-    uniform = compress(experiment, baseline, data, uniform_config).static_metrics[PROXY_ACCURACY]
+    uniform = make_candidate(spec, baseline, data).static_metrics[PROXY_ACCURACY]  # auto, nothing searched: uniform
     best = max(history, key=lambda trial: trial["score"])
     _log(f"  {args.searcher}: best proxy {best['score']:.4f} (uniform {uniform:.4f}), {time.time() - tic:.0f} s")
     return {"best": best, "uniform_proxy": uniform, "scores": [trial["score"] for trial in history],

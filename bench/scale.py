@@ -26,7 +26,7 @@ latency as their history grows.
    the sizes above it.
 
 The space: one keep ratio in [0.1, 1] per conv layer of a plain 20-conv CNN on 1x28x28 inputs, with its MACs
-budget (50%, channels rounded to 8) and layer features, as ``pf_ray.candidate.per_layer_space`` builds them; the
+budget (50%, channels rounded to 8) and layer features, as ``pf_ray.candidate.search_space`` builds them; the
 synthetic score of a config is -mean((value - 0.6)^2).
 
     python bench/scale.py --out bench/results/scale.json
@@ -53,13 +53,14 @@ os.environ["RAY_AUTH_MODE"] = "disabled"
 import _common  # noqa: E402  (puts the repository root on sys.path)
 import numpy as np  # noqa: E402
 
+from pf_ray.metrics import EPOCH, SCORE  # noqa: E402
 from pf_ray.search_space import PerLayerSpace  # noqa: E402
 
-METRIC = "score"
 EPOCHS = 3  # the epoch every latency-bench trial reports last: all of them count as finished
 OPTIMUM = 0.6  # every layer's best value in the synthetic score
 TARGET_MACS_RATIO = 0.5
 ROUND_TO = 8
+MIN_KEEP_RATIO = 0.1  # the box's bottom, which the budget's projection keeps to (as the learner's)
 PARTS = {"scheduling": "scheduling", "suggest": "suggest_latency"}  # part -> its key in the JSON
 LATENCY_TARGET_MS = 50.0  # the issue's goal for suggest at the largest size
 
@@ -133,9 +134,8 @@ def synthetic_space(dims: int) -> PerLayerSpace:
     """Keep ratios for the ``dims`` conv layers of a plain CNN, with the MACs budget and features of the real thing."""
     from torch import nn
 
-    from pf_ray.candidate import MacsBudget
     from pf_ray.learners.channel_pruning import search_dimensions
-    from pf_ray.ops.macs_budget import macs_table
+    from pf_ray.ops.macs_budget import MacsBudget, macs_table
     from pf_ray.search_space import layer_features
 
     layers: list[nn.Module] = []
@@ -150,8 +150,8 @@ def synthetic_space(dims: int) -> PerLayerSpace:
     names = tuple(search_dimensions(model, shape))
     if len(names) != dims:
         raise RuntimeError(f"the synthetic CNN has {len(names)} prunable groups, expected {dims}")
-    budget = MacsBudget(TARGET_MACS_RATIO, macs_table(model, shape), ROUND_TO)
-    return PerLayerSpace("layer_keep_ratios", names, low=0.1, high=1.0, budget=budget,
+    budget = MacsBudget(TARGET_MACS_RATIO, macs_table(model, shape), ROUND_TO, min_ratio=MIN_KEEP_RATIO)
+    return PerLayerSpace("layer_keep_ratios", names, low=MIN_KEEP_RATIO, high=1.0, budget=budget,
                          features=layer_features(model, shape, names))
 
 
@@ -190,7 +190,7 @@ def _scheduling(nodes: int, args: argparse.Namespace) -> dict[str, Any]:
     slots = nodes * args.cpus_per_node
     num_trials = args.waves * slots
     space = synthetic_space(args.dims)
-    searcher, param_space = make_searcher(SearchAlgorithm(args.searcher), space, metric=METRIC, mode="max",
+    searcher, param_space = make_searcher(SearchAlgorithm(args.searcher), space, metric=SCORE, mode="max",
                                           seed=args.seed, num_trials=num_trials, max_epochs=args.reports)
     step_seconds, reports = args.trial_seconds / args.reports, args.reports
 
@@ -200,7 +200,7 @@ def _scheduling(nodes: int, args: argparse.Namespace) -> dict[str, Any]:
         node = ray.get_runtime_context().get_node_id()
         for epoch in range(1, reports + 1):
             time.sleep(step_seconds)
-            tune.report({METRIC: score, "epoch": epoch, "entered": entered, "reported_at": time.time(),
+            tune.report({SCORE: score, EPOCH: epoch, "entered": entered, "reported_at": time.time(),
                          "node_id": node})
 
     load_before = os.getloadavg()[0]
@@ -223,7 +223,7 @@ def _scheduling(nodes: int, args: argparse.Namespace) -> dict[str, Any]:
             grid = tune.Tuner(
                 tune.with_resources(sleeper, {"cpu": 1}),
                 param_space=param_space,
-                tune_config=tune.TuneConfig(search_alg=searcher, metric=METRIC, mode="max", num_samples=num_trials,
+                tune_config=tune.TuneConfig(search_alg=searcher, metric=SCORE, mode="max", num_samples=num_trials,
                                             max_concurrent_trials=slots,
                                             trial_dirname_creator=lambda trial: trial.trial_id),
                 run_config=tune.RunConfig(storage_path=storage, name="scale", verbose=0),
@@ -237,7 +237,7 @@ def _scheduling(nodes: int, args: argparse.Namespace) -> dict[str, Any]:
     if len(grid) != num_trials or errors:
         raise RuntimeError(f"{len(grid)} of {num_trials} trials ran, {len(errors)} failed: {errors[:1]}")
     trials = sorted(({"entered_s": r.metrics["entered"] - fit_started, "returned_s": r.metrics["reported_at"]
-                      - fit_started, "node_id": r.metrics["node_id"], "epochs": r.metrics["epoch"]} for r in grid),
+                      - fit_started, "node_id": r.metrics["node_id"], "epochs": r.metrics[EPOCH]} for r in grid),
                     key=lambda trial: trial["entered_s"])
     ideal = num_trials * args.trial_seconds / slots
     per_node: dict[str, int] = {}
@@ -271,7 +271,7 @@ def _suggest_latency(space: PerLayerSpace, sizes: list[int], calls: int, seed: i
     rows = []
     # DDPG learns in on_trial_complete (~0.1-0.3 s per trial here), so one searcher grows through the sizes.
     # make_searcher's settings, but a warm-up short enough that every timed suggestion is the actor's.
-    ddpg = DDPGSearcher(space, metric=METRIC, mode="max", seed=seed, num_trials=sizes[-1] + calls,
+    ddpg = DDPGSearcher(space, metric=SCORE, mode="max", seed=seed, num_trials=sizes[-1] + calls,
                         num_warmup=sizes[0] // 2, max_epochs=EPOCHS)
     fed = 0
     for size in sizes:
@@ -287,7 +287,7 @@ def _suggest_latency(space: PerLayerSpace, sizes: list[int], calls: int, seed: i
                 continue
             label = "gp" if cap is not None else "gp, no cap"
             _log(f"suggest latency: {label} at {size} observations")
-            gp = GPSearcher(space, metric=METRIC, mode="max", seed=seed, num_initial_points=size - 1,
+            gp = GPSearcher(space, metric=SCORE, mode="max", seed=seed, num_initial_points=size - 1,
                             max_observations=cap)
             _feed(gp, size)
             rows.append({"searcher": label, "max_observations_fitted": cap, **_time(gp, size, calls)})
@@ -298,7 +298,7 @@ def _feed(searcher: Any, count: int, first: int = 0) -> int:
     """``count`` trials through suggest and on_trial_complete, each finished with its synthetic score."""
     for index in range(first, first + count):
         config = searcher.suggest(f"trial{index}")
-        searcher.on_trial_complete(f"trial{index}", {METRIC: synthetic_score(config), "epoch": EPOCHS})
+        searcher.on_trial_complete(f"trial{index}", {SCORE: synthetic_score(config), EPOCH: EPOCHS})
     return first + count
 
 
@@ -312,7 +312,7 @@ def _time(searcher: Any, size: int, calls: int) -> dict[str, Any]:
         suggest_s.append(time.perf_counter() - started)
         suggest_cpu_s.append(time.thread_time() - started_cpu)  # this thread's CPU time: what load does not inflate
         started = time.perf_counter()
-        searcher.on_trial_complete(f"timed{size}-{index}", {METRIC: synthetic_score(config), "epoch": EPOCHS})
+        searcher.on_trial_complete(f"timed{size}-{index}", {SCORE: synthetic_score(config), EPOCH: EPOCHS})
         complete_s.append(time.perf_counter() - started)
     row = {
         "observations": size, "calls": calls,

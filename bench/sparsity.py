@@ -44,7 +44,7 @@ import _common  # first: puts the repository root on sys.path
 import torch
 from torch import nn
 
-from pf_ray.candidate import compress, fine_tune, per_layer_space
+from pf_ray.candidate import fine_tune, make_candidate, search_space
 from pf_ray.checkpoint import load_checkpoint
 from pf_ray.config import (
     BaselineConfig,
@@ -54,16 +54,15 @@ from pf_ray.config import (
     SearchAlgorithm,
     StorageConfig,
     TrainConfig,
-    from_dict,
 )
 from pf_ray.data import DataBundle, load_data
 from pf_ray.export import export_onnx, measure_latency, onnx_session
 from pf_ray.export.packed import pack_state_dict, write_packed
 from pf_ray.launch.baseline import train_baseline
-from pf_ray.learners import build_learner, learner_config_class
 from pf_ray.learners.weight_sparsification import covered_layers
 from pf_ray.metrics import ACCURACY, EPOCH, SCORE
 from pf_ray.ops.sparsity import heuristic_sparsities, magnitude_mask
+from pf_ray.spec import RunSpec
 from pf_ray.train import evaluate, recalibrate_batchnorm, subset
 
 LEARNER = "weight_sparsification"
@@ -214,9 +213,7 @@ def _one_shot(baseline: nn.Module, data: DataBundle, sparsities, bn_images: int)
 def _search(args, experiment, baseline, data, level) -> dict[str, Any]:
     from search_algs import make_searcher
 
-    leveled = _with_level(experiment, level)
-    space = per_layer_space(leveled, baseline, data.input_shape)
-    learner = build_learner(LEARNER, leveled.learner_config())
+    space = search_space(RunSpec.resolve(_with_level(experiment, level)), baseline, data.input_shape)
     searcher, _ = make_searcher(SearchAlgorithm(args.searcher), space, metric=SCORE, mode="max", seed=0,
                                 num_trials=args.trials, max_epochs=1)
     validation = subset(data.validation, args.validation_subset)
@@ -224,7 +221,7 @@ def _search(args, experiment, baseline, data, level) -> dict[str, Any]:
     history = []
     for index in range(args.trials):
         trial_id = f"{args.searcher}_{level}_{index:03d}"
-        values = learner.project(baseline, data.input_shape, space.values_from(searcher.suggest(trial_id)))
+        values = space.project(space.values_from(searcher.suggest(trial_id)))
         score = evaluate(_one_shot(baseline, data, values, args.proxy_bn_images), validation)[ACCURACY]
         report = {SCORE: score, EPOCH: 1, "training_iteration": 1}
         searcher.on_trial_result(trial_id, report)
@@ -244,10 +241,10 @@ def _fine_tune(args, experiment, baseline, data, level, sparsities, distill) -> 
     leveled = _with_level(experiment, level, mask_update_steps=args.mask_update_steps, **options)
     leveled = replace(leveled, learner=replace(leveled.learner,
                                                distillation=DistillationConfig() if distill else None))
-    learner_config = from_dict(learner_config_class(LEARNER), leveled.learner.options, path="learner.options")
-    candidate = compress(leveled, baseline, data, learner_config)
+    # the proxy is measured as before (and not used): the timings stay comparable with the recorded ones
+    candidate = make_candidate(RunSpec.resolve(leveled), baseline, data)
     schedule = TrainConfig(epochs=args.epochs, learning_rate=args.lr, train_subset=args.train_subset)
-    model = fine_tune(candidate, data, schedule, validation_subset=None, report=None, seed=0)
+    model = fine_tune(candidate, data, schedule, validation_subset=None)  # seeded by experiment.seed (0)
     zeros = total = 0
     for name, _ in covered_layers(model, data.input_shape):
         weight = dict(model.named_modules())[name].weight
