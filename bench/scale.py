@@ -52,6 +52,7 @@ os.environ["RAY_AUTH_MODE"] = "disabled"
 
 import _common  # noqa: E402  (puts the repository root on sys.path)
 import numpy as np  # noqa: E402
+from _common import log  # noqa: E402
 
 from pf_ray.metrics import EPOCH, SCORE  # noqa: E402
 from pf_ray.search_space import PerLayerSpace  # noqa: E402
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(_scheduling(args.child_nodes, args)))
         return 0
     started = time.time()
-    command = " ".join(["python", "bench/scale.py", *(argv if argv is not None else sys.argv[1:])])
+    command = _common.command_line("scale.py", argv)
     settings = {key: value for key, value in vars(args).items() if key not in ("out", "child_nodes")}
     result: dict[str, Any] = {"command": command, "environment": _common.environment(), "settings": settings,
                               "scheduling": [], "suggest_latency": []}
@@ -82,18 +83,14 @@ def main(argv: list[str] | None = None) -> int:
                 result[key] = previous.get(key, [])
                 result[f"{part}_from"] = previous.get(f"{part}_from") or {
                     "command": previous.get("command"), "environment": previous.get("environment")}
-
-    def save() -> None:
-        result["wall_seconds"] = round(time.time() - started, 1)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    save = _common.Results(args.out, result, started=started).save
 
     for nodes in args.nodes if "scheduling" in args.parts else []:
-        _log(f"scheduling: {nodes} node(s) x {args.cpus_per_node} CPUs, {args.waves * nodes * args.cpus_per_node} "
-             f"trials of {args.trial_seconds} s")
+        log(f"scheduling: {nodes} node(s) x {args.cpus_per_node} CPUs, {args.waves * nodes * args.cpus_per_node} "
+            f"trials of {args.trial_seconds} s")
         result["scheduling"].append(_run_child(nodes, args))
         row = result["scheduling"][-1]
-        _log(f"  {row['wall_s']:.1f} s, {row['trials_per_minute']:.1f} trials/min, efficiency {row['efficiency']:.2f}")
+        log(f"  {row['wall_s']:.1f} s, {row['trials_per_minute']:.1f} trials/min, efficiency {row['efficiency']:.2f}")
         save()
     space = synthetic_space(args.dims)
     for row in _suggest_latency(space, args.sizes, args.calls, args.seed) if "suggest" in args.parts else []:
@@ -275,7 +272,7 @@ def _suggest_latency(space: PerLayerSpace, sizes: list[int], calls: int, seed: i
                         num_warmup=sizes[0] // 2, max_epochs=EPOCHS)
     fed = 0
     for size in sizes:
-        _log(f"suggest latency: ddpg at {size} observations")
+        log(f"suggest latency: ddpg at {size} observations")
         fed = _feed(ddpg, size - fed, first=fed)
         rows.append({"searcher": "ddpg", "max_observations_fitted": None, **_time(ddpg, size, calls)})
         fed += calls
@@ -286,7 +283,7 @@ def _suggest_latency(space: PerLayerSpace, sizes: list[int], calls: int, seed: i
             if cap is None and size <= MAX_GP_OBSERVATIONS:
                 continue
             label = "gp" if cap is not None else "gp, no cap"
-            _log(f"suggest latency: {label} at {size} observations")
+            log(f"suggest latency: {label} at {size} observations")
             gp = GPSearcher(space, metric=SCORE, mode="max", seed=seed, num_initial_points=size - 1,
                             max_observations=cap)
             _feed(gp, size)
@@ -323,7 +320,7 @@ def _time(searcher: Any, size: int, calls: int) -> dict[str, Any]:
         "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
         "suggest_s": suggest_s, "suggest_cpu_s": suggest_cpu_s, "on_trial_complete_s": complete_s,
     }
-    _log(f"  suggest median {row['median_ms']:.1f} ms (CPU {row['cpu_median_ms']:.1f} ms), p95 {row['p95_ms']:.1f} ms")
+    log(f"  suggest median {row['median_ms']:.1f} ms (CPU {row['cpu_median_ms']:.1f} ms), p95 {row['p95_ms']:.1f} ms")
     return row
 
 
@@ -360,10 +357,6 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {row['searcher']} | {row['observations']} | {row['median_ms']:.1f} | {row['p95_ms']:.1f} | "
                      f"{row['cpu_median_ms']:.1f} | {row['on_trial_complete_median_ms']:.1f} |")
     return "\n".join(lines)
-
-
-def _log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":
