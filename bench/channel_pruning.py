@@ -33,9 +33,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -44,24 +42,16 @@ from typing import Any
 
 import _common  # first: puts the repository root on sys.path
 import torch
+from _common import log
 from torch import nn
 
-from pf_ray.candidate import candidate_learner_config, compress, per_layer_space
-from pf_ray.checkpoint import load_checkpoint
-from pf_ray.config import (
-    BaselineConfig,
-    ExperimentConfig,
-    LearnerConfig,
-    SearchAlgorithm,
-    StorageConfig,
-    TrainConfig,
-)
+from pf_ray.candidate import make_candidate, search_space
+from pf_ray.config import ExperimentConfig, TrainConfig
 from pf_ray.data import DataBundle, load_data
-from pf_ray.export import export_onnx, measure_latency, onnx_session
-from pf_ray.launch.baseline import train_baseline
-from pf_ray.metrics import ACCURACY, EPOCH, PROXY_ACCURACY, SCORE, model_stats
+from pf_ray.metrics import ACCURACY, MACS_RATIO, PROXY_ACCURACY, model_stats
 from pf_ray.ops.channel_groups import prunable_groups
 from pf_ray.ops.macs_budget import macs_after
+from pf_ray.spec import RunSpec
 from pf_ray.train import evaluate, fit, subset
 
 SEARCHERS = ("random", "tpe", "gp", "ddpg")
@@ -72,23 +62,16 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     torch.set_num_threads(args.threads)
     started = time.time()
-    command = " ".join(["python", "bench/channel_pruning.py", *(argv if argv is not None else sys.argv[1:])])
-    result: dict[str, Any] = {"command": command, "environment": _common.environment(),
-                              "settings": vars(args) | {"out": str(args.out)}, "phases": {}}
-
-    def save() -> None:
-        result["wall_seconds"] = round(time.time() - started, 1)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    result: dict[str, Any] = {**_common.result_header("channel_pruning.py", argv, args), "phases": {}}
+    save = _common.Results(args.out, result, started=started).save
 
     experiment = _experiment(args)
     data = load_data(experiment.dataset, seed=experiment.seed)
     phase = time.time()
-    baseline_path = train_baseline(experiment, data, log=_log)
-    baseline, _ = load_checkpoint(baseline_path)
+    baseline_path, baseline = _common.baseline_model(experiment, data)
     result["baseline"] = {"checkpoint": str(baseline_path), "seconds": round(time.time() - phase, 1),
                           **_describe(baseline, data)}
-    _log(f"baseline: test accuracy {result['baseline']['test_accuracy']:.4f}")
+    log(f"baseline: test accuracy {result['baseline']['test_accuracy']:.4f}")
     save()
 
     result["targets"] = {}
@@ -113,11 +96,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", default="fashion_mnist")
-    parser.add_argument("--model", default="resnet20")
-    parser.add_argument("--baseline-epochs", type=int, default=5)
+    parser = _common.learner_bench_parser(__doc__)
     parser.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.25],
                         help="fractions of the baseline's MACs")
     parser.add_argument("--trials", type=int, default=16, help="proposals per searcher and seed")
@@ -134,7 +113,6 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--latency-batch-sizes", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--rounds", type=int, default=3, help="interleaved latency rounds")
     parser.add_argument("--repeats", type=int, default=100, help="timed runs per model, batch and round")
-    parser.add_argument("--storage", default="runs", help="where the baseline is cached")
     parser.add_argument("--out", type=Path, default=Path("bench/results/channel_pruning.json"))
     args = parser.parse_args(argv)
     for name in ("baseline_epochs", "trials", "retrain_epochs", "rounds", "repeats", "threads"):
@@ -157,24 +135,11 @@ def _seeds_per_target(text: str) -> dict[float, list[int]]:
     return result
 
 
-def _log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
 def _experiment(args: argparse.Namespace) -> ExperimentConfig:
-    """The embedded default with the benchmark's baseline schedule, auto channel pruning and proxy scoring."""
-    default = ExperimentConfig()
-    return replace(
-        default,
-        model=replace(default.model, name=args.model),
-        dataset=replace(default.dataset, name=args.dataset),
-        baseline=BaselineConfig(train=TrainConfig(epochs=args.baseline_epochs, learning_rate=0.1)),
-        learner=LearnerConfig(name="channel_pruning", options={"mode": "auto"}),
-        # proxy_bn_images=0: the proxy as this table was measured (BatchNorm statistics of the baseline kept);
-        # re-estimating them (the default since) changes every score and has not been re-run here.
-        search=replace(default.search, validation_subset=args.validation_subset, proxy_bn_images=0),
-        storage=StorageConfig(path=str(Path(args.storage).resolve())),
-    )
+    """The benchmarks' experiment with auto channel pruning and proxy scoring."""
+    # proxy_bn_images=0: the proxy as this table was measured (BatchNorm statistics of the baseline kept);
+    # re-estimating them (the default since) changes every score and has not been re-run here.
+    return _common.bench_experiment(args, "channel_pruning", {"mode": "auto"}, proxy_bn_images=0)
 
 
 def _with_target(experiment: ExperimentConfig, target: float, **options: Any) -> ExperimentConfig:
@@ -201,21 +166,21 @@ def _search_phase(args, experiment, baseline, data, target, seeds) -> dict[str, 
     for criterion in ("l1", "lasso"):
         uniform = _with_target(experiment, target, mode="uniform", keep_ratio=ratio, criterion=criterion)
         tic = time.time()
-        candidate = compress(uniform, baseline, data, uniform.learner_config())
+        candidate = make_candidate(RunSpec.resolve(uniform), baseline, data)
         methods[f"uniform_{criterion}"] = {
-            "keep_ratio": ratio, "macs_ratio": candidate.static_metrics["macs_ratio"],
+            "keep_ratio": ratio, "macs_ratio": candidate.static_metrics[MACS_RATIO],
             "score": candidate.static_metrics[PROXY_ACCURACY], "seconds": round(time.time() - tic, 1)}
-        _log(f"target {target}: uniform {criterion} (keep {ratio:.4f}) proxy "
-             f"{methods[f'uniform_{criterion}']['score']:.4f}")
+        log(f"target {target}: uniform {criterion} (keep {ratio:.4f}) proxy "
+            f"{methods[f'uniform_{criterion}']['score']:.4f}")
 
     # Uniform, then topped up to the budget by the projection every searched proposal goes through (the
     # searchers' first trial): rounding to 8 leaves strict uniform short of the target.
-    projected = _with_target(experiment, target)
+    projected = RunSpec.resolve(_with_target(experiment, target))
     tic = time.time()
-    values = candidate_learner_config(projected, baseline, shape, [1.0] * len(prunable_groups(baseline, shape)))
-    candidate = compress(projected, baseline, data, values)
+    candidate = make_candidate(projected, baseline, data, proposal=[1.0] * len(prunable_groups(baseline, shape)))
     methods["uniform_lasso_to_budget"] = {
-        "macs_ratio": candidate.static_metrics["macs_ratio"], "keep_ratios": list(values.layer_keep_ratios),
+        "macs_ratio": candidate.static_metrics[MACS_RATIO],
+        "keep_ratios": list(candidate.spec.learner_config.layer_keep_ratios),
         "score": candidate.static_metrics[PROXY_ACCURACY], "seconds": round(time.time() - tic, 1)}
 
     tic = time.time()
@@ -223,9 +188,9 @@ def _search_phase(args, experiment, baseline, data, target, seeds) -> dict[str, 
     methods["torch_pruning"] = {
         "pruning_ratio": tp_ratio, "macs_ratio": model_stats(pruned, shape).macs / full_macs,
         "score": evaluate(pruned, validation)[ACCURACY], "seconds": round(time.time() - tic, 1)}
-    _log(f"target {target}: torch_pruning (ratio {tp_ratio:.4f}) proxy {methods['torch_pruning']['score']:.4f}")
+    log(f"target {target}: torch_pruning (ratio {tp_ratio:.4f}) proxy {methods['torch_pruning']['score']:.4f}")
 
-    searched = _with_target(experiment, target)
+    searched = RunSpec.resolve(_with_target(experiment, target))
     for algorithm in args.searchers:
         runs = [run_searcher(algorithm, seed, args.trials, searched, baseline, data) for seed in seeds]
         bests = [run["best"]["score"] for run in runs]
@@ -236,8 +201,8 @@ def _search_phase(args, experiment, baseline, data, target, seeds) -> dict[str, 
             "score_best": max(bests),
             "seconds_mean": statistics.fmean(run["seconds"] for run in runs),
         }
-        _log(f"target {target}: {algorithm} best proxy {methods[algorithm]['score_mean']:.4f} "
-             f"+- {methods[algorithm]['score_std']:.4f} over seeds {seeds}")
+        log(f"target {target}: {algorithm} best proxy {methods[algorithm]['score_mean']:.4f} "
+            f"+- {methods[algorithm]['score_std']:.4f} over seeds {seeds}")
     return methods
 
 
@@ -280,31 +245,22 @@ def torch_pruning_model(baseline: nn.Module, input_shape, target: float) -> tupl
     return pruned(high), high
 
 
-def run_searcher(algorithm: str, seed: int, trials: int, experiment: ExperimentConfig, baseline: nn.Module,
+def run_searcher(algorithm: str, seed: int, trials: int, spec: RunSpec, baseline: nn.Module,
                  data: DataBundle) -> dict[str, Any]:
     """One search: ``trials`` proposals, each projected, pruned and proxy-scored; the searcher learns from each."""
-    from search_algs import make_searcher
 
-    space = per_layer_space(experiment, baseline, data.input_shape)
-    searcher, _ = make_searcher(SearchAlgorithm(algorithm), space, metric=SCORE, mode="max", seed=seed,
-                                num_trials=trials, max_epochs=1)
+    def prune(values: tuple[float, ...]) -> dict[str, Any]:
+        candidate = make_candidate(spec, baseline, data, proposal=values)
+        return {"score": candidate.static_metrics[PROXY_ACCURACY], "macs_ratio": candidate.static_metrics[MACS_RATIO],
+                "keep_ratios": list(candidate.spec.learner_config.layer_keep_ratios)}
+
+    space = search_space(spec, baseline, data.input_shape)
     tic = time.time()
-    history = []
-    for index in range(trials):
-        trial_id = f"{algorithm}_{seed}_{index:03d}"
-        config = searcher.suggest(trial_id)
-        values = space.values_from(config)
-        learner_config = candidate_learner_config(experiment, baseline, data.input_shape, values)
-        candidate = compress(experiment, baseline, data, learner_config)
-        score = candidate.static_metrics[PROXY_ACCURACY]
-        report = {SCORE: score, EPOCH: 1, "training_iteration": 1}
-        searcher.on_trial_result(trial_id, report)
-        searcher.on_trial_complete(trial_id, result=report)
-        history.append({"score": score, "macs_ratio": candidate.static_metrics["macs_ratio"],
-                        "keep_ratios": list(learner_config.layer_keep_ratios)})
+    history = _common.run_proposals(algorithm, space, seed=seed, trials=trials, trial_prefix=f"{algorithm}_{seed}",
+                                    score=prune)
     best = max(history, key=lambda trial: trial["score"])
-    _log(f"  {algorithm} seed {seed}: best proxy {best['score']:.4f} at {best['macs_ratio']:.3f} of the MACs "
-         f"({time.time() - tic:.0f} s)")
+    log(f"  {algorithm} seed {seed}: best proxy {best['score']:.4f} at {best['macs_ratio']:.3f} of the MACs "
+        f"({time.time() - tic:.0f} s)")
     return {"seed": seed, "seconds": round(time.time() - tic, 1), "best": best,
             "scores": [trial["score"] for trial in history]}
 
@@ -323,8 +279,7 @@ def _retrain_phase(args, experiment, baseline, data, target, methods) -> dict[st
     uniform_ratio = methods["uniform_lasso"]["keep_ratio"]
 
     def lasso(**options: Any) -> nn.Module:
-        config = _with_target(experiment, target, **options)
-        return compress(config, baseline, data, config.learner_config()).model
+        return make_candidate(RunSpec.resolve(_with_target(experiment, target, **options)), baseline, data).model
 
     builders = {
         "uniform_lasso": lambda: lasso(mode="uniform", keep_ratio=uniform_ratio),
@@ -338,11 +293,11 @@ def _retrain_phase(args, experiment, baseline, data, target, methods) -> dict[st
         tic = time.time()
         model = build()
         prune_seconds = time.time() - tic
-        fit(model, data.train, schedule, seed=0, log=lambda line, label=label: _log(f"  {label}: {line}"))
+        fit(model, data.train, schedule, seed=0, log=lambda line, label=label: log(f"  {label}: {line}"))
         retrained[label] = {"macs_ratio": model_stats(model, shape).macs / full_macs, **_describe(model, data),
                             "prune_seconds": round(prune_seconds, 1), "seconds": round(time.time() - tic, 1)}
         _MODELS[(target, label)] = model.eval()
-        _log(f"target {target}: {label} retrained, test accuracy {retrained[label]['test_accuracy']:.4f}")
+        log(f"target {target}: {label} retrained, test accuracy {retrained[label]['test_accuracy']:.4f}")
     retrained["searched"]["from"] = {"searcher": best_algorithm, "seed": best_run["seed"], "score": best_score,
                                      "keep_ratios": list(ratios)}
     return retrained
@@ -358,22 +313,11 @@ _MODELS: dict[tuple[float, str], nn.Module] = {}  # the retrained models, for th
 def _latency_phase(args, baseline, data, result) -> None:
     models = {"baseline": baseline.eval(), **{f"{target}/{label}": model for (target, label), model in
                                               _MODELS.items()}}
-    timings: dict[str, dict[str, list[float]]] = {name: {str(b): [] for b in args.latency_batch_sizes}
-                                                   for name in models}
     with tempfile.TemporaryDirectory(prefix="pf_ray_bench_cp_") as work:
-        sessions = {}
-        for index, (name, model) in enumerate(models.items()):
-            path = export_onnx(model, data.input_shape, Path(work) / f"model{index}.onnx")
-            sessions[name] = onnx_session(path, threads=1)
-        for round_index in range(args.rounds):
-            _log(f"latency round {round_index + 1}/{args.rounds}")
-            for name, session in sessions.items():
-                for batch in args.latency_batch_sizes:
-                    timed = measure_latency(session, data.input_shape, batch, repeats=args.repeats)
-                    timings[name][str(batch)].append(timed["median_ms"])
-    result["latency_ms"] = {name: {batch: statistics.median(values) for batch, values in per_batch.items()}
-                            for name, per_batch in timings.items()}
-    result["latency_ms_rounds"] = timings
+        sessions = _common.onnx_sessions(models, data.input_shape, Path(work))
+        result["latency_ms"], result["latency_ms_rounds"] = _common.interleaved_latency(
+            sessions, dict.fromkeys(sessions, args.latency_batch_sizes), data.input_shape, rounds=args.rounds,
+            repeats=args.repeats)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any
 
 import _common  # first: puts the repository root on sys.path
 import torch
+from _common import log
 
 from pf_ray.checkpoint import load_checkpoint, read_checkpoint
 from pf_ray.config import DatasetConfig, executorch_installed
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         artifacts = _artifacts(models, data, calibration, Path(work), args)
         rows = _measure(artifacts, models, data, args)
     result = {
-        "command": " ".join(["python", "bench/end_to_end.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": _common.command_line("end_to_end.py", argv),
         "environment": _common.environment(),
         "checkpoints": {"original": str(baseline_path), "pruned": str(compressed_path)},
         "settings": {"threads": args.threads, "rounds": args.rounds, "repeats": args.repeats,
@@ -58,8 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
         "wall_seconds": round(time.time() - started, 1),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    _common.write_json(args.out, result)
     print(markdown(result))
     return 0
 
@@ -101,14 +100,14 @@ def _artifacts(models, data, calibration, work: Path, args) -> dict[str, dict[st
         from pf_ray.export.executorch_pte import export_pte
 
         for name, model in models.items():
-            _log(f"ExecuTorch: lowering {name} (FP32 and INT8, batch 1 and {THROUGHPUT_BATCH})")
+            log(f"ExecuTorch: lowering {name} (FP32 and INT8, batch 1 and {THROUGHPUT_BATCH})")
             for precision, images in (("FP32", None), ("INT8", calibration)):
                 paths = [export_pte(model, shape, work / f"{name}.{precision}.b{batch}.pte", calibration=images,
                                     batch_size=batch) for batch in (1, THROUGHPUT_BATCH)]
                 found[f"{name} {precision} ExecuTorch"] = {"model": name, "path": paths[0],
                                                           "throughput_path": paths[1]}
     else:
-        _log("ExecuTorch is not installed: its rows are left out (pip install 'pf-ray[executorch]')")
+        log("ExecuTorch is not installed: its rows are left out (pip install 'pf-ray[executorch]')")
     return found
 
 
@@ -121,9 +120,9 @@ def _measure(artifacts, models, data, args) -> list[dict[str, Any]]:
                     "throughput_b32": {str(t): [] for t in args.threads}}
             for label, entry in artifacts.items()}
     for label, row in rows.items():
-        _log(f"{label}: test accuracy {row['test_accuracy']:.4f}, {row['size_bytes'] / 1024:.0f} KiB")
+        log(f"{label}: test accuracy {row['test_accuracy']:.4f}, {row['size_bytes'] / 1024:.0f} KiB")
     for round_index in range(args.rounds):
-        _log(f"latency round {round_index + 1}/{args.rounds}")
+        log(f"latency round {round_index + 1}/{args.rounds}")
         for threads in args.threads:
             for label, entry in artifacts.items():
                 row = rows[label]
@@ -140,10 +139,6 @@ def _measure(artifacts, models, data, args) -> list[dict[str, Any]]:
                              for t, per_threads in row["latency_b1"].items()}
         row["throughput_b32"] = {t: statistics.median(v) for t, v in row["throughput_b32"].items()}
     return list(rows.values())
-
-
-def _log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def markdown(result: dict[str, Any]) -> str:

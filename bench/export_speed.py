@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import copy
 import io
-import json
 import sys
 import tempfile
 import time
@@ -64,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     print(_markdown(rows, args.batch_sizes))
 
     result = {
-        "command": " ".join(["python", "bench/export_speed.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": _common.command_line("export_speed.py", argv),
         "environment": _common.environment(),
         "settings": {
             "model": args.model,
@@ -78,8 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
         "wall_seconds": round(time.time() - started, 1),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    _common.write_json(args.out, result)
     print(f"wrote {args.out}")
     return 0
 

@@ -18,7 +18,6 @@ function shifted to [0.1, 1] (many local optima).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -34,6 +33,7 @@ from sklearn.gaussian_process import GaussianProcessRegressor
 from sklearn.gaussian_process.kernels import Matern
 from threadpoolctl import threadpool_limits
 
+from pf_ray.metrics import SCORE
 from pf_ray.search_space import PerLayerSpace
 from search_algs.gp import GP_RESTARTS, GPSearcher
 
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     warnings.simplefilter("ignore")  # sklearn's length-scale bound warnings
     space = PerLayerSpace("layer_keep_ratios", tuple(f"conv{i}" for i in range(args.dims)), low=LOW, high=HIGH)
-    result: dict[str, Any] = {"command": " ".join(["python", "bench/gp_acquisition.py", *(argv or sys.argv[1:])]),
+    result: dict[str, Any] = {"command": _common.command_line("gp_acquisition.py", argv),
                               "environment": _common.environment(), "runs": []}
     with threadpool_limits(limits=1, user_api="blas"):  # as GPSearcher.suggest runs it
         for name, objective in OBJECTIVES.items():
@@ -73,8 +73,7 @@ def main(argv: list[str] | None = None) -> int:
                           f"({run['lbfgsb']['cpu_ms']:.0f} ms), ours {run['ours']['value']:.4f} "
                           f"({run['ours']['cpu_ms']:.0f} ms)", file=sys.stderr, flush=True)
     result["summary"] = _summary(result["runs"])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    _common.write_json(args.out, result)
     print(markdown(result))
     return 0
 
@@ -97,7 +96,7 @@ def _compare(space: PerLayerSpace, objective, name: str, size: int, seed: int) -
     tic = time.process_time()
     theirs = ucb.suggest(gp, data, n_random=10_000, n_smart=3, fit_gp=False, random_state=np.random.RandomState(seed))
     theirs_ms = 1000 * (time.process_time() - tic)
-    searcher = GPSearcher(space, metric="score", mode="max", seed=seed)
+    searcher = GPSearcher(space, metric=SCORE, mode="max", seed=seed)
     tic = time.process_time()
     ours = searcher._maximise(gp, y_max=float(np.max(data.target)))
     ours_ms = 1000 * (time.process_time() - tic)

@@ -52,9 +52,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 import sys
-import tempfile
 import time
 import traceback
 from dataclasses import replace
@@ -63,19 +61,16 @@ from typing import Any
 
 import _common  # first: puts the repository root on sys.path
 import torch
+from _common import log, packed_sizes
 from torch import nn
 
-from pf_ray.candidate import Candidate, candidate_learner_config, compress, fine_tune, per_layer_space
-from pf_ray.checkpoint import load_checkpoint
-from pf_ray.config import BaselineConfig, ExperimentConfig, LearnerConfig, SearchAlgorithm, StorageConfig, TrainConfig
+from pf_ray.candidate import Candidate, fine_tune, make_candidate, search_space
+from pf_ray.config import ExperimentConfig, SearchAlgorithm, TrainConfig
 from pf_ray.data import DataBundle, load_data
-from pf_ray.export import export_onnx, measure_latency
-from pf_ray.export.packed import pack_state_dict, write_packed
+from pf_ray.export import export_onnx
 from pf_ray.export.verify import open_session, runtime_accuracy
-from pf_ray.launch.baseline import train_baseline
-from pf_ray.learners import build_learner, learner_config_class
-from pf_ray.metrics import ACCURACY, EPOCH, PROXY_ACCURACY, SCORE
-from pf_ray.strict import from_dict
+from pf_ray.metrics import ACCURACY, PROXY_ACCURACY
+from pf_ray.spec import RunSpec
 from pf_ray.train import evaluate, subset
 
 UNIFORM, NONUNIFORM, SPARSIFICATION, NATIVE = ("uniform_quantization", "nonuniform_quantization",
@@ -111,39 +106,30 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     torch.set_num_threads(args.threads)
     started = time.time()
-    command = " ".join(["python", "bench/quantization.py", *(argv if argv is not None else sys.argv[1:])])
     result: dict[str, Any] = {"rows": {}}
     if args.resume and args.out.exists():
         result = json.loads(args.out.read_text())
         result.pop("targets", None)
-        # every command that wrote rows into this file, with its wall time
-        result["runs"] = [*result.get("runs", [{"command": result.get("command"),
-                                                "wall_seconds": result.get("wall_seconds")}])]
-    result.update({"command": command, "environment": _common.environment(),
-                   "settings": vars(args) | {"out": str(args.out), "work_dir": str(args.work_dir)},
+        result["runs"] = _common.earlier_runs(result)
+    result.update({**_common.result_header("quantization.py", argv, args, work_dir=args.work_dir),
                    "budget": _budget_text(args)})
     previous_seconds = result.get("wall_seconds", 0.0) if args.resume else 0.0
-
-    def save() -> None:
-        result["wall_seconds"] = round(previous_seconds + time.time() - started, 1)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    save = _common.Results(args.out, result, started=started, previous_seconds=previous_seconds).save
 
     experiment = _experiment(args, UNIFORM, {})
     data = load_data(experiment.dataset, seed=experiment.seed)
     data = replace(data, test=subset(data.test, args.test_subset))  # not in the dataset config: the baseline's key
-    baseline_path = train_baseline(experiment, data, log=_log)
-    baseline, _ = load_checkpoint(baseline_path)
+    baseline_path, baseline = _common.baseline_model(experiment, data)
     baseline.eval()
     args.work_dir.mkdir(parents=True, exist_ok=True)
     result["baseline"] = _baseline_row(args, baseline, data, baseline_path)
-    _log(f"baseline: test accuracy {result['baseline']['test_accuracy']:.4f}, "
-         f"{result['baseline']['file_bytes'] / 1024:.0f} KiB")
+    log(f"baseline: test accuracy {result['baseline']['test_accuracy']:.4f}, "
+        f"{result['baseline']['file_bytes'] / 1024:.0f} KiB")
     save()
 
     for name in args.rows:
         tic = time.time()
-        _log(f"row {name}: {ROWS[name][2]}")
+        log(f"row {name}: {ROWS[name][2]}")
         try:
             row = _run_row(args, name, baseline, data)
         except Exception as error:  # a failed row is recorded and the others still run
@@ -152,10 +138,10 @@ def main(argv: list[str] | None = None) -> int:
         row = {"label": ROWS[name][2], "learner": ROWS[name][0], **row, "seconds": round(time.time() - tic, 1)}
         result["rows"][name] = row
         if "test_accuracy" in row:
-            _log(f"row {name}: test accuracy {row['test_accuracy']:.4f}, {row['file_bytes'] / 1024:.0f} KiB "
-                 f"({row['seconds']:.0f} s)")
+            log(f"row {name}: test accuracy {row['test_accuracy']:.4f}, {row['file_bytes'] / 1024:.0f} KiB "
+                f"({row['seconds']:.0f} s)")
         else:
-            _log(f"row {name}: FAILED: {row['error']}")
+            log(f"row {name}: FAILED: {row['error']}")
         save()
 
     if args.rounds > 0:
@@ -167,11 +153,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", default="fashion_mnist")
-    parser.add_argument("--model", default="resnet20")
-    parser.add_argument("--baseline-epochs", type=int, default=5)
+    parser = _common.learner_bench_parser(__doc__)
     parser.add_argument("--rows", nargs="+", default=DEFAULT_ROWS, choices=list(ROWS), metavar="ROW",
                         help=f"rows to run, in order (default: all but {', '.join(EXTRA_ROWS)}): {', '.join(ROWS)}")
     parser.add_argument("--resume", action="store_true",
@@ -192,7 +174,6 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=100, help="timed runs per file, batch and round")
     parser.add_argument("--test-subset", type=int, default=None,
                         help="test images scored (default: all 10,000; fewer only for a quick trial run)")
-    parser.add_argument("--storage", default="runs", help="where the baseline is cached")
     parser.add_argument("--work-dir", type=Path, default=Path("runs/bench_quantization"),
                         help="where the ONNX / .pte files are written (kept for --resume)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/quantization.json"))
@@ -220,22 +201,9 @@ def _budget_text(args: argparse.Namespace) -> str:
             + ("all 10,000 test images" if args.test_subset is None else f"{args.test_subset} test images"))
 
 
-def _log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
 def _experiment(args: argparse.Namespace, learner: str, options: dict[str, Any]) -> ExperimentConfig:
-    """The embedded default with bench/sparsity.py's baseline schedule (the same cached baseline)."""
-    default = ExperimentConfig()
-    return replace(
-        default,
-        model=replace(default.model, name=args.model),
-        dataset=replace(default.dataset, name=args.dataset),
-        baseline=BaselineConfig(train=TrainConfig(epochs=args.baseline_epochs, learning_rate=0.1)),
-        learner=LearnerConfig(name=learner, options=dict(options)),
-        search=replace(default.search, validation_subset=args.validation_subset),
-        storage=StorageConfig(path=str(Path(args.storage).resolve())),
-    )
+    """The benchmarks' experiment (bench/sparsity.py's cached baseline) with ``learner``."""
+    return _common.bench_experiment(args, learner, options)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -244,42 +212,43 @@ def _experiment(args: argparse.Namespace, learner: str, options: dict[str, Any])
 
 def _baseline_row(args, baseline: nn.Module, data: DataBundle, path: Path) -> dict[str, Any]:
     row: dict[str, Any] = {"checkpoint": str(path), "test_accuracy": evaluate(baseline, data.test)[ACCURACY],
-                           **_sizes(baseline, {})}
+                           **packed_sizes(baseline, {})}
     files = {"fp32_onnx": str(export_onnx(baseline, data.input_shape, args.work_dir / "baseline.onnx"))}
     try:
         from pf_ray.export import export_pte
 
         files["fp32_pte"] = str(export_pte(baseline, data.input_shape, args.work_dir / "baseline.pte"))
     except Exception as error:  # ExecuTorch is an optional extra
-        _log(f"baseline: no .pte ({type(error).__name__}: {error})")
+        log(f"baseline: no .pte ({type(error).__name__}: {error})")
     row["files"] = files
     return row
 
 
 def _run_row(args, name: str, baseline: nn.Module, data: DataBundle) -> dict[str, Any]:
     learner_name, options, _ = ROWS[name]
-    if learner_name == NATIVE:
-        import pf_ray.learners.native_int8  # noqa: F401  (registers the learner; pf_ray.learners does not yet)
-    experiment = _experiment(args, learner_name, options)
+    spec = RunSpec.resolve(_experiment(args, learner_name, options))
     row: dict[str, Any] = {"options": dict(options)}
-    learner_config = from_dict(learner_config_class(learner_name), options, path="learner.options")
+    learner_config = spec.learner_config
     if name in ("mixed4", "mixed2"):
-        row["search"] = _search(args, experiment, baseline, data)
+        row["search"] = _search(args, spec, baseline, data)
         learner_config = replace(learner_config, layer_bits=tuple(row["search"]["best"]["layer_bits"]))
     if name == "sparse90_cb4":
         learner_config = replace(learner_config, mask_update_steps=args.mask_update_steps)
         row["options"]["mask_update_steps"] = args.mask_update_steps
-    learner = build_learner(learner_name, learner_config)
+    spec = spec.with_learner_config(learner_config)
+    learner = spec.build_learner()
+    # prepared here as the rows were measured, not by make_candidate: its MACs count is a forward pass, which on a
+    # native_int8 graph switches the observers on and counts a BatchNorm batch (num_batches_tracked)
     model = learner.prepare(copy.deepcopy(baseline), data)
     if name == "int8_ptq":
         model = learner.finalize(model)  # post-training: the baseline's weights snapped, calibrated below
     else:
-        model = _fine_tune(args, Candidate(model, learner, learner_config, {}), data, name)
+        model = _fine_tune(args, Candidate(spec, model, learner, {}), data, name)
     model.eval()
     if name == "sparse90_cb4":
         return row | _sparse_codebook(model, learner, data)
     row["test_accuracy"] = evaluate(model, data.test)[ACCURACY]
-    row |= _sizes(model, learner.packed(model) if hasattr(learner, "packed") else {})
+    row |= packed_sizes(model, learner.packed(model) if hasattr(learner, "packed") else {})
     bits = getattr(learner, "layer_bits", None)
     if bits:
         row["layer_bits"] = dict(bits)
@@ -295,15 +264,15 @@ def _run_row(args, name: str, baseline: nn.Module, data: DataBundle) -> dict[str
 def _fine_tune(args, candidate: Candidate, data: DataBundle, name: str) -> nn.Module:
     epochs, lr = (args.sparse_epochs, args.sparse_lr) if name == "sparse90_cb4" else (args.epochs, args.lr)
     schedule = TrainConfig(epochs=epochs, learning_rate=lr, train_subset=args.train_subset)
-    return fine_tune(candidate, data, schedule, validation_subset=args.check_subset, report=None, seed=0,
-                     log=lambda line: _log(f"  {name}: {line}"))
+    return fine_tune(candidate, data, schedule, validation_subset=args.check_subset,  # seed: experiment.seed (0)
+                     log=lambda line: log(f"  {name}: {line}"))
 
 
 def _runtime(path: Path, data: DataBundle) -> dict[str, Any]:
     """An INT8 file run by its own runtime over the whole test set."""
     session = open_session(path, threads=1)
     accuracy = runtime_accuracy(session, data.test, label=f"  {path.name}: test accuracy")
-    _log(f"  {path.name}: runtime test accuracy {accuracy:.4f}")
+    log(f"  {path.name}: runtime test accuracy {accuracy:.4f}")
     return {"path": str(path), "test_accuracy": accuracy, "size_bytes": path.stat().st_size}
 
 
@@ -313,50 +282,36 @@ def _sparse_codebook(model: nn.Module, learner: Any, data: DataBundle) -> dict[s
     from pf_ray.ops.codebook import codebook_quantize_
 
     layers = [name for name, _ in covered_layers(model, data.input_shape)]
-    modules = dict(model.named_modules())
-    zeros = sum(int((modules[name].weight == 0).sum()) for name in layers)
-    total = sum(modules[name].weight.numel() for name in layers)
-    sparse = {"test_accuracy": evaluate(model, data.test)[ACCURACY], "sparsity": zeros / total,
-              **_sizes(model, learner.packed(model))}
-    _log(f"  sparse90_cb4: sparse model test accuracy {sparse['test_accuracy']:.4f}, sparsity "
-         f"{sparse['sparsity']:.4f}, {sparse['file_bytes'] / 1024:.0f} KiB")
+    sparse = {"test_accuracy": evaluate(model, data.test)[ACCURACY], "sparsity": _common.weight_sparsity(model, layers),
+              **packed_sizes(model, learner.packed(model))}
+    log(f"  sparse90_cb4: sparse model test accuracy {sparse['test_accuracy']:.4f}, sparsity "
+        f"{sparse['sparsity']:.4f}, {sparse['file_bytes'] / 1024:.0f} KiB")
     packed = codebook_quantize_(model, dict.fromkeys(layers, 4), keep_zeros=True)
     return {"sparse_only": sparse, "test_accuracy": evaluate(model, data.test)[ACCURACY],
-            "codebook_bits": 4, **_sizes(model, packed)}
+            "codebook_bits": 4, **packed_sizes(model, packed)}
 
 
-def _search(args, experiment: ExperimentConfig, baseline: nn.Module, data: DataBundle) -> dict[str, Any]:
+def _search(args, spec: RunSpec, baseline: nn.Module, data: DataBundle) -> dict[str, Any]:
     """``--trials`` proposals, each projected onto the average-bits budget and scored by the proxy."""
-    from search_algs import make_searcher
+    space = search_space(spec, baseline, data.input_shape)
+    scored: list[float] = []
 
-    shape = data.input_shape
-    space = per_layer_space(experiment, baseline, shape)
-    searcher, _ = make_searcher(SearchAlgorithm(args.searcher), space, metric=SCORE, mode="max", seed=0,
-                                num_trials=args.trials, max_epochs=1)
+    def quantize(values: tuple[float, ...]) -> dict[str, Any]:
+        candidate = make_candidate(spec, baseline, data, proposal=values)
+        bits = list(candidate.spec.learner_config.layer_bits)
+        scored.append(candidate.static_metrics[PROXY_ACCURACY])
+        record = {"score": scored[-1], "layer_bits": bits, "average_bits": 32 * space.budget.cost(bits)}
+        log(f"  search {len(scored)}/{args.trials}: proxy {scored[-1]:.4f}, {record['average_bits']:.2f} bits")
+        return record
+
     tic = time.time()
-    history = []
-    for index in range(args.trials):
-        trial_id = f"{args.searcher}_{index:03d}"
-        values = space.values_from(searcher.suggest(trial_id))
-        learner_config = candidate_learner_config(experiment, baseline, shape, values)
-        score = compress(experiment, baseline, data, learner_config).static_metrics[PROXY_ACCURACY]
-        report = {SCORE: score, EPOCH: 1, "training_iteration": 1}
-        searcher.on_trial_result(trial_id, report)
-        searcher.on_trial_complete(trial_id, result=report)
-        bits = list(learner_config.layer_bits)
-        history.append({"score": score, "layer_bits": bits, "average_bits": 32 * space.budget.cost(bits)})
-        _log(f"  search {index + 1}/{args.trials}: proxy {score:.4f}, {history[-1]['average_bits']:.2f} bits")
-    uniform_config = experiment.learner_config()  # auto before any search: uniform
-    uniform = compress(experiment, baseline, data, uniform_config).static_metrics[PROXY_ACCURACY]
+    history = _common.run_proposals(args.searcher, space, seed=0, trials=args.trials, trial_prefix=args.searcher,
+                                    score=quantize)
+    uniform = make_candidate(spec, baseline, data).static_metrics[PROXY_ACCURACY]  # auto, nothing searched: uniform
     best = max(history, key=lambda trial: trial["score"])
-    _log(f"  {args.searcher}: best proxy {best['score']:.4f} (uniform {uniform:.4f}), {time.time() - tic:.0f} s")
+    log(f"  {args.searcher}: best proxy {best['score']:.4f} (uniform {uniform:.4f}), {time.time() - tic:.0f} s")
     return {"best": best, "uniform_proxy": uniform, "scores": [trial["score"] for trial in history],
             "layer_names": list(space.names), "seconds": round(time.time() - tic, 1)}
-
-
-def _sizes(model: nn.Module, packed: dict[str, Any]) -> dict[str, int]:
-    with tempfile.TemporaryDirectory(prefix="pf_ray_bench_quantization_") as work:
-        return write_packed(Path(work) / "model.pfpack", pack_state_dict(model.state_dict(), packed))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -370,17 +325,10 @@ def _latency(args, result: dict[str, Any], shape: tuple[int, int, int]) -> dict[
             files[f"{name} {kind}"] = entry["path"]
     files = {label: path for label, path in files.items() if Path(path).is_file()}
     sessions = {label: open_session(path, threads=1) for label, path in files.items()}
-    timings: dict[str, dict[str, list[float]]] = {
-        label: {str(b): [] for b in _batches(path)} for label, path in files.items()}
-    for round_index in range(args.rounds):
-        _log(f"latency round {round_index + 1}/{args.rounds}")
-        for label, session in sessions.items():
-            for batch in timings[label]:
-                timed = measure_latency(session, shape, int(batch), repeats=args.repeats, label=f"  {label} b{batch}")
-                timings[label][batch].append(timed["median_ms"])
-    result["latency_ms_rounds"] = timings
-    return {label: {batch: statistics.median(values) for batch, values in per_batch.items()}
-            for label, per_batch in timings.items()}
+    batches = {label: _batches(path) for label, path in files.items()}
+    medians, result["latency_ms_rounds"] = _common.interleaved_latency(sessions, batches, shape, rounds=args.rounds,
+                                                                      repeats=args.repeats)
+    return medians
 
 
 def _batches(path: str) -> tuple[int, ...]:
@@ -415,8 +363,8 @@ def targets(result: dict[str, Any]) -> dict[str, Any]:
 
 def markdown(result: dict[str, Any]) -> str:
     base = result["baseline"]
-    lines = [f"Baseline: test accuracy {100 * base['test_accuracy']:.2f}%, {base['file_bytes'] / 1024:.0f} KiB "
-             f"as float32 (.pfpack). {result['budget'][0].upper()}{result['budget'][1:]}.", "",
+    lines = [f"{_common.baseline_sentence(base)} (.pfpack). {result['budget'][0].upper()}{result['budget'][1:]}.",
+             "",
              "| row | method | test accuracy | vs FP32 | stored size | of FP32 | runtime accuracy (INT8 files) |",
              "|---|---|---:|---:|---:|---:|---|"]
     for name, row in result["rows"].items():

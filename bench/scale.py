@@ -26,7 +26,7 @@ latency as their history grows.
    the sizes above it.
 
 The space: one keep ratio in [0.1, 1] per conv layer of a plain 20-conv CNN on 1x28x28 inputs, with its MACs
-budget (50%, channels rounded to 8) and layer features, as ``pf_ray.candidate.per_layer_space`` builds them; the
+budget (50%, channels rounded to 8) and layer features, as ``pf_ray.candidate.search_space`` builds them; the
 synthetic score of a config is -mean((value - 0.6)^2).
 
     python bench/scale.py --out bench/results/scale.json
@@ -52,14 +52,16 @@ os.environ["RAY_AUTH_MODE"] = "disabled"
 
 import _common  # noqa: E402  (puts the repository root on sys.path)
 import numpy as np  # noqa: E402
+from _common import log  # noqa: E402
 
+from pf_ray.metrics import EPOCH, SCORE  # noqa: E402
 from pf_ray.search_space import PerLayerSpace  # noqa: E402
 
-METRIC = "score"
 EPOCHS = 3  # the epoch every latency-bench trial reports last: all of them count as finished
 OPTIMUM = 0.6  # every layer's best value in the synthetic score
 TARGET_MACS_RATIO = 0.5
 ROUND_TO = 8
+MIN_KEEP_RATIO = 0.1  # the box's bottom, which the budget's projection keeps to (as the learner's)
 PARTS = {"scheduling": "scheduling", "suggest": "suggest_latency"}  # part -> its key in the JSON
 LATENCY_TARGET_MS = 50.0  # the issue's goal for suggest at the largest size
 
@@ -70,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(_scheduling(args.child_nodes, args)))
         return 0
     started = time.time()
-    command = " ".join(["python", "bench/scale.py", *(argv if argv is not None else sys.argv[1:])])
+    command = _common.command_line("scale.py", argv)
     settings = {key: value for key, value in vars(args).items() if key not in ("out", "child_nodes")}
     result: dict[str, Any] = {"command": command, "environment": _common.environment(), "settings": settings,
                               "scheduling": [], "suggest_latency": []}
@@ -81,18 +83,14 @@ def main(argv: list[str] | None = None) -> int:
                 result[key] = previous.get(key, [])
                 result[f"{part}_from"] = previous.get(f"{part}_from") or {
                     "command": previous.get("command"), "environment": previous.get("environment")}
-
-    def save() -> None:
-        result["wall_seconds"] = round(time.time() - started, 1)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    save = _common.Results(args.out, result, started=started).save
 
     for nodes in args.nodes if "scheduling" in args.parts else []:
-        _log(f"scheduling: {nodes} node(s) x {args.cpus_per_node} CPUs, {args.waves * nodes * args.cpus_per_node} "
-             f"trials of {args.trial_seconds} s")
+        log(f"scheduling: {nodes} node(s) x {args.cpus_per_node} CPUs, {args.waves * nodes * args.cpus_per_node} "
+            f"trials of {args.trial_seconds} s")
         result["scheduling"].append(_run_child(nodes, args))
         row = result["scheduling"][-1]
-        _log(f"  {row['wall_s']:.1f} s, {row['trials_per_minute']:.1f} trials/min, efficiency {row['efficiency']:.2f}")
+        log(f"  {row['wall_s']:.1f} s, {row['trials_per_minute']:.1f} trials/min, efficiency {row['efficiency']:.2f}")
         save()
     space = synthetic_space(args.dims)
     for row in _suggest_latency(space, args.sizes, args.calls, args.seed) if "suggest" in args.parts else []:
@@ -133,9 +131,8 @@ def synthetic_space(dims: int) -> PerLayerSpace:
     """Keep ratios for the ``dims`` conv layers of a plain CNN, with the MACs budget and features of the real thing."""
     from torch import nn
 
-    from pf_ray.candidate import MacsBudget
     from pf_ray.learners.channel_pruning import search_dimensions
-    from pf_ray.ops.macs_budget import macs_table
+    from pf_ray.ops.macs_budget import MacsBudget, macs_table
     from pf_ray.search_space import layer_features
 
     layers: list[nn.Module] = []
@@ -150,8 +147,8 @@ def synthetic_space(dims: int) -> PerLayerSpace:
     names = tuple(search_dimensions(model, shape))
     if len(names) != dims:
         raise RuntimeError(f"the synthetic CNN has {len(names)} prunable groups, expected {dims}")
-    budget = MacsBudget(TARGET_MACS_RATIO, macs_table(model, shape), ROUND_TO)
-    return PerLayerSpace("layer_keep_ratios", names, low=0.1, high=1.0, budget=budget,
+    budget = MacsBudget(TARGET_MACS_RATIO, macs_table(model, shape), ROUND_TO, min_ratio=MIN_KEEP_RATIO)
+    return PerLayerSpace("layer_keep_ratios", names, low=MIN_KEEP_RATIO, high=1.0, budget=budget,
                          features=layer_features(model, shape, names))
 
 
@@ -190,7 +187,7 @@ def _scheduling(nodes: int, args: argparse.Namespace) -> dict[str, Any]:
     slots = nodes * args.cpus_per_node
     num_trials = args.waves * slots
     space = synthetic_space(args.dims)
-    searcher, param_space = make_searcher(SearchAlgorithm(args.searcher), space, metric=METRIC, mode="max",
+    searcher, param_space = make_searcher(SearchAlgorithm(args.searcher), space, metric=SCORE, mode="max",
                                           seed=args.seed, num_trials=num_trials, max_epochs=args.reports)
     step_seconds, reports = args.trial_seconds / args.reports, args.reports
 
@@ -200,7 +197,7 @@ def _scheduling(nodes: int, args: argparse.Namespace) -> dict[str, Any]:
         node = ray.get_runtime_context().get_node_id()
         for epoch in range(1, reports + 1):
             time.sleep(step_seconds)
-            tune.report({METRIC: score, "epoch": epoch, "entered": entered, "reported_at": time.time(),
+            tune.report({SCORE: score, EPOCH: epoch, "entered": entered, "reported_at": time.time(),
                          "node_id": node})
 
     load_before = os.getloadavg()[0]
@@ -223,7 +220,7 @@ def _scheduling(nodes: int, args: argparse.Namespace) -> dict[str, Any]:
             grid = tune.Tuner(
                 tune.with_resources(sleeper, {"cpu": 1}),
                 param_space=param_space,
-                tune_config=tune.TuneConfig(search_alg=searcher, metric=METRIC, mode="max", num_samples=num_trials,
+                tune_config=tune.TuneConfig(search_alg=searcher, metric=SCORE, mode="max", num_samples=num_trials,
                                             max_concurrent_trials=slots,
                                             trial_dirname_creator=lambda trial: trial.trial_id),
                 run_config=tune.RunConfig(storage_path=storage, name="scale", verbose=0),
@@ -237,7 +234,7 @@ def _scheduling(nodes: int, args: argparse.Namespace) -> dict[str, Any]:
     if len(grid) != num_trials or errors:
         raise RuntimeError(f"{len(grid)} of {num_trials} trials ran, {len(errors)} failed: {errors[:1]}")
     trials = sorted(({"entered_s": r.metrics["entered"] - fit_started, "returned_s": r.metrics["reported_at"]
-                      - fit_started, "node_id": r.metrics["node_id"], "epochs": r.metrics["epoch"]} for r in grid),
+                      - fit_started, "node_id": r.metrics["node_id"], "epochs": r.metrics[EPOCH]} for r in grid),
                     key=lambda trial: trial["entered_s"])
     ideal = num_trials * args.trial_seconds / slots
     per_node: dict[str, int] = {}
@@ -271,11 +268,11 @@ def _suggest_latency(space: PerLayerSpace, sizes: list[int], calls: int, seed: i
     rows = []
     # DDPG learns in on_trial_complete (~0.1-0.3 s per trial here), so one searcher grows through the sizes.
     # make_searcher's settings, but a warm-up short enough that every timed suggestion is the actor's.
-    ddpg = DDPGSearcher(space, metric=METRIC, mode="max", seed=seed, num_trials=sizes[-1] + calls,
+    ddpg = DDPGSearcher(space, metric=SCORE, mode="max", seed=seed, num_trials=sizes[-1] + calls,
                         num_warmup=sizes[0] // 2, max_epochs=EPOCHS)
     fed = 0
     for size in sizes:
-        _log(f"suggest latency: ddpg at {size} observations")
+        log(f"suggest latency: ddpg at {size} observations")
         fed = _feed(ddpg, size - fed, first=fed)
         rows.append({"searcher": "ddpg", "max_observations_fitted": None, **_time(ddpg, size, calls)})
         fed += calls
@@ -286,8 +283,8 @@ def _suggest_latency(space: PerLayerSpace, sizes: list[int], calls: int, seed: i
             if cap is None and size <= MAX_GP_OBSERVATIONS:
                 continue
             label = "gp" if cap is not None else "gp, no cap"
-            _log(f"suggest latency: {label} at {size} observations")
-            gp = GPSearcher(space, metric=METRIC, mode="max", seed=seed, num_initial_points=size - 1,
+            log(f"suggest latency: {label} at {size} observations")
+            gp = GPSearcher(space, metric=SCORE, mode="max", seed=seed, num_initial_points=size - 1,
                             max_observations=cap)
             _feed(gp, size)
             rows.append({"searcher": label, "max_observations_fitted": cap, **_time(gp, size, calls)})
@@ -298,7 +295,7 @@ def _feed(searcher: Any, count: int, first: int = 0) -> int:
     """``count`` trials through suggest and on_trial_complete, each finished with its synthetic score."""
     for index in range(first, first + count):
         config = searcher.suggest(f"trial{index}")
-        searcher.on_trial_complete(f"trial{index}", {METRIC: synthetic_score(config), "epoch": EPOCHS})
+        searcher.on_trial_complete(f"trial{index}", {SCORE: synthetic_score(config), EPOCH: EPOCHS})
     return first + count
 
 
@@ -312,7 +309,7 @@ def _time(searcher: Any, size: int, calls: int) -> dict[str, Any]:
         suggest_s.append(time.perf_counter() - started)
         suggest_cpu_s.append(time.thread_time() - started_cpu)  # this thread's CPU time: what load does not inflate
         started = time.perf_counter()
-        searcher.on_trial_complete(f"timed{size}-{index}", {METRIC: synthetic_score(config), "epoch": EPOCHS})
+        searcher.on_trial_complete(f"timed{size}-{index}", {SCORE: synthetic_score(config), EPOCH: EPOCHS})
         complete_s.append(time.perf_counter() - started)
     row = {
         "observations": size, "calls": calls,
@@ -323,7 +320,7 @@ def _time(searcher: Any, size: int, calls: int) -> dict[str, Any]:
         "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
         "suggest_s": suggest_s, "suggest_cpu_s": suggest_cpu_s, "on_trial_complete_s": complete_s,
     }
-    _log(f"  suggest median {row['median_ms']:.1f} ms (CPU {row['cpu_median_ms']:.1f} ms), p95 {row['p95_ms']:.1f} ms")
+    log(f"  suggest median {row['median_ms']:.1f} ms (CPU {row['cpu_median_ms']:.1f} ms), p95 {row['p95_ms']:.1f} ms")
     return row
 
 
@@ -360,10 +357,6 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {row['searcher']} | {row['observations']} | {row['median_ms']:.1f} | {row['p95_ms']:.1f} | "
                      f"{row['cpu_median_ms']:.1f} | {row['on_trial_complete_median_ms']:.1f} |")
     return "\n".join(lines)
-
-
-def _log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -42,28 +41,16 @@ from typing import Any
 
 import _common  # first: puts the repository root on sys.path
 import torch
+from _common import log, packed_sizes
 from torch import nn
 
-from pf_ray.candidate import compress, fine_tune, per_layer_space
-from pf_ray.checkpoint import load_checkpoint
-from pf_ray.config import (
-    BaselineConfig,
-    DistillationConfig,
-    ExperimentConfig,
-    LearnerConfig,
-    SearchAlgorithm,
-    StorageConfig,
-    TrainConfig,
-)
+from pf_ray.candidate import fine_tune, make_candidate, search_space
+from pf_ray.config import DistillationConfig, ExperimentConfig, SearchAlgorithm, TrainConfig
 from pf_ray.data import DataBundle, load_data
-from pf_ray.export import export_onnx, measure_latency, onnx_session
-from pf_ray.export.packed import pack_state_dict, write_packed
-from pf_ray.launch.baseline import train_baseline
-from pf_ray.learners import build_learner, learner_config_class
 from pf_ray.learners.weight_sparsification import covered_layers
-from pf_ray.metrics import ACCURACY, EPOCH, SCORE
+from pf_ray.metrics import ACCURACY
 from pf_ray.ops.sparsity import heuristic_sparsities, magnitude_mask
-from pf_ray.strict import from_dict
+from pf_ray.spec import RunSpec
 from pf_ray.train import evaluate, recalibrate_batchnorm, subset
 
 LEARNER = "weight_sparsification"
@@ -74,30 +61,22 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     torch.set_num_threads(args.threads)
     started = time.time()
-    command = " ".join(["python", "bench/sparsity.py", *(argv if argv is not None else sys.argv[1:])])
-    result: dict[str, Any] = {"command": command, "environment": _common.environment(),
-                              "settings": vars(args) | {"out": str(args.out)}, "levels": {}}
+    result: dict[str, Any] = {**_common.result_header("sparsity.py", argv, args), "levels": {}}
     previous_seconds = 0.0
     if args.resume and args.out.exists():  # keep the other allocations' rows; note every command that wrote some
         previous = json.loads(args.out.read_text())
         result["levels"] = previous.get("levels", {})
         result["latency_ms"] = previous.get("latency_ms")
-        result["runs"] = [*previous.get("runs", [{"command": previous.get("command"),
-                                                  "wall_seconds": previous.get("wall_seconds")}])]
+        result["runs"] = _common.earlier_runs(previous)
         previous_seconds = previous.get("wall_seconds", 0.0)
-
-    def save() -> None:
-        result["wall_seconds"] = round(previous_seconds + time.time() - started, 1)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    save = _common.Results(args.out, result, started=started, previous_seconds=previous_seconds).save
 
     experiment = _experiment(args)
     data = load_data(experiment.dataset, seed=experiment.seed)
-    baseline_path = train_baseline(experiment, data, log=_log)
-    baseline, _ = load_checkpoint(baseline_path)
+    baseline_path, baseline = _common.baseline_model(experiment, data)
     result["baseline"] = {"checkpoint": str(baseline_path), "test_accuracy": evaluate(baseline, data.test)[ACCURACY],
-                          **_sizes(baseline, {})}
-    _log(f"baseline: test accuracy {result['baseline']['test_accuracy']:.4f}")
+                          **packed_sizes(baseline, {})}
+    log(f"baseline: test accuracy {result['baseline']['test_accuracy']:.4f}")
     save()
 
     models: dict[str, nn.Module] = {}
@@ -120,26 +99,26 @@ def main(argv: list[str] | None = None) -> int:
                 model, run = _fine_tune(args, experiment, baseline, data, level, allocations[allocation], distill)
                 run["seconds"] = round(time.time() - tic, 1)
                 section["runs"][label] = run
-                _log(f"level {level}: {label}: test accuracy {run['test_accuracy']:.4f}, "
-                     f"{run['file_bytes'] / 1024:.0f} KiB ({run['seconds']:.0f} s)")
+                log(f"level {level}: {label}: test accuracy {run['test_accuracy']:.4f}, "
+                    f"{run['file_bytes'] / 1024:.0f} KiB ({run['seconds']:.0f} s)")
                 if allocation == "searched" and not distill:
                     models[str(level)] = model
                 save()
 
     top = str(max(args.levels))
     if top in models:
-        result["latency_ms"] = _latency(args, {"baseline": baseline, f"searched {top}": models[top]}, data)
+        with tempfile.TemporaryDirectory(prefix="pf_ray_bench_sparsity_") as work:
+            sessions = _common.onnx_sessions({"baseline": baseline, f"searched {top}": models[top]},
+                                             data.input_shape, Path(work))
+            result["latency_ms"], _ = _common.interleaved_latency(
+                sessions, dict.fromkeys(sessions, (1, 32)), data.input_shape, rounds=args.rounds, repeats=args.repeats)
     save()
     print(markdown(result))
     return 0
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", default="fashion_mnist")
-    parser.add_argument("--model", default="resnet20")
-    parser.add_argument("--baseline-epochs", type=int, default=5)
+    parser = _common.learner_bench_parser(__doc__)
     parser.add_argument("--levels", type=float, nargs="+", default=[0.5, 0.75, 0.9, 0.95],
                         help="global sparsities (fraction of conv/linear weights set to 0)")
     parser.add_argument("--allocations", nargs="+", choices=ALLOCATIONS, default=list(ALLOCATIONS),
@@ -158,7 +137,6 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved latency rounds")
     parser.add_argument("--repeats", type=int, default=100)
-    parser.add_argument("--storage", default="runs", help="where the baseline is cached")
     parser.add_argument("--out", type=Path, default=Path("bench/results/sparsity.json"))
     args = parser.parse_args(argv)
     if not all(0.0 < level < 1.0 for level in args.levels):
@@ -169,22 +147,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
 def _experiment(args: argparse.Namespace) -> ExperimentConfig:
-    """The embedded default with bench/channel_pruning.py's baseline schedule (the same cached baseline)."""
-    default = ExperimentConfig()
-    return replace(
-        default,
-        model=replace(default.model, name=args.model),
-        dataset=replace(default.dataset, name=args.dataset),
-        baseline=BaselineConfig(train=TrainConfig(epochs=args.baseline_epochs, learning_rate=0.1)),
-        learner=LearnerConfig(name=LEARNER, options={"mode": "auto"}),
-        search=replace(default.search, validation_subset=args.validation_subset),
-        storage=StorageConfig(path=str(Path(args.storage).resolve())),
-    )
+    """The benchmarks' experiment (bench/channel_pruning.py's cached baseline) with auto weight sparsification."""
+    return _common.bench_experiment(args, LEARNER, {"mode": "auto"})
 
 
 def _with_level(experiment: ExperimentConfig, level: float, **options: Any) -> ExperimentConfig:
@@ -212,29 +177,22 @@ def _one_shot(baseline: nn.Module, data: DataBundle, sparsities, bn_images: int)
 
 
 def _search(args, experiment, baseline, data, level) -> dict[str, Any]:
-    from search_algs import make_searcher
-
-    leveled = _with_level(experiment, level)
-    space = per_layer_space(leveled, baseline, data.input_shape)
-    learner = build_learner(LEARNER, leveled.learner_config())
-    searcher, _ = make_searcher(SearchAlgorithm(args.searcher), space, metric=SCORE, mode="max", seed=0,
-                                num_trials=args.trials, max_epochs=1)
+    space = search_space(RunSpec.resolve(_with_level(experiment, level)), baseline, data.input_shape)
     validation = subset(data.validation, args.validation_subset)
-    tic = time.time()
-    history = []
-    for index in range(args.trials):
-        trial_id = f"{args.searcher}_{level}_{index:03d}"
-        values = learner.project(baseline, data.input_shape, space.values_from(searcher.suggest(trial_id)))
+
+    def one_shot(proposal: tuple[float, ...]) -> dict[str, Any]:
+        values = space.project(proposal)
         score = evaluate(_one_shot(baseline, data, values, args.proxy_bn_images), validation)[ACCURACY]
-        report = {SCORE: score, EPOCH: 1, "training_iteration": 1}
-        searcher.on_trial_result(trial_id, report)
-        searcher.on_trial_complete(trial_id, result=report)
-        history.append({"score": score, "sparsities": list(values), "kept": space.budget.cost(values)})
+        return {"score": score, "sparsities": list(values), "kept": space.budget.cost(values)}
+
+    tic = time.time()
+    history = _common.run_proposals(args.searcher, space, seed=0, trials=args.trials,
+                                    trial_prefix=f"{args.searcher}_{level}", score=one_shot)
     best = max(history, key=lambda trial: trial["score"])
     uniform = evaluate(_one_shot(baseline, data, [level] * len(space.names), args.proxy_bn_images),
                        validation)[ACCURACY]
-    _log(f"level {level}: {args.searcher} best one-shot proxy {best['score']:.4f} (uniform {uniform:.4f}), "
-         f"{time.time() - tic:.0f} s")
+    log(f"level {level}: {args.searcher} best one-shot proxy {best['score']:.4f} (uniform {uniform:.4f}), "
+        f"{time.time() - tic:.0f} s")
     return {"best": best, "uniform_proxy": uniform, "scores": [trial["score"] for trial in history],
             "layer_names": list(space.names)}
 
@@ -244,42 +202,19 @@ def _fine_tune(args, experiment, baseline, data, level, sparsities, distill) -> 
     leveled = _with_level(experiment, level, mask_update_steps=args.mask_update_steps, **options)
     leveled = replace(leveled, learner=replace(leveled.learner,
                                                distillation=DistillationConfig() if distill else None))
-    learner_config = from_dict(learner_config_class(LEARNER), leveled.learner.options, path="learner.options")
-    candidate = compress(leveled, baseline, data, learner_config)
+    # the proxy is measured as before (and not used): the timings stay comparable with the recorded ones
+    candidate = make_candidate(RunSpec.resolve(leveled), baseline, data)
     schedule = TrainConfig(epochs=args.epochs, learning_rate=args.lr, train_subset=args.train_subset)
-    model = fine_tune(candidate, data, schedule, validation_subset=None, report=None, seed=0)
-    zeros = total = 0
-    for name, _ in covered_layers(model, data.input_shape):
-        weight = dict(model.named_modules())[name].weight
-        zeros, total = zeros + int((weight == 0).sum()), total + weight.numel()
-    return model, {"test_accuracy": evaluate(model, data.test)[ACCURACY], "sparsity": zeros / total,
-                   **_sizes(model, candidate.learner.packed(model))}
-
-
-def _sizes(model: nn.Module, packed: dict[str, Any]) -> dict[str, int]:
-    with tempfile.TemporaryDirectory(prefix="pf_ray_bench_sparsity_") as work:
-        return write_packed(Path(work) / "model.pfpack", pack_state_dict(model.state_dict(), packed))
-
-
-def _latency(args, models: dict[str, nn.Module], data: DataBundle) -> dict[str, dict[str, float]]:
-    timings: dict[str, dict[str, list[float]]] = {name: {"1": [], "32": []} for name in models}
-    with tempfile.TemporaryDirectory(prefix="pf_ray_bench_sparsity_") as work:
-        sessions = {name: onnx_session(export_onnx(model, data.input_shape, Path(work) / f"m{i}.onnx"), threads=1)
-                    for i, (name, model) in enumerate(models.items())}
-        for round_index in range(args.rounds):
-            _log(f"latency round {round_index + 1}/{args.rounds}")
-            for name, session in sessions.items():
-                for batch in (1, 32):
-                    timings[name][str(batch)].append(
-                        measure_latency(session, data.input_shape, batch, repeats=args.repeats)["median_ms"])
-    return {name: {batch: statistics.median(values) for batch, values in per_batch.items()}
-            for name, per_batch in timings.items()}
+    model = fine_tune(candidate, data, schedule, validation_subset=None)  # seeded by experiment.seed (0)
+    layers = [name for name, _ in covered_layers(model, data.input_shape)]
+    return model, {"test_accuracy": evaluate(model, data.test)[ACCURACY],
+                   "sparsity": _common.weight_sparsity(model, layers),
+                   **packed_sizes(model, candidate.learner.packed(model))}
 
 
 def markdown(result: dict[str, Any]) -> str:
     base = result["baseline"]
-    lines = [f"Baseline: test accuracy {100 * base['test_accuracy']:.2f}%, "
-             f"{base['file_bytes'] / 1024:.0f} KiB as float32.", "",
+    lines = [f"{_common.baseline_sentence(base)}.", "",
              "| sparsity | allocation | test accuracy | + distillation | stored size | of float32 | search proxy |",
              "|---:|---|---:|---:|---:|---:|---:|"]
     for level, section in result["levels"].items():

@@ -1,7 +1,7 @@
 """The per-layer search space as a Ray Tune space: one flat key per layer (``layer_00``, ``layer_01``, ...).
 
 Every searcher samples the same box ``[low, high]^n``; the trial then projects the proposal onto the budget
-(``pf_ray.candidate.project``), so all searchers are compared on equal terms and none scores a candidate that
+(``PerLayerSpace.project``), so all searchers are compared on equal terms and none scores a candidate that
 misses the budget. Flat keys, not a nested list: HyperOpt fails on nested spaces with initial points.
 """
 
