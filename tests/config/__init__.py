@@ -1,1 +1,1 @@
-"""The experiment config (strict loading, fuzzing), the example YAMLs, and the run files (atomic writes, config.yaml)."""
+"""The experiment config (strict loading, fuzzing), the example YAMLs, the run files (atomic writes, config.yaml)."""
