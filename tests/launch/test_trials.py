@@ -131,7 +131,7 @@ def test_proxy_scoring_runs_no_fine_tuning_and_amc_reward(ray_session, baseline,
 
 def test_latency_reward_measures_each_candidate_on_its_node(ray_session, baseline, tmp_path):
     """The trials (Ray workers started before this test) use the default cache, ~/.cache/pf_ray/latency; the
-    cache itself is tested in tests/export/test_latency.py."""
+    cache itself is tested in test_latency.py."""
     from pf_ray.launch.search import run_search
 
     config = from_dict(ExperimentConfig, {**TINY, "search": {**TINY["search"], "num_trials": 2,
