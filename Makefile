@@ -19,7 +19,7 @@ data:
 compress: setup
 	pf-ray compress
 
-# Headless Chromium (Debian's package) lets tests/test_report_browser.py render the HTML report; the test skips
+# Headless Chromium (Debian's package) lets tests/report/test_report_browser.py render the HTML report; the test skips
 # where it cannot be installed.
 browser:
 	@if command -v chromium >/dev/null 2>&1; then :; \

@@ -40,7 +40,7 @@ def _one_torch_thread():
 def _one_torch_thread_again():
     """An in-process `pf-ray compress` sets its own thread count (resources.num_cpus): back to one after every test,
     so the fixtures and tests that follow compute as they do alone (seen: a module fixture trained with 4 threads
-    after the 2-worker end-to-end test changed an exact-tie count in tests/test_native_int8.py)."""
+    after the 2-worker end-to-end test changed an exact-tie count in tests/learners/test_native_int8.py)."""
     yield
     import torch
 

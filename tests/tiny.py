@@ -1,4 +1,5 @@
-"""The tiny setting the learner tests share: a synthetic DataBundle, ResNet-20 on 1x16x16, two SGD steps."""
+"""The tiny setting the learner tests share: a synthetic DataBundle, ResNet-20 on 1x16x16, two SGD steps; and the
+tiny CNN that uniform quantization's ops and learner tests both use."""
 
 from __future__ import annotations
 
@@ -25,6 +26,19 @@ def tiny_data(shape: tuple[int, int, int] = SHAPE, n: int = 16) -> DataBundle:
 def tiny_resnet20() -> nn.Module:
     torch.manual_seed(0)
     return build_model(ModelConfig("resnet20"), in_channels=1, num_classes=10)
+
+
+def tiny_cnn() -> nn.Module:
+    """conv (first, float) -> conv -> conv -> linear -> linear (last, float) on 1x8x8 inputs."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Conv2d(4, 8, 3, stride=2, padding=1), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(8, 16), nn.ReLU(),
+        nn.Linear(16, 10),
+    )
 
 
 def train_two_steps(learner, model: nn.Module, data: DataBundle) -> nn.Module:

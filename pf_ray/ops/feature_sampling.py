@@ -213,7 +213,7 @@ def _conv_patches(conv: nn.Conv2d, x: torch.Tensor, positions: torch.Tensor) -> 
 
     The same values as ``F.unfold(x, ...)[:, :, positions]``, gathered directly: unfolding all 784 positions of
     a 28x28 map to keep ten took a quarter of a LASSO pruning's time (tested against ``F.unfold`` in
-    tests/test_lasso.py).
+    tests/ops/test_lasso.py).
     """
     mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
     x = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode)  # what Conv2d pads, int or "same"

@@ -51,7 +51,7 @@ class AgentConfig:
     baseline_decay: float = 0.95  # exponential moving average of episode rewards, subtracted from rewards
     # Critic-only steps on the warm-up episodes before the actor's first step (ours, not PocketFlow's): an
     # untrained critic is nearly linear in the action, the actor follows it into a saturated sigmoid, where its
-    # gradient vanishes. On the toy problem of tests/test_ddpg.py (4 seeds) the largest error per layer was
+    # gradient vanishes. On the toy problem of tests/search_algs/test_ddpg.py (4 seeds) the largest error per layer was
     # 0.11-0.19 without them, 0.04-0.11 with them.
     critic_warmup_updates: int = 300
     updates_per_episode: int | None = None  # gradient steps per observed episode; None: one per transition (AMC)

@@ -13,7 +13,7 @@ from pf_ray.metrics import ACCURACY, EPOCH, LAYER_VALUES
 from pf_ray.models import build_model
 from pf_ray.spec import RunSpec
 from pf_ray.strict import from_dict
-from tests.test_ray import TINY, _run_one_trial, baseline  # noqa: F401  (baseline: the module's fixture)
+from tests.launch.test_trials import TINY, _run_one_trial, baseline  # noqa: F401  (baseline: the module's fixture)
 
 pytestmark = pytest.mark.ray
 
@@ -44,7 +44,8 @@ def test_learner_search_with_asha_meets_its_budget(ray_session, baseline, tmp_pa
 
 
 def test_distillation_runs_in_a_trial(ray_session, baseline, tmp_path):  # noqa: F811
-    # In Ray Train with 2 workers: tests/test_ray.py::test_two_worker_ray_train_trial_distils_reports_and_checkpoints
+    # In Ray Train with 2 workers:
+    # tests/launch/test_trials.py::test_two_worker_ray_train_trial_distils_reports_and_checkpoints
     config = from_dict(ExperimentConfig, {
         **TINY, "learner": {**TINY["learner"], "distillation": {"weight": 4.0, "temperature": 4.0}},
         "resources": {"cpus_per_trial": 1}})

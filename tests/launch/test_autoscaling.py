@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-FAKE_CLUSTER_YAML = Path(__file__).resolve().parents[1] / "clusters" / "fake_multinode.yaml"
+FAKE_CLUSTER_YAML = Path(__file__).resolve().parents[2] / "clusters" / "fake_multinode.yaml"
 NUM_TRIALS = 4
 
 # Run in a subprocess connected to the fake cluster. pf-ray's cluster pattern in small: each Tune trial (a

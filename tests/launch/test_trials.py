@@ -70,7 +70,7 @@ def test_in_process_trial_reports_every_epoch_within_the_budget(ray_session, bas
 
 
 def test_two_worker_ray_train_trial_distils_reports_and_checkpoints(ray_session, baseline, tmp_path):
-    # With distillation: each Train worker builds the teacher too (tests/test_learners_ray.py: in a trial).
+    # With distillation: each Train worker builds the teacher too (tests/launch/test_learner_trials.py: in a trial).
     config = from_dict(ExperimentConfig, {
         **TINY, "learner": {**TINY["learner"], "distillation": {"weight": 4.0, "temperature": 4.0}},
         "resources": {"workers_per_trial": 2, "cpus_per_worker": 1}})
@@ -79,7 +79,7 @@ def test_two_worker_ray_train_trial_distils_reports_and_checkpoints(ray_session,
     assert result.error is None, result.error
     assert list(result.metrics_dataframe[EPOCH]) == [1, 2]
     assert result.metrics[MACS_RATIO] <= 0.5
-    # cross-entropy + 4 * the soft-target term (about ln 10 for an untrained teacher): see test_learners_ray.py
+    # cross-entropy + 4 * the soft-target term (about ln 10 for an untrained teacher): see test_learner_trials.py
     assert min(result.metrics_dataframe["loss"]) > 8.0
     # The Train run is named after the trial id and left a checkpoint per epoch (2 kept).
     trial_id = result.metrics["trial_id"]
@@ -89,9 +89,9 @@ def test_two_worker_ray_train_trial_distils_reports_and_checkpoints(ray_session,
 
 
 # `make test-slow`: each full search costs 25-60 s on 2 cores. The default run has every searcher under Tune with
-# ASHA on a trivial trainable (tests/test_search_ray.py), each learner's trainable under a searcher with ASHA
-# (tests/test_learners_ray.py), and TPE with ASHA on this trainable inside `pf-ray compress`
-# (tests/test_end_to_end.py).
+# ASHA on a trivial trainable (tests/launch/test_searchers_under_tune.py), each learner's trainable under a
+# searcher with ASHA (tests/launch/test_learner_trials.py), and TPE with ASHA on this trainable inside
+# `pf-ray compress` (tests/launch/test_compress.py).
 @pytest.mark.slow
 @pytest.mark.parametrize("algorithm", ["tpe", "gp", "ddpg", "random"])
 def test_search_with_asha_scores_only_candidates_within_budget(ray_session, baseline, tmp_path, algorithm):

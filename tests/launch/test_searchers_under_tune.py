@@ -8,7 +8,7 @@ import pytest
 from ray.tune.search import Searcher
 
 from search_algs.schedulers import make_asha
-from tests.test_searchers import MAX_EPOCHS, METRIC, MODE, SEARCHERS, small_space
+from tests.search_algs.test_searchers import MAX_EPOCHS, METRIC, MODE, SEARCHERS, small_space
 
 pytestmark = pytest.mark.ray
 

@@ -25,7 +25,7 @@ TINY = [
     "retrain.train.train_subset=null",
     "export.calibration_samples=32",
     "export.latency_repeats=20",
-    "export.formats=[onnx, onnx_int8, ort, ort_int8]",  # ExecuTorch's lowering is slow: tests/test_artifacts.py
+    "export.formats=[onnx, onnx_int8, ort, ort_int8]",  # ExecuTorch's lowering is slow: tests/export/test_artifacts.py
     "storage.name=tiny",
 ]
 

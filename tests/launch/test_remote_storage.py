@@ -14,7 +14,7 @@ from pf_ray.errors import ConfigError
 from pf_ray.launch import resume
 from pf_ray.launch.baseline import baseline_cache_path
 from pf_ray.storage import join_uri, run_location
-from tests.test_end_to_end import TINY
+from tests.launch.test_compress import TINY
 
 
 def test_a_local_storage_path_is_the_run_folder():
@@ -124,7 +124,7 @@ def test_compress_to_a_remote_storage_path(ray_session, tmp_path, monkeypatch):
     assert (remote / "baselines" / cached.name).read_bytes() == cached.read_bytes()
     # No URI was taken for a local path anywhere.
     assert not [p for p in tmp_path.rglob("*") if p.name in ("s3:", "file:", "gs:")]
-    assert not [p for p in Path(__file__).parents[1].iterdir() if p.name in ("s3:", "file:", "gs:")]
+    assert not [p for p in Path(__file__).parents[2].iterdir() if p.name in ("s3:", "file:", "gs:")]
 
 
     # The driver's machine is lost before results.json was uploaded: another machine resumes from the URI alone,

@@ -10,7 +10,7 @@ import pytest
 
 from pf_ray.cli import EXIT_BAD_INPUT, main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _run(args: list[str], capsys) -> tuple[int, str]:

@@ -19,7 +19,7 @@ from pf_ray.export.onnx import export_onnx
 from pf_ray.export.packed import pack_state_dict, read_packed, write_packed
 from pf_ray.learners.base import SearchesPerLayer
 from pf_ray.learners.native_int8 import NativeInt8, NativeInt8Config
-from pf_ray.ops.int8 import QatGraph, snap_to_int8_, symmetric_int8
+from pf_ray.ops.int8 import QatGraph, symmetric_int8
 from pf_ray.registry import LEARNERS
 from pf_ray.strict import from_dict
 
@@ -107,7 +107,7 @@ def _agreement(logits: np.ndarray, reference: torch.Tensor) -> float:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Config, grid, packing (no ExecuTorch needed)
+# Config, packing, checks (no ExecuTorch needed; the INT8 grid itself: tests/ops/test_int8.py)
 
 
 @pytest.mark.parametrize(("options", "message"), [
@@ -120,25 +120,6 @@ def test_config_errors_name_the_field(options, message):
     assert config_class is NativeInt8Config and NativeInt8Config().method == "qat"
     with pytest.raises(ConfigError, match=message):
         from_dict(config_class, options, path="learner.options")
-
-
-def test_symmetric_int8_codes_by_hand():
-    weight = torch.tensor([
-        [127 / 64, -50 / 64, 0.0],  # max|w| = 127/64 -> scale 1/64; q = 127, -50, 0
-        [0.0, 0.0, 0.0],  # all zeros -> scale 1, q = 0
-        [-127 / 32, 3 / 128, 1 / 64],  # scale 1/32; q = -127, round(0.75) = 1, round(0.5) = 0 (half to even)
-    ])
-    codes, scale = symmetric_int8(weight, per_channel=True)
-    assert codes.tolist() == [[127, -50, 0], [0, 0, 0], [-127, 1, 0]]
-    assert scale.tolist() == [1 / 64, 1.0, 1 / 32]
-    # One scale for the tensor: max|w| = 127/32 -> 1/32; row 0 becomes 63.5 -> 64 (a tie, to even), -25, 0.
-    codes, scale = symmetric_int8(weight, per_channel=False)
-    assert codes.tolist() == [[64, -25, 0], [0, 0, 0], [-127, 1, 0]] and scale.tolist() == [1 / 32]
-    # Snapping puts each weight on its level: row 2 becomes -127/32, 1/32, 0.
-    layer = nn.Linear(3, 3, bias=False)
-    layer.weight.data.copy_(weight)
-    snap_to_int8_(layer)
-    assert layer.weight[2].tolist() == [-127 / 32, 1 / 32, 0.0] and layer.weight[0].tolist() == weight[0].tolist()
 
 
 def test_packed_weights_round_trip_within_half_a_step_at_a_quarter_of_fp32(tmp_path):

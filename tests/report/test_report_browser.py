@@ -13,7 +13,7 @@ import subprocess
 import pytest
 
 from pf_ray.report import write_report
-from tests.test_report import make_finished_run
+from tests.report.test_report import make_finished_run
 
 PROBE = """<script>
 window.addEventListener("load", () => {

@@ -21,7 +21,7 @@ import jsonschema
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CLUSTERS = REPO / "clusters"
 LAUNCHER_YAMLS = ("aws.yaml", "gcp.yaml")
 FAKE_YAML = "fake_multinode.yaml"

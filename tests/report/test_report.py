@@ -219,4 +219,4 @@ def test_pareto_front_keeps_only_undominated_points():
 
 def test_importing_the_module_does_not_import_matplotlib():
     code = "import sys, pf_ray.report; assert 'matplotlib' not in sys.modules and 'ray' not in sys.modules"
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1], timeout=60)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2], timeout=60)

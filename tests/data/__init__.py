@@ -1,0 +1,1 @@
+"""Datasets (DataBundle loaders) and models (the registry, width multipliers, user models)."""

@@ -1,0 +1,1 @@
+"""Export and verification: ONNX FP32/INT8, .ort, .pte, the manifest and accuracy guard, the latency cache."""

@@ -1,0 +1,1 @@
+"""Training and what a trial is made of: fit/evaluate, candidates, checkpoints, hooked forwards, metrics."""
