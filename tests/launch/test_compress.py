@@ -84,6 +84,9 @@ def _compress(tmp_path, *overrides: str) -> dict:
     return json.loads((tmp_path / "tiny" / "results.json").read_text())
 
 
+@pytest.mark.slow  # its pipeline checks (.pfpack verified decoded, in the manifest and the summary table, distillation)
+# run by default in test_a_quantized_model_is_rebuilt_from_its_checkpoint_and_stored_packed; sparsity's packing in
+# tests/learners/test_contract.py and test_weight_sparsification.py
 def test_a_sparse_model_is_stored_packed_and_verified_decoded(ray_session, tmp_path, capsys):
     results = _compress(tmp_path, "learner.name=weight_sparsification", "learner.options={sparsity: 0.9}",
                         "search.algorithm=random", "search.num_trials=2", "learner.distillation={}")
@@ -118,15 +121,21 @@ def test_native_int8_writes_its_own_executorch_and_qdq_files(ray_session, tmp_pa
 def test_a_quantized_model_is_rebuilt_from_its_checkpoint_and_stored_packed(ray_session, tmp_path, capsys):
     # uniform_quantization's finalized layers are not the zoo's: the retrain's model.pt and compressed.pt are
     # rebuilt by load_checkpoint through the learner's rebuild_finalized, and stored with 4-bit codes.
-    results = _compress(tmp_path, "learner.name=uniform_quantization", "learner.options={weight_bits: 4}")
+    # (It also distils from the baseline: distillation through the whole pipeline.)
+    results = _compress(tmp_path, "learner.name=uniform_quantization", "learner.options={weight_bits: 4}",
+                        "learner.distillation={}")
+    out = capsys.readouterr().out
     rows = {(a["model"], a["format"]): a for a in results["artifacts"]}
     assert rows["compressed", "pfpack"]["top1_agreement"] == 1.0
-    assert rows["compressed", "pfpack"]["max_abs_diff"] < 1e-4
+    assert rows["compressed", "pfpack"]["max_abs_diff"] < 1e-4 and rows["compressed", "pfpack"]["latency"] == {}
+    assert "compressed.pfpack" in out and "| - | - |" in out  # the summary table: no latency for a storage file
+    manifest = json.loads((tmp_path / "tiny" / "artifacts" / "manifest.json").read_text())
+    assert "compressed.pfpack" in {entry["file"] for entry in manifest["artifacts"]}
+    assert results["config"]["learner"]["distillation"] == {"weight": 4.0, "temperature": 4.0}
     assert rows["compressed", "onnx"]["top1_agreement"] == 1.0
     # 4-bit codes (1/8 of float32) for the quantized layers; first conv, last linear and BN stay float
     assert rows["compressed", "pfpack"]["size_bytes"] < rows["compressed", "onnx"]["size_bytes"] / 4
     # pf-ray export on its own: the same model from compressed.pt, the same files and the same accuracy
-    capsys.readouterr()
     checkpoint = tmp_path / "tiny" / "artifacts" / "compressed.pt"
     out = tmp_path / "exported"
     assert main(["export", str(checkpoint), "--out", str(out), "--formats", "onnx", "--repeats", "5",

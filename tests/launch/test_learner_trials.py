@@ -23,9 +23,14 @@ LEARNERS = {
     "nonuniform_quantization": ({"bits": 3}, "tpe"),
     "uniform_quantization": ({"mode": "auto", "weight_bits": 4, "activation_bits": 8}, "gp"),
 }
+# By default one learner runs the search on Ray: every learner's space and budget are the same object to the trial
+# (tests/learners/ check each learner's space, budget and projection without Ray; channel pruning runs its
+# search in tests/launch/test_compress.py, GP and TPE run under Tune in test_searchers_under_tune.py).
+SLOW = {"nonuniform_quantization", "uniform_quantization"}
 
 
-@pytest.mark.parametrize("name", sorted(LEARNERS))
+@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.slow) if name in SLOW else name
+                                  for name in sorted(LEARNERS)])
 def test_learner_search_with_asha_meets_its_budget(ray_session, baseline, tmp_path, name):  # noqa: F811
     from pf_ray.launch.search import run_search
 
