@@ -181,6 +181,9 @@ class RetrainConfig:
                                                                    train_subset=20000))
     num_workers: int = 1  # Ray Train workers (DDP); 1 still runs under Ray Train for checkpointing
 
+    def __post_init__(self) -> None:
+        check_range("retrain.num_workers", self.num_workers, low=1)
+
 
 EXPORT_FORMATS = ("onnx", "onnx_int8", "ort", "ort_int8", "pte", "pte_int8")
 EXECUTORCH_FORMATS = ("pte", "pte_int8")  # need the optional ExecuTorch extra

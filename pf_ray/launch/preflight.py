@@ -84,6 +84,9 @@ def preflight(config: ExperimentConfig, *, log: Log = print) -> Prepared:
     available = config.resources.num_cpus or (cpu_count() if config.resources.ray_address is None else None)
     if available is not None:  # a local Ray: its size is known now (a remote cluster's is checked at search)
         max_concurrent_trials(config, available)
+        if config.retrain.num_workers > available:  # a worker takes at least one CPU: it would wait for ever
+            raise ConfigError(f"retrain.num_workers: got {config.retrain.num_workers}; the local Ray has "
+                              f"{available} CPUs, and each Ray Train worker takes at least one")
     name = config.storage.name or \
         f"{run_name_prefix(config.model.name)}-{config.learner.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     location = run_location(config.storage, name)

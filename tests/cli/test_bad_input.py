@@ -7,6 +7,7 @@ Every case runs ``pf_ray.cli.main`` in this process on the digits dataset; ``com
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +19,7 @@ from torch import nn
 import pf_ray.launch.pipeline as pipeline
 from pf_ray.checkpoint import FORMAT, save_checkpoint
 from pf_ray.cli import EXIT_BAD_INPUT, main
-from pf_ray.config import ModelConfig
+from pf_ray.config import ExperimentConfig, ModelConfig
 from pf_ray.data import FASHION_MNIST_FILES
 from pf_ray.models import build_model
 from pf_ray.strict import to_dict
@@ -221,6 +222,12 @@ CASES = [
                  id="unknown-scoring"),
     pytest.param(sets("search.reward=speed"), ["search.reward: got 'speed'; allowed: accuracy, amc, latency"],
                  id="unknown-reward"),
+    pytest.param(sets("retrain.num_workers=0"), ["retrain.num_workers: got 0; allowed range is [1, inf]"],
+                 id="retrain-without-workers"),
+    pytest.param(sets("retrain.num_workers=64", "resources.num_cpus=2"),
+                 ["retrain.num_workers: got 64; the local Ray has 2 CPUs"], id="retrain-workers-beyond-the-cpus"),
+    pytest.param(sets("retrain.train.epochs=0"), ["retrain.train.epochs: got 0; allowed range is [1, inf]"],
+                 id="retrain-without-epochs"),
     pytest.param(sets("learner.options.criterion=random"), ["learner.options.criterion: got 'random'; allowed"],
                  id="unknown-pruning-criterion"),
     pytest.param(sets("learner.options.mode=greedy"), ["learner.options.mode: got 'greedy'; allowed: uniform"],
@@ -534,9 +541,16 @@ def _preflight_must_refuse(monkeypatch):
     monkeypatch.setattr(pipeline, "preflight", preflight)
 
 
-def test_at_least_forty_distinct_bad_inputs():
+def test_the_bad_inputs_reach_every_section_of_the_experiment():
+    """At least forty distinct cases, and every section of the experiment has one: a section without a bad-input
+    case is a section whose errors nobody checks (retrain had none, and retrain.num_workers=0 failed only after
+    the search)."""
     ids = [case.id for case in CASES]
     assert len(set(ids)) == len(ids) >= 40
+    sections = {field.name for field in dataclasses.fields(ExperimentConfig)}
+    reached = {section for section in sections for case in CASES for part in case.values[1]
+               if f"{section}." in part or part.startswith(f"{section}:")}
+    assert sorted(sections - reached) == []
 
 
 @pytest.mark.parametrize(("build", "expected"), CASES)
