@@ -41,14 +41,15 @@ def tiny_cnn() -> nn.Module:
     )
 
 
-def train_two_steps(learner, model: nn.Module, data: DataBundle) -> nn.Module:
-    """The learner contract's fine-tuning: two SGD steps on the first 8 images, ``on_step`` after each."""
+def train_two_steps(learner, model: nn.Module, data: DataBundle, *, images: int = 8,
+                    learning_rate: float = 0.01) -> nn.Module:
+    """The learner contract's fine-tuning: two SGD steps on the first ``images`` images, ``on_step`` after each."""
     model.train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=0.9)
     inputs, labels = data.train.tensors
     for step in (1, 2):
         optimizer.zero_grad()
-        loss = nn.functional.cross_entropy(model(inputs[:8]), labels[:8])
+        loss = nn.functional.cross_entropy(model(inputs[:images]), labels[:images])
         loss.backward()
         optimizer.step()
         learner.on_step(model, step)

@@ -20,6 +20,7 @@ it to ``<storage.path>/<storage.name>`` after writing config.yaml and when the r
 
     config.yaml            the resolved experiment (every default filled in)
     command.txt            the command that started the run
+    search_space.json      the searched space: its config field, what one value is, the layer names
     search/                the Ray Tune experiment (one folder per trial)
     chosen_trial.json      the search's winner, written before the retrain (a resumed run retrains the same one)
     retrain/               the Ray Train run of the best candidate (checkpoints per epoch, progress.log,

@@ -22,6 +22,7 @@ from pf_ray.learners.native_int8 import NativeInt8, NativeInt8Config
 from pf_ray.ops.int8 import QatGraph, symmetric_int8
 from pf_ray.registry import LEARNERS
 from pf_ray.strict import from_dict
+from tests.tiny import train_two_steps
 
 SHAPE = (1, 16, 16)
 NUM_CLASSES = 4
@@ -88,18 +89,8 @@ def trained(data) -> nn.Module:
 
 
 def _sgd_steps(learner: NativeInt8, model: nn.Module, data: DataBundle) -> nn.Module:
-    """The shared loop's contract: train mode, two SGD steps, on_step after each."""
-    model.train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    inputs, labels = data.train.tensors
-    for step in (1, 2):
-        optimizer.zero_grad()
-        loss = nn.functional.cross_entropy(model(inputs[:32]), labels[:32])
-        loss.backward()
-        optimizer.step()
-        learner.on_step(model, step)
-        assert torch.isfinite(loss)
-    return model
+    """The shared loop's contract: train mode, two SGD steps (on 32 images), on_step after each."""
+    return train_two_steps(learner, model, data, images=32)
 
 
 def _agreement(logits: np.ndarray, reference: torch.Tensor) -> float:

@@ -20,7 +20,7 @@ from pf_ray.learners.nonuniform_quantization import NonUniformQuantization, NonU
 from pf_ray.metrics import quantized_layers
 from pf_ray.registry import LEARNERS
 from pf_ray.strict import from_dict
-from tests.tiny import SHAPE
+from tests.tiny import SHAPE, train_two_steps
 from tests.tiny import tiny_data as _data
 from tests.tiny import tiny_resnet20 as _resnet20
 
@@ -34,17 +34,8 @@ def test_learner_contract_on_resnet20_exports_and_packs(tmp_path):
     # every conv but the stem: 18 block convs and 2 shortcut convs; conv1 and fc stay float
     assert len(learner.layer_bits) == 20 and list(learner.layer_bits) == quantized_layers(baseline, SHAPE)
     assert "conv1" not in learner.layer_bits and "fc" not in learner.layer_bits
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    inputs, labels = data.train.tensors
-    model.train()
-    for step in (1, 2):
-        optimizer.zero_grad()
-        loss = nn.functional.cross_entropy(model(inputs[:8]), labels[:8])
-        loss.backward()
-        optimizer.step()
-        learner.on_step(model, step)
-        assert torch.isfinite(loss)
-    model = learner.finalize(model).eval()
+    model = learner.finalize(train_two_steps(learner, model, data, learning_rate=0.05)).eval()
+    inputs = data.train.tensors[0]
     assert type(model.layer1[0].conv1) is nn.Conv2d  # a plain model again
     assert model.state_dict().keys() == baseline.state_dict().keys()
     for name in learner.layer_bits:
