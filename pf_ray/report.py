@@ -22,14 +22,12 @@ from pf_ray.errors import ConfigError, PfRayError
 from pf_ray.files import atomic_write
 from pf_ray.metrics import (
     ACCURACY,
-    EPOCH,
     LATENCY_MS,
     LAYER_VALUES,
-    MACS,
     MACS_RATIO,
-    PARAMS,
     PROXY_ACCURACY,
     SCORE,
+    TRIAL_METRICS,
     finite_number,
 )
 from pf_ray.storage import RUN_CONFIG, is_remote, join_uri, read_run_config
@@ -39,8 +37,8 @@ COMMAND_FILE = "command.txt"  # the command that started the run (written by `pf
 # The searched space (its config field, what a value is, the layer names), written before the search starts: how
 # the report of an interrupted run labels its per-layer values (a finished run has them in results.json).
 SPACE_FILE = "search_space.json"
-# What an interrupted run keeps of a trial's last result.json line: results.json's trial keys, plus latency.
-TRIAL_KEYS = (SCORE, ACCURACY, PROXY_ACCURACY, EPOCH, MACS_RATIO, MACS, PARAMS, LAYER_VALUES, LATENCY_MS, "timestamp")
+# What an interrupted run keeps of a trial's last result.json line: a finished run's trial keys, and the time.
+TRIAL_KEYS = (*TRIAL_METRICS, "timestamp")
 CSS = """body{font-family:system-ui,sans-serif;max-width:72rem;margin:2rem auto;padding:0 1rem;color:#222}
 table{border-collapse:collapse;margin:1rem 0;font-size:.9rem}th,td{border:1px solid #ccc;padding:.2rem .5rem}
 th{background:#f0f0f0}td{text-align:right}td:first-child{text-align:left}img{max-width:100%}

@@ -13,18 +13,7 @@ from pf_ray.errors import SearchError
 from pf_ray.launch.atomic_fs import ray_storage
 from pf_ray.launch.cluster import max_concurrent_trials, trial_cost
 from pf_ray.launch.search_state import DamagedSearchState, describe, reconcile
-from pf_ray.metrics import (
-    ACCURACY,
-    EPOCH,
-    LATENCY_MS,
-    LATENCY_RATIO,
-    LAYER_VALUES,
-    MACS,
-    MACS_RATIO,
-    PARAMS,
-    PROXY_ACCURACY,
-    SCORE,
-)
+from pf_ray.metrics import ACCURACY, EPOCH, MACS_RATIO, PROXY_ACCURACY, SCORE, TRIAL_METRICS
 from pf_ray.search_space import PerLayerSpace
 from pf_ray.spec import RunSpec
 from pf_ray.storage import exists, filesystem_of, is_remote, join_uri, set_aside
@@ -158,8 +147,7 @@ def trial_records(grid: tune.ResultGrid, space: PerLayerSpace) -> list[dict[str,
         trials.append({
             "trial_id": metrics.get("trial_id", Path(result.path).name),
             "proposal": values,
-            **{key: metrics.get(key) for key in (LAYER_VALUES, SCORE, ACCURACY, PROXY_ACCURACY, MACS_RATIO, MACS,
-                                                 LATENCY_MS, LATENCY_RATIO, PARAMS)},  # latency: its reward only
+            **{key: metrics.get(key) for key in TRIAL_METRICS},
             EPOCH: metrics.get(EPOCH, 0),
             "error": None if result.error is None else error_text(result.error),
             "timestamp": metrics.get("timestamp"),  # when its last result came (orders the report's progress plot)
