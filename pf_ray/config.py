@@ -46,6 +46,21 @@ class Scoring(enum.StrEnum):
     PROXY = "proxy"  # validation accuracy right after compression, no fine-tuning (PocketFlow's fast reward)
 
 
+class Budget(enum.StrEnum):
+    MACS = "macs"  # keep search.target_macs_ratio of the baseline's MACs
+    LATENCY = "latency"  # be search.target_speedup times faster than the baseline, measured on the target
+
+
+class Runtime(enum.StrEnum):
+    ONNXRUNTIME = "onnxruntime"  # ONNX Runtime (the .onnx / .ort files)
+    EXECUTORCH = "executorch"  # ExecuTorch with the XNNPACK delegate (the .pte files; optional extra)
+
+
+class Precision(enum.StrEnum):
+    FP32 = "fp32"
+    INT8 = "int8"  # ONNX Runtime static QDQ, or XNNPACK's pt2e quantizer
+
+
 class Reward(enum.StrEnum):
     ACCURACY = "accuracy"  # the score is the accuracy itself
     AMC = "amc"  # -(1 - accuracy) * ln(MACs) (He et al., AMC, ECCV 2018): trades accuracy against MACs
@@ -150,7 +165,11 @@ class SearchConfig:
     num_trials: int = 8
     scoring: Scoring = Scoring.FINE_TUNED
     reward: Reward = Reward.ACCURACY
-    target_macs_ratio: float = 0.5  # keep this fraction of the baseline's MACs (every candidate is projected)
+    budget: Budget = Budget.MACS  # what every candidate is projected onto: MACs, or latency on the target
+    target_macs_ratio: float = 0.5  # budget macs: keep this fraction of the baseline's MACs
+    # budget latency: this many times faster on the deployment target than the baseline in FP32 ONNX Runtime
+    # (the same threads and batch size)
+    target_speedup: float = 2.0
     fine_tune: TrainConfig = field(
         default_factory=lambda: TrainConfig(epochs=2, learning_rate=0.01, train_subset=4096)
     )
@@ -169,6 +188,7 @@ class SearchConfig:
         check_range("search.proxy_bn_images", self.proxy_bn_images, low=0)
         check_range("search.target_macs_ratio", self.target_macs_ratio, low=0.0, high=1.0,
                     low_inclusive=False)
+        check_range("search.target_speedup", self.target_speedup, low=1.0, low_inclusive=False, high=1000.0)
         check_range("search.grace_period", self.grace_period, low=1)
         check_range("search.reduction_factor", self.reduction_factor, low=2)
         if self.validation_subset is not None:
@@ -228,6 +248,24 @@ class ExportConfig:
             check_range("export.latency_batch_sizes", size, low=1)
         if self.max_accuracy_drop is not None:
             check_range("export.max_accuracy_drop", self.max_accuracy_drop, low=0.0, high=1.0)
+
+
+@dataclass(frozen=True)
+class TargetConfig:
+    """What the model is deployed on: the runtime and precision whose measured latency the search budgets (with
+    ``search.budget: latency``) and the report's headline speed-up is about."""
+
+    runtime: Runtime = Runtime.ONNXRUNTIME
+    precision: Precision = Precision.INT8
+    threads: int = 1  # the runtime's intra-op threads
+    batch_size: int = 1
+
+    def __post_init__(self) -> None:
+        check_range("target.threads", self.threads, low=1, high=256)
+        check_range("target.batch_size", self.batch_size, low=1, high=4096)
+        if self.runtime is Runtime.EXECUTORCH and not executorch_installed():
+            raise ConfigError("target.runtime: got 'executorch', which is not installed; pip install "
+                              "'pf-ray[executorch]', or use 'onnxruntime'")
 
 
 @dataclass(frozen=True)
@@ -291,6 +329,7 @@ class ExperimentConfig:
     search: SearchConfig = field(default_factory=SearchConfig)
     retrain: RetrainConfig = field(default_factory=RetrainConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    target: TargetConfig = field(default_factory=TargetConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     seed: int = 0
