@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from pf_ray.spec import RunSpec
-from trainables.trial import run_trial
+from trainables.trial import TrialSetup, run_trial
 
 
-def channel_pruning(config: dict[str, Any], *, spec: RunSpec, baseline_checkpoint: str | bytes) -> None:
-    run_trial("channel_pruning", config, spec=spec, baseline_checkpoint=baseline_checkpoint)
+def channel_pruning(config: dict[str, Any], *, setup: TrialSetup) -> None:
+    run_trial("channel_pruning", config, setup)

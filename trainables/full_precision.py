@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from pf_ray.spec import RunSpec
-from trainables.trial import run_trial
+from trainables.trial import TrialSetup, run_trial
 
 
-def full_precision(config: dict[str, Any], *, spec: RunSpec, baseline_checkpoint: str | bytes) -> None:
-    run_trial("full_precision", config, spec=spec, baseline_checkpoint=baseline_checkpoint)
+def full_precision(config: dict[str, Any], *, setup: TrialSetup) -> None:
+    run_trial("full_precision", config, setup)

@@ -8,32 +8,38 @@ Tune by ``TuneReportCallback``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from pf_ray.candidate import fine_tune, make_candidate, resolve, score
+from pf_ray.candidate import fine_tune, make_candidate, score
 from pf_ray.config import Scoring
 from pf_ray.data import load_data
 from pf_ray.errors import ConfigError
 from pf_ray.metrics import ACCURACY, EPOCH, PROXY_ACCURACY, SCORE
-from pf_ray.search_space import proposal_from
+from pf_ray.search_space import PerLayerSpace, proposal_from
 from pf_ray.spec import RunSpec
 from pf_ray.storage import is_remote
 from trainables.train_loop import TrainJob, load_baseline, ray_train_fit
 
 
-def run_trial(learner_name: str, config: dict[str, Any], *, spec: RunSpec, baseline_checkpoint: str | bytes) -> None:
-    """Fine-tune the candidate that ``config`` (flat per-layer values) describes; report every epoch.
+@dataclass(frozen=True)
+class TrialSetup:
+    """What every trial of a search shares; ``tune.with_parameters`` sends it once, through Ray's object store."""
 
-    Args:
-        spec: the run's spec (``tune.with_parameters`` sends it to every trial as it is).
-        baseline_checkpoint: the checkpoint file's bytes (what ``pf-ray compress`` sends, through Ray's object
-            store, so any node can run the trial), or a path readable here.
-    """
+    spec: RunSpec  # the run's spec, as the driver resolved it
+    space: PerLayerSpace | None  # the driver's search space (its budget): proposals are projected with it, in
+    # every trial alike, without tracing the model again; None for a learner with nothing to search
+    baseline_checkpoint: str | bytes  # the checkpoint file's bytes (any node can run the trial), or a path here
+
+
+def run_trial(learner_name: str, config: dict[str, Any], setup: TrialSetup) -> None:
+    """Fine-tune the candidate that ``config`` (flat per-layer values) describes; report every epoch."""
     from ray import tune
 
+    spec, baseline_checkpoint = setup.spec, setup.baseline_checkpoint
     if spec.learner_name != learner_name:
         raise ConfigError(f"trainable {learner_name!r} was given learner {spec.learner_name!r}")
     experiment = spec.experiment
@@ -41,11 +47,13 @@ def run_trial(learner_name: str, config: dict[str, Any], *, spec: RunSpec, basel
     baseline = load_baseline(baseline_checkpoint, data.input_shape, data.num_classes,
                              user_model=experiment.model.name)
     proposal = proposal_from(config)  # None for a learner with nothing to search
+    if proposal is not None and setup.space is not None:  # the candidate's learner config
+        spec = spec.with_learner_config(setup.space.apply(spec.learner_config, proposal))
     search, resources = experiment.search, experiment.resources
 
     if resources.workers_per_trial == 1 or search.scoring is Scoring.PROXY:
         torch.set_num_threads(resources.cpus_per_trial)
-        candidate = make_candidate(spec, baseline, data, proposal=proposal)
+        candidate = make_candidate(spec, baseline, data)
         if search.scoring is Scoring.PROXY:  # no fine-tuning: one report, the proxy is the accuracy
             proxy = candidate.static_metrics[PROXY_ACCURACY]
             tune.report({EPOCH: 1, ACCURACY: proxy, **candidate.static_metrics,
@@ -65,7 +73,7 @@ def run_trial(learner_name: str, config: dict[str, Any], *, spec: RunSpec, basel
         storage_path = f"{storage.trial_fs_path}/train"  # resumed driver) can reach
     else:  # the trial's folder on this node
         storage_path = str(Path(context.get_trial_dir()) / "train")
-    job = TrainJob(resolve(spec, baseline, data.input_shape, proposal), search.fine_tune, search.validation_subset,
+    job = TrainJob(spec, search.fine_tune, search.validation_subset,
                    num_workers=resources.workers_per_trial, cpus_per_worker=resources.cpus_per_worker,
                    name=context.get_trial_id(), storage_path=storage_path,
                    storage_filesystem=storage.storage_filesystem)

@@ -43,6 +43,7 @@ def run_search(spec: RunSpec, space: PerLayerSpace, baseline_path: Path, run_sto
     from search_algs.concurrency import ClusterConcurrency
     from search_algs.schedulers import make_asha
     from trainables import get_trainable
+    from trainables.trial import TrialSetup
 
     config = spec.experiment
     search = config.search
@@ -53,13 +54,10 @@ def run_search(spec: RunSpec, space: PerLayerSpace, baseline_path: Path, run_sto
     reserve, cost = trial_cost(config)
     # Re-derived from the cluster's CPUs before each new trial: nodes that join (autoscaling) raise it.
     searcher = ClusterConcurrency(searcher, cpus_per_trial=cost)
-    # The spec travels as it is (a frozen dataclass, pickled once into the object store); the checkpoint's bytes
-    # too: trials on other nodes cannot read our disk.
-    trainable = tune.with_resources(
-        tune.with_parameters(get_trainable(spec.learner_name), spec=spec,
-                             baseline_checkpoint=Path(baseline_path).read_bytes()),
-        reserve,
-    )
+    # The spec and the space travel as they are (frozen dataclasses, pickled once into the object store); the
+    # checkpoint's bytes too: trials on other nodes cannot read our disk.
+    setup = TrialSetup(spec, space, Path(baseline_path).read_bytes())
+    trainable = tune.with_resources(tune.with_parameters(get_trainable(spec.learner_name), setup=setup), reserve)
     log(f"search: {search.algorithm.value}, {search.num_trials} trials over {len(space.names)} layers "
         f"({space.label} each), {concurrency} at a time (more as nodes join), scored by {search.reward.value} "
         + ("right after compression (proxy)" if search.scoring is Scoring.PROXY

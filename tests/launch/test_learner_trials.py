@@ -73,11 +73,12 @@ def test_native_int8_runs_as_a_trainable_under_asha(ray_session, baseline, tmp_p
     from pf_ray.metrics import SCORE
     from search_algs.schedulers import make_asha
     from trainables import get_trainable
+    from trainables.trial import TrialSetup
 
     config = from_dict(ExperimentConfig, {**TINY, "learner": {"name": "native_int8", "options": {"method": "ptq"}}})
     trainable = tune.with_resources(
-        tune.with_parameters(get_trainable("native_int8"), spec=RunSpec.resolve(config),
-                             baseline_checkpoint=str(baseline)),
+        tune.with_parameters(get_trainable("native_int8"), setup=TrialSetup(RunSpec.resolve(config), None,
+                                                                              str(baseline))),
         trial_cost(config)[0])
     tuner = tune.Tuner(trainable, param_space={},
                        tune_config=tune.TuneConfig(scheduler=make_asha(max_epochs=2, grace_period=1,

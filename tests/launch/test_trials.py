@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from pf_ray.metrics import ACCURACY, EPOCH, MACS_RATIO, PROXY_ACCURACY, SCORE
 from pf_ray.models import build_model
 from pf_ray.spec import RunSpec
 from pf_ray.strict import from_dict
+from trainables.trial import TrialSetup
 
 pytestmark = pytest.mark.ray
 
@@ -46,11 +48,11 @@ def _run_one_trial(config: ExperimentConfig, baseline: Path, storage: Path):
 
     data = load_data(config.dataset)
     model = build_model(config.model, in_channels=data.input_shape[0], num_classes=data.num_classes)
-    space = search_space(RunSpec.resolve(config), model, data.input_shape)
+    spec = RunSpec.resolve(config)
+    space = search_space(spec, model, data.input_shape)
     point = {key: 1.0 for key in space.keys()}
     trainable = tune.with_resources(
-        tune.with_parameters(get_trainable("channel_pruning"), spec=RunSpec.resolve(config),
-                             baseline_checkpoint=str(baseline)),
+        tune.with_parameters(get_trainable("channel_pruning"), setup=TrialSetup(spec, space, str(baseline))),
         trial_cost(config)[0],
     )
     tuner = tune.Tuner(trainable, param_space=point,
@@ -171,7 +173,7 @@ def test_a_diverging_trial_and_a_crashing_one_do_not_stop_the_search(ray_session
     poisoned = save_checkpoint(tmp_path / "poisoned.pt", model, model_config=info.model,
                                input_shape=info.input_shape, num_classes=info.num_classes)
 
-    def faulty(config, spec, baseline_checkpoint):
+    def faulty(config, setup):
         trial_id = ray.tune.get_context().get_trial_id()
         role = faults / f"role-{trial_id}"
         if not role.exists():  # the k-th trial to start takes slot k (O_EXCL: concurrent trials never share one)
@@ -187,10 +189,10 @@ def test_a_diverging_trial_and_a_crashing_one_do_not_stop_the_search(ray_session
         with open(faults / f"attempts-{trial_id}", "a") as attempts:
             attempts.write("x")
         if slot == 0:
-            baseline_checkpoint = str(poisoned)
+            setup = dataclasses.replace(setup, baseline_checkpoint=str(poisoned))
         if slot == 1 and (faults / f"attempts-{trial_id}").read_text() == "x":
             raise RuntimeError("simulated crash of the trial's process")
-        return real(config, spec=spec, baseline_checkpoint=baseline_checkpoint)
+        return real(config, setup=setup)
 
     monkeypatch.setattr(trainables, "get_trainable", lambda name: faulty)
     config = from_dict(ExperimentConfig, {**TINY, "search": {**TINY["search"], "algorithm": "gp",
