@@ -33,6 +33,7 @@ from pf_ray.metrics import (
     finite_number,
     model_stats,
 )
+from pf_ray.ops.latency_budget import TargetLatency
 from pf_ray.search_space import PerLayerSpace
 from pf_ray.spec import RunSpec
 from pf_ray.train import Report, evaluate, fit, recalibrate_batchnorm, subset
@@ -40,12 +41,14 @@ from pf_ray.train import Report, evaluate, fit, recalibrate_batchnorm, subset
 LATENCY_EXPONENT = -0.07  # MnasNet's soft-constraint exponent: 2x over the target costs 5% of the reward
 
 
-def search_space(spec: RunSpec, model: nn.Module, input_shape: tuple[int, int, int]) -> PerLayerSpace | None:
-    """The learner's per-layer search space on ``model``, or None for a learner (or mode) with nothing to search."""
+def search_space(spec: RunSpec, model: nn.Module, input_shape: tuple[int, int, int],
+                 latency: TargetLatency | None = None) -> PerLayerSpace | None:
+    """The learner's per-layer search space on ``model``, or None for a learner (or mode) with nothing to search.
+    ``latency``: the deployment target's latency table, for ``search.budget: latency``."""
     learner = spec.build_learner()
     if not isinstance(learner, SearchesPerLayer):
         return None
-    return learner.search_space(model, input_shape, spec.experiment.search)
+    return learner.search_space(model, input_shape, spec.experiment.search, latency)
 
 
 def resolve(spec: RunSpec, model: nn.Module, input_shape: tuple[int, int, int],

@@ -14,10 +14,11 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from pf_ray.config import SearchConfig
+from pf_ray.config import Budget, SearchConfig
 from pf_ray.data import DataBundle
 from pf_ray.errors import ConfigError
-from pf_ray.export.packed import PackedTensor
+from pf_ray.ops.latency_budget import TargetLatency
+from pf_ray.packing import PackedTensor
 from pf_ray.search_space import PerLayerSpace
 
 
@@ -48,10 +49,12 @@ class SearchesPerLayer(Protocol):
 
     searched_field: str  # the config's tuple field the values go into, e.g. "layer_keep_ratios"
 
-    def search_space(self, model: nn.Module, input_shape: tuple[int, int, int],
-                     search: SearchConfig) -> PerLayerSpace | None:
+    def search_space(self, model: nn.Module, input_shape: tuple[int, int, int], search: SearchConfig,
+                     latency: TargetLatency | None = None) -> PerLayerSpace | None:
         """What the searchers search on ``model`` (box, budget, layer features), or None when the config gives
-        the values itself (modes uniform and list)."""
+        the values itself (modes uniform and list). ``latency``: the deployment target's latency table and
+        reference, given when ``search.budget`` is latency; a learner whose values do not move latency on a CPU
+        runtime refuses that budget (ConfigError)."""
 
 
 @runtime_checkable
@@ -111,3 +114,10 @@ def check_per_layer_mode(mode: str, field: str, values: Sequence[Any], *, file_f
             raise ConfigError(f"{file_field}: got {file!r} with mode {str(mode)!r}; a file is read in mode 'list' only")
         if values:
             raise ConfigError(f"{file_field}: given together with {field}; give one of them")
+
+
+def refuse_latency_budget(search: SearchConfig, learner: str, why: str) -> None:
+    """A learner whose per-layer values do not move latency on a CPU runtime keeps its own budget: ConfigError
+    when ``search.budget`` is latency, saying why."""
+    if search.budget is Budget.LATENCY:
+        raise ConfigError(f"search.budget: got 'latency'; {learner} cannot be budgeted in latency: {why}")

@@ -15,11 +15,12 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from pf_ray.config import SearchConfig
+from pf_ray.config import Budget, SearchConfig
 from pf_ray.data import DataBundle
 from pf_ray.errors import ConfigError
 from pf_ray.learners.base import PerLayerMode, check_per_layer_mode
 from pf_ray.ops.channel_groups import prunable_groups, require_prunable_groups
+from pf_ray.ops.latency_budget import LatencyBudget, TargetLatency
 from pf_ray.ops.macs_budget import MacsBudget, macs_table
 from pf_ray.ops.pruning import CRITERIA, KEEP_RATIOS_FIELD, prune_channels_
 from pf_ray.registry import LEARNERS
@@ -121,17 +122,25 @@ class ChannelPruning:
     def _groups(self, model: nn.Module, input_shape: tuple[int, int, int]) -> list[str]:
         return [group.name for group in require_prunable_groups(model, input_shape, "channel_pruning")]
 
-    def search_space(self, model: nn.Module, input_shape: tuple[int, int, int],
-                     search: SearchConfig) -> PerLayerSpace | None:
-        """One keep ratio per prunable group in [min_keep_ratio, 1] under ``search.target_macs_ratio`` of the MACs
-        (auto mode); None in the other modes, whose ratios are given."""
+    def search_space(self, model: nn.Module, input_shape: tuple[int, int, int], search: SearchConfig,
+                     latency: TargetLatency | None = None) -> PerLayerSpace | None:
+        """One keep ratio per prunable group in [min_keep_ratio, 1] under the search's budget (auto mode):
+        ``search.target_macs_ratio`` of the MACs, or (``search.budget`` latency) ``search.target_speedup`` on the
+        deployment target by ``latency``'s table. None in the other modes, whose ratios are given."""
         if self.config.mode != PerLayerMode.AUTO:
             return None
         table = macs_table(model, input_shape)
         if not table.names:
             self._groups(model, input_shape)  # raises: nothing to prune
-        budget = MacsBudget(search.target_macs_ratio, table, self.config.round_to, self.config.min_keep_ratio)
-        return PerLayerSpace(self.searched_field, table.names, low=self.config.min_keep_ratio, high=1.0,
+        config = self.config
+        if search.budget is Budget.LATENCY:
+            if latency is None:
+                raise ValueError("channel_pruning: search.budget latency needs the target's latency table")
+            budget = LatencyBudget(1.0 / search.target_speedup, latency.predictor, latency.reference_ms,
+                                   config.round_to, config.min_keep_ratio, target_name=latency.name)
+        else:
+            budget = MacsBudget(search.target_macs_ratio, table, config.round_to, config.min_keep_ratio)
+        return PerLayerSpace(self.searched_field, table.names, low=config.min_keep_ratio, high=1.0,
                              budget=budget, features=layer_features(model, input_shape, table.names),
                              label="keep ratio")
 

@@ -12,10 +12,11 @@ from torch.nn.utils import parametrize
 from pf_ray.config import SearchConfig
 from pf_ray.data import DataBundle
 from pf_ray.errors import ConfigError, ModelError
-from pf_ray.learners.base import PerLayerMode, check_per_layer_mode
+from pf_ray.learners.base import PerLayerMode, check_per_layer_mode, refuse_latency_budget
 from pf_ray.metrics import quantized_layers
 from pf_ray.ops.bits import FP32_BITS, MAX_BITS, WeightBitsBudget
 from pf_ray.ops.codebook import CENTROID_GRADIENTS, INITS, OPTIMIZE, CodebookWeight, codebook_of_values
+from pf_ray.ops.latency_budget import TargetLatency
 from pf_ray.packing import PackedTensor
 from pf_ray.registry import LEARNERS
 from pf_ray.search_space import PerLayerSpace, layer_features
@@ -139,10 +140,12 @@ class NonUniformQuantization:
 
     # -- per-layer search ---------------------------------------------------------------------------------------
 
-    def search_space(self, model: nn.Module, input_shape: tuple[int, int, int],
-                     search: SearchConfig) -> PerLayerSpace | None:
+    def search_space(self, model: nn.Module, input_shape: tuple[int, int, int], search: SearchConfig,
+                     latency: TargetLatency | None = None) -> PerLayerSpace | None:
         """Bits per quantized layer in [min_bits, max_bits] under an average of ``bits`` per weight (auto mode);
         None in the other modes."""
+        refuse_latency_budget(search, "nonuniform_quantization", "codebook weights are stored compactly but "
+                              "computed in float; it keeps its own budget, the average bits (learner.options.bits)")
         if self.config.mode != PerLayerMode.AUTO:
             return None
         names = tuple(self._layers(model, input_shape))

@@ -15,6 +15,7 @@ from torch import nn
 
 from pf_ray.errors import ConfigError, ModelError
 from pf_ray.ops.channel_groups import LayerMacs, trace_groups
+from pf_ray.ops.projection import Unreachable, project_keep_ratios
 from pf_ray.ops.pruning import check_keep_ratios, kept_channel_count
 
 
@@ -89,20 +90,9 @@ def project_to_budget(
     min_ratio: float,
     model_name: str | None = None,
 ) -> tuple[float, ...]:
-    """Scale a proposal so that it spends the MACs budget: ratios clip(s * r_i, min_ratio, 1) with the
-    largest s for which MACs after rounding <= target_macs_ratio * the unpruned MACs; then top up.
-
-    s may exceed 1: a proposal far under budget grows toward it (accuracy grows with MACs). The relative shape
-    (and the order) of the ratios is kept, except where clipping flattens it. Raises ConfigError if even every
-    ratio at ``min_ratio`` misses the target.
-
-    Top-up: kept counts move in whole channels (multiples of ``round_to``), and at the largest s the next
-    channel of several groups may cross at once, so the scaled proposal can land well under the budget (7.8%
-    under for a ResNet-20 at a 0.21 target, round_to=1). The remainder is spent greedily, one group and one
-    rounding step at a time, while the step fits: first the steps that keep the proposal's order (a group never
-    overtakes the ratio of a group proposed higher), largest MACs gain first; when none of those fits, any step
-    that fits, largest gain first (with round_to=8 a ResNet-20 was otherwise left up to 21% under its budget).
-    Topped-up groups get ratio kept / channels exactly.
+    """The proposal projected onto ``target_macs_ratio`` of the unpruned MACs (``ops.projection``'s scale and
+    top-up: the proposal's shape kept, the budget spent). Raises ConfigError if even every ratio at ``min_ratio``
+    misses the target.
 
     Args:
         table: the model's ``macs_table``.
@@ -120,56 +110,12 @@ def project_to_budget(
             f"{target_macs_ratio:g} cannot be reached by pruning"
         )
     check_keep_ratios(keep_ratios, table.names)
-    budget = target_macs_ratio * table.macs([1.0] * len(table.names), round_to)
-
-    def scaled(scale: float) -> tuple[float, ...]:
-        return tuple(min(max(scale * r, min_ratio), 1.0) for r in keep_ratios)
-
-    def fits(scale: float) -> bool:
-        return table.macs(scaled(scale), round_to) <= budget
-
-    low, high = 0.0, 1.0 / min(keep_ratios)  # scaled(0): all min_ratio; scaled(high): all 1
-    if not fits(low):
-        smallest = table.macs(scaled(low), round_to) / (budget / target_macs_ratio)
+    full = table.macs([1.0] * len(table.names), round_to)
+    try:
+        return project_keep_ratios(table.sizes, keep_ratios, table.macs_of_counts, target_macs_ratio * full,
+                                   round_to=round_to, min_ratio=min_ratio)
+    except Unreachable as error:
         raise ConfigError(
             f"search.target_macs_ratio: got {target_macs_ratio:g}; the smallest reachable with "
-            f"round_to={round_to} and min ratio {min_ratio:g} is {smallest:.3f}"
-        )
-    if fits(high):
-        return scaled(high)
-    # MACs grow monotonically with the scale: bisect to the last scale that fits (relative width 2^-40)
-    for _ in range(40):
-        middle = (low + high) / 2
-        low, high = (middle, high) if fits(middle) else (low, middle)
-    return _top_up(table, scaled(low), keep_ratios, budget, round_to)
-
-
-def _top_up(
-    table: MacsTable, ratios: Sequence[float], proposal: Sequence[float], budget: float, round_to: int
-) -> tuple[float, ...]:
-    """Grow single groups by one rounding step while the MACs still fit (see ``project_to_budget``)."""
-    ratios = list(ratios)
-    kept = [kept_channel_count(n, r, round_to) for n, r in zip(table.sizes, ratios, strict=True)]
-    macs = table.macs_of_counts(kept)
-    while True:
-        best: tuple[tuple[bool, int, float, int], int, int] | None = None
-        for group, size in enumerate(table.sizes):
-            if kept[group] >= size:
-                continue
-            grown = min(kept[group] + round_to, size)
-            gain = table.macs_of_counts(kept[:group] + [grown] + kept[group + 1 :]) - macs
-            if macs + gain > budget:
-                continue
-            keeps_order = all(
-                grown / size <= ratios[other] for other in range(len(ratios)) if proposal[other] > proposal[group]
-            )
-            key = (keeps_order, gain, proposal[group], -group)
-            if best is None or key > best[0]:
-                best = (key, group, grown)
-        if best is None:
-            return tuple(ratios)
-        _, group, grown = best
-        macs += best[0][1]
-        kept[group] = grown
-        ratios[group] = grown / table.sizes[group]
-
+            f"round_to={round_to} and min ratio {min_ratio:g} is {error.smallest / full:.3f}"
+        ) from None

@@ -1,0 +1,69 @@
+"""Channel pruning's budget in measured latency: a candidate's latency on the deployment target, predicted from
+its per-group kept channel counts by a latency table measured on this machine (``pf_ray.latency``), at most the
+reference latency divided by ``search.target_speedup``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from pf_ray.errors import ConfigError
+from pf_ray.ops.projection import Unreachable, project_keep_ratios
+from pf_ray.ops.pruning import kept_channel_count
+
+
+class LatencyPredictor(Protocol):
+    """Predicted milliseconds on a deployment target from the kept channels of each prunable group."""
+
+    sizes: tuple[int, ...]  # channels per group, in the order of ``ops.macs_budget.macs_table(model).names``
+
+    def predict(self, kept: Sequence[int]) -> float: ...
+
+
+@dataclass(frozen=True)
+class TargetLatency:
+    """What a latency budget is measured against on this machine: the deployment target's latency table, and the
+    reference (the unpruned model in FP32 ONNX Runtime, same threads and batch size)."""
+
+    predictor: LatencyPredictor
+    reference_ms: float
+    name: str  # the target, for messages: "onnxruntime int8, 1 thread, batch 1"
+
+
+@dataclass(frozen=True)
+class LatencyBudget:
+    """The predicted latency of a keep-ratio vector as a fraction of ``reference_ms`` (the unpruned model in FP32
+    ONNX Runtime, the speed-up's denominator); the allowed fraction is ``1 / target_speedup``. Plain data: the
+    predictor is a table, not a model, so searchers carry it to the Ray driver."""
+
+    target: float  # 1 / search.target_speedup
+    predictor: LatencyPredictor
+    reference_ms: float
+    round_to: int
+    min_ratio: float  # no group's keep ratio below this (the search box's bottom)
+    target_name: str = "the target"  # named in errors, e.g. "onnxruntime int8, 1 thread, batch 1"
+
+    def kept(self, values: Sequence[float]) -> list[int]:
+        return [kept_channel_count(n, r, self.round_to) for n, r in zip(self.predictor.sizes, values, strict=True)]
+
+    def predicted_ms(self, values: Sequence[float]) -> float:
+        return self.predictor.predict(self.kept(values))
+
+    def cost(self, values: Sequence[float]) -> float:
+        return self.predicted_ms(values) / self.reference_ms
+
+    def project(self, values: Sequence[float]) -> tuple[float, ...]:
+        """The proposal scaled (its shape kept) to the largest keep ratios whose predicted latency meets the
+        target speed-up, then topped up (``ops.projection``)."""
+        try:
+            return project_keep_ratios(self.predictor.sizes, values, self.predictor.predict,
+                                       self.target * self.reference_ms, round_to=self.round_to,
+                                       min_ratio=self.min_ratio)
+        except Unreachable as error:
+            raise ConfigError(
+                f"search.target_speedup: got {1 / self.target:g}; the fastest reachable on {self.target_name} by "
+                f"pruning channels (every group at keep ratio {self.min_ratio:g}, round_to={self.round_to}) is "
+                f"{self.reference_ms / error.smallest:.2f}x, as the latency table predicts"
+            ) from None
