@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import importlib.util
+import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,7 @@ class SearchAlgorithm(enum.StrEnum):
     TPE = "tpe"  # tree-structured Parzen estimator (hyperopt)
     GP = "gp"  # Gaussian-process Bayesian optimisation (bayesian-optimization 3.x)
     DDPG = "ddpg"  # the AMC / PocketFlow reinforcement-learning agent, one layer per step
+    KNAPSACK = "knapsack"  # the uniform candidate and the learner's knapsack allocation only (two trials)
 
 
 class Scoring(enum.StrEnum):
@@ -337,6 +339,41 @@ class ExperimentConfig:
 
 # --------------------------------------------------------------------------------------------------------------
 # YAML files and --set overrides.
+
+
+def read_values_file(path: str, field: str) -> tuple[float, ...]:
+    """Per-layer values in (0, 1] from a file (a config's ``field``, named in errors, e.g. a ratios file):
+    ``.json``/``.yaml``/``.yml`` holding a list of numbers, or any other file holding numbers separated by spaces,
+    commas or new lines (``#`` starts a comment)."""
+    check_path(field, path)
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ConfigError(f"{field}: {path!r} does not exist (or is not a file)")
+    try:
+        text = file.read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{field}: {path!r} is not readable text: {error}") from None
+    try:
+        if file.suffix.lower() == ".json":
+            values = json.loads(text)
+        elif file.suffix.lower() in (".yaml", ".yml"):
+            values = yaml.safe_load(text)
+        else:
+            lines = (line.split("#", 1)[0] for line in text.splitlines())
+            values = [float(token) for line in lines for token in line.replace(",", " ").split()]
+    except (ValueError, yaml.YAMLError) as error:
+        raise ConfigError(f"{field}: {path!r} is not a list of numbers: {error}") from None
+    if not isinstance(values, list) or not values:
+        held = "nothing" if values in ([], None) else type(values).__name__
+        raise ConfigError(f"{field}: {path!r} holds {held}; expected a list of numbers")
+    ratios = []
+    for index, value in enumerate(values):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+            raise ConfigError(
+                f"{field}: value {index} of {path!r} is {value!r}; allowed: numbers in (0, 1]"
+            )
+        ratios.append(float(value))
+    return tuple(ratios)
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

@@ -4,12 +4,14 @@ state that is saved with Tune's experiment and refused when it belongs to anothe
 from __future__ import annotations
 
 import pickle
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ray.tune.search import Searcher
 
 from pf_ray.search_space import PerLayerSpace
+from search_algs.spaces import uniform_starting_point
 
 MODES = ("min", "max")
 STATE_VERSION = 1  # of every searcher's get_state(); a saved state of another version is refused
@@ -19,24 +21,36 @@ class PerLayerSearcher(Searcher):
     """One level under Tune's ``Searcher``: each subclass implements ``suggest``, ``on_trial_complete``,
     ``get_state`` (starting from ``state_header()``) and ``set_state`` (starting from ``check_state_header``).
 
+    Every searcher proposes the uniform point first, then ``starts`` (the learner's heuristic allocations, e.g.
+    channel pruning's knapsack), before its own suggestions, so a search never ends worse than those.
+
     Args:
         space: the per-layer space; suggestions use its flat keys ``space.keys()``.
+        starts: proposals to make right after the uniform one, each one value per layer within the box.
         metric, mode: what to optimise; may also come later through ``set_search_properties`` (Tune hands
             ``TuneConfig``'s metric and mode on only when the Tuner's param_space is not empty).
     """
 
     label = "Searcher"  # the class's name in messages
 
-    def __init__(self, space: PerLayerSpace, *, metric: str | None, mode: str | None) -> None:
+    def __init__(self, space: PerLayerSpace, *, metric: str | None, mode: str | None,
+                 starts: Sequence[Sequence[float]] = ()) -> None:
         self._check_mode(mode)
         if not space.names:
             raise ValueError(f"{self.label}: space {space.field!r} has no layers; expected at least one")
         if not space.low < space.high:
             raise ValueError(f"{self.label}: space.low must be below space.high, but got low={space.low!r}, "
                              f"high={space.high!r}")
+        for start in starts:
+            if len(start) != len(space.names) or not all(space.low <= v <= space.high for v in start):
+                raise ValueError(f"{self.label}: a starting proposal needs {len(space.names)} values in "
+                                 f"[{space.low}, {space.high}], but got {list(start)!r}")
         super().__init__(metric=metric, mode=mode)
         self._space = space
         self._keys = space.keys()
+        # What every search proposes first: the uniform point, then the learner's heuristic starts (the knapsack)
+        self._first_points = [tuple(uniform_starting_point(space)[key] for key in self._keys),
+                              *(tuple(float(v) for v in start) for start in starts)]
 
     def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
         """Take metric and mode from the Tuner where given; the space is the searcher's own (Tune overwrites the

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from collections.abc import Sequence
 from enum import StrEnum
 from typing import Any
 
@@ -27,7 +28,6 @@ from threadpoolctl import threadpool_limits
 from pf_ray.metrics import EPOCH, finite_number
 from pf_ray.search_space import PerLayerSpace
 from search_algs.base import PerLayerSearcher
-from search_algs.spaces import uniform_starting_point
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,8 @@ class GPSearcher(PerLayerSearcher):
     """GP-based Bayesian optimisation over the box ``[space.low, space.high]^n``, one flat key per layer.
 
     Suggestions, in order: the uniform point (every layer at ``space.high``, the classic baseline once the trial
-    projects it onto the budget), then ``num_initial_points`` uniformly random points, then the maximiser of the
+    projects it onto the budget), then the ``starts`` (the learner's heuristic, e.g. the knapsack), then
+    ``num_initial_points`` uniformly random points, then the maximiser of the
     acquisition function of a GP (Matern 5/2, as bayesian-optimization sets it up) fitted to every observation.
     The GP steps start only once ``MIN_OBSERVATIONS`` trials have reported finite metrics; until then (start-up
     trials still running, or failed) further random points are suggested.
@@ -89,7 +90,7 @@ class GPSearcher(PerLayerSearcher):
             ``TuneConfig(metric=..., mode=...)``, but Tune calls that only when the Tuner's param_space is not empty.
         mode: "max" or "min"; "min" is minimised by maximising the negated metric.
         seed: seeds the random start-up points and the GP's optimisers (one ``numpy`` RandomState).
-        num_initial_points: random points after the uniform one, before the first GP suggestion.
+        num_initial_points: random points after the uniform one and the starts, before the first GP suggestion.
         acquisition: "ucb" (upper confidence bound) or "ei" (expected improvement).
         kappa: UCB's exploration weight, in standard deviations.
         xi: EI's required improvement, in the metric's own units (0.01 = one accuracy point for accuracy in [0, 1]).
@@ -100,7 +101,8 @@ class GPSearcher(PerLayerSearcher):
 
     def __init__(self, space: PerLayerSpace, *, metric: str | None = None, mode: str | None = None, seed: int = 0,
                  num_initial_points: int = 3, acquisition: str = "ucb", kappa: float = 2.576,
-                 xi: float = 0.01, max_observations: int | None = MAX_GP_OBSERVATIONS) -> None:
+                 xi: float = 0.01, max_observations: int | None = MAX_GP_OBSERVATIONS,
+                 starts: Sequence[Sequence[float]] = ()) -> None:
         if not isinstance(num_initial_points, int) or num_initial_points < 0:
             raise ValueError(f"num_initial_points must be an integer >= 0, but got {num_initial_points!r}")
         allowed = [choice.value for choice in Acquisition]
@@ -112,7 +114,7 @@ class GPSearcher(PerLayerSearcher):
                                              or max_observations < 2 * MIN_OBSERVATIONS):
             raise ValueError(f"max_observations must be an integer >= {2 * MIN_OBSERVATIONS} or None, but got "
                              f"{max_observations!r}")
-        super().__init__(space, metric=metric, mode=mode)
+        super().__init__(space, metric=metric, mode=mode, starts=starts)
         self._bounds = {key: (float(space.low), float(space.high)) for key in self._keys}
         self._num_initial_points = num_initial_points
         self._acquisition = Acquisition(acquisition)
@@ -148,9 +150,11 @@ class GPSearcher(PerLayerSearcher):
 
     def suggest(self, trial_id: str) -> dict[str, float]:
         self._require_metric_and_mode("suggest()")
-        if self._num_suggested == 0:
-            point = tuple(float(uniform_starting_point(self._space)[key]) for key in self._keys)
-        elif self._num_suggested <= self._num_initial_points or len(self._distinct_observations()) < MIN_OBSERVATIONS:
+        starts = len(self._first_points)
+        if self._num_suggested < starts:
+            point = self._first_points[self._num_suggested]
+        elif (self._num_suggested < starts + self._num_initial_points
+              or len(self._distinct_observations()) < MIN_OBSERVATIONS):
             point = self._random_point()
         else:
             # One BLAS thread: the GP's matrices are tiny (observations x observations), so extra threads only

@@ -3,13 +3,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from pf_ray.search_space import PerLayerSpace
 from search_algs.base import PerLayerSearcher
-from search_algs.spaces import uniform_starting_point
 
 
 class RandomSearcher(PerLayerSearcher):
@@ -30,15 +30,15 @@ class RandomSearcher(PerLayerSearcher):
     label = "RandomSearcher"
 
     def __init__(self, space: PerLayerSpace, *, metric: str | None = None, mode: str | None = None,
-                 seed: int = 0) -> None:
-        super().__init__(space, metric=metric, mode=mode)
+                 seed: int = 0, starts: Sequence[Sequence[float]] = ()) -> None:
+        super().__init__(space, metric=metric, mode=mode, starts=starts)
         self._rng = np.random.default_rng(seed)
         self._num_suggested = 0
         self.num_completed = 0
 
     def suggest(self, trial_id: str) -> dict[str, float]:
-        if self._num_suggested == 0:
-            point = uniform_starting_point(self._space)
+        if self._num_suggested < len(self._first_points):
+            point = dict(zip(self._keys, self._first_points[self._num_suggested], strict=True))
         else:
             values = self._rng.uniform(self._space.low, self._space.high, size=len(self._keys))
             point = {key: float(value) for key, value in zip(self._keys, values, strict=True)}

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 from pf_ray.search_space import PerLayerSpace
 from search_algs.spaces import tune_space, uniform_starting_point
 
 
-def make_tpe(space: PerLayerSpace, *, metric: str, mode: str, seed: int, num_trials: int):
+def make_tpe(space: PerLayerSpace, *, metric: str, mode: str, seed: int, num_trials: int,
+             starts: Sequence[Sequence[float]] = ()):
     from ray.tune.search.hyperopt import HyperOptSearch
 
     class FiniteHyperOptSearch(HyperOptSearch):
@@ -28,7 +30,8 @@ def make_tpe(space: PerLayerSpace, *, metric: str, mode: str, seed: int, num_tri
         space=HyperOptSearch.convert_search_space(tune_space(space)),
         metric=metric,
         mode=mode,
-        points_to_evaluate=[uniform_starting_point(space)],
+        points_to_evaluate=[uniform_starting_point(space),
+                            *(dict(zip(space.keys(), map(float, start), strict=True)) for start in starts)],
         n_initial_points=n_initial_points,
         random_state_seed=seed,
     )

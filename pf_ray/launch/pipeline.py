@@ -13,6 +13,7 @@ import torch
 from pf_ray.candidate import search_space
 from pf_ray.checkpoint import load_checkpoint, save_checkpoint
 from pf_ray.config import ExperimentConfig
+from pf_ray.data import DataBundle
 from pf_ray.errors import AccuracyGuardError
 from pf_ray.export.pipeline import LearnerModel, export_and_verify, summary_table
 from pf_ray.files import atomic_write, write_json
@@ -21,9 +22,11 @@ from pf_ray.launch.cluster import check_storage, cpu_count, ray_for
 from pf_ray.launch.preflight import Prepared, preflight
 from pf_ray.launch.retrain import retrain
 from pf_ray.launch.search import choose_best, run_search, search_epochs
+from pf_ray.learners.base import ProposesStart
 from pf_ray.metrics import ACCURACY, LAYER_VALUES, MACS_RATIO, model_stats
 from pf_ray.report import COMMAND_FILE, SPACE_FILE, write_report
 from pf_ray.search_space import PerLayerSpace
+from pf_ray.spec import RunSpec
 from pf_ray.storage import is_remote, upload, write_run_config
 from pf_ray.strict import to_dict
 
@@ -66,10 +69,12 @@ def run_stages(prepared: Prepared, *, log: Log, command: str | None, started: fl
         trials: list[dict[str, Any]] = []
         best: dict[str, Any] | None = None
         chosen = spec  # without a search: the learner config as configured
+        starts: list[tuple[float, ...]] = []
         if space is not None:
             write_json(run_dir / SPACE_FILE, {"field": space.field, "value_label": space.label,
                                               "layer_names": list(space.names)})
-            trials = run_search(spec, space, baseline_path, run_storage, log=log, resume=resume)
+            starts = starting_proposals(spec, baseline, data, space, log=log)
+            trials = run_search(spec, space, baseline_path, run_storage, log=log, resume=resume, starts=starts)
             best = _chosen(run_dir, trials) if resume else None
             if best is None:
                 best = choose_best(trials, search_epochs(config))
@@ -101,7 +106,8 @@ def run_stages(prepared: Prepared, *, log: Log, command: str | None, started: fl
                          **model_stats(baseline, data.input_shape).__dict__},
             "search": {"algorithm": config.search.algorithm.value if space else None,
                        "field": space.field if space else None, "value_label": space.label if space else None,
-                       "layer_names": list(space.names) if space else [], "trials": trials, "best": best},
+                       "layer_names": list(space.names) if space else [], "starts": [list(v) for v in starts],
+                       "trials": trials, "best": best},
             "learner_config": to_dict(chosen.learner_config),
             "compressed": {"checkpoint": str(artifacts_dir / "compressed.pt"),
                            **model_stats(model, data.input_shape).__dict__},
@@ -126,6 +132,19 @@ def run_stages(prepared: Prepared, *, log: Log, command: str | None, started: fl
         if is_remote(run_storage):  # the run folder, finished or not, next to its search and retrain
             upload(run_dir, run_storage)
             log(f"uploaded {run_dir} to {run_storage}")
+
+
+def starting_proposals(spec: RunSpec, baseline: torch.nn.Module, data: DataBundle, space: PerLayerSpace, *,
+                       log: Log) -> list[tuple[float, ...]]:
+    """The learner's heuristic allocation under the budget (channel pruning: the knapsack), which every searcher
+    proposes right after the uniform candidate; none for a learner without one."""
+    learner = spec.build_learner()
+    if not isinstance(learner, ProposesStart):
+        return []
+    start = learner.starting_proposal(baseline, data, space)
+    log(f"search: the knapsack start: {space.label} per layer {_short(start)} (budget use "
+        f"{space.budget.cost(start):.3f} of {space.budget.target:.3f})")
+    return [start]
 
 
 def _short(values: Any) -> str:

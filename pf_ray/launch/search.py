@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,10 +27,12 @@ SEARCH_DIR = "search"  # the Tune experiment's folder in the run folder
 
 
 def run_search(spec: RunSpec, space: PerLayerSpace, baseline_path: Path, run_storage: str | Path, *,
-               log: Log = print, resume: bool = False) -> list[dict[str, Any]]:
+               log: Log = print, resume: bool = False,
+               starts: Sequence[Sequence[float]] = ()) -> list[dict[str, Any]]:
     """Ray Tune search with ASHA; returns one record per trial (values, last metrics, status, error).
 
     ``run_storage``: the run folder, or its URI for a remote storage.path; the experiment goes to its search/.
+    ``starts``: proposals every searcher makes right after the uniform one (the learner's knapsack allocation).
     ``resume``: continue the search saved in ``run_storage/search`` (``pf-ray resume``): finished trials are kept,
     unfinished ones continue from their last checkpoint (or start again), and the searcher's state (DDPG agent
     and replay buffer, GP observations, TPE history) is restored from Tune's experiment checkpoint.
@@ -48,8 +50,8 @@ def run_search(spec: RunSpec, space: PerLayerSpace, baseline_path: Path, run_sto
     config = spec.experiment
     search = config.search
     max_epochs = search_epochs(config)
-    searcher, param_space = make_searcher(search.algorithm, space, metric=SCORE, mode="max",
-                                          seed=search.seed, num_trials=search.num_trials, max_epochs=max_epochs)
+    searcher, param_space = make_searcher(search.algorithm, space, metric=SCORE, mode="max", seed=search.seed,
+                                          num_trials=search.num_trials, max_epochs=max_epochs, starts=starts)
     concurrency = max_concurrent_trials(config, ray.cluster_resources().get("CPU", 1.0))
     reserve, cost = trial_cost(config)
     # Re-derived from the cluster's CPUs before each new trial: nodes that join (autoscaling) raise it.

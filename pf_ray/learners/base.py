@@ -58,6 +58,15 @@ class SearchesPerLayer(Protocol):
 
 
 @runtime_checkable
+class ProposesStart(Protocol):
+    """A learner with a fast heuristic allocation under its budget, which every searcher proposes right after the
+    uniform candidate (so a search never ends worse than that heuristic)."""
+
+    def starting_proposal(self, model: nn.Module, data: DataBundle, space: PerLayerSpace) -> tuple[float, ...]:
+        """One value per layer of ``space``, within its box and its budget."""
+
+
+@runtime_checkable
 class CountsSteps(Protocol):
     def set_total_steps(self, total_steps: int) -> None:
         """Told the run's optimiser steps before training (``train.fit``'s ``on_start``), for schedules that span
@@ -87,7 +96,7 @@ class RebuildsFinalized(Protocol):
         ``load_checkpoint`` calls it for checkpoints naming the learner, so export and verify need no data."""
 
 
-OPTIONAL_HOOKS = (SearchesPerLayer, CountsSteps, PacksWeights, WritesInt8Files, RebuildsFinalized)
+OPTIONAL_HOOKS = (SearchesPerLayer, ProposesStart, CountsSteps, PacksWeights, WritesInt8Files, RebuildsFinalized)
 
 
 class PerLayerMode(enum.StrEnum):

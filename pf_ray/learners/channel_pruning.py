@@ -6,29 +6,29 @@ The criteria, the modes and group fine-tuning: docs/design.md, "Channel pruning"
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import nn
 
-from pf_ray.config import Budget, SearchConfig
+from pf_ray.config import Budget, SearchConfig, read_values_file
 from pf_ray.data import DataBundle
 from pf_ray.errors import ConfigError
 from pf_ray.learners.base import PerLayerMode, check_per_layer_mode
 from pf_ray.ops.channel_groups import prunable_groups, require_prunable_groups
+from pf_ray.ops.importance import taylor_importance
+from pf_ray.ops.knapsack import greedy_allocation
 from pf_ray.ops.latency_budget import LatencyBudget, TargetLatency
 from pf_ray.ops.macs_budget import MacsBudget, macs_table
-from pf_ray.ops.pruning import CRITERIA, KEEP_RATIOS_FIELD, prune_channels_
+from pf_ray.ops.pruning import CRITERIA, KEEP_RATIOS_FIELD, kept_channel_count, prune_channels_
 from pf_ray.registry import LEARNERS
 from pf_ray.search_space import PerLayerSpace, layer_features
-from pf_ray.strict import check_choice, check_path, check_range
+from pf_ray.strict import check_choice, check_range
 from pf_ray.train import take_batches
 
 RATIOS_FILE_FIELD = "learner.options.ratios_file"
+IMPORTANCE_BATCHES = 4  # training batches (of 64) that the knapsack start's channel importance is measured on
 FEATURE_BATCH_SIZE = 64  # images per mini-batch for LASSO's feature sampling and for group fine-tuning
 
 
@@ -64,41 +64,7 @@ class ChannelPruningConfig:
         check_range("group_fine_tune_steps", self.group_fine_tune_steps, low=0)
         check_range("group_learning_rate", self.group_learning_rate, low=0.0, low_inclusive=False, high=1.0)
         if self.ratios_file is not None:
-            read_ratios_file(self.ratios_file)  # fail now, where the config is read, not in a trial
-
-
-def read_ratios_file(path: str) -> tuple[float, ...]:
-    """Keep ratios from a file: ``.json``/``.yaml``/``.yml`` holding a list of numbers, or any other file
-    holding numbers separated by spaces, commas or new lines (``#`` starts a comment)."""
-    check_path(RATIOS_FILE_FIELD, path)
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise ConfigError(f"{RATIOS_FILE_FIELD}: {path!r} does not exist (or is not a file)")
-    try:
-        text = file.read_text()
-    except (OSError, UnicodeDecodeError) as error:
-        raise ConfigError(f"{RATIOS_FILE_FIELD}: {path!r} is not readable text: {error}") from None
-    try:
-        if file.suffix.lower() == ".json":
-            values = json.loads(text)
-        elif file.suffix.lower() in (".yaml", ".yml"):
-            values = yaml.safe_load(text)
-        else:
-            lines = (line.split("#", 1)[0] for line in text.splitlines())
-            values = [float(token) for line in lines for token in line.replace(",", " ").split()]
-    except (ValueError, yaml.YAMLError) as error:
-        raise ConfigError(f"{RATIOS_FILE_FIELD}: {path!r} is not a list of numbers: {error}") from None
-    if not isinstance(values, list) or not values:
-        held = "nothing" if values in ([], None) else type(values).__name__
-        raise ConfigError(f"{RATIOS_FILE_FIELD}: {path!r} holds {held}; expected a list of numbers")
-    ratios = []
-    for index, value in enumerate(values):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
-            raise ConfigError(
-                f"{RATIOS_FILE_FIELD}: value {index} of {path!r} is {value!r}; allowed: numbers in (0, 1]"
-            )
-        ratios.append(float(value))
-    return tuple(ratios)
+            read_values_file(self.ratios_file, RATIOS_FILE_FIELD)  # fail now, where the config is read, not in a trial
 
 
 def search_dimensions(model: nn.Module, input_shape: tuple[int, int, int]) -> list[str]:
@@ -144,6 +110,20 @@ class ChannelPruning:
                              budget=budget, features=layer_features(model, input_shape, table.names),
                              label="keep ratio")
 
+    def starting_proposal(self, model: nn.Module, data: DataBundle, space: PerLayerSpace) -> tuple[float, ...]:
+        """The knapsack start: each channel's first-order Taylor importance on a few training batches against its
+        cost under ``space``'s budget (MACs or predicted latency), filled greedily (``ops.knapsack``)."""
+        groups = prunable_groups(model, data.input_shape)
+        batches = take_batches(data.train, FEATURE_BATCH_SIZE, IMPORTANCE_BATCHES, seed=self.config.seed)
+        importance = taylor_importance(model, groups, batches)
+        sizes = [group.num_channels for group in groups]
+        round_to, low = self.config.round_to, self.config.min_keep_ratio
+        kept = greedy_allocation([score.numpy() for score in importance],
+                                 lambda counts: space.budget.cost([k / n for k, n in zip(counts, sizes, strict=True)]),
+                                 space.budget.target, round_to=round_to,
+                                 min_counts=[kept_channel_count(n, low, round_to) for n in sizes])
+        return tuple(k / n for k, n in zip(kept, sizes, strict=True))
+
     def prepare(self, model: nn.Module, data: DataBundle) -> nn.Module:
         config = self.config
         names = self._groups(model, data.input_shape)
@@ -176,7 +156,7 @@ class ChannelPruning:
     def _keep_ratios(self, num_groups: int) -> tuple[float, ...]:
         config = self.config
         if config.mode == PerLayerMode.LIST and config.ratios_file is not None:
-            ratios = read_ratios_file(config.ratios_file)
+            ratios = read_values_file(config.ratios_file, RATIOS_FILE_FIELD)
             if len(ratios) != num_groups:
                 raise ConfigError(
                     f"{RATIOS_FILE_FIELD}: {config.ratios_file!r} holds {len(ratios)} ratios; "

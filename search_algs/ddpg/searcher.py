@@ -60,8 +60,9 @@ class DDPGSearcher(PerLayerSearcher):
     columns read the same way for every learner; suggestions are mirrored back.
 
     The first suggestion is the uniform candidate at the budget (the largest single value every layer can share),
-    the classic baseline every searcher starts from; it counts as the first warm-up episode. The next warm-up
-    episodes are uniformly random, then the actor with truncated normal noise decaying geometrically.
+    the classic baseline every searcher starts from; it counts as the first warm-up episode. The ``starts`` (the
+    learner's heuristic allocations, e.g. the knapsack) come next, as warm-up episodes with fixed actions; the
+    remaining warm-up episodes are uniformly random, then the actor with truncated normal noise decaying geometrically.
 
     Several trials may be in flight: each trial's episode (states, actions) is kept by trial id until the trial
     completes. What a completed trial teaches the agent (``outcomes`` records it per trial id):
@@ -101,7 +102,7 @@ class DDPGSearcher(PerLayerSearcher):
 
     def __init__(self, space: PerLayerSpace, *, metric: str | None = None, mode: str | None = None, seed: int = 0,
                  num_warmup: int | None = None, num_trials: int | None = None,
-                 max_epochs: int | None = None) -> None:
+                 max_epochs: int | None = None, starts: Sequence[Sequence[float]] = ()) -> None:
         for name, value in (("num_warmup", num_warmup), ("num_trials", num_trials), ("max_epochs", max_epochs)):
             if value is not None and (not isinstance(value, int) or value < (0 if name == "num_warmup" else 1)):
                 raise ValueError(f"DDPGSearcher: {name} must be an integer >= {0 if name == 'num_warmup' else 1} "
@@ -109,7 +110,7 @@ class DDPGSearcher(PerLayerSearcher):
         if space.features and len(space.features) != len(space.names):
             raise ValueError(f"DDPGSearcher: space.features has {len(space.features)} rows; expected one per layer "
                              f"({len(space.names)})")
-        super().__init__(space, metric=metric, mode=mode)
+        super().__init__(space, metric=metric, mode=mode, starts=starts)
         self._max_epochs = max_epochs
         self._static = _normalised_features(space)  # (layers, static columns)
         # The agent acts on values whose cost grows with them (keep ratios, bits). A budget that falls as the
@@ -148,10 +149,14 @@ class DDPGSearcher(PerLayerSearcher):
 
     def suggest(self, trial_id: str) -> dict[str, float]:
         self._require_metric_and_mode("suggest()")
-        uniform = self.agent.episodes_started == 0 and self.agent.config.num_warmup > 0
+        episode = self.agent.episodes_started  # the first ones: uniform, then the starts (as warm-up episodes)
+        fixed = None
+        if episode < min(len(self._first_points), self.agent.config.num_warmup):
+            fixed = [self._uniform_value()] * len(self._keys) if episode == 0 else self._agent_values(
+                self._first_points[episode])
         self.agent.start_episode()
         with _one_torch_thread():
-            states, actions = self._roll_out(self._uniform_value() if uniform else None)
+            states, actions = self._roll_out(fixed)
         self._pending[trial_id] = (states, actions)
         self._history[trial_id] = {}
         values = actions.tolist()
@@ -234,8 +239,9 @@ class DDPGSearcher(PerLayerSearcher):
     # ----------------------------------------------------------------------------------------------------------
     # Episodes.
 
-    def _roll_out(self, fixed_value: float | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """One episode: (states (layers, state_size), clipped actions (layers,)). ``fixed_value``: act with it."""
+    def _roll_out(self, fixed: Sequence[float] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One episode: (states (layers, state_size), clipped actions (layers,)). ``fixed``: the actions to take,
+        one per layer (in the agent's, possibly mirrored, values), instead of the actor's."""
         space, budget = self._space, self._budget
         layers = len(self._keys)
         chosen: list[float] = []
@@ -248,13 +254,18 @@ class DDPGSearcher(PerLayerSearcher):
                 lowest = budget.cost(chosen + [space.low] * (layers - t))
                 columns += [removed / self._full_cost, lowest / self._full_cost]
             state = torch.tensor([*columns, previous], dtype=torch.float32)
-            action = fixed_value if fixed_value is not None else self.agent.act(state)
+            action = fixed[t] if fixed is not None else self.agent.act(state)
             if budget is not None:  # keep the target reachable with every later layer at space.low
                 action = _largest_within(budget, space.low, action, head=chosen, tail=[space.low] * (layers - t - 1))
             chosen.append(action)
             states.append(state)
             previous = (action - space.low) / (space.high - space.low)
         return torch.stack(states), torch.tensor(chosen, dtype=torch.float64)
+
+    def _agent_values(self, values: Sequence[float]) -> list[float]:
+        """A proposal in the agent's values: mirrored where the budget falls as the values grow."""
+        space = self._space
+        return [space.low + space.high - v if self._mirrored else v for v in values]
 
     def _uniform_value(self) -> float:
         """The largest value every layer can share within the budget (space.high without a budget)."""

@@ -10,12 +10,13 @@ import pytest
 import torch
 from torch import nn
 
+from pf_ray.config import read_values_file
 from pf_ray.errors import ConfigError, ModelError
 from pf_ray.learners import channel_pruning
 from pf_ray.learners.channel_pruning import (
+    RATIOS_FILE_FIELD,
     ChannelPruning,
     ChannelPruningConfig,
-    read_ratios_file,
     search_dimensions,
 )
 from pf_ray.strict import from_dict
@@ -160,7 +161,7 @@ def test_modes_uniform_list_and_auto():
 def test_mode_list_reads_a_ratios_file(tmp_path, file_name, text):
     path = tmp_path / file_name
     path.write_text(text)
-    assert read_ratios_file(str(path)) == tuple(RATIOS)
+    assert read_values_file(str(path), RATIOS_FILE_FIELD) == tuple(RATIOS)
     names = search_dimensions(_resnet20(), SHAPE)
     assert _kept({"mode": "list", "ratios_file": str(path)}) == {
         name: round(n * r) for name, n, r in zip(names, SIZES, RATIOS, strict=True)
@@ -234,3 +235,17 @@ def test_group_fine_tuning_prunes_one_group_at_a_time_and_trains_in_between(monk
     again = ChannelPruning(config).prepare(_small_net(), _data())
     assert model.state_dict().keys() == again.state_dict().keys()
     assert all(torch.equal(value, again.state_dict()[key]) for key, value in model.state_dict().items())
+
+
+def test_the_knapsack_start_meets_the_budget_within_the_box_and_is_not_uniform():
+    from pf_ray.config import SearchConfig
+
+    model, data = _resnet20(), _data()
+    learner = ChannelPruning(ChannelPruningConfig(round_to=4))
+    space = learner.search_space(model, SHAPE, SearchConfig(target_macs_ratio=0.4))
+    start = learner.starting_proposal(model, data, space)
+    assert len(start) == len(space.names) and all(space.low <= v <= space.high for v in start)
+    assert space.budget.cost(start) <= 0.4 and space.budget.cost(start) > 0.3  # spent, not wasted
+    assert len(set(start)) > 2  # importance against cost, group by group: not one ratio everywhere
+    assert space.project(start) == pytest.approx(start, abs=0.13)  # a trial's projection barely moves it
+    assert learner.starting_proposal(model, data, space) == start  # seeded batches: the same start again

@@ -178,7 +178,7 @@ def test_a_budget_that_falls_as_values_grow_is_searched_through_a_mirror():
 def test_state_columns_describe_the_layer_and_the_budget_spent():
     searcher = _searcher()
     searcher.agent.start_episode()
-    states, actions = searcher._roll_out(0.5)
+    states, actions = searcher._roll_out([0.5] * len(searcher._keys))
     # 7 feature columns / their max, then cost removed so far, lowest cost reachable, previous action in [0, 1].
     assert states.shape == (4, 7 + 2 + 1)
     assert states[:, :7].max() == 1.0 and states[3, 6] == 1.0 and states[0, 6] == 0.25

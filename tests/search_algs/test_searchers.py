@@ -12,6 +12,7 @@ import pytest
 from ray.tune.search import Searcher
 
 from pf_ray.search_space import PerLayerSpace
+from search_algs.ddpg.searcher import DDPGSearcher
 
 METRIC = "accuracy"
 MODE = "max"
@@ -35,33 +36,34 @@ def small_space(layers: int = 4) -> PerLayerSpace:
                          budget=MeanBudget(), features=features)
 
 
-def make_tpe(space: PerLayerSpace, seed: int) -> Searcher:
+def make_tpe(space: PerLayerSpace, seed: int, starts: Sequence[Sequence[float]] = ()) -> Searcher:
     from search_algs.tpe import make_tpe
 
-    return make_tpe(space, metric=METRIC, mode=MODE, seed=seed, num_trials=12)
+    return make_tpe(space, metric=METRIC, mode=MODE, seed=seed, num_trials=12, starts=starts)
 
 
-def make_random(space: PerLayerSpace, seed: int) -> Searcher:
+def make_random(space: PerLayerSpace, seed: int, starts: Sequence[Sequence[float]] = ()) -> Searcher:
     from search_algs.random_search import RandomSearcher
 
-    return RandomSearcher(space, metric=METRIC, mode=MODE, seed=seed)
+    return RandomSearcher(space, metric=METRIC, mode=MODE, seed=seed, starts=starts)
 
 
-def make_ddpg(space: PerLayerSpace, seed: int) -> Searcher:
+def make_ddpg(space: PerLayerSpace, seed: int, starts: Sequence[Sequence[float]] = ()) -> Searcher:
     from search_algs.ddpg.searcher import DDPGSearcher
 
     return DDPGSearcher(space, metric=METRIC, mode=MODE, seed=seed, num_warmup=3, num_trials=12,
-                        max_epochs=MAX_EPOCHS)
+                        max_epochs=MAX_EPOCHS, starts=starts)
 
 
-def make_gp(space: PerLayerSpace, seed: int) -> Searcher:
+def make_gp(space: PerLayerSpace, seed: int, starts: Sequence[Sequence[float]] = ()) -> Searcher:
     from search_algs.gp import GPSearcher
 
-    return GPSearcher(space, metric=METRIC, mode=MODE, seed=seed)
+    return GPSearcher(space, metric=METRIC, mode=MODE, seed=seed, starts=starts)
 
 
-# name -> factory(space, seed); every searcher here is seeded (same seed and results -> same suggestions).
-SEARCHERS: dict[str, Callable[[PerLayerSpace, int], Searcher]] = {
+# name -> factory(space, seed, starts=()); every searcher here is seeded (same seed and results -> same
+# suggestions).
+SEARCHERS: dict[str, Callable[..., Searcher]] = {
     "tpe": make_tpe,
     "random": make_random,
     "ddpg": make_ddpg,
@@ -70,7 +72,7 @@ SEARCHERS: dict[str, Callable[[PerLayerSpace, int], Searcher]] = {
 
 
 @pytest.fixture(params=sorted(SEARCHERS))
-def factory(request) -> Callable[[PerLayerSpace, int], Searcher]:
+def factory(request) -> Callable[..., Searcher]:
     return SEARCHERS[request.param]
 
 
@@ -155,6 +157,39 @@ def test_concurrent_suggestions_before_any_completion_are_distinct(factory):
     for i, config in reversed(list(enumerate(configs))):  # completions in another order than suggestions
         report(searcher, f"t{i}", config)
     check_config(searcher.suggest("t4"), space)
+
+
+def test_the_first_proposals_are_the_uniform_point_then_the_starts(factory):
+    """The classic baseline, then the learner's heuristic (the knapsack allocation), before any searcher's own
+    suggestion: a search never ends worse than either."""
+    space = small_space()
+    knapsack = (0.9, 0.3, 0.5, 0.2)  # within the box [0.2, 1] and the mean budget of 0.5 (0.475)
+    searcher = factory(space, 5, starts=[knapsack])
+    first, second = searcher.suggest("t0"), searcher.suggest("t1")
+    if isinstance(searcher, DDPGSearcher):  # DDPG acts within the budget: the largest value all layers can share
+        assert len(set(first.values())) == 1 and space.budget.cost(list(first.values())) <= space.budget.target
+    else:
+        assert first == {key: space.high for key in space.keys()}
+    assert [second[key] for key in space.keys()] == pytest.approx(knapsack)
+    report(searcher, "t0", first)
+    report(searcher, "t1", second)
+    check_config(searcher.suggest("t2"), space)
+
+
+def test_the_knapsack_searcher_proposes_uniform_and_its_starts_then_ends():
+    from ray.tune.search import Searcher as TuneSearcher
+
+    from search_algs.knapsack import KnapsackSearcher
+
+    space = small_space()
+    searcher = KnapsackSearcher(space, metric=METRIC, mode=MODE, starts=[(0.9, 0.3, 0.5, 0.2)])
+    assert searcher.suggest("t0") == {key: 1.0 for key in space.keys()}
+    assert list(searcher.suggest("t1").values()) == [0.9, 0.3, 0.5, 0.2]
+    assert searcher.suggest("t2") == TuneSearcher.FINISHED
+    with pytest.raises(ValueError, match="needs a starting proposal"):
+        KnapsackSearcher(space, metric=METRIC, mode=MODE)
+    with pytest.raises(ValueError, match=r"a starting proposal needs 4 values in \[0\.2, 1\.0\]"):
+        KnapsackSearcher(space, metric=METRIC, mode=MODE, starts=[(0.9, 0.3)])
 
 
 def test_save_then_restore_into_a_fresh_searcher_continues_the_same_search(factory, tmp_path):
