@@ -79,12 +79,13 @@ def fit_table(macs: MacsTable, measure: Measure, plan: TablePlan = TablePlan(), 
     seen: dict[Kept, float] = {}
     training: list[Measured] = []
 
-    def run(kind: str, vectors: Sequence[Kept]) -> list[float]:
+    def run(kind: str, vectors: Sequence[Kept], held: frozenset[Kept] = frozenset()) -> list[float]:
         fresh = list(dict.fromkeys(v for v in vectors if v not in seen))
-        say(f"latency table: measuring {len(fresh)} {kind} candidates ({time.perf_counter() - started:.0f}s)")
+        note = f", {len(held)} of them held out" if held else ""
+        say(f"latency table: measuring {len(fresh)} {kind} candidates{note} ({time.perf_counter() - started:.0f}s)")
         for vector, ms in zip(fresh, measure(fresh) if fresh else [], strict=True):
             seen[vector] = ms
-            if kind != "holdout":
+            if vector not in held:
                 training.append(Measured(vector, float(ms), kind))
         return [seen[v] for v in vectors]
 
@@ -102,13 +103,12 @@ def fit_table(macs: MacsTable, measure: Measure, plan: TablePlan = TablePlan(), 
     say(f"latency table: step {step} ({evidence['rule']})")
 
     randoms = [_random(sizes, rng, plan) for _ in range(plan.num_random + plan.num_holdout)]
-    holdout_set = set(randoms[plan.num_random:]) - set(randoms[: plan.num_random]) - set(seen)
+    held = frozenset(randoms[plan.num_random:]) - set(randoms[: plan.num_random]) - set(seen)
     order = list(dict.fromkeys(randoms))
-    rng.shuffle(order)  # training and held-out candidates timed in the same batches
-    fresh_training = [v for v in order if v not in holdout_set]
-    run("random", fresh_training)
-    holdout_vectors = sorted(holdout_set, key=order.index)
-    holdout_ms = run("holdout", holdout_vectors)
+    rng.shuffle(order)  # training and held-out candidates timed side by side, in the same batches
+    run("random", order, held)
+    holdout_vectors = [v for v in order if v in held]
+    holdout_ms = [seen[v] for v in holdout_vectors]
 
     reference = fields.pop("reference_ms", full_ms)
     layout = Layout.of(macs.layers, sizes)
@@ -118,6 +118,7 @@ def fit_table(macs: MacsTable, measure: Measure, plan: TablePlan = TablePlan(), 
     weights = fit_weights(layout.design(kept, choices[0].features), measured)
     predicted = layout.design(np.array(holdout_vectors, float), choices[0].features) @ weights
     errors = relative_errors(predicted, np.array(holdout_ms))
+    evidence["fitted_table"] = _fitted_step(layout, choices[0].features, weights, macs.names, sizes, plan)
     holdout = tuple(Measured(v, float(ms), "holdout", float(p))
                     for v, ms, p in zip(holdout_vectors, holdout_ms, predicted, strict=True))
     table = LatencyTable(
@@ -253,6 +254,22 @@ def _dense_groups(sizes: Kept, training: Sequence[Measured], plan: TablePlan) ->
             if group in moved:
                 moved[group] = max(moved[group], abs(full - m.ms))
     return sorted(moved, key=lambda g: (-moved[g], g))[: plan.dense_groups]
+
+
+def _fitted_step(layout: Layout, features: FeatureSet, weights: np.ndarray, names: Sequence[str], sizes: Kept,
+                 plan: TablePlan) -> dict[str, Any]:
+    """The step rule applied to the fitted table's in-context sweeps of every group of 8 channels or more, every
+    count (a check on the measured sweeps: the fit pools all measurements, so its sweeps carry less noise)."""
+    sweeps = {}
+    for g, n in enumerate(sizes):
+        if n >= 8:
+            counts = range(max(1, n - plan.dense_window + 1), n + 1)
+            predicted = layout.design(np.array([_with(sizes, g, c) for c in counts], float), features) @ weights
+            sweeps[names[g]] = dict(zip(counts, predicted.tolist(), strict=True))
+    step, evidence = step_from_sweeps(sweeps, {name: sizes[names.index(name)] for name in sweeps},
+                                      tolerance=plan.step_tolerance)
+    return {"step": step, "per_group": {name: record.get("step", record["shape"])
+                                        for name, record in evidence["sweeps"].items()}}
 
 
 def _choice_record(choice: Any) -> dict[str, Any]:

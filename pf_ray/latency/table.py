@@ -124,7 +124,8 @@ class LatencyTable:
         return table
 
     def summary(self) -> str:
-        return (f"{self.target.get('runtime')} {self.target.get('precision')}: unpruned {self.full_ms:.3f} ms "
+        where = " ".join(str(self.target[key]) for key in ("runtime", "precision") if key in self.target)
+        return (f"{where or 'target'}: unpruned {self.full_ms:.3f} ms "
                 f"(FP32 ONNX Runtime {self.reference_ms:.3f} ms); {len(self.training)} + {len(self.holdout)} "
                 f"measurements; held-out error median {100 * self.median_error:.1f}%, largest "
                 f"{100 * self.max_error:.1f}%; step {self.step}; {self.features.describe()}")
