@@ -23,16 +23,16 @@ def small(channels: int) -> nn.Module:
 
 
 def test_latency_is_measured_once_per_architecture(tmp_path, monkeypatch) -> None:
-    from pf_ray.export import verify  # latency_ms imports measure_latency from here when it runs
+    from pf_ray.latency import measure  # latency_ms times its sessions with time_sessions
 
     calls = []
-    measure = verify.measure_latency
+    time_sessions = measure.time_sessions
 
     def counting(*args, **kwargs):
         calls.append(args[2])
-        return measure(*args, **kwargs)
+        return time_sessions(*args, **kwargs)
 
-    monkeypatch.setattr(verify, "measure_latency", counting)
+    monkeypatch.setattr(measure, "time_sessions", counting)
     first = latency_module.latency_ms(small(8), (1, 8, 8), folder=tmp_path)
     again = latency_module.latency_ms(small(8), (1, 8, 8), folder=tmp_path)  # new weights, same shapes
     wider = latency_module.latency_ms(small(32), (1, 8, 8), folder=tmp_path)

@@ -1,0 +1,131 @@
+"""``LatencyTable``: a model's latency on one target as a function of channel pruning's per-group kept counts.
+
+Plain data (numbers, tuples, the ``MacsTable``'s layer records; no torch module), so searchers carry it to the Ray
+driver and it round-trips through JSON (the cache). ``predict`` composes the fitted per-layer and per-group terms
+(``pf_ray.latency.features``) in microseconds; ``predict_many`` does thousands of candidates in one numpy call.
+The measurements it was fitted on, the held-out candidates it never saw (measured and predicted) and its errors
+on them travel with it.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pf_ray.errors import ConfigError
+from pf_ray.latency.features import FeatureSet, Layout
+from pf_ray.ops.channel_groups import LayerMacs
+from pf_ray.ops.pruning import kept_channel_count
+
+
+@dataclass(frozen=True)
+class Measured:
+    """One measured candidate: its kept count per group, its median latency (ms, normalised to the unpruned
+    model measured in the same batch) and why it was measured: "full", "sweep" (one group changed), "dense"
+    (one group at every count of a window, for the step), "random" (training) or "holdout"."""
+
+    kept: tuple[int, ...]
+    ms: float
+    kind: str
+    predicted: float | None = None  # holdout only: the fitted table's prediction
+
+
+@dataclass(frozen=True, eq=False)
+class LatencyTable:
+    names: tuple[str, ...]  # prunable groups, in the MacsTable's order
+    sizes: tuple[int, ...]  # channels per group, unpruned
+    layers: tuple[LayerMacs, ...]  # the MacsTable's conv/linear calls
+    features: FeatureSet
+    weights: tuple[float, ...]  # one per column of Layout.design (column 0: the base, ms)
+    step: int  # the channel multiple at which latency steps on this target: what round_to "auto" uses
+    step_evidence: dict[str, Any]  # how ``step`` was decided (see pf_ray.latency.steps)
+    full_ms: float  # the unpruned model on the target, measured
+    reference_ms: float  # the unpruned model in FP32 ONNX Runtime (target's threads and batch), side by side
+    target: dict[str, Any]  # runtime, precision, threads, batch_size
+    environment: dict[str, Any]  # CPU model name and kernel flags, runtime and torch versions
+    training: tuple[Measured, ...]  # every measurement the fit saw
+    holdout: tuple[Measured, ...]  # random candidates the fit never saw, with their predictions
+    median_error: float  # relative, on the holdout
+    max_error: float
+    cross_validation: tuple[dict[str, Any], ...] = ()  # the feature sets tried: CV errors, best first
+    build_seconds: float = 0.0
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    # ---- prediction
+
+    @functools.cached_property
+    def layout(self) -> Layout:
+        return Layout.of(self.layers, self.sizes)
+
+    @functools.cached_property
+    def _weights(self) -> np.ndarray:
+        return np.asarray(self.weights, float)
+
+    def predict(self, kept: Sequence[int]) -> float:
+        """Milliseconds for a batch of ``target.batch_size`` on the target, with ``kept[i]`` channels in group i."""
+        self._check(kept)
+        return float(self.layout.design(np.asarray(kept, float)[None, :], self.features)[0] @ self._weights)
+
+    def predict_many(self, kept: np.ndarray | Sequence[Sequence[int]]) -> np.ndarray:
+        """``predict`` for every row of a (candidates, groups) array, in one call."""
+        kept = np.atleast_2d(np.asarray(kept, float))
+        return self.layout.design(kept, self.features) @ self._weights
+
+    def predict_ratios(self, keep_ratios: Sequence[float], round_to: int) -> float:
+        """``predict`` of the counts ``prune_channels_(..., keep_ratios, round_to=round_to)`` keeps."""
+        if len(keep_ratios) != len(self.sizes):
+            raise ConfigError(f"keep_ratios: got {len(keep_ratios)} values; expected {len(self.sizes)}")
+        return self.predict([kept_channel_count(n, r, round_to) for n, r in zip(self.sizes, keep_ratios,
+                                                                                  strict=True)])
+
+    def speedup(self, kept: Sequence[int]) -> float:
+        """The reference (unpruned, FP32 ONNX Runtime) latency over the predicted latency of ``kept``."""
+        return self.reference_ms / self.predict(kept)
+
+    def _check(self, kept: Sequence[int]) -> None:
+        if len(kept) != len(self.sizes):
+            raise ConfigError(f"kept: got {len(kept)} counts; expected {len(self.sizes)}, one per group "
+                              f"({', '.join(self.names[:3])}{', ...' if len(self.names) > 3 else ''})")
+        for index, (count, size) in enumerate(zip(kept, self.sizes, strict=True)):
+            if not 1 <= count <= size:
+                raise ConfigError(f"kept[{index}] ({self.names[index]}): got {count}; allowed range is [1, {size}]")
+
+    # ---- JSON (the cache)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        data["layers"] = [asdict(layer) for layer in self.layers]
+        data["features"] = asdict(self.features)
+        data["training"] = [asdict(m) for m in self.training]
+        data["holdout"] = [asdict(m) for m in self.holdout]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LatencyTable:
+        data = dict(data)
+        data["names"], data["sizes"] = tuple(data["names"]), tuple(data["sizes"])
+        data["weights"] = tuple(float(w) for w in data["weights"])
+        data["layers"] = tuple(LayerMacs(**{**layer, "in_members": [tuple(m) for m in layer["in_members"]],
+                                            "out_members": [tuple(m) for m in layer["out_members"]]})
+                               for layer in data["layers"])
+        data["features"] = FeatureSet(**{**data["features"], "aligns": tuple(data["features"]["aligns"])})
+        for kind in ("training", "holdout"):
+            data[kind] = tuple(Measured(**{**m, "kept": tuple(m["kept"])}) for m in data[kind])
+        data["cross_validation"] = tuple(data.get("cross_validation", ()))
+        table = cls(**data)
+        expected = table.layout.design(np.ones((1, len(table.sizes))), table.features).shape[1]
+        if len(table.weights) != expected or not all(math.isfinite(w) for w in table.weights):
+            raise ValueError(f"a latency table with {len(table.weights)} weights; its features need {expected}")
+        return table
+
+    def summary(self) -> str:
+        where = " ".join(str(self.target[key]) for key in ("runtime", "precision") if key in self.target)
+        return (f"{where or 'target'}: unpruned {self.full_ms:.3f} ms "
+                f"(FP32 ONNX Runtime {self.reference_ms:.3f} ms); {len(self.training)} + {len(self.holdout)} "
+                f"measurements; held-out error median {100 * self.median_error:.1f}%, largest "
+                f"{100 * self.max_error:.1f}%; step {self.step}; {self.features.describe()}")
