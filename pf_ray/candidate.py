@@ -33,7 +33,7 @@ from pf_ray.metrics import (
     finite_number,
     model_stats,
 )
-from pf_ray.ops.latency_budget import TargetLatency
+from pf_ray.ops.latency_budget import LatencySource
 from pf_ray.search_space import PerLayerSpace
 from pf_ray.spec import RunSpec
 from pf_ray.train import Report, evaluate, fit, recalibrate_batchnorm, subset
@@ -42,7 +42,7 @@ LATENCY_EXPONENT = -0.07  # MnasNet's soft-constraint exponent: 2x over the targ
 
 
 def search_space(spec: RunSpec, model: nn.Module, input_shape: tuple[int, int, int],
-                 latency: TargetLatency | None = None) -> PerLayerSpace | None:
+                 latency: LatencySource | None = None) -> PerLayerSpace | None:
     """The learner's per-layer search space on ``model``, or None for a learner (or mode) with nothing to search.
     ``latency``: the deployment target's latency table, for ``search.budget: latency``."""
     learner = spec.build_learner()

@@ -25,8 +25,10 @@ from pf_ray.metrics import (
     LATENCY_MS,
     LAYER_VALUES,
     MACS_RATIO,
+    PREDICTED_MS,
     PROXY_ACCURACY,
     SCORE,
+    TARGET_MS,
     TRIAL_METRICS,
     finite_number,
 )
@@ -66,6 +68,7 @@ class RunRecord:
     artifacts: list[dict[str, Any]] = field(default_factory=list)
     seconds: float | None = None
     guard_failures: list[str] = field(default_factory=list)  # artifacts that lost too much accuracy on export
+    target: dict[str, Any] = field(default_factory=dict)  # results.json's target section (measured on it)
 
 
 def load_run(run_dir: str | Path) -> RunRecord:
@@ -98,7 +101,26 @@ def load_run(run_dir: str | Path) -> RunRecord:
                      _ordered(list(search.get("trials") or [])), best, list(search.get("layer_names") or []),
                      [float(v) for v in chosen or []], search.get("value_label") or "value",
                      list(results.get("artifacts") or []), results.get("seconds"),
-                     list((results.get("accuracy_guard") or {}).get("failures") or []))
+                     list((results.get("accuracy_guard") or {}).get("failures") or []),
+                     dict(results.get("target") or {}))
+
+
+def target_summary(target: dict[str, Any]) -> str:
+    """A run's last word on speed (results.json's ``target`` section): target vs achieved speed-up, measured on the
+    deployment target side by side with the FP32 ONNX Runtime original."""
+    if not target.get("measured"):
+        return f"target: not measured ({target.get('why', 'no target section')})"
+    threads = target["threads"]
+    where = (f"{target['runtime']} {target['precision']}, {threads} thread{'s' if threads > 1 else ''}, "
+             f"batch {target['batch_size']}")
+    cpu = target["cpu"]
+    wanted = f"target {target['target_speedup']:g}x, " if target.get("target_speedup") else ""
+    predicted = (f"; the latency table predicted {target['predicted_speedup']:.2f}x"
+                 if target.get("predicted_speedup") else "")
+    return (f"target ({where}; {cpu['model_name']}, {' '.join(cpu['kernel_flags'])}): {wanted}achieved "
+            f"{target['speedup']:.2f}x over the FP32 ONNX Runtime original ({target['reference_ms']:.3f} -> "
+            f"{target['compressed_ms']:.3f} ms; the original on the target alone: "
+            f"{target['baseline_speedup']:.2f}x){predicted}")
 
 
 def write_report(run_dir: str | Path) -> tuple[Path, Path]:
@@ -236,6 +258,9 @@ def _pareto_png(record: RunRecord) -> bytes | None:
     axes_keys = [(MACS_RATIO, "MACs ratio (of the baseline)")]
     if any(finite_number(t.get(LATENCY_MS)) is not None for t in record.trials):
         axes_keys.append((LATENCY_MS, "latency (ms)"))
+    if any(finite_number(t.get(TARGET_MS)) is not None for t in record.trials):
+        where = " ".join(str(record.target.get(key, "")) for key in ("runtime", "precision")).strip()
+        axes_keys.append((TARGET_MS, f"latency on the target (ms, {where or 'measured'})"))
     figure, axes = _figure(5.5 * len(axes_keys), 4.2, len(axes_keys))
     plotted = False
     for ax, (key, label) in zip(axes, axes_keys, strict=True):
@@ -338,13 +363,16 @@ def _artifact_table(artifacts: list[dict[str, Any]]) -> tuple[list[str], list[li
 
 
 def _trial_table(record: RunRecord) -> tuple[list[str], list[list[str]]]:
-    headers = ["#", "trial", "score", "accuracy", "MACs ratio", "epochs", "status"]
+    timed = [key for key in (TARGET_MS, PREDICTED_MS) if any(t.get(key) is not None for t in record.trials)]
+    names = {TARGET_MS: "target ms (measured)", PREDICTED_MS: "target ms (table)"}
+    headers = ["#", "trial", "score", "accuracy", "MACs ratio", *(names[key] for key in timed), "epochs", "status"]
     rows = []
     for number, trial in enumerate(record.trials, start=1):
         chosen = record.best and trial["trial_id"] == record.best.get("trial_id")
         status = ("chosen" if record.finished else "best so far") if chosen else "ok"
         rows.append([str(number), str(trial["trial_id"]), _fmt(trial.get("score")), _fmt(_accuracy(trial)),
-                     _fmt(trial.get("macs_ratio"), "{:.3f}"), _fmt(trial.get("epoch"), "{:.0f}"),
+                     _fmt(trial.get("macs_ratio"), "{:.3f}"), *(_fmt(trial.get(key), "{:.3f}") for key in timed),
+                     _fmt(trial.get("epoch"), "{:.0f}"),
                      f"failed: {trial['error']}" if trial.get("error") else status])
     return headers, rows
 
@@ -359,6 +387,11 @@ def _blocks(record: RunRecord, figures: dict[str, bytes]) -> list[Block]:
                          "(ONNX Runtime for .onnx/.ort, ExecuTorch for .pte); speed-up is against the baseline "
                          "FP32 ONNX model. Latency depends on the machine that measured it."),
                    ("table", *_artifact_table(record.artifacts))]
+        if record.target:
+            blocks += [("h2", "Deployment target"),
+                       ("p", target_summary(record.target) + ". The reference, the original and the compressed "
+                             "model (its shipped file), and every scored search candidate were timed side by side "
+                             "in interleaved rounds on this machine.")]
         blocks += [("warn", f"Accuracy guard failed: {failure}") for failure in record.guard_failures]
     else:
         blocks.append(("warn", "The run did not finish (no results.json): only the search is shown, rebuilt "

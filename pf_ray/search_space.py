@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from torch import nn
 
@@ -28,6 +28,14 @@ class Budget(Protocol):
     def cost(self, values: Sequence[float]) -> float: ...
 
     def project(self, values: Sequence[float]) -> tuple[float, ...]: ...
+
+
+@runtime_checkable
+class KeepsChannels(Protocol):
+    """A budget over channel keep ratios (channel pruning's): the kept channel counts of a vector, per group in
+    ``ops.macs_budget.macs_table``'s order, which is all a candidate's latency depends on."""
+
+    def kept(self, values: Sequence[float]) -> list[int]: ...
 
 
 # Columns of PerLayerSpace.features (the static part of the DDPG agent's per-layer state).

@@ -182,16 +182,24 @@ class CandidateTimer:
         return float(np.median(self.references)) if self.references else float("nan")
 
     def _pruned(self, kept: Kept) -> nn.Module:
-        candidate = copy.deepcopy(self.model)
-        got = prune_channels_(candidate, self.shape, [c / n for c, n in zip(kept, self.sizes, strict=True)],
-                              round_to=1, criterion="l1")
-        if tuple(got.values()) != tuple(kept):
-            raise ModelError(f"pruning kept {tuple(got.values())} channels; asked for {kept}")
-        return candidate
+        return pruned_copy(self.model, self.shape, kept, self.sizes)
 
     def close(self) -> None:
         self._anchors.clear()
         self._work.cleanup()
+
+
+def pruned_copy(model: nn.Module, input_shape: Sequence[int], kept: Sequence[int],
+                sizes: Sequence[int] | None = None) -> nn.Module:
+    """A copy of ``model`` with ``kept[i]`` channels in prunable group i (L1 criterion: which channels go does not
+    change latency). ``sizes``: the groups' channels, if known (else traced)."""
+    sizes = tuple(sizes) if sizes is not None else tuple(macs_table(model, input_shape).sizes)
+    candidate = copy.deepcopy(model)
+    got = prune_channels_(candidate, input_shape, [c / n for c, n in zip(kept, sizes, strict=True)], round_to=1,
+                          criterion="l1")
+    if tuple(got.values()) != tuple(kept):
+        raise ModelError(f"pruning kept {tuple(got.values())} channels; asked for {tuple(kept)}")
+    return candidate
 
 
 def latency_table(model: nn.Module, input_shape: Sequence[int], target: TargetConfig, *,

@@ -22,9 +22,10 @@ from pf_ray.launch.cluster import check_storage, cpu_count, ray_for
 from pf_ray.launch.preflight import Prepared, preflight
 from pf_ray.launch.retrain import retrain
 from pf_ray.launch.search import choose_best, run_search, search_epochs
+from pf_ray.launch.target import measure_on_target, run_latency, save_table
 from pf_ray.learners.base import ProposesStart
 from pf_ray.metrics import ACCURACY, LAYER_VALUES, MACS_RATIO, model_stats
-from pf_ray.report import COMMAND_FILE, SPACE_FILE, write_report
+from pf_ray.report import COMMAND_FILE, SPACE_FILE, target_summary, write_report
 from pf_ray.search_space import PerLayerSpace
 from pf_ray.spec import RunSpec
 from pf_ray.storage import is_remote, upload, write_run_config
@@ -46,6 +47,8 @@ def compress(config: ExperimentConfig, *, log: Log = print, command: str | None 
         write_run_config(run_dir, to_dict(prepared.config))
         if command:
             atomic_write(run_dir / COMMAND_FILE, command + "\n")
+        if prepared.latency is not None:  # the budget this run projects onto, for a resume anywhere
+            save_table(run_dir, prepared.latency)
         upload(run_dir, run_storage)
         log(f"run folder: {run_dir}" + (f" (uploaded to {run_storage})" if run_storage != str(run_dir) else ""))
         return run_stages(prepared, log=log, command=command, started=started, resume=False)
@@ -65,7 +68,8 @@ def run_stages(prepared: Prepared, *, log: Log, command: str | None, started: fl
         baseline, baseline_info = load_checkpoint(baseline_path, expect_input_shape=data.input_shape,
                                                   expect_num_classes=data.num_classes, user_model=config.model.name)
 
-        space = search_space(spec, baseline, data.input_shape)
+        latency = prepared.latency or run_latency(run_dir, config, baseline, data.input_shape, log=log)
+        space = search_space(spec, baseline, data.input_shape, (lambda: latency) if latency is not None else None)
         trials: list[dict[str, Any]] = []
         best: dict[str, Any] | None = None
         chosen = spec  # without a search: the learner config as configured
@@ -98,6 +102,9 @@ def run_stages(prepared: Prepared, *, log: Log, command: str | None, started: fl
         torch.set_num_threads(config.resources.num_cpus or cpu_count())
         reports = export_and_verify({"baseline": baseline, "compressed": model}, data, config, artifacts_dir,
                                     log=log, learner_model=LearnerModel("compressed", chosen.build_learner()))
+        target = measure_on_target(config, reports, baseline, data.input_shape, space=space, trials=trials,
+                                   chosen_values=best.get(LAYER_VALUES) if best else None, latency=latency,
+                                   log=log)
         results = {
             "command": command,
             "config": to_dict(config),
@@ -112,6 +119,7 @@ def run_stages(prepared: Prepared, *, log: Log, command: str | None, started: fl
             "compressed": {"checkpoint": str(artifacts_dir / "compressed.pt"),
                            **model_stats(model, data.input_shape).__dict__},
             "artifacts": reports,
+            "target": target,
             "accuracy_guard": {"max_accuracy_drop": config.export.max_accuracy_drop,
                                "failures": accuracy_guard(reports, config.export.max_accuracy_drop)},
             "seconds": round(time.time() - started, 1),
@@ -121,6 +129,7 @@ def run_stages(prepared: Prepared, *, log: Log, command: str | None, started: fl
         if results["accuracy_guard"]["failures"]:
             raise AccuracyGuardError("; ".join(results["accuracy_guard"]["failures"]))
         log(summary_table(results, config))
+        log(target_summary(target))
         log(f"artifacts: {artifacts_dir}")
         log(f"results:   {run_dir / 'results.json'}")
         log(f"report:    {report_html} (and {report_md.name})")

@@ -9,12 +9,14 @@ from pathlib import Path
 
 from pf_ray.candidate import search_space
 from pf_ray.checkpoint import load_checkpoint
-from pf_ray.config import ExperimentConfig
+from pf_ray.config import Budget, ExperimentConfig
 from pf_ray.data import DataBundle, load_data
 from pf_ray.errors import ConfigError
 from pf_ray.launch.baseline import cached_baseline
 from pf_ray.launch.cluster import cpu_count, max_concurrent_trials
+from pf_ray.launch.target import TableSource, check_target
 from pf_ray.models import absolute_model_name, build_model, run_name_prefix
+from pf_ray.ops.latency_budget import TargetLatency
 from pf_ray.spec import RunSpec
 from pf_ray.storage import RunLocation, exists, is_remote, run_location
 from trainables import get_trainable
@@ -30,6 +32,7 @@ class Prepared:
     data: DataBundle
     baseline_path: Path | None  # None: the baseline must be trained first
     location: RunLocation  # the local run folder, and where Ray writes search/ and retrain/
+    latency: TargetLatency | None = None  # search.budget latency: the target's latency table and reference
 
     @property
     def config(self) -> ExperimentConfig:
@@ -78,9 +81,7 @@ def preflight(config: ExperimentConfig, *, log: Log = print) -> Prepared:
     # What the learner's prepare() would refuse inside every trial (ratios for another model, more stages than
     # prunable groups, nothing prunable), refused now.
     spec.build_learner().check(model, data.input_shape)
-    space = search_space(spec, model, data.input_shape)
-    if space is not None:
-        space.project([space.low] * len(space.names))  # raises if the budget is out of reach
+    check_target(config)
     available = config.resources.num_cpus or (cpu_count() if config.resources.ray_address is None else None)
     if available is not None:  # a local Ray: its size is known now (a remote cluster's is checked at search)
         max_concurrent_trials(config, available)
@@ -95,4 +96,14 @@ def preflight(config: ExperimentConfig, *, log: Log = print) -> Prepared:
         taken.append(location.storage)
     if taken:
         raise ConfigError(f"storage.name: run folder {taken[0]!r} already exists; choose another name")
-    return Prepared(spec, data, baseline_path, location)
+    # Last: with search.budget latency this measures the target's latency table (minutes, once per CPU: cached).
+    latency = TableSource(model, data.input_shape, config.target, log) if config.search.budget is Budget.LATENCY \
+        else None
+    space = search_space(spec, model, data.input_shape, latency)
+    if space is not None:
+        space.project([space.low] * len(space.names))  # raises if the budget is out of reach
+    elif latency is not None:
+        raise ConfigError(f"search.budget: got 'latency'; learner {config.learner.name} searches no per-layer "
+                          "values here, so nothing is budgeted; a latency budget applies to channel_pruning in "
+                          "mode auto (or leave search.budget at macs)")
+    return Prepared(spec, data, baseline_path, location, latency.built if latency is not None else None)

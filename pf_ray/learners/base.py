@@ -17,7 +17,7 @@ from torch import nn
 from pf_ray.config import Budget, SearchConfig
 from pf_ray.data import DataBundle
 from pf_ray.errors import ConfigError
-from pf_ray.ops.latency_budget import TargetLatency
+from pf_ray.ops.latency_budget import LatencySource
 from pf_ray.packing import PackedTensor
 from pf_ray.search_space import PerLayerSpace
 
@@ -50,10 +50,10 @@ class SearchesPerLayer(Protocol):
     searched_field: str  # the config's tuple field the values go into, e.g. "layer_keep_ratios"
 
     def search_space(self, model: nn.Module, input_shape: tuple[int, int, int], search: SearchConfig,
-                     latency: TargetLatency | None = None) -> PerLayerSpace | None:
+                     latency: LatencySource | None = None) -> PerLayerSpace | None:
         """What the searchers search on ``model`` (box, budget, layer features), or None when the config gives
-        the values itself (modes uniform and list). ``latency``: the deployment target's latency table and
-        reference, given when ``search.budget`` is latency; a learner whose values do not move latency on a CPU
+        the values itself (modes uniform and list). ``latency``: asked for the deployment target's latency
+        table and reference when ``search.budget`` is latency; a learner whose values do not move latency on a CPU
         runtime refuses that budget (ConfigError)."""
 
 

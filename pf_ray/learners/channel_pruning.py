@@ -19,7 +19,7 @@ from pf_ray.learners.base import PerLayerMode, check_per_layer_mode
 from pf_ray.ops.channel_groups import prunable_groups, require_prunable_groups
 from pf_ray.ops.importance import taylor_importance
 from pf_ray.ops.knapsack import greedy_allocation
-from pf_ray.ops.latency_budget import LatencyBudget, TargetLatency
+from pf_ray.ops.latency_budget import LatencyBudget, LatencySource
 from pf_ray.ops.macs_budget import MacsBudget, macs_table
 from pf_ray.ops.pruning import CRITERIA, KEEP_RATIOS_FIELD, kept_channel_count, prune_channels_
 from pf_ray.registry import LEARNERS
@@ -89,7 +89,7 @@ class ChannelPruning:
         return [group.name for group in require_prunable_groups(model, input_shape, "channel_pruning")]
 
     def search_space(self, model: nn.Module, input_shape: tuple[int, int, int], search: SearchConfig,
-                     latency: TargetLatency | None = None) -> PerLayerSpace | None:
+                     latency: LatencySource | None = None) -> PerLayerSpace | None:
         """One keep ratio per prunable group in [min_keep_ratio, 1] under the search's budget (auto mode):
         ``search.target_macs_ratio`` of the MACs, or (``search.budget`` latency) ``search.target_speedup`` on the
         deployment target by ``latency``'s table. None in the other modes, whose ratios are given."""
@@ -102,8 +102,9 @@ class ChannelPruning:
         if search.budget is Budget.LATENCY:
             if latency is None:
                 raise ValueError("channel_pruning: search.budget latency needs the target's latency table")
-            budget = LatencyBudget(1.0 / search.target_speedup, latency.predictor, latency.reference_ms,
-                                   config.round_to, config.min_keep_ratio, target_name=latency.name)
+            target = latency()
+            budget = LatencyBudget(1.0 / search.target_speedup, target.predictor, target.reference_ms,
+                                   config.round_to, config.min_keep_ratio, target_name=target.name)
         else:
             budget = MacsBudget(search.target_macs_ratio, table, config.round_to, config.min_keep_ratio)
         return PerLayerSpace(self.searched_field, table.names, low=config.min_keep_ratio, high=1.0,

@@ -16,7 +16,7 @@ from pf_ray.learners.base import PerLayerMode, check_per_layer_mode, refuse_late
 from pf_ray.metrics import quantized_layers
 from pf_ray.ops.bits import FP32_BITS, MAX_BITS, WeightBitsBudget
 from pf_ray.ops.codebook import CENTROID_GRADIENTS, INITS, OPTIMIZE, CodebookWeight, codebook_of_values
-from pf_ray.ops.latency_budget import TargetLatency
+from pf_ray.ops.latency_budget import LatencySource
 from pf_ray.packing import PackedTensor
 from pf_ray.registry import LEARNERS
 from pf_ray.search_space import PerLayerSpace, layer_features
@@ -141,7 +141,7 @@ class NonUniformQuantization:
     # -- per-layer search ---------------------------------------------------------------------------------------
 
     def search_space(self, model: nn.Module, input_shape: tuple[int, int, int], search: SearchConfig,
-                     latency: TargetLatency | None = None) -> PerLayerSpace | None:
+                     latency: LatencySource | None = None) -> PerLayerSpace | None:
         """Bits per quantized layer in [min_bits, max_bits] under an average of ``bits`` per weight (auto mode);
         None in the other modes."""
         refuse_latency_budget(search, "nonuniform_quantization", "codebook weights are stored compactly but "

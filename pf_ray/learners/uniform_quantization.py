@@ -13,7 +13,7 @@ from pf_ray.errors import ConfigError, ModelError
 from pf_ray.learners.base import PerLayerMode, check_per_layer_mode, refuse_latency_budget
 from pf_ray.metrics import quantized_layers
 from pf_ray.ops.bits import FP32_BITS, MAX_BITS, WeightBitsBudget
-from pf_ray.ops.latency_budget import TargetLatency
+from pf_ray.ops.latency_budget import LatencySource
 from pf_ray.ops.qat_layers import (
     FAKE_QUANT_LAYERS,
     ActivationQuantizer,
@@ -195,7 +195,7 @@ class UniformQuantization:
     # ---- per-layer search
 
     def search_space(self, model: nn.Module, input_shape: tuple[int, int, int], search: SearchConfig,
-                     latency: TargetLatency | None = None) -> PerLayerSpace | None:
+                     latency: LatencySource | None = None) -> PerLayerSpace | None:
         """Bits per quantized layer in [min_bits, max_bits] under ``weight_bits`` per weight on average (auto
         mode); None in the other modes."""
         refuse_latency_budget(search, "uniform_quantization", "its per-layer bits change the stored size, not the "

@@ -18,7 +18,7 @@ from pf_ray.data import DataBundle
 from pf_ray.errors import ConfigError, ModelError
 from pf_ray.learners.base import check_per_layer_mode, refuse_latency_budget
 from pf_ray.metrics import quantized_layers
-from pf_ray.ops.latency_budget import TargetLatency
+from pf_ray.ops.latency_budget import LatencySource
 from pf_ray.ops.sparsity import (
     KeptWeightsBudget,
     PruningSchedule,
@@ -176,7 +176,7 @@ class WeightSparsification:
     # ---- per-layer search
 
     def search_space(self, model: nn.Module, input_shape: tuple[int, int, int], search: SearchConfig,
-                     latency: TargetLatency | None = None) -> PerLayerSpace | None:
+                     latency: LatencySource | None = None) -> PerLayerSpace | None:
         """One final sparsity per conv/linear layer in [0, max_layer_sparsity]; the budget is the fraction of
         the covered weights kept, 1 - sparsity. None unless mode is 'auto'."""
         refuse_latency_budget(search, "weight_sparsification", "unstructured zeros do not make a CPU runtime "

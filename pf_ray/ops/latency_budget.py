@@ -5,7 +5,7 @@ reference latency divided by ``search.target_speedup``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -30,6 +30,11 @@ class TargetLatency:
     predictor: LatencyPredictor
     reference_ms: float
     name: str  # the target, for messages: "onnxruntime int8, 1 thread, batch 1"
+
+
+# How a learner gets the target's latency: asked only when it budgets latency (building a table takes minutes; a
+# learner that refuses the budget, or has nothing to search, never asks).
+LatencySource = Callable[[], TargetLatency]
 
 
 @dataclass(frozen=True)

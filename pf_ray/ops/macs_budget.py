@@ -46,6 +46,10 @@ class MacsBudget:
     round_to: int
     min_ratio: float  # no group's keep ratio below this (the search box's bottom)
 
+    def kept(self, values: Sequence[float]) -> list[int]:
+        """The channels each group keeps with these keep ratios (what the pruned model has)."""
+        return [kept_channel_count(n, r, self.round_to) for n, r in zip(self.table.sizes, values, strict=True)]
+
     def cost(self, values: Sequence[float]) -> float:
         full = self.table.macs([1.0] * len(self.table.sizes), self.round_to)
         return self.table.macs(values, self.round_to) / full
