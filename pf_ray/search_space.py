@@ -53,6 +53,8 @@ class PerLayerSpace:
     budget: Budget | None = None  # None: the learner has no budget to respect
     features: tuple[tuple[float, ...], ...] = ()  # per layer, columns LAYER_FEATURES (raw, not normalised)
     label: str = "value"  # what one value is, for reports: "keep ratio", "sparsity", "bits"
+    # Other learner config fields the space decides, set with the values (channel pruning's round_to "auto")
+    fixed: tuple[tuple[str, Any], ...] = ()
 
     def keys(self) -> list[str]:
         return [LAYER_KEY.format(i) for i in range(len(self.names))]
@@ -70,8 +72,8 @@ class PerLayerSpace:
         return tuple(self.budget.project(values)) if self.budget is not None else tuple(float(v) for v in values)
 
     def apply(self, learner_config: Any, values: Sequence[float]) -> Any:
-        """``learner_config`` with the projected ``values`` in its searched field."""
-        return replace(learner_config, **{self.field: self.project(values)})
+        """``learner_config`` with the projected ``values`` in its searched field (and the ``fixed`` fields)."""
+        return replace(learner_config, **dict(self.fixed), **{self.field: self.project(values)})
 
 
 def proposal_from(config: dict[str, Any]) -> tuple[float, ...] | None:

@@ -28,6 +28,7 @@ from pf_ray.strict import check_choice, check_range
 from pf_ray.train import take_batches
 
 RATIOS_FILE_FIELD = "learner.options.ratios_file"
+DEFAULT_ROUND_TO = 8  # round_to "auto" without a latency table
 IMPORTANCE_BATCHES = 4  # training batches (of 64) that the knapsack start's channel importance is measured on
 FEATURE_BATCH_SIZE = 64  # images per mini-batch for LASSO's feature sampling and for group fine-tuning
 
@@ -38,7 +39,9 @@ class ChannelPruningConfig:
     layer_keep_ratios: tuple[float, ...] = ()  # one per prunable group, in model order (mode list / auto)
     keep_ratio: float = 0.5  # mode uniform; also auto before the search has filled layer_keep_ratios
     ratios_file: str | None = None  # mode list: a YAML/JSON list or a text file of numbers, one per group
-    round_to: int = 8  # kept channel counts are multiples of this (ONNX Runtime's x86 convs use blocks of 8)
+    # Kept channel counts are multiples of this. "auto": where latency steps on the deployment target (its latency
+    # table's step) with search.budget latency; otherwise 8 (ONNX Runtime's x86 FP32 convs work in blocks of 8)
+    round_to: int | str = "auto"
     min_keep_ratio: float = 0.1  # the search's lower bound for every group's keep ratio
     criterion: str = "lasso"  # how channels are chosen: a key of pf_ray.ops.pruning.CRITERIA
     reconstruct: bool = True  # lasso: refit the consumers of pruned channels by least squares
@@ -55,7 +58,10 @@ class ChannelPruningConfig:
         for index, ratio in enumerate(self.layer_keep_ratios):
             check_range(f"layer_keep_ratios[{index}]", ratio, low=0.0, high=1.0, low_inclusive=False)
         check_range("keep_ratio", self.keep_ratio, low=0.0, high=1.0, low_inclusive=False)
-        check_range("round_to", self.round_to, low=1)
+        if isinstance(self.round_to, str) and self.round_to != "auto":
+            raise ConfigError(f"round_to: got {self.round_to!r}; expected a positive integer or 'auto'")
+        if isinstance(self.round_to, int):
+            check_range("round_to", self.round_to, low=1)
         check_range("min_keep_ratio", self.min_keep_ratio, low=0.0, high=1.0, low_inclusive=False)
         check_choice("criterion", self.criterion, CRITERIA)
         check_range("num_batches", self.num_batches, low=1)
@@ -103,13 +109,22 @@ class ChannelPruning:
             if latency is None:
                 raise ValueError("channel_pruning: search.budget latency needs the target's latency table")
             target = latency()
-            budget = LatencyBudget(1.0 / search.target_speedup, target.predictor, target.reference_ms,
-                                   config.round_to, config.min_keep_ratio, target_name=target.name)
+            round_to = self._round_to(target.step)
+            budget: MacsBudget | LatencyBudget = LatencyBudget(
+                1.0 / search.target_speedup, target.predictor, target.reference_ms, round_to, config.min_keep_ratio,
+                target_name=target.name)
         else:
-            budget = MacsBudget(search.target_macs_ratio, table, config.round_to, config.min_keep_ratio)
+            round_to = self._round_to()
+            budget = MacsBudget(search.target_macs_ratio, table, round_to, config.min_keep_ratio)
         return PerLayerSpace(self.searched_field, table.names, low=config.min_keep_ratio, high=1.0,
                              budget=budget, features=layer_features(model, input_shape, table.names),
-                             label="keep ratio")
+                             label="keep ratio", fixed=(("round_to", round_to),))
+
+    def _round_to(self, target_step: int | None = None) -> int:
+        """``round_to``, with "auto" resolved: the target's latency step when there is one, else 8."""
+        if isinstance(self.config.round_to, int):
+            return self.config.round_to
+        return target_step or DEFAULT_ROUND_TO
 
     def starting_proposal(self, model: nn.Module, data: DataBundle, space: PerLayerSpace) -> tuple[float, ...]:
         """The knapsack start: each channel's first-order Taylor importance on a few training batches against its
@@ -118,7 +133,7 @@ class ChannelPruning:
         batches = take_batches(data.train, FEATURE_BATCH_SIZE, IMPORTANCE_BATCHES, seed=self.config.seed)
         importance = taylor_importance(model, groups, batches)
         sizes = [group.num_channels for group in groups]
-        round_to, low = self.config.round_to, self.config.min_keep_ratio
+        round_to, low = dict(space.fixed)["round_to"], self.config.min_keep_ratio
         kept = greedy_allocation([score.numpy() for score in importance],
                                  lambda counts: space.budget.cost([k / n for k, n in zip(counts, sizes, strict=True)]),
                                  space.budget.target, round_to=round_to,
@@ -134,7 +149,7 @@ class ChannelPruning:
             batches = [inputs for inputs, _ in take_batches(data.train, FEATURE_BATCH_SIZE, config.num_batches,
                                                             seed=config.seed)]
         options = {
-            "round_to": config.round_to,
+            "round_to": self._round_to(),
             "criterion": config.criterion,
             "batches": batches,
             "points_per_image": config.points_per_image,

@@ -30,6 +30,7 @@ class TargetLatency:
     predictor: LatencyPredictor
     reference_ms: float
     name: str  # the target, for messages: "onnxruntime int8, 1 thread, batch 1"
+    step: int = 1  # the channel multiple where latency steps on the target (channel pruning's round_to "auto")
 
 
 # How a learner gets the target's latency: asked only when it budgets latency (building a table takes minutes; a

@@ -73,6 +73,8 @@ def test_layer_keep_ratios_of_the_wrong_length_name_the_field():
         ({"group_size": -1}, r"learner\.options\.group_size: got -1; allowed range is \[0, inf\]"),
         ({"group_fine_tune_steps": -5}, r"learner\.options\.group_fine_tune_steps: got -5"),
         ({"group_learning_rate": 0.0}, r"learner\.options\.group_learning_rate: got 0\.0"),
+        ({"round_to": "fast"}, r"learner\.options\.round_to: got 'fast'; expected a positive integer or 'auto'"),
+        ({"round_to": 0}, r"learner\.options\.round_to: got 0; allowed range is \[1, inf\]"),
     ],
 )
 def test_channel_pruning_config_is_validated(options, message):
@@ -249,3 +251,34 @@ def test_the_knapsack_start_meets_the_budget_within_the_box_and_is_not_uniform()
     assert len(set(start)) > 2  # importance against cost, group by group: not one ratio everywhere
     assert space.project(start) == pytest.approx(start, abs=0.13)  # a trial's projection barely moves it
     assert learner.starting_proposal(model, data, space) == start  # seeded batches: the same start again
+
+
+def test_round_to_auto_is_the_targets_latency_step_else_8():
+    from pf_ray.config import Budget, SearchConfig
+    from pf_ray.ops.latency_budget import TargetLatency
+    from pf_ray.ops.macs_budget import macs_table
+    from tests.ops.test_latency_budget import LinearTable
+
+    model = _resnet20()
+    sizes = tuple(macs_table(model, SHAPE).sizes)
+
+    class Flat(LinearTable):  # 1 ms whatever is kept: any speed-up below 1 is reachable at once
+        def predict(self, kept):
+            return 1.0
+
+    step16 = TargetLatency(Flat(sizes=sizes), reference_ms=1.5, name="a flat runtime", step=16)
+    asked = []
+    source = lambda: asked.append(1) or step16  # noqa: E731
+    learner = ChannelPruning(ChannelPruningConfig())
+    assert ChannelPruningConfig().round_to == "auto"
+    space = learner.search_space(model, SHAPE, SearchConfig(budget=Budget.LATENCY, target_speedup=1.2), source)
+    assert dict(space.fixed) == {"round_to": 16} and space.budget.round_to == 16 and asked == [1]
+    candidate = space.apply(learner.config, [0.5] * len(space.names))
+    assert candidate.round_to == 16 and all(k % 16 == 0 for k in space.budget.kept(candidate.layer_keep_ratios))
+    macs = learner.search_space(model, SHAPE, SearchConfig(target_macs_ratio=0.5), source)
+    assert dict(macs.fixed) == {"round_to": 8} and asked == [1]  # a MACs budget never asks for the table
+    given = ChannelPruning(ChannelPruningConfig(round_to=4))
+    assert dict(given.search_space(model, SHAPE, SearchConfig(budget=Budget.LATENCY, target_speedup=1.2),
+                                   source).fixed) == {"round_to": 4}
+    pruned = ChannelPruning(ChannelPruningConfig(mode="uniform", keep_ratio=0.5)).prepare(_resnet20(), _data())
+    assert pruned.conv1.out_channels == 8  # mode uniform, "auto" without a table: multiples of 8
