@@ -24,7 +24,7 @@ import _common  # first: puts the repository root on sys.path
 import torch
 
 from pf_ray.config import ModelConfig, Precision, Runtime, TargetConfig
-from pf_ray.latency import TablePlan, latency_table
+from pf_ray.latency import TablePlan, latency_table, plan_for
 from pf_ray.latency.cache import cpu_summary
 from pf_ray.models import build_model
 
@@ -32,8 +32,6 @@ MODELS = {  # name -> (input shape, width multiplier)
     "resnet20": ((1, 28, 28), 1.0),
     "mobilenet_v2": ((3, 32, 32), 0.5),
 }
-# ExecuTorch INT8 exports take about 7 s per candidate here (ONNX Runtime INT8: 0.25 s): a smaller plan.
-SMALL_PLAN = TablePlan(sweep_fractions=(0.5,), dense_groups=1, dense_window=32, num_random=80, num_holdout=30)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,8 +49,7 @@ def main(argv: list[str] | None = None) -> int:
                 runtime, precision = spec.split(":")
                 target = TargetConfig(runtime=Runtime(runtime), precision=Precision(precision),
                                       threads=args.threads, batch_size=args.batch_size)
-                plan = SMALL_PLAN if target.runtime is Runtime.EXECUTORCH else TablePlan()
-                plan = replace(plan, seed=args.seed)
+                plan = replace(plan_for(target), seed=args.seed)  # ExecuTorch: the smaller plan
                 load = os.getloadavg()[0]
                 _common.log(f"{name} on {spec}: building (load average {load:.2f})")
                 started = time.time()

@@ -11,9 +11,9 @@ fitted per-group table (``build`` -> ``LatencyTable``), with the channel multipl
 No Ray here: a table is plain data, pickled to wherever the search runs.
 """
 
-from pf_ray.latency.build import TablePlan, fit_table, latency_table, pruned_copy
+from pf_ray.latency.build import TablePlan, fit_table, latency_table, plan_for, pruned_copy
 from pf_ray.latency.measure import Timing, measure_models, measure_ms, reference_ms
 from pf_ray.latency.table import LatencyTable, Measured
 
 __all__ = ["LatencyTable", "Measured", "TablePlan", "Timing", "fit_table", "latency_table", "measure_models",
-           "measure_ms", "pruned_copy", "reference_ms"]
+           "measure_ms", "plan_for", "pruned_copy", "reference_ms"]

@@ -25,7 +25,7 @@ from torch import nn
 from pf_ray.config import Budget, ExperimentConfig, Precision, Runtime, TargetConfig
 from pf_ray.errors import ConfigError
 from pf_ray.files import write_json
-from pf_ray.latency import LatencyTable, TablePlan, latency_table, pruned_copy
+from pf_ray.latency import LatencyTable, TablePlan, latency_table, plan_for, pruned_copy
 from pf_ray.latency.cache import cache_dir, cpu_summary
 from pf_ray.latency.measure import Timing, export_artifact, open_artifact, time_sessions
 from pf_ray.metrics import LAYER_VALUES, PREDICTED_MS, TARGET_MS
@@ -35,7 +35,7 @@ from pf_ray.search_space import KeepsChannels, PerLayerSpace
 Log = Callable[[str], None]
 
 TABLE_FILE = "latency_table.json"  # in the run folder
-TABLE_PLAN = TablePlan()  # what a table measures (tests use a smaller plan)
+TABLE_PLAN: TablePlan | None = None  # what a table measures: None = pf_ray.latency.plan_for(target) (tests: smaller)
 TIMING = Timing(warmup=10, repeats=50, rounds=7)  # the end-of-run measurement: every model in every round
 # The export format whose artifact runs on each target (pf_ray.export's names).
 TARGET_FORMATS = {(Runtime.ONNXRUNTIME, Precision.FP32): "onnx", (Runtime.ONNXRUNTIME, Precision.INT8): "onnx_int8",
@@ -76,7 +76,8 @@ class TableSource:
             cpu = cpu_summary()
             self.log(f"latency table: {target_name(self.target)} on {cpu['model_name']} "
                      f"({' '.join(cpu['kernel_flags']) or 'no listed kernel flags'}); cached in {cache_dir()}")
-            table = latency_table(self.model, self.input_shape, self.target, plan=TABLE_PLAN, log=self.log)
+            plan = TABLE_PLAN or plan_for(self.target)
+            table = latency_table(self.model, self.input_shape, self.target, plan=plan, log=self.log)
             self.built = as_target_latency(table)
         return self.built
 
