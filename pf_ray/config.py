@@ -10,7 +10,7 @@ import enum
 import importlib.util
 import json
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -170,8 +170,11 @@ class SearchConfig:
     budget: Budget = Budget.MACS  # what every candidate is projected onto: MACs, or latency on the target
     target_macs_ratio: float = 0.5  # budget macs: keep this fraction of the baseline's MACs
     # budget latency: this many times faster on the deployment target than the baseline in FP32 ONNX Runtime
-    # (the same threads and batch size)
-    target_speedup: float = 2.0
+    # (the same threads and batch size). A list (e.g. [1.5, 2, 3]): a Pareto set in one run, one search per
+    # target sharing the baseline and the latency table; the retrain takes the fastest target's best candidate
+    # whose validation accuracy is within max_accuracy_loss of the most accurate target's best
+    target_speedup: float | tuple[float, ...] = 2.0
+    max_accuracy_loss: float = 0.01  # several targets: the accuracy (a fraction) traded for the faster one
     fine_tune: TrainConfig = field(
         default_factory=lambda: TrainConfig(epochs=2, learning_rate=0.01, train_subset=4096)
     )
@@ -190,11 +193,32 @@ class SearchConfig:
         check_range("search.proxy_bn_images", self.proxy_bn_images, low=0)
         check_range("search.target_macs_ratio", self.target_macs_ratio, low=0.0, high=1.0,
                     low_inclusive=False)
-        check_range("search.target_speedup", self.target_speedup, low=1.0, low_inclusive=False, high=1000.0)
+        several = isinstance(self.target_speedup, tuple)
+        for index, speedup in enumerate(self.target_speedup if several else (self.target_speedup,)):
+            check_range("search.target_speedup" + (f"[{index}]" if several else ""), speedup, low=1.0,
+                        low_inclusive=False, high=1000.0)
+        if several:
+            if not self.target_speedup or len(set(self.target_speedup)) != len(self.target_speedup):
+                raise ConfigError(f"search.target_speedup: got {list(self.target_speedup)}; expected a number or a "
+                                  "list of different numbers")
+            if self.budget is not Budget.LATENCY:
+                raise ConfigError(f"search.target_speedup: got {list(self.target_speedup)} with search.budget "
+                                  f"{self.budget.value}; several targets need search.budget latency")
+        check_range("search.max_accuracy_loss", self.max_accuracy_loss, low=0.0, high=1.0)
         check_range("search.grace_period", self.grace_period, low=1)
         check_range("search.reduction_factor", self.reduction_factor, low=2)
         if self.validation_subset is not None:
             check_range("search.validation_subset", self.validation_subset, low=1)
+
+    @property
+    def speedups(self) -> tuple[float, ...]:
+        """The target speed-ups, in increasing order (one, or a Pareto set's)."""
+        return tuple(sorted(self.target_speedup)) if isinstance(self.target_speedup, tuple) \
+            else (self.target_speedup,)
+
+    def for_speedup(self, speedup: float) -> SearchConfig:
+        """This search with one target speed-up (each search of a Pareto set)."""
+        return replace(self, target_speedup=float(speedup))
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ LAYER_VALUES = "layer_values"  # the projected per-layer vector the learner used
 LATENCY_MS = "latency_ms"  # batch-1 ONNX Runtime latency on the trial's node (search.reward: latency)
 LATENCY_RATIO = "latency_ratio"  # candidate latency / (target_macs_ratio * baseline latency), same node
 TARGET_MS = "target_ms"  # the candidate measured whole on the deployment target after the search (results.json)
+TARGET_SPEEDUP = "target_speedup"  # the search a trial belongs to: its target speed-up (None: a MACs budget)
 PREDICTED_MS = "predicted_ms"  # the latency table's prediction of it (search.budget: latency)
 # What a trial's record (results.json, the report) keeps of its last result; the latency two with that reward only.
 TRIAL_METRICS = (SCORE, ACCURACY, PROXY_ACCURACY, EPOCH, MACS_RATIO, MACS, PARAMS, LAYER_VALUES, LATENCY_MS,

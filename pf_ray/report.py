@@ -29,6 +29,7 @@ from pf_ray.metrics import (
     PROXY_ACCURACY,
     SCORE,
     TARGET_MS,
+    TARGET_SPEEDUP,
     TRIAL_METRICS,
     finite_number,
 )
@@ -85,8 +86,14 @@ def load_run(run_dir: str | Path) -> RunRecord:
             with tempfile.TemporaryDirectory() as directory:
                 search_dir = _fetch_search(join_uri(storage_path, run_dir.name, "search"), Path(directory))
                 trials, names = _trials_from_tune(search_dir)
-        else:
-            trials, names = _trials_from_tune(run_dir / "search")
+        else:  # search/, or one search-<target>x/ per target of a Pareto set
+            trials, names = [], []
+            for folder in sorted(p for p in run_dir.glob("search*") if p.is_dir() and
+                                 (p.name == "search" or _folder_speedup(p.name) is not None)):
+                found, found_names = _trials_from_tune(folder)
+                speedup = _folder_speedup(folder.name)
+                trials += [{**trial, TARGET_SPEEDUP: speedup} for trial in found]
+                names = names or found_names
         space = _read_json(run_dir / SPACE_FILE) if (run_dir / SPACE_FILE).is_file() else {}
         best = best_trial(trials, _max_epochs(config))
         chosen = (best or {}).get(LAYER_VALUES) or (best or {}).get("proposal") or []
@@ -186,6 +193,12 @@ def _trials_from_tune(search_dir: Path) -> tuple[list[dict[str, Any]], list[str]
                      error=(error[0][:500] if error else None) or (None if lines else "no result reported"))
         trials.append(trial)
     return trials, names
+
+
+def _folder_speedup(name: str) -> float | None:
+    """The target speed-up of a Pareto set's search folder ("search-2.5x" -> 2.5); None for "search"."""
+    match = re.fullmatch(r"search-([0-9.]+)x", name)
+    return float(match.group(1)) if match else None
 
 
 def _fetch_search(search_uri: str, into: Path) -> Path:
@@ -365,12 +378,15 @@ def _artifact_table(artifacts: list[dict[str, Any]]) -> tuple[list[str], list[li
 def _trial_table(record: RunRecord) -> tuple[list[str], list[list[str]]]:
     timed = [key for key in (TARGET_MS, PREDICTED_MS) if any(t.get(key) is not None for t in record.trials)]
     names = {TARGET_MS: "target ms (measured)", PREDICTED_MS: "target ms (table)"}
-    headers = ["#", "trial", "score", "accuracy", "MACs ratio", *(names[key] for key in timed), "epochs", "status"]
+    several = len({t.get(TARGET_SPEEDUP) for t in record.trials}) > 1  # a Pareto set: one search per target
+    headers = ["#", "trial", *(["target"] if several else []), "score", "accuracy", "MACs ratio",
+               *(names[key] for key in timed), "epochs", "status"]
     rows = []
     for number, trial in enumerate(record.trials, start=1):
         chosen = record.best and trial["trial_id"] == record.best.get("trial_id")
         status = ("chosen" if record.finished else "best so far") if chosen else "ok"
-        rows.append([str(number), str(trial["trial_id"]), _fmt(trial.get("score")), _fmt(_accuracy(trial)),
+        target = [_fmt(trial.get(TARGET_SPEEDUP), "{:g}x")] if several else []
+        rows.append([str(number), str(trial["trial_id"]), *target, _fmt(trial.get("score")), _fmt(_accuracy(trial)),
                      _fmt(trial.get("macs_ratio"), "{:.3f}"), *(_fmt(trial.get(key), "{:.3f}") for key in timed),
                      _fmt(trial.get("epoch"), "{:.0f}"),
                      f"failed: {trial['error']}" if trial.get("error") else status])

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from pf_ray.config import ExperimentConfig, load_experiment
+from pf_ray.config import Budget, ExperimentConfig, load_experiment
 from pf_ray.errors import ConfigError
 from pf_ray.learners import Learner, build_learner, learner_config_class
 from pf_ray.strict import from_dict, to_dict
@@ -40,6 +40,15 @@ class RunSpec:
 
     def with_learner_config(self, learner_config: Any) -> RunSpec:
         return replace(self, learner_config=learner_config)
+
+    def per_target(self) -> list[tuple[float | None, RunSpec]]:
+        """One spec per search of the run: each target speed-up of a latency budget (a Pareto set has several),
+        or the spec itself (None) with a MACs budget."""
+        search = self.experiment.search
+        if search.budget is not Budget.LATENCY:
+            return [(None, self)]
+        return [(speedup, replace(self, experiment=replace(self.experiment, search=search.for_speedup(speedup))))
+                for speedup in search.speedups]
 
     def to_dict(self) -> dict[str, Any]:
         return {"experiment": to_dict(self.experiment), "learner_config": to_dict(self.learner_config)}

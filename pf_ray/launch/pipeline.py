@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,17 +15,18 @@ from pf_ray.candidate import search_space
 from pf_ray.checkpoint import load_checkpoint, save_checkpoint
 from pf_ray.config import ExperimentConfig
 from pf_ray.data import DataBundle
-from pf_ray.errors import AccuracyGuardError
+from pf_ray.errors import AccuracyGuardError, SearchError
 from pf_ray.export.pipeline import LearnerModel, export_and_verify, summary_table
 from pf_ray.files import atomic_write, write_json
 from pf_ray.launch.baseline import train_baseline
 from pf_ray.launch.cluster import check_storage, cpu_count, ray_for
 from pf_ray.launch.preflight import Prepared, preflight
 from pf_ray.launch.retrain import retrain
-from pf_ray.launch.search import choose_best, run_search, search_epochs
+from pf_ray.launch.search import SEARCH_DIR, choose_best, run_search, search_epochs
 from pf_ray.launch.target import measure_on_target, run_latency, save_table
 from pf_ray.learners.base import ProposesStart
-from pf_ray.metrics import ACCURACY, LAYER_VALUES, MACS_RATIO, model_stats
+from pf_ray.metrics import ACCURACY, LAYER_VALUES, MACS_RATIO, TARGET_SPEEDUP, model_stats
+from pf_ray.ops.latency_budget import TargetLatency
 from pf_ray.report import COMMAND_FILE, SPACE_FILE, target_summary, write_report
 from pf_ray.search_space import PerLayerSpace
 from pf_ray.spec import RunSpec
@@ -69,29 +71,10 @@ def run_stages(prepared: Prepared, *, log: Log, command: str | None, started: fl
                                                   expect_num_classes=data.num_classes, user_model=config.model.name)
 
         latency = prepared.latency or run_latency(run_dir, config, baseline, data.input_shape, log=log)
-        space = search_space(spec, baseline, data.input_shape, (lambda: latency) if latency is not None else None)
-        trials: list[dict[str, Any]] = []
-        best: dict[str, Any] | None = None
-        chosen = spec  # without a search: the learner config as configured
-        starts: list[tuple[float, ...]] = []
-        if space is not None:
-            write_json(run_dir / SPACE_FILE, {"field": space.field, "value_label": space.label,
-                                              "layer_names": list(space.names)})
-            starts = starting_proposals(spec, baseline, data, space, log=log)
-            trials = run_search(spec, space, baseline_path, run_storage, log=log, resume=resume, starts=starts)
-            best = _chosen(run_dir, trials) if resume else None
-            if best is None:
-                best = choose_best(trials, search_epochs(config))
-                write_json(run_dir / CHOICE_FILE, {"trial_id": best["trial_id"]})
-                # in the storage now: a resume from another machine must retrain this candidate, whose
-                # checkpoints the retrain is about to write there, whatever ties the search has
-                upload(run_dir, run_storage)
-            else:  # the retrain may have checkpointed that candidate: continue it, whatever ties the search had
-                log(f"search: keeping the candidate chosen before the interruption ({best['trial_id']})")
-            chosen = spec.with_learner_config(space.apply(spec.learner_config, best["proposal"]))
-            log(f"search: best trial {best['trial_id']}: validation accuracy {best[ACCURACY]:.4f}, "
-                f"{best[MACS_RATIO]:.3f} of the baseline MACs; {space.label} per layer "
-                f"{_short(best.get(LAYER_VALUES))} (budget use {_budget_use(space, best)})")
+        searched = search_stage(prepared, baseline, baseline_path, latency, log=log, resume=resume)
+        chosen = searched.chosen if searched else spec  # without a search: the learner config as configured
+        trials = searched.trials if searched else []
+        best = searched.best if searched else None
         model = retrain(chosen, baseline_path, prepared.location, log=log)
 
         artifacts_dir = run_dir / "artifacts"
@@ -102,7 +85,8 @@ def run_stages(prepared: Prepared, *, log: Log, command: str | None, started: fl
         torch.set_num_threads(config.resources.num_cpus or cpu_count())
         reports = export_and_verify({"baseline": baseline, "compressed": model}, data, config, artifacts_dir,
                                     log=log, learner_model=LearnerModel("compressed", chosen.build_learner()))
-        target = measure_on_target(config, reports, baseline, data.input_shape, space=space, trials=trials,
+        target = measure_on_target(chosen.experiment, reports, baseline, data.input_shape,
+                                   space=searched.space if searched else None, trials=trials,
                                    chosen_values=best.get(LAYER_VALUES) if best else None, latency=latency,
                                    log=log)
         results = {
@@ -111,10 +95,9 @@ def run_stages(prepared: Prepared, *, log: Log, command: str | None, started: fl
             "resumed": resume,
             "baseline": {"checkpoint": str(baseline_path), "sha256": baseline_info.sha256,
                          **model_stats(baseline, data.input_shape).__dict__},
-            "search": {"algorithm": config.search.algorithm.value if space else None,
-                       "field": space.field if space else None, "value_label": space.label if space else None,
-                       "layer_names": list(space.names) if space else [], "starts": [list(v) for v in starts],
-                       "trials": trials, "best": best},
+            "search": searched.record() if searched else {"algorithm": None, "field": None, "value_label": None,
+                                                           "layer_names": [], "starts": [], "trials": [],
+                                                           "best": None},
             "learner_config": to_dict(chosen.learner_config),
             "compressed": {"checkpoint": str(artifacts_dir / "compressed.pt"),
                            **model_stats(model, data.input_shape).__dict__},
@@ -141,6 +124,99 @@ def run_stages(prepared: Prepared, *, log: Log, command: str | None, started: fl
         if is_remote(run_storage):  # the run folder, finished or not, next to its search and retrain
             upload(run_dir, run_storage)
             log(f"uploaded {run_dir} to {run_storage}")
+
+
+@dataclass(frozen=True)
+class Searched:
+    """What the search stage found: every trial (of every target), the chosen one and its spec."""
+
+    algorithm: str
+    space: PerLayerSpace  # the chosen target's (every target's space has the same layers and rounding)
+    targets: tuple[float | None, ...]  # the searches' target speed-ups (None: a MACs budget)
+    starts: dict[float | None, list[tuple[float, ...]]]
+    trials: list[dict[str, Any]]
+    best: dict[str, Any]
+    chosen: RunSpec  # the retrain's: the best trial's learner config, its target's search config
+
+    def record(self) -> dict[str, Any]:
+        """results.json's search section."""
+        several = len(self.targets) > 1
+        return {"algorithm": self.algorithm, "field": self.space.field, "value_label": self.space.label,
+                "layer_names": list(self.space.names),
+                "starts": [list(v) for values in self.starts.values() for v in values],
+                **({"targets": list(self.targets)} if several else {}), "trials": self.trials, "best": self.best}
+
+
+def search_stage(prepared: Prepared, baseline: torch.nn.Module, baseline_path: Path,
+                 latency: TargetLatency | None, *, log: Log, resume: bool) -> Searched | None:
+    """One search per target (one, unless ``search.target_speedup`` lists a Pareto set), then the choice; None
+    for a learner (or mode) with nothing to search."""
+    spec, data = prepared.spec, prepared.data
+    run_dir, run_storage = prepared.location
+    source = (lambda: latency) if latency is not None else None
+    searches = []
+    for speedup, target_spec in spec.per_target():
+        space = search_space(target_spec, baseline, data.input_shape, source)
+        if space is None:
+            return None
+        searches.append((speedup, target_spec, space))
+    write_json(run_dir / SPACE_FILE, {"field": searches[0][2].field, "value_label": searches[0][2].label,
+                                      "layer_names": list(searches[0][2].names)})
+    trials: list[dict[str, Any]] = []
+    starts = {}
+    for number, (speedup, target_spec, space) in enumerate(searches, 1):
+        if len(searches) > 1:
+            log(f"search: target {speedup:g}x ({number} of {len(searches)})")
+        starts[speedup] = starting_proposals(target_spec, baseline, data, space, log=log)
+        found = run_search(target_spec, space, baseline_path, run_storage, log=log, resume=resume,
+                           starts=starts[speedup], name=search_dir_name(speedup, len(searches)))
+        for trial in found:
+            trial[TARGET_SPEEDUP] = speedup
+        trials += found
+    config = spec.experiment
+    best = _chosen(run_dir, trials) if resume else None
+    if best is None:
+        best = choose_across(trials, search_epochs(config), config.search.max_accuracy_loss, log=log)
+        write_json(run_dir / CHOICE_FILE, {"trial_id": best["trial_id"]})
+        # in the storage now: a resume from another machine must retrain this candidate, whose
+        # checkpoints the retrain is about to write there, whatever ties the search has
+        upload(run_dir, run_storage)
+    else:  # the retrain may have checkpointed that candidate: continue it, whatever ties the search had
+        log(f"search: keeping the candidate chosen before the interruption ({best['trial_id']})")
+    _, target_spec, space = next(s for s in searches if s[0] == best[TARGET_SPEEDUP])
+    chosen = target_spec.with_learner_config(space.apply(target_spec.learner_config, best["proposal"]))
+    log(f"search: best trial {best['trial_id']}: validation accuracy {best[ACCURACY]:.4f}, "
+        f"{best[MACS_RATIO]:.3f} of the baseline MACs; {space.label} per layer "
+        f"{_short(best.get(LAYER_VALUES))} (budget use {_budget_use(space, best)})")
+    return Searched(config.search.algorithm.value, space, tuple(s[0] for s in searches), starts, trials, best,
+                    chosen)
+
+
+def search_dir_name(speedup: float | None, searches: int) -> str:
+    """``search``, or ``search-2x`` for each search of a Pareto set."""
+    return SEARCH_DIR if searches == 1 else f"{SEARCH_DIR}-{speedup:g}x"
+
+
+def choose_across(trials: list[dict[str, Any]], max_epochs: int, max_accuracy_loss: float, *,
+                  log: Log) -> dict[str, Any]:
+    """The best trial of one search; of several targets (a Pareto set), the fastest target's best trial whose
+    validation accuracy is within ``max_accuracy_loss`` of the most accurate target's best."""
+    targets = sorted({trial[TARGET_SPEEDUP] for trial in trials}, key=lambda s: (s is None, s))
+    if len(targets) == 1:
+        return choose_best(trials, max_epochs)
+    bests = {}
+    for speedup in targets:
+        try:
+            bests[speedup] = choose_best([t for t in trials if t[TARGET_SPEEDUP] == speedup], max_epochs)
+        except SearchError as error:
+            log(f"search: target {speedup:g}x has no candidate ({error})")
+    if not bests:
+        raise SearchError("every trial of every target failed")
+    top = max(best[ACCURACY] for best in bests.values())
+    fastest = max(s for s, best in bests.items() if best[ACCURACY] >= top - max_accuracy_loss)
+    log("search: best per target: " + ", ".join(f"{s:g}x {b[ACCURACY]:.4f}" for s, b in bests.items())
+        + f"; retraining {fastest:g}x, the fastest within {max_accuracy_loss:g} of the most accurate ({top:.4f})")
+    return bests[fastest]
 
 
 def starting_proposals(spec: RunSpec, baseline: torch.nn.Module, data: DataBundle, space: PerLayerSpace, *,

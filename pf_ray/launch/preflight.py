@@ -99,10 +99,11 @@ def preflight(config: ExperimentConfig, *, log: Log = print) -> Prepared:
     # Last: with search.budget latency this measures the target's latency table (minutes, once per CPU: cached).
     latency = TableSource(model, data.input_shape, config.target, log) if config.search.budget is Budget.LATENCY \
         else None
-    space = search_space(spec, model, data.input_shape, latency)
-    if space is not None:
-        space.project([space.low] * len(space.names))  # raises if the budget is out of reach
-    elif latency is not None:
+    spaces = [search_space(target_spec, model, data.input_shape, latency) for _, target_spec in spec.per_target()]
+    for space in spaces:
+        if space is not None:
+            space.project([space.low] * len(space.names))  # raises if the budget (each target's) is out of reach
+    if spaces[0] is None and latency is not None:
         raise ConfigError(f"search.budget: got 'latency'; learner {config.learner.name} searches no per-layer "
                           "values here, so nothing is budgeted; a latency budget applies to channel_pruning in "
                           "mode auto (or leave search.budget at macs)")

@@ -27,11 +27,12 @@ SEARCH_DIR = "search"  # the Tune experiment's folder in the run folder
 
 
 def run_search(spec: RunSpec, space: PerLayerSpace, baseline_path: Path, run_storage: str | Path, *,
-               log: Log = print, resume: bool = False,
-               starts: Sequence[Sequence[float]] = ()) -> list[dict[str, Any]]:
+               log: Log = print, resume: bool = False, starts: Sequence[Sequence[float]] = (),
+               name: str = SEARCH_DIR) -> list[dict[str, Any]]:
     """Ray Tune search with ASHA; returns one record per trial (values, last metrics, status, error).
 
-    ``run_storage``: the run folder, or its URI for a remote storage.path; the experiment goes to its search/.
+    ``run_storage``: the run folder, or its URI for a remote storage.path; the experiment goes to its search/
+    (``name``: another folder, one per target of a Pareto set).
     ``starts``: proposals every searcher makes right after the uniform one (the learner's knapsack allocation).
     ``resume``: continue the search saved in ``run_storage/search`` (``pf-ray resume``): finished trials are kept,
     unfinished ones continue from their last checkpoint (or start again), and the searcher's state (DDPG agent
@@ -69,7 +70,7 @@ def run_search(spec: RunSpec, space: PerLayerSpace, baseline_path: Path, run_sto
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
     run_storage = str(run_storage)
     storage_path, filesystem = ray_storage(run_storage)
-    search_dir = join_uri(storage_path, SEARCH_DIR) if is_remote(storage_path) else f"{storage_path}/{SEARCH_DIR}"
+    search_dir = join_uri(storage_path, name) if is_remote(storage_path) else f"{storage_path}/{name}"
     state_filesystem, state_path = (filesystem, search_dir) if filesystem else filesystem_of(search_dir)
     if resume and tune.Tuner.can_restore(search_dir, storage_filesystem=filesystem):
         try:
@@ -100,7 +101,7 @@ def run_search(spec: RunSpec, space: PerLayerSpace, baseline_path: Path, run_sto
             num_samples=search.num_trials,
             trial_dirname_creator=lambda trial: trial.trial_id,
         ),
-        run_config=tune.RunConfig(name=SEARCH_DIR, storage_path=storage_path, storage_filesystem=filesystem,
+        run_config=tune.RunConfig(name=name, storage_path=storage_path, storage_filesystem=filesystem,
                                   verbose=1, callbacks=[trial_log(log, max_epochs), *reaper],
                                   failure_config=tune.FailureConfig(max_failures=search.max_failures)),
     )

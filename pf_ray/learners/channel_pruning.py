@@ -108,6 +108,8 @@ class ChannelPruning:
         if search.budget is Budget.LATENCY:
             if latency is None:
                 raise ValueError("channel_pruning: search.budget latency needs the target's latency table")
+            if len(search.speedups) != 1:
+                raise ValueError("channel_pruning: one space per target speed-up (SearchConfig.for_speedup)")
             target = latency()
             round_to = self._round_to(target.step)
             budget: MacsBudget | LatencyBudget = LatencyBudget(

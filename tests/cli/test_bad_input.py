@@ -299,6 +299,11 @@ CASES = [
                  id="budget-impossible-with-min-keep-ratio"),
     pytest.param(sets("search.target_macs_ratio=0.001"),
                  ["search.target_macs_ratio: got 0.001; the smallest reachable"], id="budget-impossible-for-model"),
+    pytest.param(sets("search.target_speedup=[2, 3]"),
+                 ["search.target_speedup: got [2.0, 3.0] with search.budget macs; several targets need search.budget "
+                  "latency"], id="pareto-set-with-a-macs-budget"),
+    pytest.param(sets("search.budget=latency", "search.target_speedup=[2, 0.5]"),
+                 ["search.target_speedup[1]: got 0.5; allowed range is (1, 1000]"], id="pareto-set-with-a-slowdown"),
     pytest.param(sets("search.budget=latency", "learner.options.mode=uniform"),
                  ["search.budget: got 'latency'; learner channel_pruning searches no per-layer values here"],
                  id="latency-budget-without-a-search"),
