@@ -23,7 +23,8 @@ it to ``<storage.path>/<storage.name>`` after writing config.yaml and when the r
     command.txt            the command that started the run
     search_space.json      the searched space: its config field, what one value is, the layer names
     latency_table.json     search.budget latency: the target's latency table the budget projects onto
-    search/                the Ray Tune experiment (one folder per trial)
+    search/                the Ray Tune experiment (one folder per trial); a Pareto set of target speed-ups:
+                           search-<s>x/ per target
     chosen_trial.json      the search's winner, written before the retrain (a resumed run retrains the same one)
     retrain/               the Ray Train run of the best candidate (checkpoints per epoch, progress.log,
                            tensorboard/ with each epoch's metrics); search/<trial>/ has Tune's TensorBoard files
