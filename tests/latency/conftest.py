@@ -37,7 +37,7 @@ class SyntheticRuntime:
         self.weights = np.random.default_rng(seed).uniform(0.0, 0.02, columns)
         self.weights[0] = 0.1  # the per-operator floor, ms
         if blocks:
-            self.weights[-2 * len(blocks):-len(blocks)] = block_ms  # the ``block`` columns
+            self.weights[[n.startswith("block[") for n in self.layout.names(truth)]] = block_ms
         self.noise, self.rng, self.calls = noise, np.random.default_rng(seed + 1), 0
 
     def mask(self, removed) -> np.ndarray:
