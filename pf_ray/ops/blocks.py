@@ -159,6 +159,9 @@ def residual_blocks(model: nn.Module, input_shape: Sequence[int]) -> list[Residu
         with forward_hooks(model, {**tracked, **{m: block_hook for m in blocks}}, training=False), \
                 torch.no_grad():
             model(example)
+    except (RuntimeError, ValueError, TypeError) as error:
+        raise ModelError(f"input shape {tuple(input_shape)}: the model cannot run an example of this shape to find "
+                         f"its residual blocks ({type(error).__name__}: {str(error).splitlines()[0]})") from error
     finally:
         for handle in handles:
             handle.remove()

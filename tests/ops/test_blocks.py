@@ -112,6 +112,8 @@ def test_removable_blocks_of_the_other_models(name, removable) -> None:
 def test_a_model_without_known_blocks_has_none() -> None:
     model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 64, 10))
     assert residual_blocks(model, (1, 8, 8)) == []
+    with pytest.raises(ModelError, match=r"input shape \(3, 8, 8\): the model cannot run an example"):
+        residual_blocks(model, (3, 8, 8))
 
 
 # --------------------------------------------------------------------------------------------------------------
