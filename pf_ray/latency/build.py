@@ -10,6 +10,10 @@ What is measured, in this order (``TablePlan``):
 3. random candidates, training and held out: per candidate one channel multiple of ``grids``; each group kept
    whole with probability ``keep_full``, else a keep ratio uniform in [``min_ratio``, 1] rounded to that multiple.
 
+With ``depth`` (and a model with removable residual blocks, ``pf_ray.ops.blocks``), also every block removed alone
+and all of them together (the rest unpruned), and each random candidate removes each block with probability
+``remove_probability`` (held-out candidates too): the table then predicts joint depth-and-width candidates.
+
 Layer times measured alone do not add up to the whole model's (the issue measured a per-layer table's error at
 12% in FP32 and 52% in INT8), hence whole candidates only. Candidates are timed ``batch`` at a time side by side
 with the unpruned model; each figure is scaled by the unpruned model's time in its own batch over that of the first
@@ -38,12 +42,17 @@ from pf_ray.latency.fit import choose_features, fit_weights, relative_errors
 from pf_ray.latency.measure import Timing, export_artifact, open_artifact, reference_target, time_sessions
 from pf_ray.latency.steps import step_from_sweeps
 from pf_ray.latency.table import LatencyTable, Measured
+from pf_ray.ops.blocks import removable_blocks
+from pf_ray.ops.depth import apply_joint_
 from pf_ray.ops.macs_budget import MacsTable, macs_table
 from pf_ray.ops.pruning import kept_channel_count, prune_channels_
 
 Log = Callable[[str], None]
 Kept = tuple[int, ...]
-Measure = Callable[[Sequence[Kept]], list[float]]
+Removed = tuple[str, ...]  # removed residual blocks, in forward order
+Candidate = tuple[Kept, Removed]
+# kept-count vectors -> ms; with blocks (a depth table), (kept, removed) pairs -> ms
+Measure = Callable[[Sequence[Any]], list[float]]
 
 
 @dataclass(frozen=True)
@@ -63,6 +72,8 @@ class TablePlan:
     folds: int = 5
     seed: int = 0
     timing: Timing = field(default_factory=lambda: Timing(warmup=5, repeats=30, rounds=5))
+    depth: bool = False  # also measure removed residual blocks (where the model has removable ones)
+    remove_probability: float = 0.25  # depth: each block removed from a random candidate with this probability
 
 
 # ExecuTorch INT8 programs take 7-13 s each to export here (ONNX Runtime INT8: 0.3 s): a smaller plan, about 165
@@ -76,61 +87,76 @@ def plan_for(target: TargetConfig) -> TablePlan:
 
 
 def fit_table(macs: MacsTable, measure: Measure, plan: TablePlan = TablePlan(), *, log: Log | None = None,
-              feature_sets: Sequence[FeatureSet] | None = None, **fields: Any) -> LatencyTable:
+              feature_sets: Sequence[FeatureSet] | None = None, blocks: Sequence[str] = (),
+              **fields: Any) -> LatencyTable:
     """Measure the plan's candidates with ``measure`` (kept-count vectors -> ms), fit, hold out, find the step.
     Needs no model: ``measure`` may be any function (tests pass a synthetic runtime). ``fields`` fill the table's
     descriptive fields (target, environment, reference_ms: a number or a function asked once everything is measured;
-    by default the unpruned model's time)."""
+    by default the unpruned model's time). ``blocks``: removable residual blocks (qualified names, forward order)
+    to measure removed; then ``measure`` is given (kept, removed block names) pairs."""
     say = log or (lambda message: None)
     started = time.perf_counter()
     if not macs.names:
         raise ModelError("a latency table needs prunable channel groups; the model has none")
-    sizes, rng = tuple(macs.sizes), random.Random(plan.seed)
-    seen: dict[Kept, float] = {}
+    sizes, rng, blocks = tuple(macs.sizes), random.Random(plan.seed), tuple(blocks)
+    layout = Layout.of(macs.layers, sizes, blocks)
+    seen: dict[Candidate, float] = {}
     training: list[Measured] = []
 
-    def run(kind: str, vectors: Sequence[Kept], held: frozenset[Kept] = frozenset()) -> list[float]:
-        fresh = list(dict.fromkeys(v for v in vectors if v not in seen))
+    def run(kind: str, candidates: Sequence[Candidate], held: frozenset[Candidate] = frozenset()) -> list[float]:
+        fresh = list(dict.fromkeys(c for c in candidates if c not in seen))
         note = f", {len(held)} of them held out" if held else ""
         say(f"latency table: measuring {len(fresh)} {kind} candidates{note} ({time.perf_counter() - started:.0f}s)")
-        for vector, ms in zip(fresh, measure(fresh) if fresh else [], strict=True):
-            seen[vector] = ms
-            if vector not in held:
-                training.append(Measured(vector, float(ms), kind))
-        return [seen[v] for v in vectors]
+        timed = (measure(fresh) if blocks else measure([kept for kept, _ in fresh])) if fresh else []
+        for candidate, ms in zip(fresh, timed, strict=True):
+            seen[candidate] = ms
+            if candidate not in held:
+                training.append(Measured(candidate[0], float(ms), kind, removed=candidate[1]))
+        return [seen[c] for c in candidates]
 
-    (full_ms,) = run("full", [sizes])
+    (full_ms,) = run("full", [(sizes, ())])
     sweeps = [_with(sizes, g, count) for g, n in enumerate(sizes) for f in plan.sweep_fractions
               for count in dict.fromkeys((max(1, round(n * f)), max(1, round(n * f) - 1))) if count < n]
-    run("sweep", sweeps)
+    run("sweep", [(v, ()) for v in sweeps])
     dense = _dense_groups(sizes, training, plan)
     dense_sweeps = {g: [_with(sizes, g, c) for c in range(max(1, sizes[g] - plan.dense_window + 1), sizes[g])]
                     for g in dense}
-    run("dense", [v for vectors in dense_sweeps.values() for v in vectors])
+    run("dense", [(v, ()) for vectors in dense_sweeps.values() for v in vectors])
     step, evidence = step_from_sweeps(
-        {macs.names[g]: {v[g]: seen[v] for v in [*vectors, sizes]} for g, vectors in dense_sweeps.items()},
+        {macs.names[g]: {v[g]: seen[v, ()] for v in [*vectors, sizes]} for g, vectors in dense_sweeps.items()},
         {macs.names[g]: sizes[g] for g in dense}, tolerance=plan.step_tolerance)
     say(f"latency table: step {step} ({evidence['rule']})")
+    if blocks:
+        run("block", [(sizes, (b,)) for b in blocks] + [(sizes, blocks)])
 
-    randoms = [_random(sizes, rng, plan) for _ in range(plan.num_random + plan.num_holdout)]
+    randoms = _random_candidates(sizes, layout, blocks, rng, plan)
     held = frozenset(randoms[plan.num_random:]) - set(randoms[: plan.num_random]) - set(seen)
     order = list(dict.fromkeys(randoms))
     rng.shuffle(order)  # training and held-out candidates timed side by side, in the same batches
     run("random", order, held)
-    holdout_vectors = [v for v in order if v in held]
-    holdout_ms = [seen[v] for v in holdout_vectors]
+    holdout_candidates = [c for c in order if c in held]
+    holdout_ms = [seen[c] for c in holdout_candidates]
+    holdout_vectors = [kept for kept, _ in holdout_candidates]
 
     reference = fields.pop("reference_ms", full_ms)
-    layout = Layout.of(macs.layers, sizes)
     kept = np.array([m.kept for m in training], float)
+    removed = _mask(blocks, [m.removed for m in training]) if blocks else None
+    held_removed = _mask(blocks, [r for _, r in holdout_candidates]) if blocks else None
     measured = np.array([m.ms for m in training])
-    choices = choose_features(layout, kept, measured, folds=plan.folds, candidates=feature_sets, log=say)
-    weights = fit_weights(layout.design(kept, choices[0].features), measured)
-    predicted = layout.design(np.array(holdout_vectors, float), choices[0].features) @ weights
+    choices = choose_features(layout, kept, measured, folds=plan.folds, candidates=feature_sets, log=say,
+                              removed=removed)
+    weights = fit_weights(layout.design(kept, choices[0].features, removed), measured)
+    predicted = layout.design(np.array(holdout_vectors, float).reshape(-1, len(sizes)), choices[0].features,
+                              held_removed) @ weights
     errors = relative_errors(predicted, np.array(holdout_ms))
     evidence["fitted_table"] = _fitted_step(layout, choices[0].features, weights, macs.names, sizes, plan)
-    holdout = tuple(Measured(v, float(ms), "holdout", float(p))
-                    for v, ms, p in zip(holdout_vectors, holdout_ms, predicted, strict=True))
+    holdout = tuple(Measured(c[0], float(ms), "holdout", float(p), removed=c[1])
+                    for c, ms, p in zip(holdout_candidates, holdout_ms, predicted, strict=True))
+    notes = {"baseline_model": _baseline_model(layout, kept, measured, holdout_vectors, holdout_ms, choices,
+                                               removed, held_removed),
+             "holdout_by_grid": _errors_by_grid(holdout_vectors, errors, sizes)}
+    if blocks:
+        notes["holdout_by_depth"] = _errors_by_depth(holdout_candidates, errors)
     table = LatencyTable(
         names=tuple(macs.names), sizes=sizes, layers=tuple(macs.layers), features=choices[0].features,
         weights=tuple(float(w) for w in weights), step=step, step_evidence=evidence, full_ms=float(full_ms),
@@ -138,9 +164,7 @@ def fit_table(macs: MacsTable, measure: Measure, plan: TablePlan = TablePlan(), 
         environment=fields.pop("environment", {}), training=tuple(training), holdout=holdout,
         median_error=float(np.median(errors)) if len(errors) else float("nan"),
         max_error=float(errors.max()) if len(errors) else float("nan"),
-        cross_validation=tuple(_choice_record(c) for c in choices),
-        notes={"baseline_model": _baseline_model(layout, kept, measured, holdout_vectors, holdout_ms, choices),
-               "holdout_by_grid": _errors_by_grid(holdout_vectors, errors, sizes)},
+        cross_validation=tuple(_choice_record(c) for c in choices), notes=notes, blocks=blocks,
     )
     table = replace(table, build_seconds=round(time.perf_counter() - started, 1), **fields)
     say(f"latency table: {table.summary()} ({table.build_seconds:.0f}s)")
@@ -150,11 +174,13 @@ def fit_table(macs: MacsTable, measure: Measure, plan: TablePlan = TablePlan(), 
 class CandidateTimer:
     """The real ``measure``: each count vector pruned from a copy of ``model`` (L1 criterion; weights do not change
     latency), exported to the target's artifact and timed ``plan.batch`` at a time beside the unpruned model (and
-    the unpruned FP32 ONNX Runtime reference, unless that is the target)."""
+    the unpruned FP32 ONNX Runtime reference, unless that is the target). With ``depth``, each candidate is a
+    (kept, removed blocks) pair: the blocks removed first (``pf_ray.ops.depth.apply_joint_``)."""
 
     def __init__(self, model: nn.Module, input_shape: Sequence[int], target: TargetConfig, plan: TablePlan,
-                 log: Log | None = None) -> None:
+                 log: Log | None = None, *, depth: bool = False) -> None:
         self.model, self.shape, self.target, self.plan, self.log = model, tuple(input_shape), target, plan, log
+        self.depth = depth
         self.sizes = tuple(macs_table(model, self.shape).sizes)
         self.scale: float | None = None  # the unpruned model's time in the first batch
         self.references: list[float] = []  # the reference's time in each batch, scaled like the candidates
@@ -191,8 +217,11 @@ class CandidateTimer:
     def reference_ms(self) -> float:
         return float(np.median(self.references)) if self.references else float("nan")
 
-    def _pruned(self, kept: Kept) -> nn.Module:
-        return pruned_copy(self.model, self.shape, kept, self.sizes)
+    def _pruned(self, candidate: Kept | Candidate) -> nn.Module:
+        if self.depth:
+            kept, removed = candidate
+            return pruned_copy(self.model, self.shape, kept, self.sizes, removed=removed)
+        return pruned_copy(self.model, self.shape, candidate, self.sizes)
 
     def close(self) -> None:
         self._anchors.clear()
@@ -200,9 +229,15 @@ class CandidateTimer:
 
 
 def pruned_copy(model: nn.Module, input_shape: Sequence[int], kept: Sequence[int],
-                sizes: Sequence[int] | None = None) -> nn.Module:
+                sizes: Sequence[int] | None = None, *, removed: Sequence[str] = ()) -> nn.Module:
     """A copy of ``model`` with ``kept[i]`` channels in prunable group i (L1 criterion: which channels go does not
-    change latency). ``sizes``: the groups' channels, if known (else traced)."""
+    change latency). ``sizes``: the groups' channels, if known (else traced). ``removed``: residual blocks removed
+    first (``pf_ray.ops.blocks``); ``kept`` is still one count per group of ``model``, and the counts of the groups
+    that go with the removed blocks are not used."""
+    if removed:
+        candidate = copy.deepcopy(model)
+        apply_joint_(candidate, input_shape, removed, [int(k) for k in kept])
+        return candidate
     sizes = tuple(sizes) if sizes is not None else tuple(macs_table(model, input_shape).sizes)
     candidate = copy.deepcopy(model)
     got = prune_channels_(candidate, input_shape, [c / n for c, n in zip(kept, sizes, strict=True)], round_to=1,
@@ -229,10 +264,11 @@ def latency_table(model: nn.Module, input_shape: Sequence[int], target: TargetCo
             if log is not None:
                 log(f"latency table: {table.summary()} (cached: {entry.name})")
             return table
-    timer = CandidateTimer(model, input_shape, target, plan, log)
+    blocks = [block.name for block in removable_blocks(model, input_shape)] if plan.depth else []
+    timer = CandidateTimer(model, input_shape, target, plan, log, **({"depth": True} if blocks else {}))
     try:
         table = fit_table(macs_table(model, input_shape), timer, plan, log=log, target=_target_record(target),
-                          environment=environment(target), reference_ms=timer.reference_ms)
+                          environment=environment(target), reference_ms=timer.reference_ms, blocks=blocks)
     finally:
         timer.close()
     cache.write_entry(entry, {"table": table.to_dict()})
@@ -262,6 +298,32 @@ def _random(sizes: Kept, rng: random.Random, plan: TablePlan) -> Kept:
     grid = rng.choice(plan.grids)
     return tuple(n if rng.random() < plan.keep_full else kept_channel_count(n, rng.uniform(plan.min_ratio, 1.0), grid)
                  for n in sizes)
+
+
+def _random_candidates(sizes: Kept, layout: Layout, blocks: Removed, rng: random.Random,
+                       plan: TablePlan) -> list[Candidate]:
+    """The plan's random candidates (training, then held out). Widths are drawn from ``rng`` as without depth;
+    removals from a generator of their own, and the counts of groups that go with removed blocks are set to
+    the full size (they do not matter: one candidate, one measurement)."""
+    widths = [_random(sizes, rng, plan) for _ in range(plan.num_random + plan.num_holdout)]
+    if not blocks:
+        return [(kept, ()) for kept in widths]
+    depth_rng = random.Random(plan.seed + 1)
+    candidates = []
+    for kept in widths:
+        removed = tuple(b for b in blocks if depth_rng.random() < plan.remove_probability)
+        vanished = layout.vanished(_mask(blocks, [removed]))[0]
+        candidates.append((tuple(n if gone else k for k, n, gone in zip(kept, sizes, vanished, strict=True)),
+                           removed))
+    return candidates
+
+
+def _mask(blocks: Removed, removed: Sequence[Sequence[str]]) -> np.ndarray:
+    index = {name: b for b, name in enumerate(blocks)}
+    mask = np.zeros((len(removed), len(blocks)))
+    for row, names in enumerate(removed):
+        mask[row, [index[name] for name in names]] = 1.0
+    return mask
 
 
 def _dense_groups(sizes: Kept, training: Sequence[Measured], plan: TablePlan) -> list[int]:
@@ -301,15 +363,17 @@ def _choice_record(choice: Any) -> dict[str, Any]:
 
 
 def _baseline_model(layout: Layout, kept: np.ndarray, measured: np.ndarray, holdout: Sequence[Kept],
-                    holdout_ms: Sequence[float], choices: Sequence[Any]) -> dict[str, Any]:
+                    holdout_ms: Sequence[float], choices: Sequence[Any], removed: np.ndarray | None = None,
+                    held_removed: np.ndarray | None = None) -> dict[str, Any]:
     """The held-out errors of the simplest model tried (base + per-layer MACs rounded up to a block: no alignment
     or activation terms, its block chosen by cross-validation), for comparison."""
     plain = [c for c in choices if not c.features.aligns and not c.features.activations]
     if not plain or not holdout:
         return {}
     best = min(plain, key=lambda c: c.median_error)
-    weights = fit_weights(layout.design(kept, best.features), measured)
-    errors = relative_errors(layout.design(np.array(holdout, float), best.features) @ weights, np.array(holdout_ms))
+    weights = fit_weights(layout.design(kept, best.features, removed), measured)
+    errors = relative_errors(layout.design(np.array(holdout, float), best.features, held_removed) @ weights,
+                             np.array(holdout_ms))
     return {"features": best.features.describe(), "median_error": round(float(np.median(errors)), 5),
             "max_error": round(float(errors.max()), 5)}
 
@@ -325,3 +389,14 @@ def _errors_by_grid(holdout: Sequence[Kept], errors: np.ndarray, sizes: Kept) ->
                                  "max_error": round(float(np.max(on)), 5)}
     return result
 
+
+
+def _errors_by_depth(holdout: Sequence[Candidate], errors: np.ndarray) -> dict[str, Any]:
+    """Held-out errors of the candidates that remove no block, and of those that remove some."""
+    result = {}
+    for label, wanted in (("width_only", False), ("with_removed_blocks", True)):
+        on = [e for (_, removed), e in zip(holdout, errors, strict=True) if bool(removed) == wanted]
+        if on:
+            result[label] = {"count": len(on), "median_error": round(float(np.median(on)), 5),
+                             "max_error": round(float(np.max(on)), 5)}
+    return result

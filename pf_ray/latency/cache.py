@@ -29,7 +29,7 @@ from pf_ray.files import atomic_write
 
 CACHE_ENV = "PF_RAY_LATENCY_CACHE"  # overrides the cache folder
 # Bumped when the way a figure is produced changes (exporter settings, quantizer, timing procedure).
-KEY_VERSION = 1
+KEY_VERSION = 2
 # The instruction-set flags that decide which kernels a runtime picks; recorded beside every figure.
 KERNEL_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni", "avx512_bf16",
                 "amx_int8", "amx_bf16", "asimd", "asimddp", "sve", "i8mm")

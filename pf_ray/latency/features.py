@@ -16,6 +16,16 @@ runtime leaves its blocked or vectorised kernel for a slower one, and converts l
 and per group, ``activation``: kept / n (element-wise work on its activations: ReLU, residual adds, INT8 quantize
 and dequantize). Latency = base + features . weights, the weights fitted non-negative (NNLS). All numpy on plain
 data: no model, thousands of candidates per call.
+
+Depth (a layout with removable residual blocks, ``pf_ray.ops.blocks``): a candidate also says which blocks it
+removes. A removed block's layers are gone (their ``work`` and misalignment columns are 0), so are the groups that
+lived only in them (their group columns are 0: their kept counts do not matter), and per block more columns say
+what the block costs while it is there: ``block``, 1 (its operators' fixed overhead: kernel launches, the add,
+INT8 quantize / dequantize nodes), ``block_activation``, the kept fraction of its trunk's channels (the add and
+activation on the trunk's width), and for each alignment ``a``, ``block_misaligned``: 1 when its trunk's count is
+not a multiple of ``a`` (layouts converted around each block's add; on ResNet-20 in ONNX Runtime INT8 these took
+the held-out median error from 2.5% to 2.2%). A layout without blocks has none of them, and designs exactly as
+before.
 """
 
 from __future__ import annotations
@@ -44,16 +54,19 @@ class FeatureSet:
 @dataclass(frozen=True, eq=False)
 class Layout:
     """The model's layers as arrays: per layer, how many channels of each group its input and output hold (a layer
-    can hold several copies of a group, e.g. a linear after flattening; a depthwise conv's inputs do not count)."""
+    can hold several copies of a group, e.g. a linear after flattening; a depthwise conv's inputs do not count);
+    and, with removable blocks, which block holds each layer and each block's trunk groups."""
 
     sizes: np.ndarray  # (groups,) channels per group
     in_channels: np.ndarray  # (layers,) input channels per conv group (1 for a depthwise conv)
     out_channels: np.ndarray  # (layers,)
     in_members: np.ndarray  # (layers, groups)
     out_members: np.ndarray  # (layers, groups)
+    layer_block: np.ndarray | None = None  # (layers,) index of the removable block holding the layer, -1 if none
+    block_trunk: np.ndarray | None = None  # (blocks, groups): 1/k for each of a block's k trunk groups
 
     @classmethod
-    def of(cls, layers: Sequence[LayerMacs], sizes: Sequence[int]) -> Layout:
+    def of(cls, layers: Sequence[LayerMacs], sizes: Sequence[int], blocks: Sequence[str] = ()) -> Layout:
         in_members = np.zeros((len(layers), len(sizes)))
         out_members = np.zeros((len(layers), len(sizes)))
         for index, layer in enumerate(layers):
@@ -62,8 +75,24 @@ class Layout:
                     in_members[index, group] += channels
             for group, channels in layer.out_members:
                 out_members[index, group] += channels
+        layer_block = block_trunk = None
+        if blocks:
+            layer_block = np.array([next((b for b, name in enumerate(blocks) if layer.name.startswith(f"{name}.")),
+                                         -1) for layer in layers])
+            touched = (in_members + out_members) > 0  # (layers, groups)
+            block_trunk = np.zeros((len(blocks), len(sizes)))
+            for b in range(len(blocks)):
+                # a trunk group: touched by the block's layers and by layers outside it (the residual stream)
+                trunk = touched[layer_block == b].any(0) & touched[layer_block != b].any(0)
+                if trunk.any():
+                    block_trunk[b, trunk] = 1.0 / trunk.sum()
         return cls(np.asarray(sizes, float), np.array([layer.in_channels // layer.groups for layer in layers], float),
-                   np.array([layer.out_channels for layer in layers], float), in_members, out_members)
+                   np.array([layer.out_channels for layer in layers], float), in_members, out_members,
+                   layer_block, block_trunk)
+
+    @property
+    def num_blocks(self) -> int:
+        return 0 if self.block_trunk is None else len(self.block_trunk)
 
     def names(self, features: FeatureSet) -> list[str]:
         """One name per column of ``design``, e.g. ``work[3]`` (layer 3), ``group_misaligned4[1]`` (group 1)."""
@@ -73,25 +102,60 @@ class Layout:
             names += [f"misaligned{a}[{i}]" for i in layers] + [f"misaligned_work{a}[{i}]" for i in layers]
             names += [f"group_misaligned{a}[{g}]" for g in groups]
             names += [f"group_misaligned_activation{a}[{g}]" for g in groups]
-        return names + ([f"activation[{g}]" for g in groups] if features.activations else [])
+        names += [f"activation[{g}]" for g in groups] if features.activations else []
+        blocks = range(self.num_blocks)
+        names += [f"block[{b}]" for b in blocks] + [f"block_activation[{b}]" for b in blocks]
+        return names + [f"block_misaligned{a}[{b}]" for a in features.aligns for b in blocks]
 
-    def design(self, kept: np.ndarray | Sequence[Sequence[int]], features: FeatureSet) -> np.ndarray:
-        """(candidates, columns): the features of each row of ``kept`` (candidates, groups); column 0 is 1."""
+    def design(self, kept: np.ndarray | Sequence[Sequence[int]], features: FeatureSet,
+               removed: np.ndarray | None = None) -> np.ndarray:
+        """(candidates, columns): the features of each row of ``kept`` (candidates, groups), with the blocks that
+        ``removed`` (candidates, blocks; 1 = removed) marks removed (none if None); column 0 is 1."""
         kept = np.atleast_2d(np.asarray(kept, float))
         if kept.shape[1] != len(self.sizes):
             raise ValueError(f"kept: got {kept.shape[1]} counts per candidate; expected {len(self.sizes)}")
+        present, group_present, block_present = self._presence(len(kept), removed)
         fraction = kept / self.sizes
-        exact = self._work(kept)
+        exact = self._work(kept) * present
         rounded = np.minimum(np.ceil(kept / features.block) * features.block, self.sizes)
-        columns = [np.ones((len(kept), 1)), self._work(rounded) if features.block > 1 else exact]
+        columns = [np.ones((len(kept), 1)), self._work(rounded) * present if features.block > 1 else exact]
         touched = ((self.in_members + self.out_members) > 0).T.astype(float)  # (groups, layers)
         for a in features.aligns:
-            off = ((kept < self.sizes) & (np.mod(kept, a) != 0)).astype(float)  # (candidates, groups)
-            misaligned = (off @ touched > 0).astype(float)  # (candidates, layers)
+            off = ((kept < self.sizes) & (np.mod(kept, a) != 0)) * group_present  # (candidates, groups)
+            misaligned = (off @ touched > 0) * present  # (candidates, layers)
             columns += [misaligned, misaligned * exact, off, off * fraction]
         if features.activations:
-            columns.append(fraction)
+            columns.append(fraction * group_present)
+        if self.num_blocks:
+            trunk = fraction @ self.block_trunk.T + (1.0 - self.block_trunk.sum(1))  # 1 for a block without one
+            columns += [block_present, block_present * trunk]
+            for a in features.aligns:
+                off = (kept < self.sizes) & (np.mod(kept, a) != 0)
+                columns.append(block_present * ((off @ self.block_trunk.T) > 0))
         return np.concatenate(columns, axis=1)
+
+    def vanished(self, removed: np.ndarray) -> np.ndarray:
+        """(candidates, groups): True where a group's layers are all in removed blocks (its count does not
+        matter)."""
+        return self._presence(len(np.atleast_2d(removed)), removed)[1] == 0
+
+    def _presence(self, count: int, removed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per candidate: which layers (1/0), groups (1/0) and blocks (1/0) are there."""
+        layers, groups = len(self.in_channels), len(self.sizes)
+        if removed is None or self.num_blocks == 0:
+            if removed is not None and np.asarray(removed).any():
+                raise ValueError("removed: this layout has no removable blocks")
+            return np.ones((count, layers)), np.ones((count, groups)), np.ones((count, self.num_blocks))
+        removed = np.atleast_2d(np.asarray(removed, float))
+        if removed.shape != (count, self.num_blocks):
+            raise ValueError(f"removed: got shape {removed.shape}; expected ({count}, {self.num_blocks})")
+        block_present = 1.0 - removed
+        inside = self.layer_block >= 0
+        present = np.ones((count, layers))
+        present[:, inside] = block_present[:, self.layer_block[inside]]
+        touched = ((self.in_members + self.out_members) > 0).astype(float)  # (layers, groups)
+        group_present = (present @ touched > 0).astype(float)
+        return present, group_present, block_present
 
     def _work(self, kept: np.ndarray) -> np.ndarray:
         """(candidates, layers): each layer's kept fraction of its MACs with ``kept`` channels per group."""

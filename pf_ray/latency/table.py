@@ -3,15 +3,17 @@
 Plain data (numbers, tuples, the ``MacsTable``'s layer records; no torch module), so searchers carry it to the Ray
 driver and it round-trips through JSON (the cache). ``predict`` composes the fitted per-layer and per-group terms
 (``pf_ray.latency.features``) in microseconds; ``predict_many`` does thousands of candidates in one numpy call.
-The measurements it was fitted on, the held-out candidates it never saw (measured and predicted) and its errors
-on them travel with it.
+A table built with depth (``TablePlan.depth``, on a model with removable residual blocks) also predicts candidates
+that remove blocks (``predict(kept, removed=...)``); one without predicts as it always did. The measurements it
+was fitted on, the held-out candidates it never saw (measured and predicted) and its errors on them travel with
+it.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -27,12 +29,14 @@ from pf_ray.ops.pruning import kept_channel_count
 class Measured:
     """One measured candidate: its kept count per group, its median latency (ms, normalised to the unpruned
     model measured in the same batch) and why it was measured: "full", "sweep" (one group changed), "dense"
-    (one group at every count of a window, for the step), "random" (training) or "holdout"."""
+    (one group at every count of a window, for the step), "block" (one block removed, or all: depth tables),
+    "random" (training) or "holdout"."""
 
     kept: tuple[int, ...]
     ms: float
     kind: str
     predicted: float | None = None  # holdout only: the fitted table's prediction
+    removed: tuple[str, ...] = ()  # the residual blocks removed (depth tables), in forward order
 
 
 @dataclass(frozen=True, eq=False)
@@ -55,37 +59,61 @@ class LatencyTable:
     cross_validation: tuple[dict[str, Any], ...] = ()  # the feature sets tried: CV errors, best first
     build_seconds: float = 0.0
     notes: dict[str, Any] = field(default_factory=dict)
+    blocks: tuple[str, ...] = ()  # removable residual blocks measured removed (depth tables), in forward order
 
     # ---- prediction
 
     @functools.cached_property
     def layout(self) -> Layout:
-        return Layout.of(self.layers, self.sizes)
+        return Layout.of(self.layers, self.sizes, self.blocks)
 
     @functools.cached_property
     def _weights(self) -> np.ndarray:
         return np.asarray(self.weights, float)
 
-    def predict(self, kept: Sequence[int]) -> float:
-        """Milliseconds for a batch of ``target.batch_size`` on the target, with ``kept[i]`` channels in group i."""
+    def predict(self, kept: Sequence[int], removed: Collection[str] = ()) -> float:
+        """Milliseconds for a batch of ``target.batch_size`` on the target, with ``kept[i]`` channels in group i
+        and the residual blocks ``removed`` (names of ``blocks``) removed; the counts of groups that live only
+        in removed blocks do not matter."""
         self._check(kept)
-        return float(self.layout.design(np.asarray(kept, float)[None, :], self.features)[0] @ self._weights)
+        mask = self._mask([removed]) if self.blocks or removed else None
+        return float(self.layout.design(np.asarray(kept, float)[None, :], self.features, mask)[0] @ self._weights)
 
-    def predict_many(self, kept: np.ndarray | Sequence[Sequence[int]]) -> np.ndarray:
-        """``predict`` for every row of a (candidates, groups) array, in one call."""
+    def predict_many(self, kept: np.ndarray | Sequence[Sequence[int]],
+                     removed: np.ndarray | Sequence[Collection[str]] | None = None) -> np.ndarray:
+        """``predict`` for every row of a (candidates, groups) array, in one call; ``removed``: per candidate the
+        names of its removed blocks, or a (candidates, blocks) 0/1 array in ``blocks``' order."""
         kept = np.atleast_2d(np.asarray(kept, float))
-        return self.layout.design(kept, self.features) @ self._weights
+        mask = None
+        if removed is not None:
+            mask = np.asarray(removed, float) if isinstance(removed, np.ndarray) else self._mask(removed)
+        return self.layout.design(kept, self.features, mask) @ self._weights
 
-    def predict_ratios(self, keep_ratios: Sequence[float], round_to: int) -> float:
+    def predict_ratios(self, keep_ratios: Sequence[float], round_to: int, removed: Collection[str] = ()) -> float:
         """``predict`` of the counts ``prune_channels_(..., keep_ratios, round_to=round_to)`` keeps."""
         if len(keep_ratios) != len(self.sizes):
             raise ConfigError(f"keep_ratios: got {len(keep_ratios)} values; expected {len(self.sizes)}")
         return self.predict([kept_channel_count(n, r, round_to) for n, r in zip(self.sizes, keep_ratios,
-                                                                                  strict=True)])
+                                                                                  strict=True)], removed)
 
-    def speedup(self, kept: Sequence[int]) -> float:
-        """The reference (unpruned, FP32 ONNX Runtime) latency over the predicted latency of ``kept``."""
-        return self.reference_ms / self.predict(kept)
+    def speedup(self, kept: Sequence[int], removed: Collection[str] = ()) -> float:
+        """The reference (unpruned, FP32 ONNX Runtime) latency over the predicted latency of the candidate."""
+        return self.reference_ms / self.predict(kept, removed)
+
+    def _mask(self, removed: Sequence[Collection[str]]) -> np.ndarray:
+        """(candidates, blocks): 1 where a candidate removes the block."""
+        index = {name: b for b, name in enumerate(self.blocks)}
+        mask = np.zeros((len(removed), len(self.blocks)))
+        for row, names in enumerate(removed):
+            if isinstance(names, str):
+                raise ConfigError(f"removed: got the string {names!r}; expected a collection of block names")
+            for name in names:
+                if name not in index:
+                    shown = ", ".join(self.blocks[:6]) + (", ..." if len(self.blocks) > 6 else "")
+                    raise ConfigError(f"removed block {name!r}: not a block this latency table measured removed; "
+                                      f"its blocks: {shown or 'none (a table built without depth)'}")
+                mask[row, index[name]] = 1.0
+        return mask
 
     def _check(self, kept: Sequence[int]) -> None:
         if len(kept) != len(self.sizes):
@@ -115,10 +143,12 @@ class LatencyTable:
                                for layer in data["layers"])
         data["features"] = FeatureSet(**{**data["features"], "aligns": tuple(data["features"]["aligns"])})
         for kind in ("training", "holdout"):
-            data[kind] = tuple(Measured(**{**m, "kept": tuple(m["kept"])}) for m in data[kind])
+            data[kind] = tuple(Measured(**{**m, "kept": tuple(m["kept"]), "removed": tuple(m.get("removed", ()))})
+                               for m in data[kind])
         data["cross_validation"] = tuple(data.get("cross_validation", ()))
+        data["blocks"] = tuple(data.get("blocks", ()))
         table = cls(**data)
-        expected = table.layout.design(np.ones((1, len(table.sizes))), table.features).shape[1]
+        expected = len(table.layout.names(table.features))
         if len(table.weights) != expected or not all(math.isfinite(w) for w in table.weights):
             raise ValueError(f"a latency table with {len(table.weights)} weights; its features need {expected}")
         return table
@@ -128,4 +158,5 @@ class LatencyTable:
         return (f"{where or 'target'}: unpruned {self.full_ms:.3f} ms "
                 f"(FP32 ONNX Runtime {self.reference_ms:.3f} ms); {len(self.training)} + {len(self.holdout)} "
                 f"measurements; held-out error median {100 * self.median_error:.1f}%, largest "
-                f"{100 * self.max_error:.1f}%; step {self.step}; {self.features.describe()}")
+                f"{100 * self.max_error:.1f}%; step {self.step}; {self.features.describe()}"
+                + (f"; {len(self.blocks)} removable blocks" if self.blocks else ""))

@@ -25,22 +25,34 @@ def small_cnn(width: int = 8) -> nn.Module:
 
 class SyntheticRuntime:
     """Latency = base + features . weights of a known feature set (a runtime computing 8-channel blocks, slow on
-    counts that are not multiples of 4), times (1 + noise * N(0, 1)). Counts its calls."""
+    counts that are not multiples of 4), times (1 + noise * N(0, 1)). Counts its calls.
+
+    With ``blocks`` (removable residual blocks), each block also costs a fixed ``block_ms`` (its operators'
+    overhead) plus work on its trunk while it is there, and the runtime is called with (kept, removed) pairs."""
 
     def __init__(self, table: MacsTable, truth: FeatureSet = BLOCKS_OF_8,
-                 noise: float = 0.005, seed: int = 0) -> None:
-        self.layout, self.truth = Layout.of(table.layers, table.sizes), truth
+                 noise: float = 0.005, seed: int = 0, blocks: tuple[str, ...] = (), block_ms: float = 0.03) -> None:
+        self.layout, self.truth, self.blocks = Layout.of(table.layers, table.sizes, blocks), truth, blocks
         columns = self.layout.design(np.array([table.sizes]), truth).shape[1]
         self.weights = np.random.default_rng(seed).uniform(0.0, 0.02, columns)
         self.weights[0] = 0.1  # the per-operator floor, ms
+        if blocks:
+            self.weights[[n.startswith("block[") for n in self.layout.names(truth)]] = block_ms
         self.noise, self.rng, self.calls = noise, np.random.default_rng(seed + 1), 0
 
-    def exact(self, kept) -> np.ndarray:
-        return self.layout.design(np.asarray(kept, float), self.truth) @ self.weights
+    def mask(self, removed) -> np.ndarray:
+        return np.array([[float(b in names) for b in self.blocks] for names in removed]).reshape(-1, len(self.blocks))
+
+    def exact(self, kept, removed=None) -> np.ndarray:
+        mask = None if removed is None else self.mask(removed)
+        return self.layout.design(np.asarray(kept, float), self.truth, mask) @ self.weights
 
     def __call__(self, vectors) -> list[float]:
         self.calls += 1
-        exact = self.exact(vectors)
+        if self.blocks:
+            exact = self.exact([kept for kept, _ in vectors], [removed for _, removed in vectors])
+        else:
+            exact = self.exact(vectors)
         return list(exact * (1 + self.noise * self.rng.standard_normal(len(exact))))
 
 
