@@ -102,11 +102,10 @@ def make_candidate(spec: RunSpec, baseline: nn.Module, data: DataBundle, *,
     if isinstance(learner, SearchesPerLayer) and getattr(spec.learner_config, learner.searched_field):
         static[LAYER_VALUES] = list(getattr(spec.learner_config, learner.searched_field))
     if measure and experiment.search.reward is Reward.LATENCY:
-        from pf_ray.export.latency import latency_ms
+        from pf_ray.export.latency import reward_latency
 
-        static[LATENCY_MS] = latency_ms(model, data.input_shape)
-        target = experiment.search.target_macs_ratio * latency_ms(baseline, data.input_shape)
-        static[LATENCY_RATIO] = static[LATENCY_MS] / target
+        static[LATENCY_MS], wanted = reward_latency(model, baseline, data.input_shape, experiment)
+        static[LATENCY_RATIO] = static[LATENCY_MS] / wanted
     if measure:
         static[PROXY_ACCURACY] = proxy_accuracy(model, data, experiment.search)
     return Candidate(spec, model, learner, static, teacher_for(experiment, baseline))

@@ -9,9 +9,20 @@ import torch
 from torch import nn
 
 from pf_ray.candidate import make_candidate, score
-from pf_ray.config import DatasetConfig, ExperimentConfig, LearnerConfig, ModelConfig, Reward
+from pf_ray.config import (
+    Budget,
+    DatasetConfig,
+    ExperimentConfig,
+    LearnerConfig,
+    ModelConfig,
+    Precision,
+    Reward,
+    SearchConfig,
+    TargetConfig,
+)
 from pf_ray.data import load_data
 from pf_ray.export import latency as latency_module
+from pf_ray.latency.measure import measure_ms
 from pf_ray.metrics import LATENCY_MS, LATENCY_RATIO, MACS
 from pf_ray.models import build_model
 from pf_ray.spec import RunSpec
@@ -72,6 +83,19 @@ def test_compress_with_the_latency_reward_measures_candidate_and_baseline(tmp_pa
     candidate = make_candidate(RunSpec.resolve(experiment), baseline, data)
     static = candidate.static_metrics
     assert static[LATENCY_MS] > 0
-    baseline_ms = latency_module.latency_ms(baseline, data.input_shape)  # from the cache the trial filled
+    # on the deployment target (default ONNX Runtime INT8): from the cache the trial filled
+    baseline_ms = measure_ms(baseline, data.input_shape, experiment.target, timing=latency_module.TIMING)
     assert static[LATENCY_RATIO] == pytest.approx(static[LATENCY_MS] / (0.5 * baseline_ms))
     assert len(list(tmp_path.glob("*.json"))) == 2  # the candidate and the baseline
+    assert static[LATENCY_MS] == measure_ms(candidate.model, data.input_shape, experiment.target,
+                                            timing=latency_module.TIMING)
+
+
+def test_with_a_latency_budget_the_reward_aims_at_the_reference_over_the_speedup(tmp_path) -> None:
+    experiment = ExperimentConfig(search=SearchConfig(budget=Budget.LATENCY, target_speedup=1.5),
+                                  target=TargetConfig(precision=Precision.FP32))
+    candidate, wanted = latency_module.reward_latency(small(4), small(8), (1, 8, 8), experiment, folder=tmp_path)
+    reference = measure_ms(small(8), (1, 8, 8), TargetConfig(precision=Precision.FP32),
+                           timing=latency_module.TIMING, folder=tmp_path)  # the FP32 target is the reference
+    assert candidate > 0 and wanted == pytest.approx(reference / 1.5)
+    assert len(list(tmp_path.glob("*.json"))) == 2
