@@ -85,7 +85,7 @@ class TableSource:
 def as_target_latency(table: LatencyTable) -> TargetLatency:
     target = TargetConfig(runtime=Runtime(table.target["runtime"]), precision=Precision(table.target["precision"]),
                           threads=table.target["threads"], batch_size=table.target["batch_size"])
-    return TargetLatency(table, table.reference_ms, target_name(target), step=table.step)
+    return TargetLatency(table, table.reference_ms, target_name(target), step=table.rounding_step())
 
 
 def save_table(run_dir: Path, latency: TargetLatency) -> None:

@@ -111,3 +111,28 @@ def test_sweeps_without_steps_are_no_evidence() -> None:
     assert step == 16 and evidence["sweeps"]["smooth"]["shape"] == "smooth"
     assert evidence["sweeps"]["flat"]["shape"] == "flat"
     assert step_from_sweeps({"flat": flat}, {"flat": 16})[0] == 1
+
+
+def test_the_rounding_step_is_the_grid_that_reaches_the_lowest_latency(fitted) -> None:
+    """A runtime that computes 16-channel blocks and pays 0.5 ms when a group's count leaves them (unless whole):
+    the sweeps' step said 4, but on 4's and 8's grids the fastest candidates are misaligned, so 16 is chosen; a
+    runtime with no penalty has every grid equally fast at its floor, so the finest, the step itself, stays."""
+    from dataclasses import replace
+
+    _, table = fitted
+
+    class Blocks16(LatencyTable):
+        def predict_many(self, kept):
+            kept, sizes = np.atleast_2d(np.asarray(kept, float)), np.asarray(self.sizes)
+            off = ((kept % 16 != 0) & (kept < sizes)).any(axis=1)
+            return 1.0 + 0.001 * (np.ceil(kept / 16) * 16).sum(axis=1) + 0.5 * off
+
+    class NoPenalty(Blocks16):
+        def predict_many(self, kept):
+            return 1.0 + 0.001 * (np.ceil(np.atleast_2d(np.asarray(kept, float)) / 16) * 16).sum(axis=1)
+
+    fields = {name: getattr(table, name) for name in table.__dataclass_fields__}
+    assert Blocks16(**{**fields, "step": 4}).rounding_step() == 16
+    assert Blocks16(**{**fields, "step": 16}).rounding_step() == 16
+    assert NoPenalty(**{**fields, "step": 4}).rounding_step() == 4
+    assert replace(table, step=2).rounding_step() % 2 == 0  # always a multiple of the measured step
