@@ -32,6 +32,7 @@ class CheckpointInfo:
     metrics: dict[str, Any]
     extra: dict[str, Any]
     sha256: str
+    removed_blocks: tuple[str, ...] = ()  # residual blocks removed from the model (depth pruning), by name
 
 
 def sha256_of(path: str | Path) -> str:
@@ -53,9 +54,12 @@ def save_checkpoint(
     extra: dict[str, Any] | None = None,
 ) -> Path:
     """Write atomically (temporary file + rename): a reader never sees half a checkpoint."""
+    from pf_ray.ops.blocks import removed_blocks
+
     path = Path(path)
     payload = {
         "format": FORMAT,
+        "removed_blocks": removed_blocks(model),
         "model": to_dict(model_config),
         "input_shape": list(input_shape),
         "num_classes": int(num_classes),
@@ -89,6 +93,7 @@ def read_checkpoint(path: str | Path) -> tuple[CheckpointInfo, dict[str, torch.T
             metrics=dict(payload.get("metrics", {})),
             extra=dict(payload.get("extra", {})),
             sha256=sha256_of(path),
+            removed_blocks=tuple(str(name) for name in payload.get("removed_blocks", ())),
         )
     except (KeyError, TypeError, ValueError, ConfigError) as error:
         raise CheckpointError(f"checkpoint {str(path)!r} has a malformed header: {error}") from None
@@ -129,10 +134,14 @@ def load_checkpoint(
     except PfRayError as error:
         raise CheckpointError(f"checkpoint {str(path)!r}: cannot rebuild its model: {error}") from None
     try:
+        if info.removed_blocks:  # depth first: the blocks' layers are gone from the state dict
+            from pf_ray.ops.blocks import remove_blocks_
+
+            remove_blocks_(model, info.input_shape, info.removed_blocks, check=False)
         resize_to_state_dict_(model, state_dict)
         model = _learner_structure(model, info, state_dict)
         model.load_state_dict(state_dict)
-    except (RuntimeError, KeyError, ValueError) as error:
+    except (RuntimeError, KeyError, ValueError, ConfigError) as error:
         first_line = str(error).strip().splitlines()[0]
         raise CheckpointError(f"checkpoint {str(path)!r} does not match model {info.model.name!r}: "
                               f"{first_line}") from None

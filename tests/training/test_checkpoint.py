@@ -47,6 +47,20 @@ def test_pruned_model_is_rebuilt_with_its_smaller_layers(tmp_path):
     assert sum(p.numel() for p in loaded.parameters()) == sum(p.numel() for p in model.parameters())
 
 
+def test_a_depth_and_width_pruned_model_is_rebuilt_from_its_checkpoint(tmp_path):
+    from pf_ray.ops.blocks import remove_blocks_, removed_blocks
+
+    model = _model()
+    remove_blocks_(model, SHAPE, ["layer1.1", "layer3.2"])
+    prune_channels_(model, SHAPE, [0.5] * len(prunable_groups(model, SHAPE)), round_to=4)
+    path = _save(tmp_path / "depth.pt", model)
+    loaded, info = load_checkpoint(path)
+    assert info.removed_blocks == ("layer1.1", "layer3.2") == tuple(removed_blocks(loaded))
+    inputs = torch.randn(4, *SHAPE)
+    assert torch.allclose(model(inputs), loaded(inputs))
+    assert read_checkpoint(_save(tmp_path / "plain.pt", _model()))[0].removed_blocks == ()
+
+
 def test_save_is_atomic_and_leaves_no_temporary_files(tmp_path):
     _save(tmp_path / "model.pt", _model())
     assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]
