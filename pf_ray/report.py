@@ -82,14 +82,13 @@ def load_run(run_dir: str | Path) -> RunRecord:
     results_path = run_dir / "results.json"
     if not results_path.is_file():
         storage_path = str((config.get("storage") or {}).get("path") or "")
-        if is_remote(storage_path) and not (run_dir / "search").is_dir():  # the search is in the remote storage
-            with tempfile.TemporaryDirectory() as directory:
-                search_dir = _fetch_search(join_uri(storage_path, run_dir.name, "search"), Path(directory))
-                trials, names = _trials_from_tune(search_dir)
-        else:  # search/, or one search-<target>x/ per target of a Pareto set
+        with tempfile.TemporaryDirectory() as directory:
+            if is_remote(storage_path) and not _search_folders(run_dir):  # the searches are in the remote storage
+                searches = _fetch_searches(join_uri(storage_path, run_dir.name), Path(directory))
+            else:
+                searches = _search_folders(run_dir)
             trials, names = [], []
-            for folder in sorted(p for p in run_dir.glob("search*") if p.is_dir() and
-                                 (p.name == "search" or _folder_speedup(p.name) is not None)):
+            for folder in searches:
                 found, found_names = _trials_from_tune(folder)
                 speedup = _folder_speedup(folder.name)
                 trials += [{**trial, TARGET_SPEEDUP: speedup} for trial in found]
@@ -201,23 +200,40 @@ def _folder_speedup(name: str) -> float | None:
     return float(match.group(1)) if match else None
 
 
-def _fetch_search(search_uri: str, into: Path) -> Path:
+def _is_search_folder(name: str) -> bool:
+    """``search``, or a Pareto set's ``search-<target>x``."""
+    return name == "search" or _folder_speedup(name) is not None
+
+
+def _search_folders(run_dir: Path) -> list[Path]:
+    return sorted(p for p in run_dir.glob("search*") if p.is_dir() and _is_search_folder(p.name))
+
+
+def _fetch_searches(run_uri: str, into: Path) -> list[Path]:
     """Copy the files ``_trials_from_tune`` reads (each trial's params.json, result.json, error.txt) of a remote
-    search into ``into``; nothing else (checkpoints, Tune's pickled state) is fetched."""
+    run's searches (``search/``, or one ``search-<target>x/`` per target) into ``into``; nothing else (checkpoints,
+    Tune's pickled state) is fetched. Returns the local copies of the search folders."""
     import pyarrow.fs
 
-    filesystem, root = pyarrow.fs.FileSystem.from_uri(search_uri)
-    for folder in filesystem.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True)):
-        if folder.type != pyarrow.fs.FileType.Directory:
+    def folders(filesystem: pyarrow.fs.FileSystem, root: str) -> list[pyarrow.fs.FileInfo]:
+        selector = pyarrow.fs.FileSelector(root, allow_not_found=True)
+        return [info for info in filesystem.get_file_info(selector) if info.type == pyarrow.fs.FileType.Directory]
+
+    filesystem, run_root = pyarrow.fs.FileSystem.from_uri(run_uri)
+    searches = []
+    for search in folders(filesystem, run_root):
+        if not _is_search_folder(search.base_name):
             continue
-        for name in ("params.json", "result.json", "error.txt"):
-            source = f"{folder.path}/{name}"
-            if filesystem.get_file_info(source).is_file:
-                target = into / folder.base_name / name
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with filesystem.open_input_stream(source) as stream:
-                    target.write_bytes(stream.read())
-    return into
+        searches.append(into / search.base_name)
+        for folder in folders(filesystem, search.path):
+            for name in ("params.json", "result.json", "error.txt"):
+                source = f"{folder.path}/{name}"
+                if filesystem.get_file_info(source).is_file:
+                    target = into / search.base_name / folder.base_name / name
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    with filesystem.open_input_stream(source) as stream:
+                        target.write_bytes(stream.read())
+    return sorted(searches)
 
 
 def _ordered(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -94,6 +94,25 @@ def test_the_report_of_an_interrupted_remote_run_reads_the_search_from_the_stora
     assert record.layer_names == ["layer_00", "layer_01"]
 
 
+
+def test_the_report_of_an_interrupted_remote_pareto_run_reads_every_targets_search(tmp_path):
+    from pf_ray.metrics import TARGET_SPEEDUP
+    from pf_ray.report import load_run
+
+    for folder, trial_id, accuracy in (("search-1.5x", "t15", 0.7), ("search-2x", "t20", 0.6),
+                                       ("not-a-search", "tzz", 0.1)):
+        trial = tmp_path / "remote" / "tiny" / folder / trial_id
+        trial.mkdir(parents=True)
+        (trial / "params.json").write_text(json.dumps({"layer_00": 0.5}))
+        (trial / "result.json").write_text(json.dumps({"trial_id": trial_id, "epoch": 1,
+                                                       "accuracy": accuracy}) + "\n")
+    run = tmp_path / "staging" / "tiny"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(f"storage: {{path: 'file://{tmp_path / 'remote'}'}}\n")
+    record = load_run(run)
+    assert sorted((t["trial_id"], t[TARGET_SPEEDUP], t["accuracy"]) for t in record.trials) == [
+        ("t15", 1.5, 0.7), ("t20", 2.0, 0.6)]
+
 @pytest.mark.ray
 def test_compress_to_a_remote_storage_path(ray_session, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a relative folder named "file:" would appear here
