@@ -33,7 +33,7 @@ from pf_ray.metrics import (
     TRIAL_METRICS,
     finite_number,
 )
-from pf_ray.storage import RUN_CONFIG, is_remote, join_uri, read_run_config
+from pf_ray.storage import RUN_CONFIG, is_remote, is_search_dir, join_uri, read_run_config, search_dir_target
 
 FILES_DIR = "report_files"  # the PNGs report.md links to (report.html embeds them)
 COMMAND_FILE = "command.txt"  # the command that started the run (written by `pf-ray compress`)
@@ -90,7 +90,7 @@ def load_run(run_dir: str | Path) -> RunRecord:
             trials, names = [], []
             for folder in searches:
                 found, found_names = _trials_from_tune(folder)
-                speedup = _folder_speedup(folder.name)
+                speedup = search_dir_target(folder.name)
                 trials += [{**trial, TARGET_SPEEDUP: speedup} for trial in found]
                 names = names or found_names
         space = _read_json(run_dir / SPACE_FILE) if (run_dir / SPACE_FILE).is_file() else {}
@@ -194,19 +194,8 @@ def _trials_from_tune(search_dir: Path) -> tuple[list[dict[str, Any]], list[str]
     return trials, names
 
 
-def _folder_speedup(name: str) -> float | None:
-    """The target speed-up of a Pareto set's search folder ("search-2.5x" -> 2.5); None for "search"."""
-    match = re.fullmatch(r"search-([0-9.]+)x", name)
-    return float(match.group(1)) if match else None
-
-
-def _is_search_folder(name: str) -> bool:
-    """``search``, or a Pareto set's ``search-<target>x``."""
-    return name == "search" or _folder_speedup(name) is not None
-
-
 def _search_folders(run_dir: Path) -> list[Path]:
-    return sorted(p for p in run_dir.glob("search*") if p.is_dir() and _is_search_folder(p.name))
+    return sorted(p for p in run_dir.glob("search*") if p.is_dir() and is_search_dir(p.name))
 
 
 def _fetch_searches(run_uri: str, into: Path) -> list[Path]:
@@ -222,7 +211,7 @@ def _fetch_searches(run_uri: str, into: Path) -> list[Path]:
     filesystem, run_root = pyarrow.fs.FileSystem.from_uri(run_uri)
     searches = []
     for search in folders(filesystem, run_root):
-        if not _is_search_folder(search.base_name):
+        if not is_search_dir(search.base_name):
             continue
         searches.append(into / search.base_name)
         for folder in folders(filesystem, search.path):

@@ -7,6 +7,7 @@ imported only by the functions that touch a filesystem, and Ray not at all.
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,8 @@ from pf_ray.strict import parse_yaml
 # installs (S3, Google Cloud Storage under both its names, and the local filesystem as a URI).
 URI_SCHEMES = ("s3://", "gs://", "gcs://", "file://")
 RUN_CONFIG = "config.yaml"  # in every run folder: the resolved experiment
+SEARCH_DIR = "search"  # a run's Tune experiment; a Pareto set has one search-<target>x per target
+RETRAIN_DIR = "retrain"  # the Ray Train run of the retrain (and its progress log, TensorBoard files)
 
 
 class StorageSettings(Protocol):
@@ -47,6 +50,22 @@ def join_uri(base: str, *parts: str) -> str:
     """``base/part/...`` for a URI, keeping its query (``s3://bucket/runs?region=eu-west-1``) at the end."""
     root, question, query = base.partition("?")
     return "/".join([root.rstrip("/"), *parts]) + question + query
+
+
+def search_dir_name(speedup: float | None, searches: int) -> str:
+    """``search``, or ``search-2x`` for each search of a Pareto set (``searches`` > 1)."""
+    return SEARCH_DIR if searches == 1 else f"{SEARCH_DIR}-{speedup:g}x"
+
+
+def search_dir_target(name: str) -> float | None:
+    """The target speed-up of a Pareto set's search folder ("search-2.5x" -> 2.5); None for any other name."""
+    match = re.fullmatch(rf"{SEARCH_DIR}-([0-9.]+)x", name)
+    return float(match.group(1)) if match else None
+
+
+def is_search_dir(name: str) -> bool:
+    """A run's search folder: ``search``, or a Pareto set's ``search-<target>x``."""
+    return name == SEARCH_DIR or search_dir_target(name) is not None
 
 
 def local_root(storage: StorageSettings) -> Path:

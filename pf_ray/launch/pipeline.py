@@ -22,7 +22,7 @@ from pf_ray.launch.baseline import train_baseline
 from pf_ray.launch.cluster import check_storage, cpu_count, ray_for
 from pf_ray.launch.preflight import Prepared, preflight
 from pf_ray.launch.retrain import retrain
-from pf_ray.launch.search import SEARCH_DIR, choose_best, run_search, search_epochs
+from pf_ray.launch.search import choose_best, run_search, search_epochs
 from pf_ray.launch.target import measure_on_target, run_latency, save_table
 from pf_ray.learners.base import ProposesStart
 from pf_ray.metrics import ACCURACY, LAYER_VALUES, MACS_RATIO, TARGET_SPEEDUP, model_stats
@@ -30,7 +30,7 @@ from pf_ray.ops.latency_budget import TargetLatency
 from pf_ray.report import COMMAND_FILE, SPACE_FILE, target_summary, write_report
 from pf_ray.search_space import PerLayerSpace
 from pf_ray.spec import RunSpec
-from pf_ray.storage import is_remote, upload, write_run_config
+from pf_ray.storage import is_remote, search_dir_name, upload, write_run_config
 from pf_ray.strict import to_dict
 
 Log = Callable[[str], None]
@@ -190,11 +190,6 @@ def search_stage(prepared: Prepared, baseline: torch.nn.Module, baseline_path: P
         f"{_short(best.get(LAYER_VALUES))} (budget use {_budget_use(space, best)})")
     return Searched(config.search.algorithm.value, space, tuple(s[0] for s in searches), starts, trials, best,
                     chosen)
-
-
-def search_dir_name(speedup: float | None, searches: int) -> str:
-    """``search``, or ``search-2x`` for each search of a Pareto set."""
-    return SEARCH_DIR if searches == 1 else f"{SEARCH_DIR}-{speedup:g}x"
 
 
 def choose_across(trials: list[dict[str, Any]], max_epochs: int, max_accuracy_loss: float, *,

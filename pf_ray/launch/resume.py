@@ -16,11 +16,10 @@ from pf_ray.launch.baseline import cached_baseline
 from pf_ray.launch.cluster import check_storage, ray_for
 from pf_ray.launch.pipeline import run_stages
 from pf_ray.launch.preflight import Prepared
-from pf_ray.launch.retrain import RETRAIN_DIR
-from pf_ray.launch.search import SEARCH_DIR
 from pf_ray.report import COMMAND_FILE
 from pf_ray.spec import RunSpec
 from pf_ray.storage import (
+    RETRAIN_DIR,
     RUN_CONFIG,
     URI_SCHEMES,
     RunConfigFile,
@@ -28,6 +27,7 @@ from pf_ray.storage import (
     copy_file,
     filesystem_of,
     is_remote,
+    is_search_dir,
     join_uri,
     read_run_config,
     unsupported_scheme,
@@ -88,9 +88,9 @@ def fetch_run(uri: str, staging_path: str | None, *, log: Log = print) -> Path:
     """The local run folder for a run in remote storage, its driver files fetched from ``uri`` if not here yet.
 
     The driver's files (config.yaml, command.txt, chosen_trial.json, and whatever was uploaded when it stopped)
-    are copied into ``<staging>/<name>``; Ray's search/ and retrain/ stay in the storage, where the resumed run
-    reads and continues them. A staging path given here replaces the one in the fetched config.yaml (the first
-    machine's folder)."""
+    are copied into ``<staging>/<name>``; Ray's folders (search/, or a Pareto set's search-<target>x/, and
+    retrain/) stay in the storage, where the resumed run reads and continues them. A staging path given here
+    replaces the one in the fetched config.yaml (the first machine's folder)."""
     import pyarrow.fs
 
     scheme = unsupported_scheme(uri)
@@ -116,7 +116,8 @@ def fetch_run(uri: str, staging_path: str | None, *, log: Log = print) -> Path:
     filesystem, root = filesystem_of(uri)
     for info in filesystem.get_file_info(pyarrow.fs.FileSelector(root, recursive=True)):
         relative = info.path[len(root):].lstrip("/")
-        if info.type != pyarrow.fs.FileType.File or relative.split("/", 1)[0] in (SEARCH_DIR, RETRAIN_DIR):
+        top = relative.split("/", 1)[0]
+        if info.type != pyarrow.fs.FileType.File or is_search_dir(top) or top == RETRAIN_DIR:
             continue
         copy_file(join_uri(uri, *relative.split("/")), str(partial / relative))
     write_run_config(partial, config)

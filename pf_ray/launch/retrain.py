@@ -16,13 +16,12 @@ from pf_ray.errors import SearchError
 from pf_ray.launch.atomic_fs import ray_storage
 from pf_ray.metrics import ACCURACY, EPOCH
 from pf_ray.spec import RunSpec
-from pf_ray.storage import RunLocation
+from pf_ray.storage import RETRAIN_DIR, RunLocation
 from trainables.progress_relay import driver_progress
 from trainables.train_loop import MODEL_FILE, TrainJob, ray_train_fit
 
 Log = Callable[[str], None]
 
-RETRAIN_DIR = "retrain"  # the Ray Train run's folder in the run folder (and its progress log, TensorBoard files)
 
 
 def retrain(spec: RunSpec, baseline_path: Path, location: RunLocation, *, log: Log = print) -> nn.Module:

@@ -16,14 +16,13 @@ from pf_ray.launch.search_state import DamagedSearchState, describe, reconcile
 from pf_ray.metrics import ACCURACY, EPOCH, MACS_RATIO, PROXY_ACCURACY, SCORE, TRIAL_METRICS
 from pf_ray.search_space import PerLayerSpace
 from pf_ray.spec import RunSpec
-from pf_ray.storage import exists, filesystem_of, is_remote, join_uri, set_aside
+from pf_ray.storage import SEARCH_DIR, exists, filesystem_of, is_remote, join_uri, set_aside
 
 if TYPE_CHECKING:
     from ray import tune
 
 Log = Callable[[str], None]
 
-SEARCH_DIR = "search"  # the Tune experiment's folder in the run folder
 
 
 def run_search(spec: RunSpec, space: PerLayerSpace, baseline_path: Path, run_storage: str | Path, *,

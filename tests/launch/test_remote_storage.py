@@ -73,6 +73,21 @@ def test_resume_of_a_uri_needs_a_run_folder_there(tmp_path):
     assert not (tmp_path / "staging").exists()
 
 
+
+def test_fetching_a_remote_run_leaves_rays_folders_in_the_storage(tmp_path):
+    from pf_ray.launch.resume import fetch_run
+
+    remote = tmp_path / "remote" / "tiny"
+    for folder in ("search", "search-1.5x", "search-2x", "retrain"):
+        (remote / folder / "trial").mkdir(parents=True)
+        (remote / folder / "trial" / "result.json").write_text("{}")
+    (remote / "searched-notes").mkdir()
+    (remote / "searched-notes" / "a.txt").write_text("kept")
+    (remote / "command.txt").write_text("pf-ray compress")
+    (remote / "config.yaml").write_text(f"storage: {{path: 'file://{tmp_path / 'remote'}'}}\n")
+    local = fetch_run(f"file://{remote}", str(tmp_path / "staging"), log=lambda line: None)
+    assert sorted(p.name for p in local.iterdir()) == ["command.txt", "config.yaml", "searched-notes"]
+
 def test_staging_is_only_for_a_run_given_by_its_uri(tmp_path):
     with pytest.raises(ConfigError, match="--staging: got '/elsewhere' with the local run folder"):
         resume(tmp_path, staging_path="/elsewhere")
