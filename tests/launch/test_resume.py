@@ -132,3 +132,48 @@ def test_resume_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
     error = capsys.readouterr().err.strip()
     assert error == f"pf-ray: error: run_dir: {str(tmp_path)!r} is not a pf-ray run folder (it has no config.yaml)"
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_a_pareto_set_killed_between_its_searches_resumes_each_search_where_it_stopped(tmp_path):
+    """Two targets: the driver is killed once the second target's search has a finished trial; the resume
+    keeps the first search's trials as they were, continues the second, and retrains the rule's choice."""
+    from tests.launch.test_compress import TINY
+
+    overrides = [*TINY, f"storage.path={tmp_path / 'runs'}", "storage.name=pareto", "export.formats=[onnx]",
+                 "search.num_trials=3", "search.budget=latency", "target.precision=fp32",
+                 "search.target_speedup=[1.05, 1.1]", "search.max_accuracy_loss=1", "resources.num_cpus=2"]
+    args = ["compress"] + [part for override in overrides for part in ("--set", override)]
+    # the driver in a subprocess, with the test suite's small latency table (it is built in the driver)
+    code = ("import sys, pf_ray.launch.target as t; from tests.launch.test_target import QUICK, QUICK_PLAN; "
+            "t.TABLE_PLAN, t.TIMING = QUICK_PLAN, QUICK; from pf_ray.cli import main; sys.exit(main(sys.argv[1:]))")
+    env = {**ENV, "PF_RAY_LATENCY_CACHE": str(tmp_path / "latency-cache"), "PYTHONPATH": os.getcwd()}
+    run, log = tmp_path / "runs" / "pareto", tmp_path / "driver.log"
+    first, second = run / "search-1.05x", run / "search-1.1x"
+
+    def start(argv: list[str]) -> subprocess.Popen:
+        with open(log, "a") as out:
+            return subprocess.Popen([sys.executable, "-c", code, *argv], stdout=out, stderr=subprocess.STDOUT,
+                                    env=env, start_new_session=True)
+
+    def second_search_underway() -> bool:
+        done = [t for t, status in _trial_states(second).items() if status == "TERMINATED"]
+        return 1 <= len(done) < 3
+
+    _kill_when(start(args), second_search_underway, "a finished trial of the second target's search")
+    before = {t: (first / t / "result.json").read_text() for t, s in _trial_states(first).items()
+              if s == "TERMINATED"}
+    assert len(before) == 3 and not (run / "results.json").exists()
+
+    resumed = start(["resume", str(run)])
+    assert resumed.wait(timeout=TIMEOUT) == 0, log.read_text()[-3000:]
+    text = log.read_text()
+    assert f"search: resuming {first}" in text and f"search: resuming {second}" in text
+    results = json.loads((run / "results.json").read_text())
+    assert results["resumed"] is True and results["search"]["targets"] == [1.05, 1.1]
+    trials = results["search"]["trials"]
+    assert sorted(t["target_speedup"] for t in trials) == [1.05] * 3 + [1.1] * 3
+    for trial_id, result in before.items():  # the first search was not run again
+        assert (first / trial_id / "result.json").read_text() == result
+    assert results["search"]["best"]["target_speedup"] == 1.1  # any accuracy is within 1: the fastest target
+    assert results["target"]["measured"] and (run / "artifacts" / "compressed.onnx").is_file()
