@@ -109,6 +109,8 @@ class ChannelPruning:
 
     def check(self, model: nn.Module, input_shape: tuple[int, int, int]) -> None:
         self._keep_ratios(len(self._groups(model, input_shape)))
+        if not (self.config.depth or self.config.removed_blocks):
+            return
         blocks = [block.name for block in self._removable(model, input_shape)]
         unknown = [name for name in self.config.removed_blocks if name not in blocks]
         if unknown:

@@ -68,9 +68,12 @@ def test_depth_on_a_model_without_removable_blocks_says_so():
     torch.manual_seed(0)
     plain = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
                           nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
-    with pytest.raises(ConfigError, match=r"depth: got true, but the model \(Sequential\) has no removable residual "
-                                          r"block"):
-        ChannelPruning(ChannelPruningConfig(depth=True)).search_space(plain, SHAPE, SearchConfig())
+    learner = ChannelPruning(ChannelPruningConfig(depth=True))
+    message = r"depth: got true, but the model \(Sequential\) has no removable residual block"
+    with pytest.raises(ConfigError, match=message):
+        learner.check(plain, SHAPE)  # the run's preflight
+    with pytest.raises(ConfigError, match=message):
+        learner.search_space(plain, SHAPE, SearchConfig())
 
 
 # ---- the space
@@ -140,6 +143,18 @@ def test_a_target_out_of_reach_by_width_is_reached_by_removing_blocks():
     _, hopeless = _space(0.001)
     with pytest.raises(ConfigError, match=r"and all 7 removable blocks removed is 0\.00"):
         hopeless.project([1.0] * 19)
+
+
+def test_ddpg_searches_the_depth_space_within_the_budget():
+    from search_algs.ddpg.searcher import DDPGSearcher
+
+    _, space = _space(0.3)
+    searcher = DDPGSearcher(space, metric="accuracy", mode="max", seed=0, num_warmup=2)
+    for i in range(4):
+        values = space.values_from(searcher.suggest(f"t{i}"))
+        assert len(values) == 19 and space.budget.cost(values) <= 0.3 + 1e-9
+        assert space.budget.cost(space.project(values)) <= 0.3
+        searcher.on_trial_complete(f"t{i}", {"accuracy": 0.5 + 0.01 * i, "epoch": 1})
 
 
 # ---- prepare, checkpoint
