@@ -272,3 +272,36 @@ def test_the_table_source_builds_a_depth_plan_when_asked(monkeypatch):
     source = target.TableSource(tiny_resnet20(), SHAPE, TargetConfig(), log=lambda line: None)
     source(depth=True)
     assert plans == [TablePlan(num_random=3, depth=True)]
+
+
+def test_the_end_of_run_measurement_times_each_candidate_with_its_removed_blocks(tmp_path, monkeypatch):
+    from pf_ray.config import ExperimentConfig, Precision
+    from pf_ray.latency import pruned_copy
+    from pf_ray.latency.measure import Timing, export_artifact
+    from pf_ray.launch import target
+    from pf_ray.metrics import LAYER_VALUES, TARGET_MS
+
+    monkeypatch.setattr(target, "TIMING", Timing(warmup=1, repeats=3, rounds=1))
+    built = []
+
+    def spy(model, shape, kept, **options):
+        built.append(options["removed"])
+        return pruned_copy(model, shape, kept, **options)
+
+    monkeypatch.setattr(target, "pruned_copy", spy)
+    model = tiny_resnet20().eval()
+    _, space = _space(0.5)
+    int8 = TargetConfig()
+    files = {("baseline", "onnx"): export_artifact(model, SHAPE, TargetConfig(precision=Precision.FP32), tmp_path,
+                                                   stem="baseline"),
+             ("baseline", "onnx_int8"): export_artifact(model, SHAPE, int8, tmp_path, stem="baseline"),
+             ("compressed", "onnx_int8"): export_artifact(pruned_copy(model, SHAPE, SIZES, removed=("layer1.1",)),
+                                                          SHAPE, int8, tmp_path, stem="compressed")}
+    reports = [{"model": m, "format": f, "path": str(p)} for (m, f), p in files.items()]
+    trials = [{"trial_id": "width", LAYER_VALUES: list(_vector([0.5] * 12))},
+              {"trial_id": "depth", LAYER_VALUES: list(_vector([0.5] * 12, ["layer1.1", "layer3.1"]))}]
+    record = target.measure_on_target(ExperimentConfig(), reports, model, SHAPE, space=space, trials=trials,
+                                      chosen_values=trials[1][LAYER_VALUES], latency=None, log=lambda line: None)
+    assert record["measured"] and record["candidates_measured"] == 2
+    assert built == [(), ("layer1.1", "layer3.1")]
+    assert all(trial[TARGET_MS] > 0 for trial in trials)
