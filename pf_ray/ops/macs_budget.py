@@ -6,6 +6,7 @@ The search projects every candidate onto the budget, many times per second: MACs
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
@@ -80,9 +81,21 @@ class MacsBudget:
         return split_values(values, self.blocks, self.min_ratio)[1]
 
     def cost(self, values: Sequence[float]) -> float:
-        removed = self.removed(values)
-        table = without_blocks(self.table, removed) if removed else self.table
-        return table.macs_of_counts(self.kept(values)) / self.table.macs_of_counts(self.table.sizes)
+        return self._without(self.removed(values)).macs_of_counts(self.kept(values)) / self._full
+
+    @functools.cached_property
+    def _full(self) -> int:
+        return self.table.macs_of_counts(self.table.sizes)
+
+    @functools.cached_property
+    def _tables(self) -> dict[tuple[str, ...], MacsTable]:
+        return {(): self.table}  # the table without each set of removed blocks asked for so far
+
+    def _without(self, removed: tuple[str, ...]) -> MacsTable:
+        # the knapsack and the projection ask for the cost of thousands of vectors, on a few sets of removed blocks
+        if removed not in self._tables:
+            self._tables[removed] = without_blocks(self.table, removed)
+        return self._tables[removed]
 
     def project(self, values: Sequence[float]) -> tuple[float, ...]:
         """``project_to_budget``: the proposal scaled (its shape kept) to spend the budget, then topped up; with
@@ -91,10 +104,10 @@ class MacsBudget:
         if not self.blocks:
             return project_to_budget(self.table, values, self.target, round_to=self.round_to,
                                      min_ratio=self.min_ratio)
-        full = self.table.macs_of_counts(self.table.sizes)
+        full = self._full
 
         def width(ratios: Sequence[float], removed: tuple[str, ...]) -> tuple[float, ...]:
-            return project_keep_ratios(self.table.sizes, ratios, without_blocks(self.table, removed).macs_of_counts,
+            return project_keep_ratios(self.table.sizes, ratios, self._without(removed).macs_of_counts,
                                        self.target * full, round_to=self.round_to, min_ratio=self.min_ratio)
 
         try:
