@@ -61,7 +61,7 @@ class LatencyBudget:
     blocks: tuple[str, ...] = ()
 
     def kept(self, values: Sequence[float]) -> list[int]:
-        ratios = values[: len(self.predictor.sizes)]
+        ratios = split_values(values, self.blocks, self.min_ratio)[0]  # the blocks' values are not counts
         return [kept_channel_count(n, r, self.round_to) for n, r in zip(self.predictor.sizes, ratios, strict=True)]
 
     def removed(self, values: Sequence[float]) -> tuple[str, ...]:

@@ -73,7 +73,7 @@ class MacsBudget:
 
     def kept(self, values: Sequence[float]) -> list[int]:
         """The channels each group keeps with these keep ratios (what the pruned model has)."""
-        ratios = values[: len(self.table.sizes)]
+        ratios = split_values(values, self.blocks, self.min_ratio)[0]  # the blocks' values are not counts
         return [kept_channel_count(n, r, self.round_to) for n, r in zip(self.table.sizes, ratios, strict=True)]
 
     def removed(self, values: Sequence[float]) -> tuple[str, ...]:
