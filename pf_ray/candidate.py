@@ -29,10 +29,12 @@ from pf_ray.metrics import (
     MACS_RATIO,
     PARAMS,
     PROXY_ACCURACY,
+    REMOVED_BLOCKS,
     SCORE,
     finite_number,
     model_stats,
 )
+from pf_ray.ops.blocks import removed_blocks
 from pf_ray.ops.latency_budget import LatencySource
 from pf_ray.search_space import PerLayerSpace
 from pf_ray.spec import RunSpec
@@ -101,6 +103,9 @@ def make_candidate(spec: RunSpec, baseline: nn.Module, data: DataBundle, *,
     static = {MACS: stats.macs, PARAMS: stats.params, MACS_RATIO: stats.macs / max(baseline_macs, 1)}
     if isinstance(learner, SearchesPerLayer) and getattr(spec.learner_config, learner.searched_field):
         static[LAYER_VALUES] = list(getattr(spec.learner_config, learner.searched_field))
+    removed = removed_blocks(model)
+    if removed:  # depth pruning: with LAYER_VALUES, what the search space's vector holds (PerLayerSpace.recorded)
+        static[REMOVED_BLOCKS] = removed
     if measure and experiment.search.reward is Reward.LATENCY:
         from pf_ray.export.latency import reward_latency
 

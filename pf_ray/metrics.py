@@ -35,14 +35,15 @@ MACS = "macs"
 PARAMS = "params"
 MACS_RATIO = "macs_ratio"  # candidate MACs / baseline MACs
 LAYER_VALUES = "layer_values"  # the projected per-layer vector the learner used (e.g. keep ratios)
+REMOVED_BLOCKS = "removed_blocks"  # residual blocks the candidate's model has removed (depth pruning), by name
 LATENCY_MS = "latency_ms"  # latency on the deployment target, on the trial's node (search.reward: latency)
 LATENCY_RATIO = "latency_ratio"  # candidate latency / the latency it should have (export.latency.reward_latency)
 TARGET_MS = "target_ms"  # the candidate measured whole on the deployment target after the search (results.json)
 TARGET_SPEEDUP = "target_speedup"  # the search a trial belongs to: its target speed-up (None: a MACs budget)
 PREDICTED_MS = "predicted_ms"  # the latency table's prediction of it (search.budget: latency)
 # What a trial's record (results.json, the report) keeps of its last result; the latency two with that reward only.
-TRIAL_METRICS = (SCORE, ACCURACY, PROXY_ACCURACY, EPOCH, MACS_RATIO, MACS, PARAMS, LAYER_VALUES, LATENCY_MS,
-                 LATENCY_RATIO)
+TRIAL_METRICS = (SCORE, ACCURACY, PROXY_ACCURACY, EPOCH, MACS_RATIO, MACS, PARAMS, LAYER_VALUES, REMOVED_BLOCKS,
+                 LATENCY_MS, LATENCY_RATIO)
 
 CONV = "conv"
 DEPTHWISE_CONV = "depthwise_conv"

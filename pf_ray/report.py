@@ -103,6 +103,9 @@ def load_run(run_dir: str | Path) -> RunRecord:
     search = results.get("search") or {}
     best = search.get("best")
     chosen = (results.get("learner_config") or {}).get(search.get("field") or "") or (best or {}).get(LAYER_VALUES)
+    recorded = (best or {}).get(LAYER_VALUES) or []
+    if len(recorded) == len(search.get("layer_names") or []) != len(chosen or []):
+        chosen = recorded  # a depth search: the trial's vector also holds its block values (PerLayerSpace.recorded)
     return RunRecord(run_dir, True, config, config_text, results.get("command") or command,
                      _ordered(list(search.get("trials") or [])), best, list(search.get("layer_names") or []),
                      [float(v) for v in chosen or []], search.get("value_label") or "value",

@@ -37,6 +37,18 @@ class KeepsChannels(Protocol):
 
     def kept(self, values: Sequence[float]) -> list[int]: ...
 
+    def removed(self, values: Sequence[float]) -> tuple[str, ...]:
+        """The residual blocks the vector removes (a depth search's; none otherwise)."""
+
+
+class SplitsValues(Protocol):
+    """How a vector fills more than one config field (channel pruning with depth, ``ops.depth_space.DepthFields``):
+    the fields of a projected vector, and back (the vector of given keep ratios and removed blocks)."""
+
+    def fields(self, values: Sequence[float]) -> dict[str, Any]: ...
+
+    def values(self, ratios: Sequence[float], removed: Sequence[str]) -> tuple[float, ...]: ...
+
 
 # Columns of PerLayerSpace.features (the static part of the DDPG agent's per-layer state).
 LAYER_FEATURES = ("index", "channels", "in_channels", "kernel", "stride", "output_positions", "macs")
@@ -55,6 +67,8 @@ class PerLayerSpace:
     label: str = "value"  # what one value is, for reports: "keep ratio", "sparsity", "bits"
     # Other learner config fields the space decides, set with the values (channel pruning's round_to "auto")
     fixed: tuple[tuple[str, Any], ...] = ()
+    # None: the values fill ``field``; else how they fill several fields (depth: keep ratios and removed blocks)
+    split: SplitsValues | None = None
 
     def keys(self) -> list[str]:
         return [LAYER_KEY.format(i) for i in range(len(self.names))]
@@ -72,8 +86,18 @@ class PerLayerSpace:
         return tuple(self.budget.project(values)) if self.budget is not None else tuple(float(v) for v in values)
 
     def apply(self, learner_config: Any, values: Sequence[float]) -> Any:
-        """``learner_config`` with the projected ``values`` in its searched field (and the ``fixed`` fields)."""
-        return replace(learner_config, **dict(self.fixed), **{self.field: self.project(values)})
+        """``learner_config`` with the projected ``values`` in its searched field (and the ``fixed`` fields), or in
+        the fields ``split`` fills."""
+        projected = self.project(values)
+        fields = self.split.fields(projected) if self.split is not None else {self.field: projected}
+        return replace(learner_config, **dict(self.fixed), **fields)
+
+    def recorded(self, values: Sequence[float], removed: Sequence[str] = ()) -> list[float]:
+        """A trial's vector as the space lays it out, from what it records: its searched field's values (and, in a
+        depth search, the blocks its model has removed)."""
+        if self.split is None or len(values) == len(self.names):
+            return [float(v) for v in values]
+        return list(self.split.values(values, removed))
 
 
 def proposal_from(config: dict[str, Any]) -> tuple[float, ...] | None:

@@ -153,7 +153,7 @@ def search_stage(prepared: Prepared, baseline: torch.nn.Module, baseline_path: P
     for a learner (or mode) with nothing to search."""
     spec, data = prepared.spec, prepared.data
     run_dir, run_storage = prepared.location
-    source = (lambda: latency) if latency is not None else None
+    source = (lambda *, depth=False: latency) if latency is not None else None  # the learner checks its blocks
     searches = []
     for speedup, target_spec in spec.per_target():
         space = search_space(target_spec, baseline, data.input_shape, source)

@@ -13,7 +13,16 @@ from pf_ray.errors import SearchError
 from pf_ray.launch.atomic_fs import ray_storage
 from pf_ray.launch.cluster import max_concurrent_trials, trial_cost
 from pf_ray.launch.search_state import DamagedSearchState, describe, reconcile
-from pf_ray.metrics import ACCURACY, EPOCH, MACS_RATIO, PROXY_ACCURACY, SCORE, TRIAL_METRICS
+from pf_ray.metrics import (
+    ACCURACY,
+    EPOCH,
+    LAYER_VALUES,
+    MACS_RATIO,
+    PROXY_ACCURACY,
+    REMOVED_BLOCKS,
+    SCORE,
+    TRIAL_METRICS,
+)
 from pf_ray.search_space import PerLayerSpace
 from pf_ray.spec import RunSpec
 from pf_ray.storage import SEARCH_DIR, exists, filesystem_of, is_remote, join_uri, set_aside
@@ -144,6 +153,8 @@ def trial_records(grid: tune.ResultGrid, space: PerLayerSpace) -> list[dict[str,
     for result in grid:
         metrics = dict(result.metrics or {})
         values = [float(result.config[key]) for key in space.keys()] if result.config else []
+        if metrics.get(LAYER_VALUES):  # the searched field's values (and depth's removed blocks) as a space vector
+            metrics[LAYER_VALUES] = space.recorded(metrics[LAYER_VALUES], metrics.get(REMOVED_BLOCKS) or ())
         trials.append({
             "trial_id": metrics.get("trial_id", Path(result.path).name),
             "proposal": values,

@@ -16,7 +16,7 @@ import json
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +63,8 @@ def check_target(config: ExperimentConfig) -> None:
 @dataclass
 class TableSource:
     """``LatencySource`` for a learner's ``search_space``: the target's table, built (or read from the cache) the
-    first time it is asked for, then the same one."""
+    first time it is asked for, then the same one; asked with ``depth``, a table that also measured removed
+    residual blocks (``TablePlan.depth``)."""
 
     model: nn.Module
     input_shape: tuple[int, int, int]
@@ -71,12 +72,15 @@ class TableSource:
     log: Log
     built: TargetLatency | None = field(default=None, init=False)
 
-    def __call__(self) -> TargetLatency:
-        if self.built is None:
+    def __call__(self, *, depth: bool = False) -> TargetLatency:
+        if self.built is None or (depth and not getattr(self.built.predictor, "blocks", ())):
             cpu = cpu_summary()
-            self.log(f"latency table: {target_name(self.target)} on {cpu['model_name']} "
-                     f"({' '.join(cpu['kernel_flags']) or 'no listed kernel flags'}); cached in {cache_dir()}")
+            self.log(f"latency table: {target_name(self.target)}{' with depth' if depth else ''} on "
+                     f"{cpu['model_name']} ({' '.join(cpu['kernel_flags']) or 'no listed kernel flags'}); cached in "
+                     f"{cache_dir()}")
             plan = TABLE_PLAN or plan_for(self.target)
+            if depth:
+                plan = replace(plan, depth=True)
             table = latency_table(self.model, self.input_shape, self.target, plan=plan, log=self.log)
             self.built = as_target_latency(table)
         return self.built
@@ -106,7 +110,8 @@ def run_latency(run_dir: Path, config: ExperimentConfig, model: nn.Module, input
             return as_target_latency(LatencyTable.from_dict(json.loads(path.read_text())))
         except (ValueError, KeyError, TypeError) as error:
             log(f"latency table: {path} cannot be read ({error}); building it again")
-    latency = TableSource(model, input_shape, config.target, log)()
+    depth = bool(config.learner.options.get("depth"))  # channel_pruning's depth search: a table with removed blocks
+    latency = TableSource(model, input_shape, config.target, log)(depth=depth)
     save_table(run_dir, latency)
     return latency
 
@@ -132,15 +137,16 @@ def measure_on_target(config: ExperimentConfig, reports: Sequence[dict[str, Any]
         return {**record, "measured": False, "why": f"no artifact {', '.join(missing)} (export.formats)"}
     started = time.perf_counter()
     budget = space.budget if space is not None else None
-    counts = {trial["trial_id"]: tuple(budget.kept(trial[LAYER_VALUES])) for trial in trials
-              if isinstance(budget, KeepsChannels) and trial.get(LAYER_VALUES)}
+    counts = {trial["trial_id"]: (tuple(budget.kept(trial[LAYER_VALUES])), budget.removed(trial[LAYER_VALUES]))
+              for trial in trials if isinstance(budget, KeepsChannels) and trial.get(LAYER_VALUES)}
     architectures = list(dict.fromkeys(counts.values()))  # trials that kept the same counts are timed once
     log(f"target: timing the baseline, the compressed model and {len(architectures)} search candidate"
         f"{'s' if len(architectures) != 1 else ''} side by side on {target_name(target)} ({TIMING.rounds} rounds)")
     with tempfile.TemporaryDirectory(prefix="pf_ray_target_") as work:
         files = [paths[("baseline", "onnx")], paths[("baseline", fmt)], paths[("compressed", fmt)]]
-        files += [export_artifact(pruned_copy(baseline, input_shape, kept), input_shape, target, work,
-                                  stem=f"candidate{index}") for index, kept in enumerate(architectures)]
+        files += [export_artifact(pruned_copy(baseline, input_shape, kept, removed=removed), input_shape, target,
+                                  work, stem=f"candidate{index}")
+                  for index, (kept, removed) in enumerate(architectures)]
         sessions = [open_artifact(path, target.threads) for path in files]
         timed = [t["median_ms"] for t in time_sessions(sessions, input_shape, target.batch_size, TIMING)]
         del sessions
@@ -148,17 +154,17 @@ def measure_on_target(config: ExperimentConfig, reports: Sequence[dict[str, Any]
     by_counts = dict(zip(architectures, candidates, strict=True))
     for trial in trials:
         if trial["trial_id"] in counts:
-            kept = counts[trial["trial_id"]]
-            trial[TARGET_MS] = by_counts[kept]
+            kept, removed = counts[trial["trial_id"]]
+            trial[TARGET_MS] = by_counts[(kept, removed)]
             if latency is not None:
-                trial[PREDICTED_MS] = latency.predictor.predict(kept)
+                trial[PREDICTED_MS] = _predict(latency, kept, removed)
     record.update({"measured": True, "reference_ms": reference, "baseline_ms": baseline_ms,
                    "compressed_ms": compressed_ms, "speedup": reference / compressed_ms,
                    "baseline_speedup": reference / baseline_ms,
                    "target_speedup": config.search.target_speedup if latency is not None else None,
                    "candidates_measured": len(architectures), "seconds": round(time.perf_counter() - started, 1)})
     if latency is not None and isinstance(budget, KeepsChannels) and chosen_values:
-        predicted = latency.predictor.predict(budget.kept(chosen_values))
+        predicted = _predict(latency, budget.kept(chosen_values), budget.removed(chosen_values))
         record["predicted_ms"] = predicted  # on the table's own scale: its reference was timed when it was built
         record["predicted_speedup"] = latency.reference_ms / predicted
         table = latency.predictor
@@ -168,3 +174,7 @@ def measure_on_target(config: ExperimentConfig, reports: Sequence[dict[str, Any]
                                "features": table.features.describe(), "build_seconds": table.build_seconds}
     return record
 
+
+def _predict(latency: TargetLatency, kept: Sequence[int], removed: Sequence[str]) -> float:
+    """The table's milliseconds for a candidate (a width-only predictor takes the counts alone)."""
+    return latency.predictor.predict(kept, removed) if removed else latency.predictor.predict(kept)  # type: ignore[call-arg]

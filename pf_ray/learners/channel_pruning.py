@@ -6,8 +6,11 @@ The criteria, the modes and group fine-tuning: docs/design.md, "Channel pruning"
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,11 +19,14 @@ from pf_ray.config import Budget, SearchConfig, read_values_file
 from pf_ray.data import DataBundle
 from pf_ray.errors import ConfigError
 from pf_ray.learners.base import PerLayerMode, check_per_layer_mode
+from pf_ray.ops.blocks import ResidualBlock, removable_blocks
 from pf_ray.ops.channel_groups import prunable_groups, require_prunable_groups
+from pf_ray.ops.depth import remove_blocks_by_name_, vanished_groups
+from pf_ray.ops.depth_space import DepthFields, dimension_names, join_values
 from pf_ray.ops.importance import taylor_importance
 from pf_ray.ops.knapsack import greedy_allocation
 from pf_ray.ops.latency_budget import LatencyBudget, LatencySource
-from pf_ray.ops.macs_budget import MacsBudget, macs_table
+from pf_ray.ops.macs_budget import MacsBudget, MacsTable, block_layers, macs_table
 from pf_ray.ops.pruning import CRITERIA, KEEP_RATIOS_FIELD, kept_channel_count, prune_channels_
 from pf_ray.registry import LEARNERS
 from pf_ray.search_space import PerLayerSpace, layer_features
@@ -51,6 +57,13 @@ class ChannelPruningConfig:
     group_fine_tune_steps: int = 50  # Adam steps after each group of groups (group_size > 0)
     group_learning_rate: float = 0.001  # Adam's learning rate for those steps
     seed: int = 0  # feature batches, sampled positions and group fine-tuning order
+    # Depth (docs/design.md, "Depth"): mode auto also searches which removable residual blocks (identity shortcut,
+    # pf_ray.ops.blocks) to remove, under the same budget: one more value per block after the groups' keep ratios
+    depth: bool = False
+    # Residual blocks (module names) removed before the channels are pruned: mode list / uniform: given; mode auto
+    # with depth: filled by the search. layer_keep_ratios stays one per group of the unpruned model (the ratios of
+    # groups that go with a removed block are not used)
+    removed_blocks: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check_per_layer_mode(self.mode, "layer_keep_ratios", self.layer_keep_ratios, file_field="ratios_file",
@@ -69,6 +82,12 @@ class ChannelPruningConfig:
         check_range("group_size", self.group_size, low=0)
         check_range("group_fine_tune_steps", self.group_fine_tune_steps, low=0)
         check_range("group_learning_rate", self.group_learning_rate, low=0.0, low_inclusive=False, high=1.0)
+        if self.depth and self.mode != PerLayerMode.AUTO:
+            raise ConfigError(f"depth: got true with mode {str(self.mode)!r}; depth is searched in mode 'auto' (with "
+                              "mode list or uniform, name the blocks to remove in removed_blocks)")
+        if self.removed_blocks and self.mode == PerLayerMode.AUTO and not self.depth:
+            raise ConfigError(f"removed_blocks: got {list(self.removed_blocks)} with mode 'auto' and depth false; "
+                              "set depth: true to search the blocks, or mode list / uniform to give them")
         if self.ratios_file is not None:
             read_values_file(self.ratios_file, RATIOS_FILE_FIELD)  # fail now, where the config is read, not in a trial
 
@@ -90,6 +109,22 @@ class ChannelPruning:
 
     def check(self, model: nn.Module, input_shape: tuple[int, int, int]) -> None:
         self._keep_ratios(len(self._groups(model, input_shape)))
+        if not (self.config.depth or self.config.removed_blocks):
+            return
+        blocks = [block.name for block in self._removable(model, input_shape)]
+        unknown = [name for name in self.config.removed_blocks if name not in blocks]
+        if unknown:
+            raise ConfigError(f"removed_blocks: got {unknown[0]!r}, not a removable residual block of this model; "
+                              f"removable: {', '.join(blocks) or 'none'}")
+
+    def _removable(self, model: nn.Module, input_shape: tuple[int, int, int]) -> list[ResidualBlock]:
+        """The removable residual blocks (``ops.blocks``), in forward order; with ``depth``, at least one."""
+        blocks = removable_blocks(model, input_shape)
+        if self.config.depth and not blocks:
+            raise ConfigError(f"depth: got true, but the model ({type(model).__name__}) has no removable residual "
+                              "block (a known block type with an identity shortcut, pf_ray.ops.blocks); set depth: "
+                              "false")
+        return blocks
 
     def _groups(self, model: nn.Module, input_shape: tuple[int, int, int]) -> list[str]:
         return [group.name for group in require_prunable_groups(model, input_shape, "channel_pruning")]
@@ -105,22 +140,30 @@ class ChannelPruning:
         if not table.names:
             self._groups(model, input_shape)  # raises: nothing to prune
         config = self.config
+        records = self._removable(model, input_shape) if config.depth else []
+        blocks = tuple(block.name for block in records)
         if search.budget is Budget.LATENCY:
             if latency is None:
                 raise ValueError("channel_pruning: search.budget latency needs the target's latency table")
             if len(search.speedups) != 1:
                 raise ValueError("channel_pruning: one space per target speed-up (SearchConfig.for_speedup)")
-            target = latency()
+            target = latency(depth=True) if blocks else latency()
+            measured = getattr(target.predictor, "blocks", ())
+            if set(blocks) - set(measured):
+                raise ConfigError(f"depth: the latency table of {target.name} predicts removed blocks "
+                                  f"{list(measured)}; the search needs {list(blocks)} (a table built with depth)")
             round_to = self._round_to(target.step)
             budget: MacsBudget | LatencyBudget = LatencyBudget(
                 1.0 / search.target_speedup, target.predictor, target.reference_ms, round_to, config.min_keep_ratio,
-                target_name=target.name)
+                target_name=target.name, blocks=blocks)
         else:
             round_to = self._round_to()
-            budget = MacsBudget(search.target_macs_ratio, table, round_to, config.min_keep_ratio)
-        return PerLayerSpace(self.searched_field, table.names, low=config.min_keep_ratio, high=1.0,
-                             budget=budget, features=layer_features(model, input_shape, table.names),
-                             label="keep ratio", fixed=(("round_to", round_to),))
+            budget = MacsBudget(search.target_macs_ratio, table, round_to, config.min_keep_ratio, blocks=blocks)
+        features = layer_features(model, input_shape, table.names) + _block_features(table, records)
+        split = DepthFields(self.searched_field, "removed_blocks", blocks, config.min_keep_ratio) if blocks else None
+        return PerLayerSpace(self.searched_field, table.names + dimension_names(blocks), low=config.min_keep_ratio,
+                             high=1.0, budget=budget, features=features, label="keep ratio",
+                             fixed=(("round_to", round_to),), split=split)
 
     def _round_to(self, target_step: int | None = None) -> int:
         """``round_to``, with "auto" resolved: the target's latency step when there is one, else 8."""
@@ -130,22 +173,59 @@ class ChannelPruning:
 
     def starting_proposal(self, model: nn.Module, data: DataBundle, space: PerLayerSpace) -> tuple[float, ...]:
         """The knapsack start: each channel's first-order Taylor importance on a few training batches against its
-        cost under ``space``'s budget (MACs or predicted latency), filled greedily (``ops.knapsack``)."""
+        cost under ``space``'s budget (MACs or predicted latency), filled greedily (``ops.knapsack``).
+
+        With depth (``space`` has block dimensions): a block's importance is that of the channel groups that go
+        with it (a ResNet block's first convolution's channels). The blocks are ranked by importance per unit of
+        budget that removing one alone saves; the knapsack is filled with none removed, with the first removed,
+        the first two, ... all, and the allocation that keeps the most importance within the budget wins."""
         groups = prunable_groups(model, data.input_shape)
         batches = take_batches(data.train, FEATURE_BATCH_SIZE, IMPORTANCE_BATCHES, seed=self.config.seed)
-        importance = taylor_importance(model, groups, batches)
+        importance = [score.numpy() for score in taylor_importance(model, groups, batches)]
         sizes = [group.num_channels for group in groups]
         round_to, low = dict(space.fixed)["round_to"], self.config.min_keep_ratio
-        kept = greedy_allocation([score.numpy() for score in importance],
-                                 lambda counts: space.budget.cost([k / n for k, n in zip(counts, sizes, strict=True)]),
-                                 space.budget.target, round_to=round_to,
-                                 min_counts=[kept_channel_count(n, low, round_to) for n in sizes])
-        return tuple(k / n for k, n in zip(kept, sizes, strict=True))
+        blocks = space.split.blocks if isinstance(space.split, DepthFields) else ()
+
+        def vector(counts: Sequence[float], removed: Sequence[str]) -> tuple[float, ...]:
+            return join_values([k / n for k, n in zip(counts, sizes, strict=True)], blocks, removed, low)
+
+        def allocate(removed: Sequence[str]) -> list[int]:
+            return greedy_allocation(importance, lambda counts: space.budget.cost(vector(counts, removed)),
+                                     space.budget.target, round_to=round_to,
+                                     min_counts=[kept_channel_count(n, low, round_to) for n in sizes])
+
+        if not blocks:
+            return vector(allocate(()), ())
+        table = macs_table(model, data.input_shape)
+        position = {name: g for g, name in enumerate(table.names)}
+        full = space.budget.cost(vector(sizes, ()))
+
+        def importance_per_saving(block: str) -> float:
+            saved = full - space.budget.cost(vector(sizes, (block,)))
+            lost = sum(float(importance[position[g]].sum()) for g in vanished_groups(table, [block]))
+            return lost / saved if saved > 0 else math.inf
+
+        order = sorted(blocks, key=importance_per_saving)
+        best: tuple[float, tuple[float, ...]] | None = None
+        for count in range(len(order) + 1):
+            removed = order[:count]
+            kept = allocate(removed)
+            if space.budget.cost(vector(kept, removed)) > space.budget.target:
+                continue  # out of reach with only these blocks removed
+            gone = {position[g] for g in vanished_groups(table, removed)}
+            value = sum(float(np.sort(scores)[::-1][: kept[g]].sum()) for g, scores in enumerate(importance)
+                        if g not in gone)
+            if best is None or value > best[0]:
+                best = (value, vector(kept, removed))
+        return best[1] if best is not None else vector(allocate(order), order)  # unreachable: projection says so
 
     def prepare(self, model: nn.Module, data: DataBundle) -> nn.Module:
         config = self.config
         names = self._groups(model, data.input_shape)
         ratios = dict(zip(names, self._keep_ratios(len(names)), strict=True))
+        if config.removed_blocks:  # depth first; then the groups that remain, by name (vanished groups dropped)
+            ratios = remove_blocks_by_name_(model, data.input_shape, config.removed_blocks, ratios)
+            names = list(ratios)
         batches = None
         if config.criterion == "lasso":
             batches = [inputs for inputs, _ in take_batches(data.train, FEATURE_BATCH_SIZE, config.num_batches,
@@ -218,3 +298,15 @@ class ChannelPruning:
 
     def finalize(self, model: nn.Module) -> nn.Module:
         return model
+
+
+def _block_features(table: MacsTable, blocks: Sequence[ResidualBlock]) -> tuple[tuple[float, ...], ...]:
+    """A row of ``LAYER_FEATURES`` per block dimension (DDPG's state), after the groups' rows: its index, the
+    trunk's channels (as channels and input channels), kernel 0 (not a layer), stride 1, its output positions and
+    its layers' MACs unpruned."""
+    rows = []
+    for index, block in enumerate(blocks, start=len(table.names)):
+        macs = sum(table.layers[i].macs(table.sizes, table.sizes) for i in block_layers(table, block.name))
+        channels, positions = float(block.shape[0]), float(math.prod(block.shape[1:]))  # positions: height x width
+        rows.append((float(index), channels, channels, 0.0, 1.0, positions, float(macs)))
+    return tuple(rows)

@@ -13,34 +13,20 @@ depth-pruned model needed (tested equal to the really pruned model's MACs).
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import replace
+from typing import TypeVar
 
 from torch import nn
 
 from pf_ray.errors import ConfigError, ModelError
 from pf_ray.ops.blocks import remove_blocks_
-from pf_ray.ops.macs_budget import MacsTable, macs_table
+from pf_ray.ops.macs_budget import MacsTable, block_layers, macs_table, without_blocks
 from pf_ray.ops.pruning import prune_channels_
 
+# block_layers and without_blocks live with the MacsTable (the depth-aware MACs budget needs them), named here too
+__all__ = ["apply_joint_", "block_layers", "counts_by_index", "joint_macs", "remove_blocks_by_name_", "vanished_groups",
+           "without_blocks"]
 
-def block_layers(table: MacsTable, block: str) -> list[int]:
-    """Indices of ``table.layers`` inside the block (module ``block`` and its descendants)."""
-    return [i for i, layer in enumerate(table.layers) if layer.name.startswith(f"{block}.")]
-
-
-def without_blocks(table: MacsTable, removed: Collection[str]) -> MacsTable:
-    """``table`` of the model with the ``removed`` blocks gone: their layers dropped, the groups those of the
-    original model (names, sizes and indices), so that kept counts per original group still apply; a group whose
-    layers were all in removed blocks no longer counts (``vanished_groups``).
-
-    Raises ConfigError for a name under which the table has no layer."""
-    gone: set[int] = set()
-    for name in dict.fromkeys(removed):
-        inside = block_layers(table, name)
-        if not inside:
-            raise ConfigError(f"removed block {name!r}: the model has no conv/linear layer under this name")
-        gone.update(inside)
-    return replace(table, layers=tuple(layer for i, layer in enumerate(table.layers) if i not in gone))
+T = TypeVar("T")
 
 
 def vanished_groups(table: MacsTable, removed: Collection[str]) -> tuple[str, ...]:
@@ -76,6 +62,24 @@ def joint_macs(table: MacsTable, removed: Collection[str], kept: Sequence[int] |
     return without_blocks(table, removed).macs_of_counts(counts_by_index(table, kept))
 
 
+def remove_blocks_by_name_(model: nn.Module, input_shape: Sequence[int], removed: Collection[str],
+                           by_group: Mapping[str, T], *, check: bool = True) -> dict[str, T]:
+    """Remove the blocks ``removed`` from ``model`` (in place), and return ``by_group`` (a value per channel group
+    of the model as passed in, by name) for the groups that remain, in their order: vanished groups dropped.
+
+    Raises ModelError where a remaining group is not a group of the original model (its value cannot be looked up
+    by name)."""
+    table = macs_table(model, input_shape)
+    remove_blocks_(model, input_shape, removed, check=check)
+    remaining = macs_table(model, input_shape)
+    sizes = dict(zip(table.names, table.sizes, strict=True))
+    for name, size in zip(remaining.names, remaining.sizes, strict=True):
+        if sizes.get(name) != size:
+            raise ModelError(f"after removing blocks {sorted(removed)}, channel group {name!r} ({size} channels) is "
+                             "not a group of the original model: its count cannot be looked up by name")
+    return {name: by_group[name] for name in remaining.names}
+
+
 def apply_joint_(model: nn.Module, input_shape: Sequence[int], removed: Collection[str],
                  kept: Sequence[int] | Mapping[str, int], *, criterion: str = "l1", check: bool = True,
                  **pruning: object) -> dict[str, int]:
@@ -89,16 +93,10 @@ def apply_joint_(model: nn.Module, input_shape: Sequence[int], removed: Collecti
     """
     table = macs_table(model, input_shape)
     counts = dict(zip(table.names, counts_by_index(table, kept), strict=True))
-    remove_blocks_(model, input_shape, removed, check=check)
-    remaining = macs_table(model, input_shape)
     sizes = dict(zip(table.names, table.sizes, strict=True))
-    for name, size in zip(remaining.names, remaining.sizes, strict=True):
-        if sizes.get(name) != size:
-            raise ModelError(f"after removing blocks {sorted(removed)}, channel group {name!r} ({size} channels) is "
-                             "not a group of the original model: its count cannot be looked up by name")
-    ratios = {name: counts[name] / sizes[name] for name in remaining.names}
+    wanted = remove_blocks_by_name_(model, input_shape, removed, counts, check=check)
+    ratios = {name: count / sizes[name] for name, count in wanted.items()}
     got = prune_channels_(model, input_shape, ratios, round_to=1, criterion=criterion, **pruning)  # type: ignore[arg-type]
-    wanted = {name: counts[name] for name in remaining.names}
     if got != wanted:
         raise ModelError(f"pruning kept {got}; asked for {wanted}")
     return got

@@ -5,17 +5,20 @@ reference latency divided by ``search.target_speedup``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from pf_ray.errors import ConfigError
+from pf_ray.ops.depth_space import project_with_blocks, split_values
 from pf_ray.ops.projection import Unreachable, project_keep_ratios
 from pf_ray.ops.pruning import kept_channel_count
 
 
 class LatencyPredictor(Protocol):
-    """Predicted milliseconds on a deployment target from the kept channels of each prunable group."""
+    """Predicted milliseconds on a deployment target from the kept channels of each prunable group (and, for a
+    table built with depth, ``pf_ray.latency.LatencyTable``, the residual blocks removed: ``predict(kept,
+    removed)``, asked only of a budget with blocks)."""
 
     sizes: tuple[int, ...]  # channels per group, in the order of ``ops.macs_budget.macs_table(model).names``
 
@@ -33,9 +36,12 @@ class TargetLatency:
     step: int = 1  # the channel multiple where latency steps on the target (channel pruning's round_to "auto")
 
 
-# How a learner gets the target's latency: asked only when it budgets latency (building a table takes minutes; a
-# learner that refuses the budget, or has nothing to search, never asks).
-LatencySource = Callable[[], TargetLatency]
+class LatencySource(Protocol):
+    """How a learner gets the target's latency: asked only when it budgets latency (building a table takes minutes;
+    a learner that refuses the budget, or has nothing to search, never asks). ``depth``: a table that also
+    predicts removed residual blocks (``pf_ray.latency.TablePlan.depth``)."""
+
+    def __call__(self, *, depth: bool = False) -> TargetLatency: ...
 
 
 @dataclass(frozen=True)
@@ -50,26 +56,46 @@ class LatencyBudget:
     round_to: int
     min_ratio: float  # no group's keep ratio below this (the search box's bottom)
     target_name: str = "the target"  # named in errors, e.g. "onnxruntime int8, 1 thread, batch 1"
+    # depth: the removable residual blocks, in forward order (a vector's last values, ``ops.depth_space``); the
+    # predictor must be a table built with depth
+    blocks: tuple[str, ...] = ()
 
     def kept(self, values: Sequence[float]) -> list[int]:
-        return [kept_channel_count(n, r, self.round_to) for n, r in zip(self.predictor.sizes, values, strict=True)]
+        ratios = split_values(values, self.blocks, self.min_ratio)[0]  # the blocks' values are not counts
+        return [kept_channel_count(n, r, self.round_to) for n, r in zip(self.predictor.sizes, ratios, strict=True)]
+
+    def removed(self, values: Sequence[float]) -> tuple[str, ...]:
+        """The residual blocks a vector removes (none without ``blocks``)."""
+        return split_values(values, self.blocks, self.min_ratio)[1]
 
     def predicted_ms(self, values: Sequence[float]) -> float:
-        return self.predictor.predict(self.kept(values))
+        return self._predict(self.kept(values), self.removed(values))
 
     def cost(self, values: Sequence[float]) -> float:
         return self.predicted_ms(values) / self.reference_ms
 
     def project(self, values: Sequence[float]) -> tuple[float, ...]:
         """The proposal scaled (its shape kept) to the largest keep ratios whose predicted latency meets the
-        target speed-up, then topped up (``ops.projection``)."""
-        try:
-            return project_keep_ratios(self.predictor.sizes, values, self.predictor.predict,
+        target speed-up, then topped up (``ops.projection``); with ``blocks``, at the latency of its removed blocks,
+        removing more where the target needs it (``ops.depth_space.project_with_blocks``)."""
+
+        def width(ratios: Sequence[float], removed: tuple[str, ...]) -> tuple[float, ...]:
+            return project_keep_ratios(self.predictor.sizes, ratios, lambda kept: self._predict(kept, removed),
                                        self.target * self.reference_ms, round_to=self.round_to,
                                        min_ratio=self.min_ratio)
+
+        try:
+            if self.blocks:
+                return project_with_blocks(values, self.blocks, self.min_ratio, width)
+            return width(values, ())
         except Unreachable as error:
+            blocks = f" and all {len(self.blocks)} removable blocks removed" if self.blocks else ""
             raise ConfigError(
                 f"search.target_speedup: got {1 / self.target:g}; the fastest reachable on {self.target_name} by "
-                f"pruning channels (every group at keep ratio {self.min_ratio:g}, round_to={self.round_to}) is "
+                f"pruning channels (every group at keep ratio {self.min_ratio:g}, round_to={self.round_to}{blocks}) is "
                 f"{self.reference_ms / error.smallest:.2f}x, as the latency table predicts"
             ) from None
+
+    def _predict(self, kept: Sequence[int], removed: tuple[str, ...]) -> float:
+        # a width-only predictor takes the counts alone
+        return self.predictor.predict(kept, removed) if removed else self.predictor.predict(kept)  # type: ignore[call-arg]

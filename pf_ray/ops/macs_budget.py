@@ -6,15 +6,17 @@ The search projects every candidate onto the budget, many times per second: MACs
 
 from __future__ import annotations
 
+import functools
 import weakref
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 from torch import nn
 
 from pf_ray.errors import ConfigError, ModelError
 from pf_ray.ops.channel_groups import LayerMacs, trace_groups
+from pf_ray.ops.depth_space import project_with_blocks, split_values
 from pf_ray.ops.projection import Unreachable, project_keep_ratios
 from pf_ray.ops.pruning import check_keep_ratios, kept_channel_count
 
@@ -36,27 +38,86 @@ class MacsTable:
         return sum(layer.macs(kept, self.sizes) for layer in self.layers)
 
 
+def block_layers(table: MacsTable, block: str) -> list[int]:
+    """Indices of ``table.layers`` inside the block (module ``block`` and its descendants)."""
+    return [i for i, layer in enumerate(table.layers) if layer.name.startswith(f"{block}.")]
+
+
+def without_blocks(table: MacsTable, removed: Collection[str]) -> MacsTable:
+    """``table`` of the model with the ``removed`` blocks gone: their layers dropped, the groups those of the
+    original model (names, sizes and indices), so that kept counts per original group still apply; a group whose
+    layers were all in removed blocks no longer counts (``vanished_groups``).
+
+    Raises ConfigError for a name under which the table has no layer."""
+    gone: set[int] = set()
+    for name in dict.fromkeys(removed):
+        inside = block_layers(table, name)
+        if not inside:
+            raise ConfigError(f"removed block {name!r}: the model has no conv/linear layer under this name")
+        gone.update(inside)
+    return replace(table, layers=tuple(layer for i, layer in enumerate(table.layers) if i not in gone))
+
+
 @dataclass(frozen=True)
 class MacsBudget:
     """Channel pruning's budget: the MACs left by per-group keep ratios (after rounding), as a fraction of the
-    unpruned model's. Plain data (the table, no model): searchers carry it to the Ray driver."""
+    unpruned model's. With ``blocks`` (a depth search), a vector is the keep ratios then one value per block
+    (``ops.depth_space``), and the MACs are those of the model with the removed blocks gone. Plain data (the
+    table, no model): searchers carry it to the Ray driver."""
 
     target: float  # search.target_macs_ratio
     table: MacsTable
     round_to: int
     min_ratio: float  # no group's keep ratio below this (the search box's bottom)
+    blocks: tuple[str, ...] = ()  # depth: the removable residual blocks, in forward order
 
     def kept(self, values: Sequence[float]) -> list[int]:
         """The channels each group keeps with these keep ratios (what the pruned model has)."""
-        return [kept_channel_count(n, r, self.round_to) for n, r in zip(self.table.sizes, values, strict=True)]
+        ratios = split_values(values, self.blocks, self.min_ratio)[0]  # the blocks' values are not counts
+        return [kept_channel_count(n, r, self.round_to) for n, r in zip(self.table.sizes, ratios, strict=True)]
+
+    def removed(self, values: Sequence[float]) -> tuple[str, ...]:
+        """The residual blocks a vector removes (none without ``blocks``)."""
+        return split_values(values, self.blocks, self.min_ratio)[1]
 
     def cost(self, values: Sequence[float]) -> float:
-        full = self.table.macs([1.0] * len(self.table.sizes), self.round_to)
-        return self.table.macs(values, self.round_to) / full
+        return self._without(self.removed(values)).macs_of_counts(self.kept(values)) / self._full
+
+    @functools.cached_property
+    def _full(self) -> int:
+        return self.table.macs_of_counts(self.table.sizes)
+
+    @functools.cached_property
+    def _tables(self) -> dict[tuple[str, ...], MacsTable]:
+        return {(): self.table}  # the table without each set of removed blocks asked for so far
+
+    def _without(self, removed: tuple[str, ...]) -> MacsTable:
+        # the knapsack and the projection ask for the cost of thousands of vectors, on a few sets of removed blocks
+        if removed not in self._tables:
+            self._tables[removed] = without_blocks(self.table, removed)
+        return self._tables[removed]
 
     def project(self, values: Sequence[float]) -> tuple[float, ...]:
-        """``project_to_budget``: the proposal scaled (its shape kept) to spend the budget, then topped up."""
-        return project_to_budget(self.table, values, self.target, round_to=self.round_to, min_ratio=self.min_ratio)
+        """``project_to_budget``: the proposal scaled (its shape kept) to spend the budget, then topped up; with
+        ``blocks``, at the MACs left by its removed blocks, removing more where the budget needs it
+        (``ops.depth_space.project_with_blocks``)."""
+        if not self.blocks:
+            return project_to_budget(self.table, values, self.target, round_to=self.round_to,
+                                     min_ratio=self.min_ratio)
+        full = self._full
+
+        def width(ratios: Sequence[float], removed: tuple[str, ...]) -> tuple[float, ...]:
+            return project_keep_ratios(self.table.sizes, ratios, self._without(removed).macs_of_counts,
+                                       self.target * full, round_to=self.round_to, min_ratio=self.min_ratio)
+
+        try:
+            return project_with_blocks(values, self.blocks, self.min_ratio, width)
+        except Unreachable as error:
+            raise ConfigError(
+                f"search.target_macs_ratio: got {self.target:g}; the smallest reachable with round_to="
+                f"{self.round_to}, min ratio {self.min_ratio:g} and all {len(self.blocks)} removable blocks removed "
+                f"is {error.smallest / full:.3f}"
+            ) from None
 
 
 # model -> (parameter shapes, input shape, table); a pruned or resized model gets a fresh table
