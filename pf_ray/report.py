@@ -83,10 +83,9 @@ def load_run(run_dir: str | Path) -> RunRecord:
     if not results_path.is_file():
         storage_path = str((config.get("storage") or {}).get("path") or "")
         with tempfile.TemporaryDirectory() as directory:
-            if is_remote(storage_path) and not _search_folders(run_dir):  # the searches are in the remote storage
+            searches = sorted(p for p in run_dir.glob("search*") if p.is_dir() and is_search_dir(p.name))
+            if is_remote(storage_path) and not searches:  # the searches are in the remote storage
                 searches = _fetch_searches(join_uri(storage_path, run_dir.name), Path(directory))
-            else:
-                searches = _search_folders(run_dir)
             trials, names = [], []
             for folder in searches:
                 found, found_names = _trials_from_tune(folder)
@@ -195,10 +194,6 @@ def _trials_from_tune(search_dir: Path) -> tuple[list[dict[str, Any]], list[str]
                      error=(error[0][:500] if error else None) or (None if lines else "no result reported"))
         trials.append(trial)
     return trials, names
-
-
-def _search_folders(run_dir: Path) -> list[Path]:
-    return sorted(p for p in run_dir.glob("search*") if p.is_dir() and is_search_dir(p.name))
 
 
 def _fetch_searches(run_uri: str, into: Path) -> list[Path]:
