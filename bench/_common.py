@@ -159,17 +159,19 @@ def baseline_sentence(baseline: dict[str, Any]) -> str:
 
 
 def run_proposals(algorithm: str, space: PerLayerSpace, *, seed: int, trials: int, trial_prefix: str,
-                  score: Callable[[tuple[float, ...]], dict[str, Any]]) -> list[dict[str, Any]]:
-    """``trials`` proposals of ``algorithm`` (``search_algs.make_searcher``'s settings): each suggested, handed to
-    ``score`` (the proposal's per-layer values, unprojected) and reported back to the searcher (``on_trial_result``
-    then ``on_trial_complete``: what Tune does with one trial in flight). Returns ``score``'s records, each with
-    its ``"score"``."""
+                  score: Callable[[tuple[float, ...]], dict[str, Any]],
+                  starts: Sequence[Sequence[float]] = ()) -> list[dict[str, Any]]:
+    """``trials`` proposals of ``algorithm`` (``search_algs.make_searcher``'s settings, with the learner's
+    ``starts`` proposed right after the uniform point, as ``pf-ray compress`` passes the knapsack start): each
+    suggested, handed to ``score`` (the proposal's per-layer values, unprojected) and reported back to the searcher
+    (``on_trial_result`` then ``on_trial_complete``: what Tune does with one trial in flight). Returns ``score``'s
+    records, each with its ``"score"``."""
     from pf_ray.config import SearchAlgorithm
     from pf_ray.metrics import EPOCH, SCORE
     from search_algs import make_searcher
 
     searcher, _ = make_searcher(SearchAlgorithm(algorithm), space, metric=SCORE, mode="max", seed=seed,
-                                num_trials=trials, max_epochs=1)
+                                num_trials=trials, max_epochs=1, starts=starts)
     history = []
     for index in range(trials):
         trial_id = f"{trial_prefix}_{index:03d}"
