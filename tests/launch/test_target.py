@@ -115,6 +115,9 @@ def test_the_artifacts_and_candidates_are_timed_side_by_side(tmp_path, quick_tar
     assert record["speedup"] == pytest.approx(record["reference_ms"] / record["compressed_ms"])
     assert record["target_speedup"] is None and record["cpu"]["model_name"]
     assert "achieved" in target_summary(record) and "target 2x" not in target_summary(record)
+    achieved = record["speedup"]
+    assert "short of the target" not in target_summary({**record, "target_speedup": achieved * 1.04})
+    assert "20% short of the target" in target_summary({**record, "target_speedup": achieved / 0.8})
 
     without = [r for r in reports if r["format"] != "onnx_int8" or r["model"] != "compressed"]
     skipped = target.measure_on_target(config, without, model, SHAPE, space=space, trials=[], chosen_values=None,
