@@ -48,9 +48,16 @@ class Scoring(enum.StrEnum):
     PROXY = "proxy"  # validation accuracy right after compression, no fine-tuning (PocketFlow's fast reward)
 
 
+DEFAULT_MACS_RATIO = 0.5  # search.target_macs_ratio when none is given
+
+
 class Budget(enum.StrEnum):
     MACS = "macs"  # keep search.target_macs_ratio of the baseline's MACs
     LATENCY = "latency"  # be search.target_speedup times faster than the baseline, measured on the target
+    # latency where the learner's values move latency on a CPU runtime (channel pruning, mode auto) and no
+    # target_macs_ratio is given; otherwise macs (a learner with its own budget keeps it). Resolved once, in
+    # pf_ray.spec.RunSpec.resolve: config.yaml, trials and a resume see the concrete budget
+    AUTO = "auto"
 
 
 class Runtime(enum.StrEnum):
@@ -167,13 +174,13 @@ class SearchConfig:
     num_trials: int = 8
     scoring: Scoring = Scoring.FINE_TUNED
     reward: Reward = Reward.ACCURACY
-    budget: Budget = Budget.MACS  # what every candidate is projected onto: MACs, or latency on the target
-    target_macs_ratio: float = 0.5  # budget macs: keep this fraction of the baseline's MACs
+    budget: Budget = Budget.AUTO  # what every candidate is projected onto: MACs, or latency on the target
+    target_macs_ratio: float | None = None  # budget macs: keep this fraction of the baseline's MACs (None: 0.5)
     # budget latency: this many times faster on the deployment target than the baseline in FP32 ONNX Runtime
     # (the same threads and batch size). A list (e.g. [1.5, 2, 3]): a Pareto set in one run, one search per
     # target sharing the baseline and the latency table; the retrain takes the fastest target's best candidate
     # whose validation accuracy is within max_accuracy_loss of the most accurate target's best
-    target_speedup: float | tuple[float, ...] = 2.0
+    target_speedup: float | tuple[float, ...] = 3.0
     max_accuracy_loss: float = 0.01  # several targets: the accuracy (a fraction) traded for the faster one
     fine_tune: TrainConfig = field(
         default_factory=lambda: TrainConfig(epochs=2, learning_rate=0.01, train_subset=4096)
@@ -191,8 +198,9 @@ class SearchConfig:
         check_range("search.num_trials", self.num_trials, low=1)
         check_range("search.max_failures", self.max_failures, low=0)
         check_range("search.proxy_bn_images", self.proxy_bn_images, low=0)
-        check_range("search.target_macs_ratio", self.target_macs_ratio, low=0.0, high=1.0,
-                    low_inclusive=False)
+        if self.target_macs_ratio is not None:
+            check_range("search.target_macs_ratio", self.target_macs_ratio, low=0.0, high=1.0,
+                        low_inclusive=False)
         several = isinstance(self.target_speedup, tuple)
         for index, speedup in enumerate(self.target_speedup if several else (self.target_speedup,)):
             check_range("search.target_speedup" + (f"[{index}]" if several else ""), speedup, low=1.0,
@@ -201,7 +209,7 @@ class SearchConfig:
             if not self.target_speedup or len(set(self.target_speedup)) != len(self.target_speedup):
                 raise ConfigError(f"search.target_speedup: got {list(self.target_speedup)}; expected a number or a "
                                   "list of different numbers")
-            if self.budget is not Budget.LATENCY:
+            if self.budget is Budget.MACS:
                 raise ConfigError(f"search.target_speedup: got {list(self.target_speedup)} with search.budget "
                                   f"{self.budget.value}; several targets need search.budget latency")
         check_range("search.max_accuracy_loss", self.max_accuracy_loss, low=0.0, high=1.0)
@@ -209,6 +217,24 @@ class SearchConfig:
         check_range("search.reduction_factor", self.reduction_factor, low=2)
         if self.validation_subset is not None:
             check_range("search.validation_subset", self.validation_subset, low=1)
+
+    @property
+    def macs_ratio(self) -> float:
+        """The MACs budget's fraction: ``target_macs_ratio``, or 0.5 where none is given."""
+        return DEFAULT_MACS_RATIO if self.target_macs_ratio is None else self.target_macs_ratio
+
+    def resolved(self, budgets_latency: bool) -> SearchConfig:
+        """This search with ``budget: auto`` made concrete: latency where the learner can be budgeted in latency
+        (``budgets_latency``) and no ``target_macs_ratio`` is given, else macs. ConfigError for a Pareto set
+        (several target speed-ups) that resolves to macs."""
+        if self.budget is not Budget.AUTO:
+            return self
+        budget = Budget.LATENCY if budgets_latency and self.target_macs_ratio is None else Budget.MACS
+        if budget is Budget.MACS and isinstance(self.target_speedup, tuple):
+            raise ConfigError(f"search.target_speedup: got {list(self.target_speedup)}; several targets need a "
+                              "latency budget, and search.budget auto resolves to macs here (a target_macs_ratio "
+                              "is given, or the learner is not budgeted in latency)")
+        return replace(self, budget=budget)
 
     @property
     def speedups(self) -> tuple[float, ...]:

@@ -16,6 +16,7 @@ from typing import Any
 from pf_ray.config import Budget, ExperimentConfig, load_experiment
 from pf_ray.errors import ConfigError
 from pf_ray.learners import Learner, build_learner, learner_config_class
+from pf_ray.learners.base import BudgetsLatency
 from pf_ray.strict import from_dict, to_dict
 
 
@@ -27,9 +28,12 @@ class RunSpec:
     @classmethod
     def resolve(cls, experiment: ExperimentConfig) -> RunSpec:
         """Parse ``experiment.learner.options`` with the learner's config class (ConfigError names
-        ``learner.options.<field>``)."""
-        return cls(experiment, parse_learner_config(experiment.learner.name, experiment.learner.options,
-                                                    path="learner.options"))
+        ``learner.options.<field>``), and make ``search.budget: auto`` concrete for that learner."""
+        learner_config = parse_learner_config(experiment.learner.name, experiment.learner.options,
+                                              path="learner.options")
+        learner = build_learner(experiment.learner.name, learner_config)
+        search = experiment.search.resolved(isinstance(learner, BudgetsLatency) and learner.budgets_latency())
+        return cls(replace(experiment, search=search), learner_config)
 
     @property
     def learner_name(self) -> str:

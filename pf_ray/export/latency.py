@@ -50,5 +50,4 @@ def reward_latency(model: nn.Module, baseline: nn.Module, input_shape: tuple[int
     if search.budget is Budget.LATENCY:
         (speedup,) = search.speedups  # each search of a Pareto set has one target
         return candidate, reference_ms(baseline, input_shape, target, timing=TIMING, folder=folder) / speedup
-    return candidate, search.target_macs_ratio * measure_ms(baseline, input_shape, target, timing=TIMING,
-                                                            folder=folder)
+    return candidate, search.macs_ratio * measure_ms(baseline, input_shape, target, timing=TIMING, folder=folder)

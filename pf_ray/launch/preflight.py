@@ -60,10 +60,24 @@ def with_absolute_paths(config: ExperimentConfig) -> ExperimentConfig:
     )
 
 
+def _why_budget(config: ExperimentConfig, spec: RunSpec) -> str:
+    """What ``search.budget: auto`` became for this run, and why."""
+    search = spec.experiment.search
+    if search.budget is Budget.LATENCY:
+        return (f"latency: {', '.join(f'{s:g}x' for s in search.speedups)} faster than the FP32 ONNX Runtime "
+                f"original on {config.target.runtime} {config.target.precision} (search.target_speedup)")
+    if config.search.target_macs_ratio is not None:
+        return f"macs: search.target_macs_ratio {search.macs_ratio:g} is given"
+    return (f"learner {spec.learner_name} keeps its own budget (its searched values do not move latency on a CPU "
+            "runtime, or it searches nothing)")
+
+
 def preflight(config: ExperimentConfig, *, log: Log = print) -> Prepared:
     """Validate every input that can be checked up front: learner options, data, model, checkpoint, budget,
     resources, the run folder's name; returns the run's spec (the learner's config parsed once) and data."""
     spec = RunSpec.resolve(with_absolute_paths(config))
+    if config.search.budget is Budget.AUTO:
+        log(f"search.budget auto: {_why_budget(config, spec)}")
     config = spec.experiment
     get_trainable(spec.learner_name)  # a learner without one would fail only at the search, after the baseline
     data = load_data(config.dataset, seed=config.seed)

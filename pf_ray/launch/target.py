@@ -110,7 +110,8 @@ def run_latency(run_dir: Path, config: ExperimentConfig, model: nn.Module, input
             return as_target_latency(LatencyTable.from_dict(json.loads(path.read_text())))
         except (ValueError, KeyError, TypeError) as error:
             log(f"latency table: {path} cannot be read ({error}); building it again")
-    depth = bool(config.learner.options.get("depth"))  # channel_pruning's depth search: a table with removed blocks
+    # channel_pruning's depth search (depth true, or "auto" under this latency budget): a table with removed blocks
+    depth = config.learner.options.get("depth", "auto") is not False
     latency = TableSource(model, input_shape, config.target, log)(depth=depth)
     save_table(run_dir, latency)
     return latency

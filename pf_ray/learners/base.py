@@ -58,6 +58,15 @@ class SearchesPerLayer(Protocol):
 
 
 @runtime_checkable
+class BudgetsLatency(Protocol):
+    """A learner whose searched values move latency on a CPU runtime (channel counts do; sparsity and sub-8-bit
+    weights do not): ``search.budget: auto`` budgets its search in measured latency on the target."""
+
+    def budgets_latency(self) -> bool:
+        """Whether this configuration searches values that a latency budget can bound (e.g. mode auto)."""
+
+
+@runtime_checkable
 class ProposesStart(Protocol):
     """A learner with a fast heuristic allocation under its budget, which every searcher proposes right after the
     uniform candidate (so a search never ends worse than that heuristic)."""
@@ -96,7 +105,8 @@ class RebuildsFinalized(Protocol):
         ``load_checkpoint`` calls it for checkpoints naming the learner, so export and verify need no data."""
 
 
-OPTIONAL_HOOKS = (SearchesPerLayer, ProposesStart, CountsSteps, PacksWeights, WritesInt8Files, RebuildsFinalized)
+OPTIONAL_HOOKS = (SearchesPerLayer, BudgetsLatency, ProposesStart, CountsSteps, PacksWeights, WritesInt8Files,
+                  RebuildsFinalized)
 
 
 class PerLayerMode(enum.StrEnum):

@@ -59,7 +59,7 @@ class ChannelPruningConfig:
     seed: int = 0  # feature batches, sampled positions and group fine-tuning order
     # Depth (docs/design.md, "Depth"): mode auto also searches which removable residual blocks (identity shortcut,
     # pf_ray.ops.blocks) to remove, under the same budget: one more value per block after the groups' keep ratios
-    depth: bool = False
+    depth: bool | str = "auto"  # "auto": searched with a latency budget where the model has removable blocks
     # Residual blocks (module names) removed before the channels are pruned: mode list / uniform: given; mode auto
     # with depth: filled by the search. layer_keep_ratios stays one per group of the unpruned model (the ratios of
     # groups that go with a removed block are not used)
@@ -82,11 +82,14 @@ class ChannelPruningConfig:
         check_range("group_size", self.group_size, low=0)
         check_range("group_fine_tune_steps", self.group_fine_tune_steps, low=0)
         check_range("group_learning_rate", self.group_learning_rate, low=0.0, low_inclusive=False, high=1.0)
-        if self.depth and self.mode != PerLayerMode.AUTO:
+        if isinstance(self.depth, str) and self.depth != "auto":
+            raise ConfigError(f"depth: got {self.depth!r}; expected true, false or 'auto'")
+        if self.depth is True and self.mode != PerLayerMode.AUTO:
             raise ConfigError(f"depth: got true with mode {str(self.mode)!r}; depth is searched in mode 'auto' (with "
                               "mode list or uniform, name the blocks to remove in removed_blocks)")
-        if self.removed_blocks and self.mode == PerLayerMode.AUTO and not self.depth:
-            raise ConfigError(f"removed_blocks: got {list(self.removed_blocks)} with mode 'auto' and depth false; "
+        if self.removed_blocks and self.mode == PerLayerMode.AUTO and self.depth is not True:
+            raise ConfigError(f"removed_blocks: got {list(self.removed_blocks)} with mode 'auto' and depth "
+                              f"{str(self.depth).lower()}; "
                               "set depth: true to search the blocks, or mode list / uniform to give them")
         if self.ratios_file is not None:
             read_values_file(self.ratios_file, RATIOS_FILE_FIELD)  # fail now, where the config is read, not in a trial
@@ -109,7 +112,7 @@ class ChannelPruning:
 
     def check(self, model: nn.Module, input_shape: tuple[int, int, int]) -> None:
         self._keep_ratios(len(self._groups(model, input_shape)))
-        if not (self.config.depth or self.config.removed_blocks):
+        if not (self.config.depth is True or self.config.removed_blocks):
             return
         blocks = [block.name for block in self._removable(model, input_shape)]
         unknown = [name for name in self.config.removed_blocks if name not in blocks]
@@ -120,7 +123,7 @@ class ChannelPruning:
     def _removable(self, model: nn.Module, input_shape: tuple[int, int, int]) -> list[ResidualBlock]:
         """The removable residual blocks (``ops.blocks``), in forward order; with ``depth``, at least one."""
         blocks = removable_blocks(model, input_shape)
-        if self.config.depth and not blocks:
+        if self.config.depth is True and not blocks:
             raise ConfigError(f"depth: got true, but the model ({type(model).__name__}) has no removable residual "
                               "block (a known block type with an identity shortcut, pf_ray.ops.blocks); set depth: "
                               "false")
@@ -140,7 +143,8 @@ class ChannelPruning:
         if not table.names:
             self._groups(model, input_shape)  # raises: nothing to prune
         config = self.config
-        records = self._removable(model, input_shape) if config.depth else []
+        depth = config.depth is True or (config.depth == "auto" and search.budget is Budget.LATENCY)
+        records = self._removable(model, input_shape) if depth else []
         blocks = tuple(block.name for block in records)
         if search.budget is Budget.LATENCY:
             if latency is None:
@@ -158,12 +162,17 @@ class ChannelPruning:
                 target_name=target.name, blocks=blocks)
         else:
             round_to = self._round_to()
-            budget = MacsBudget(search.target_macs_ratio, table, round_to, config.min_keep_ratio, blocks=blocks)
+            budget = MacsBudget(search.macs_ratio, table, round_to, config.min_keep_ratio, blocks=blocks)
         features = layer_features(model, input_shape, table.names) + _block_features(table, records)
         split = DepthFields(self.searched_field, "removed_blocks", blocks, config.min_keep_ratio) if blocks else None
         return PerLayerSpace(self.searched_field, table.names + dimension_names(blocks), low=config.min_keep_ratio,
                              high=1.0, budget=budget, features=features, label="keep ratio",
                              fixed=(("round_to", round_to),), split=split)
+
+    def budgets_latency(self) -> bool:
+        """Channel counts (and removed blocks) move latency on every runtime: mode auto's search is budgeted in
+        latency under ``search.budget: auto``."""
+        return self.config.mode == PerLayerMode.AUTO
 
     def _round_to(self, target_step: int | None = None) -> int:
         """``round_to``, with "auto" resolved: the target's latency step when there is one, else 8."""

@@ -294,14 +294,19 @@ CASES = [
     pytest.param(sets("resources.driver_resource=head-node"),
                  ["resources.driver_resource: 'head-node' is not a resource name"], id="bad-resource-name"),
     # -- inconsistent values --------------------------------------------------------------------------------------
-    pytest.param(sets("learner.options.min_keep_ratio=0.9"),
+    pytest.param(sets("search.budget=macs", "learner.options.min_keep_ratio=0.9"),
                  ["search.target_macs_ratio: got 0.5; the smallest reachable with round_to=8 and min ratio 0.9"],
                  id="budget-impossible-with-min-keep-ratio"),
     pytest.param(sets("search.target_macs_ratio=0.001"),
                  ["search.target_macs_ratio: got 0.001; the smallest reachable"], id="budget-impossible-for-model"),
-    pytest.param(sets("search.target_speedup=[2, 3]"),
+    pytest.param(sets("search.budget=macs", "search.target_speedup=[2, 3]"),
                  ["search.target_speedup: got [2.0, 3.0] with search.budget macs; several targets need search.budget "
                   "latency"], id="pareto-set-with-a-macs-budget"),
+    pytest.param(sets("search.target_macs_ratio=0.4", "search.target_speedup=[2, 3]"),
+                 ["search.target_speedup: got [2.0, 3.0]; several targets need a latency budget, and search.budget "
+                  "auto resolves to macs here"], id="pareto-set-where-auto-resolves-to-macs"),
+    pytest.param(sets("learner.options.depth=maybe"),
+                 ["learner.options.depth: got 'maybe'; expected true, false or 'auto'"], id="depth-not-a-choice"),
     pytest.param(sets("search.budget=latency", "search.target_speedup=[2, 0.5]"),
                  ["search.target_speedup[1]: got 0.5; allowed range is (1, 1000]"], id="pareto-set-with-a-slowdown"),
     pytest.param(sets("search.budget=latency", "learner.options.mode=uniform"),

@@ -18,6 +18,7 @@ TINY = [
     "learner.options.round_to=4",
     "learner.options.num_batches=2",  # LASSO's feature batches: 2 of 64 images are plenty for the tiny set
     "search.num_trials=3",
+    "search.budget=macs",  # the default (auto) is latency for channel pruning: tests/launch/test_target.py runs it
     "search.fine_tune.epochs=1",
     "search.fine_tune.train_subset=128",
     "search.validation_subset=64",

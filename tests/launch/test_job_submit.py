@@ -31,7 +31,8 @@ QUICKSTART = {
     "dataset": {"name": "synthetic"},
     "baseline": {"train": {"epochs": 1, "train_subset": None}},
     "learner": {"name": "channel_pruning", "options": {"round_to": 4, "num_batches": 2}},
-    "search": {"num_trials": 2, "fine_tune": {"epochs": 1, "train_subset": 128}, "validation_subset": 64},
+    "search": {"num_trials": 2, "fine_tune": {"epochs": 1, "train_subset": 128}, "validation_subset": 64,
+               "budget": "macs"},  # the default's latency table is measured in tests/launch/test_target.py
     "retrain": {"train": {"epochs": 1, "train_subset": None}},
     "export": {"calibration_samples": 32, "latency_repeats": 10, "formats": ["onnx"]},
 }

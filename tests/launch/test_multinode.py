@@ -55,7 +55,7 @@ ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
 def experiment(**overrides):
     spec = {"model": {"name": "resnet20"}, "dataset": {"name": "synthetic"},
             "learner": {"name": "channel_pruning", "options": {"round_to": 4, "num_batches": 2}},
-            "search": {"algorithm": "random", "num_trials": 3, "validation_subset": 64,
+            "search": {"algorithm": "random", "num_trials": 3, "validation_subset": 64, "budget": "macs",
                        "fine_tune": {"epochs": 2, "batch_size": 64, "train_subset": 128}},
             "storage": {"path": str(out / "runs"), "shared": True}}
     for key, value in overrides.items():

@@ -28,7 +28,7 @@ CONFIG = {
     "dataset": {"name": "synthetic"},
     "baseline": {"train": {"epochs": 2, "train_subset": None}},
     "learner": {"name": "channel_pruning", "options": {"round_to": 4, "num_batches": 2}},
-    "search": {"algorithm": "gp", "num_trials": 4, "fine_tune": {"epochs": 2, "train_subset": 256},
+    "search": {"algorithm": "gp", "num_trials": 4, "budget": "macs", "fine_tune": {"epochs": 2, "train_subset": 256},
                "validation_subset": 64},
     "retrain": {"train": {"epochs": 4, "train_subset": None}},
     "export": {"calibration_samples": 32, "latency_repeats": 10, "formats": ["onnx"]},

@@ -66,7 +66,9 @@ def test_the_table_is_built_only_for_a_learner_that_budgets_latency(tmp_path, qu
     prepared = preflight(config, log=lines.append)
     assert len(built) == 1 and prepared.latency is not None
     assert prepared.latency.name == "onnxruntime int8, 1 thread, batch 1"
-    assert any(line.startswith("latency table: onnxruntime int8, 1 thread, batch 1 on ") for line in lines)
+    # depth "auto" (channel pruning's default) under a latency budget: the table measures removed blocks too
+    assert any(line.startswith("latency table: onnxruntime int8, 1 thread, batch 1 with depth on ") for line in lines)
+    assert prepared.latency.predictor.blocks
     assert not (tmp_path / "runs").exists()  # preflight writes no run folder
     preflight(config, log=lines.append)
     assert len(built) == 2 and len(list(cache_dir.glob("table-*.json"))) == 1  # cached
@@ -165,7 +167,7 @@ def test_a_pareto_set_of_latency_budgets_under_asha_meets_each_budget(ray_sessio
     assert any(t["macs_ratio"] < 0.99 for t in trials)
     for trial in trials:  # the table's prediction of every scored candidate meets its own target's budget
         budget = LatencyBudget(1 / trial[TARGET_SPEEDUP], latency.predictor, latency.reference_ms, round_to=4,
-                               min_ratio=0.2)
+                               min_ratio=0.2, blocks=latency.predictor.blocks)  # depth "auto": blocks searched too
         assert budget.cost(trial[LAYER_VALUES]) <= 1 / trial[TARGET_SPEEDUP] + 1e-9
         assert trial[PREDICTED_MS] == pytest.approx(budget.predicted_ms(trial[LAYER_VALUES]))
         assert trial[TARGET_MS] > 0

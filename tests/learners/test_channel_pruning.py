@@ -269,7 +269,7 @@ def test_round_to_auto_is_the_targets_latency_step_else_8():
     step16 = TargetLatency(Flat(sizes=sizes), reference_ms=1.5, name="a flat runtime", step=16)
     asked = []
     source = lambda: asked.append(1) or step16  # noqa: E731
-    learner = ChannelPruning(ChannelPruningConfig())
+    learner = ChannelPruning(ChannelPruningConfig(depth=False))  # widths only: this table has no blocks
     assert ChannelPruningConfig().round_to == "auto"
     space = learner.search_space(model, SHAPE, SearchConfig(budget=Budget.LATENCY, target_speedup=1.2), source)
     assert dict(space.fixed) == {"round_to": 16} and space.budget.round_to == 16 and asked == [1]
@@ -277,7 +277,7 @@ def test_round_to_auto_is_the_targets_latency_step_else_8():
     assert candidate.round_to == 16 and all(k % 16 == 0 for k in space.budget.kept(candidate.layer_keep_ratios))
     macs = learner.search_space(model, SHAPE, SearchConfig(target_macs_ratio=0.5), source)
     assert dict(macs.fixed) == {"round_to": 8} and asked == [1]  # a MACs budget never asks for the table
-    given = ChannelPruning(ChannelPruningConfig(round_to=4))
+    given = ChannelPruning(ChannelPruningConfig(round_to=4, depth=False))
     assert dict(given.search_space(model, SHAPE, SearchConfig(budget=Budget.LATENCY, target_speedup=1.2),
                                    source).fixed) == {"round_to": 4}
     pruned = ChannelPruning(ChannelPruningConfig(mode="uniform", keep_ratio=0.5)).prepare(_resnet20(), _data())

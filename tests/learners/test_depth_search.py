@@ -47,7 +47,7 @@ def _vector(ratios: Sequence[float], removed: Collection[str] = ()) -> tuple[flo
     ({"depth": True, "mode": "list", "layer_keep_ratios": [0.5] * 12},
      r"learner\.options\.depth: got true with mode 'list'; depth is searched in mode 'auto'"),
     ({"removed_blocks": ["layer1.1"]},
-     r"learner\.options\.removed_blocks: got \['layer1\.1'\] with mode 'auto' and depth false"),
+     r"learner\.options\.removed_blocks: got \['layer1\.1'\] with mode 'auto' and depth auto"),
     ({"removed_blocks": "layer1.1", "mode": "uniform"}, r"learner\.options\.removed_blocks"),
 ])
 def test_depth_options_are_checked_where_the_config_is_read(options, message):
@@ -241,7 +241,7 @@ def test_a_latency_budget_with_depth_asks_for_a_depth_table_and_removes_blocks_t
     projected = space.project([1.0] * 19)
     assert space.budget.removed(projected)
     assert space.budget.predicted_ms(projected) <= 4.0 / 1.5
-    width_only = ChannelPruning(ChannelPruningConfig(round_to=1))
+    width_only = ChannelPruning(ChannelPruningConfig(round_to=1, depth=False))
     with pytest.raises(ConfigError, match=r"target_speedup: got 1\.5; the fastest reachable on a synthetic runtime"):
         width_only.search_space(tiny_resnet20(), SHAPE, search, source).project([1.0] * 12)
 
