@@ -87,10 +87,9 @@ class ChannelPruningConfig:
         if self.depth is True and self.mode != PerLayerMode.AUTO:
             raise ConfigError(f"depth: got true with mode {str(self.mode)!r}; depth is searched in mode 'auto' (with "
                               "mode list or uniform, name the blocks to remove in removed_blocks)")
-        if self.removed_blocks and self.mode == PerLayerMode.AUTO and self.depth is not True:
-            raise ConfigError(f"removed_blocks: got {list(self.removed_blocks)} with mode 'auto' and depth "
-                              f"{str(self.depth).lower()}; "
-                              "set depth: true to search the blocks, or mode list / uniform to give them")
+        if self.removed_blocks and self.mode == PerLayerMode.AUTO and self.depth is False:
+            raise ConfigError(f"removed_blocks: got {list(self.removed_blocks)} with mode 'auto' and depth false; "
+                              "set depth: true (or auto) to search the blocks, or mode list / uniform to give them")
         if self.ratios_file is not None:
             read_values_file(self.ratios_file, RATIOS_FILE_FIELD)  # fail now, where the config is read, not in a trial
 

@@ -46,8 +46,8 @@ def _vector(ratios: Sequence[float], removed: Collection[str] = ()) -> tuple[flo
 @pytest.mark.parametrize("options, message", [
     ({"depth": True, "mode": "list", "layer_keep_ratios": [0.5] * 12},
      r"learner\.options\.depth: got true with mode 'list'; depth is searched in mode 'auto'"),
-    ({"removed_blocks": ["layer1.1"]},
-     r"learner\.options\.removed_blocks: got \['layer1\.1'\] with mode 'auto' and depth auto"),
+    ({"removed_blocks": ["layer1.1"], "depth": False},
+     r"learner\.options\.removed_blocks: got \['layer1\.1'\] with mode 'auto' and depth false"),
     ({"removed_blocks": "layer1.1", "mode": "uniform"}, r"learner\.options\.removed_blocks"),
 ])
 def test_depth_options_are_checked_where_the_config_is_read(options, message):
@@ -305,3 +305,28 @@ def test_the_end_of_run_measurement_times_each_candidate_with_its_removed_blocks
     assert record["measured"] and record["candidates_measured"] == 2
     assert built == [(), ("layer1.1", "layer3.1")]
     assert all(trial[TARGET_MS] > 0 for trial in trials)
+
+
+def test_the_default_depth_auto_searches_blocks_under_a_latency_budget_and_its_candidates_are_valid_configs():
+    """``depth: auto`` (the default): a latency budget asks for a depth table and searches blocks; every candidate
+    config the space makes (removed blocks filled in) is a config the learner accepts, as a trial parses it."""
+    from pf_ray.spec import parse_learner_config
+    from pf_ray.strict import to_dict
+
+    asked = []
+
+    def source(*, depth: bool = False) -> TargetLatency:
+        asked.append(depth)
+        return TargetLatency(DepthTable(), reference_ms=4.0, name="a synthetic runtime", step=1)
+
+    learner = ChannelPruning(ChannelPruningConfig(round_to=1))
+    assert learner.config.depth == "auto"
+    space = learner.search_space(tiny_resnet20(), SHAPE, SearchConfig(budget=Budget.LATENCY, target_speedup=1.5),
+                                 source)
+    assert asked == [True] and len(space.names) == 19
+    candidate = space.apply(learner.config, [1.0] * 19)  # unreachable by width: blocks removed by the projection
+    assert candidate.removed_blocks and candidate.depth == "auto"
+    assert parse_learner_config("channel_pruning", to_dict(candidate), path="learner_config") == candidate
+    macs = learner.search_space(tiny_resnet20(), SHAPE, SearchConfig(budget=Budget.MACS, target_macs_ratio=0.5),
+                                source)
+    assert len(macs.names) == 12 and asked == [True]  # under a MACs budget, auto searches widths only
