@@ -63,8 +63,10 @@ like the rest; at a depth target the searched methods are compared with ``unifor
 docs/benchmarks.md's "Depth as well as width" subsection::
 
     python bench/latency_search.py --targets onnxruntime=2.4 --depth-targets onnxruntime=3.0,3.5 \
-        --storage /work/wt-lsearch/runs --cache /work/wt-lsearch/runs/latency-cache --probe-models \
+        --storage /work/wt-lsearch/runs --cache /work/wt-lsearch/runs/latency-cache --probe-models --threads 1 \
         --out bench/results/latency_search_depth.json
+
+(``--threads 1``: with other work loading the 2 cores, 2 torch threads pruned about 10x slower than one.)
 """
 
 from __future__ import annotations
