@@ -53,6 +53,20 @@ where runs/latency-cache held both tables, built earlier on the same machine by 
 half an hour here (7-13 s per INT8 export), once per CPU. Without ``--cache`` both are measured in the run.
 
 ``--quick`` runs every phase in a few minutes on tiny settings (a smoke test, not figures to report).
+
+Depth as well as width (opt-in, ``--depth-targets``; bench/_depth_methods.py): for those runtimes and speed-ups,
+methods on the space that also removes whole residual blocks (``learner.options.depth``), budgeted by a depth
+latency table (``TablePlan(depth=True)``, its own cache entry): ``uniform_depth`` (no search: blocks removed in a
+fixed order, then one keep ratio), ``knapsack_depth``, ``tpe_depth`` and ``ddpg_depth``. Their candidates are pooled
+by (kept counts, removed blocks), pruned with the blocks removed first, and retrained, exported, timed and checked
+like the rest; at a depth target the searched methods are compared with ``uniform_depth``. The command behind
+docs/benchmarks.md's "Depth as well as width" subsection::
+
+    python bench/latency_search.py --targets onnxruntime=2.4 --depth-targets onnxruntime=3.0,3.5 \
+        --storage /work/wt-lsearch/runs --cache /work/wt-lsearch/runs/latency-cache --probe-models --threads 1 \
+        --out bench/results/latency_search_depth.json
+
+(``--threads 1``: with other work loading the 2 cores, 2 torch threads pruned about 10x slower than one.)
 """
 
 from __future__ import annotations
@@ -69,6 +83,7 @@ from pathlib import Path
 from typing import Any
 
 import _common  # first: puts the repository root on sys.path
+import _depth_methods
 import torch
 from _common import log
 from torch import nn
@@ -92,6 +107,7 @@ from pf_ray.latency.measure import export_artifact, open_artifact, time_sessions
 from pf_ray.launch.target import as_target_latency
 from pf_ray.metrics import ACCURACY, MACS_RATIO, PROXY_ACCURACY, model_stats
 from pf_ray.models import build_model
+from pf_ray.ops.depth import vanished_groups
 from pf_ray.ops.macs_budget import macs_table
 from pf_ray.ops.pruning import kept_channel_count
 from pf_ray.search_space import PerLayerSpace
@@ -134,6 +150,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                         default=[("onnxruntime", [2.2, 2.4]), ("executorch", [3.5, 4.5])],
                         help="RUNTIME=SPEEDUP[,SPEEDUP...] per target runtime (INT8, 1 thread, batch 1), e.g. "
                              "onnxruntime=2.2,2.4 executorch=3.5,4.5; speed-ups against FP32 ONNX Runtime")
+    parser.add_argument("--depth-targets", nargs="+", type=_runtime_targets, default=[],
+                        help="RUNTIME=SPEEDUP[,SPEEDUP...]: also search depth (residual blocks removed) and width "
+                             "on a depth latency table for these, e.g. onnxruntime=3.0,3.5 (default: none)")
     parser.add_argument("--trials", type=int, default=16, help="proposals per TPE / DDPG search")
     parser.add_argument("--seed", type=int, default=0, help="the searchers' seed")
     parser.add_argument("--validation-subset", type=int, default=2000,
@@ -195,31 +214,38 @@ class Pruned:
     macs_ratio: float
     seconds: float
     method: str  # "lasso" (pf-ray's pruning) or "torch_pruning"
+    removed: tuple[str, ...] = ()  # residual blocks removed before the channels were pruned (depth methods)
 
 
 class LassoPool:
     """pf-ray's channel pruning (LASSO selection + least-squares reconstruction) of the baseline to given kept
-    counts per group, each count vector pruned and proxy-scored once (mode list, ratios kept/channels, round_to
-    1: exactly those counts)."""
+    counts per group, each (count vector, removed blocks) pruned and proxy-scored once (mode list, ratios
+    kept/channels, round_to 1: exactly those counts; ``removed_blocks`` removed first). The counts of groups that
+    only removed blocks hold do not matter: they are keyed (and recorded) as whole."""
 
     def __init__(self, experiment: ExperimentConfig, baseline: nn.Module, data: DataBundle) -> None:
         self.experiment, self.baseline, self.data = experiment, baseline, data
-        self.sizes = tuple(macs_table(baseline, data.input_shape).sizes)
-        self.entries: dict[tuple[int, ...], Pruned] = {}
+        self.macs = macs_table(baseline, data.input_shape)
+        self.sizes = tuple(self.macs.sizes)
+        self.entries: dict[tuple[tuple[int, ...], tuple[str, ...]], Pruned] = {}
         self.fresh = 0  # candidates pruned so far (not read from the pool)
 
-    def get(self, kept: Sequence[int]) -> Pruned:
-        kept = tuple(int(k) for k in kept)
-        if kept not in self.entries:
+    def get(self, kept: Sequence[int], removed: Sequence[str] = ()) -> Pruned:
+        removed = tuple(removed)
+        vanished = set(vanished_groups(self.macs, removed)) if removed else set()
+        kept = tuple(n if name in vanished else int(k)
+                     for k, n, name in zip(kept, self.sizes, self.macs.names, strict=True))
+        if (kept, removed) not in self.entries:
             tic = time.time()
-            options = {"mode": "list", "round_to": 1,
+            options = {"mode": "list", "round_to": 1, "removed_blocks": removed,
                        "layer_keep_ratios": [k / n for k, n in zip(kept, self.sizes, strict=True)]}
             spec = RunSpec.resolve(with_options(self.experiment, **options))
             candidate = make_candidate(spec, self.baseline, self.data)
-            self.entries[kept] = Pruned(candidate.model.eval(), kept, candidate.static_metrics[PROXY_ACCURACY],
-                                        candidate.static_metrics[MACS_RATIO], round(time.time() - tic, 1), "lasso")
+            self.entries[(kept, removed)] = Pruned(
+                candidate.model.eval(), kept, candidate.static_metrics[PROXY_ACCURACY],
+                candidate.static_metrics[MACS_RATIO], round(time.time() - tic, 1), "lasso", removed)
             self.fresh += 1
-        return self.entries[kept]
+        return self.entries[(kept, removed)]
 
 
 def with_options(experiment: ExperimentConfig, **options: Any) -> ExperimentConfig:
@@ -242,6 +268,10 @@ class Bench:
         self.pool: LassoPool | None = None
         self.tables: dict[str, LatencyTable] = {}
         self.round_to: dict[str, int] = {}  # per runtime: the latency searches' channel multiple (rounding_for)
+        self.depth_tables: dict[str, LatencyTable] = {}  # per runtime of --depth-targets: the depth table
+        self.depth_round_to: dict[str, int] = {}
+        # every runtime timed: those of --targets, then those only in --depth-targets
+        self.runtimes = list(dict.fromkeys(r for r, _ in (*args.targets, *args.depth_targets)))
         self.min_ratio = RunSpec.resolve(self.experiment).learner_config.min_keep_ratio  # the search box's floor
         self.shipped: dict[tuple[str, str, str], Pruned] = {}  # (runtime, target, method) -> candidate
         self.artifacts: dict[str, Path] = {}  # timing label -> file
@@ -292,9 +322,11 @@ class Bench:
     # ---- 2. latency tables
 
     def table_phase(self) -> None:
-        self.result["runtimes"] = {}
+        self.result["runtimes"] = {runtime: {"targets": {}} for runtime in self.runtimes}
         with tempfile.TemporaryDirectory(prefix="pf_ray_latency_cache_") as fresh:
             folder = self.args.cache or Path(fresh)
+            for runtime, speedups in self.args.depth_targets:
+                _depth_methods.depth_table(self, runtime, speedups, folder)
             for runtime, speedups in self.args.targets:
                 target = target_config(runtime)
                 plan = QUICK_PLAN if self.args.quick else plan_for(target)
@@ -303,11 +335,11 @@ class Bench:
                 table = latency_table(self.baseline, self.shape, target, plan=plan, folder=folder, log=log)
                 self.tables[runtime] = table
                 self.round_to[runtime], reach = rounding_for(table, self.min_ratio)
-                self.result["runtimes"][runtime] = {
+                self.result["runtimes"][runtime].update({
                     "table": describe_table(table, time.time() - tic, load) | {"cached": cached},
                     "round_to": self.round_to[runtime],
                     "reach_by_round_to": reach, "max_predicted_speedup": reach[self.round_to[runtime]],
-                    "speedups": speedups, "targets": {}}
+                    "speedups": speedups})
                 log(f"{runtime}: table step {table.step}; rounding to {self.round_to[runtime]} (every group at "
                     f"the floor predicted: {', '.join(f'round_to {r}: {v:.2f}x' for r, v in reach.items())})")
                 self.save()
@@ -318,14 +350,18 @@ class Bench:
         for runtime, speedups in self.args.targets:
             for speedup in speedups:
                 tic = time.time()
-                section = self.result["runtimes"][runtime]["targets"][str(speedup)] = {}
+                section = self.result["runtimes"][runtime]["targets"].setdefault(str(speedup), {})
                 reach = self.result["runtimes"][runtime]["max_predicted_speedup"]
                 if speedup > reach:
                     section["skipped"] = f"the table predicts at most {reach:.2f}x by width"
                     log(f"{runtime} {speedup}x: skipped ({section['skipped']})")
                     continue
-                section["methods"] = self.search_target(runtime, speedup)
+                section.setdefault("methods", {}).update(self.search_target(runtime, speedup))
                 section["seconds"] = round(time.time() - tic, 1)
+                self.save()
+        for runtime, speedups in self.args.depth_targets:
+            for speedup in speedups:
+                _depth_methods.search_depth_target(self, runtime, speedup)
                 self.save()
 
     def search_target(self, runtime: str, speedup: float) -> dict[str, Any]:
@@ -387,18 +423,20 @@ class Bench:
         """``trials`` proposals of ``algorithm`` (seeded ``--seed``), each projected onto ``space``'s budget and
         pruned (from the pool); the best proxy score (the earliest on ties) and every proposal's record."""
         def score(values: tuple[float, ...]) -> dict[str, Any]:
-            config = space.apply(spec.learner_config, values)
-            pruned = self.pool.get(space.budget.kept(config.layer_keep_ratios))
-            return {"score": pruned.proxy, "kept": list(pruned.kept), "macs_ratio": pruned.macs_ratio,
-                    "budget_use": space.budget.cost(config.layer_keep_ratios)}
+            projected = space.project(values)  # what space.apply fills in (groups' ratios, then any blocks')
+            removed = space.budget.removed(projected) if hasattr(space.budget, "removed") else ()
+            pruned = self.pool.get(space.budget.kept(projected), removed)
+            return {"score": pruned.proxy, "kept": list(pruned.kept), "removed": list(pruned.removed),
+                    "macs_ratio": pruned.macs_ratio, "budget_use": space.budget.cost(projected)}
 
         history = _common.run_proposals(algorithm, space, seed=self.args.seed, trials=trials,
                                         trial_prefix=algorithm, score=score, starts=starts)
         best = max(range(len(history)), key=lambda index: (history[index]["score"], -index))
-        return self.pool.get(history[best]["kept"]), {
+        keys = ("score", "kept", "removed", "macs_ratio", "budget_use") if getattr(space.budget, "blocks", ()) \
+            else ("score", "kept", "macs_ratio", "budget_use")
+        return self.pool.get(history[best]["kept"], history[best]["removed"]), {
             "algorithm": algorithm, "best_trial": best, "budget_target": space.budget.target,
-            "proposals": [{key: trial[key] for key in ("score", "kept", "macs_ratio", "budget_use")}
-                          for trial in history]}
+            "proposals": [{key: trial[key] for key in keys} for trial in history]}
 
     def torch_pruning_to_latency(self, runtime: str, speedup: float) -> tuple[Pruned, dict[str, Any]]:
         """The smallest Torch-Pruning ratio whose measured speed-up on the target (side by side with the FP32
@@ -453,7 +491,7 @@ class Bench:
         # the originals: FP32 ONNX Runtime (the reference) and each runtime's INT8 file of the unpruned baseline
         originals = {"reference": (target_config("onnxruntime"), Precision.FP32)}
         originals.update({f"{runtime}/unpruned": (target_config(runtime), Precision.INT8)
-                          for runtime, _ in self.args.targets})
+                          for runtime in self.runtimes})
         self.result["originals"] = {}
         for label, (target, precision) in originals.items():
             path = export_artifact(self.baseline, self.shape, replace(target, precision=precision), folder,
@@ -465,7 +503,8 @@ class Bench:
             log(f"{label}: test accuracy {self.result['originals'][label]['test_accuracy']:.4f} on its runtime")
         self.save()
         for (runtime, speedup, method), pruned in self.shipped.items():
-            key = (pruned.method, pruned.kept) if pruned.method == "lasso" else (runtime, speedup, method)
+            key = (pruned.method, pruned.kept, pruned.removed) if pruned.method == "lasso" else \
+                (runtime, speedup, method)
             if key not in trained:
                 tic = time.time()
                 model = copy.deepcopy(pruned.model)
@@ -608,7 +647,8 @@ def checks(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
                                 f"{', '.join(missed) or 'none'}", "missed": missed}
 
     errors = [r["shipped_prediction_error"] for r in table_rows]
-    held = {runtime: section["table"]["median_error"] for runtime, section in result["runtimes"].items()}
+    held = {f"{runtime}{label}": section[key]["median_error"] for runtime, section in result["runtimes"].items()
+            for key, label in (("table", ""), ("depth_table", " depth")) if key in section}
     shipped_median = statistics.median(errors) if errors else float("nan")
     out["prediction_error"] = {
         "met": bool(errors) and shipped_median <= 0.10 and all(e <= 0.10 for e in held.values()),
@@ -616,31 +656,37 @@ def checks(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
                   f"shipped models' predicted vs measured speed-up: median {100 * shipped_median:.1f}%",
         "holdout_median": held, "shipped_median": shipped_median}
 
-    comparisons = {}
+    # per target, each family's searched methods against its uniform: width ("uniform") and, at --depth-targets,
+    # depth ("uniform_depth": blocks removed in a fixed order, then one keep ratio)
+    families = (("", "uniform", SEARCHED), (" depth", _depth_methods.UNIFORM, _depth_methods.SEARCHED))
+    comparisons, highest = {}, {}
     for runtime, section in result["runtimes"].items():
         for speedup, target in section["targets"].items():
             methods = {n: m for n, m in target.get("methods", {}).items() if "speedup" in m.get("retrained", {})}
-            if "uniform" not in methods:
-                continue
-            fast = {n: m for n, m in methods.items() if n in SEARCHED and m["retrained"]["meets_target"]}
-            if not fast:
-                continue
-            best = max(fast, key=lambda n: fast[n]["retrained"]["test_accuracy"])
-            uniform = methods["uniform"]["retrained"]
-            comparisons[f"{runtime} {speedup}x"] = {
-                "best_searched": best, "gain_pt": 100 * (fast[best]["retrained"]["test_accuracy"]
-                                                         - uniform["test_accuracy"]),
-                "best_speedup": fast[best]["retrained"]["speedup"], "uniform_speedup": uniform["speedup"]}
-    highest: dict[str, str] = {}  # per runtime, its highest target compared: where the issue's "at 3x" lands
-    for key in comparisons:
-        runtime, speedup = key.split()
-        if runtime not in highest or float(speedup[:-1]) > float(highest[runtime].split()[1][:-1]):
-            highest[runtime] = key
-    top = {key: comparisons[key] for key in highest.values()}
+            for suffix, uniform_name, searched in families:
+                if uniform_name not in methods:
+                    continue
+                fast = {n: m for n, m in methods.items() if n in searched and m["retrained"]["meets_target"]}
+                if not fast:
+                    continue
+                best = max(fast, key=lambda n: fast[n]["retrained"]["test_accuracy"])
+                uniform = methods[uniform_name]["retrained"]
+                key = f"{runtime} {speedup}x{suffix}"
+                comparisons[key] = {
+                    "target": float(speedup), "uniform": uniform_name, "best_searched": best,
+                    "gain_pt": 100 * (fast[best]["retrained"]["test_accuracy"] - uniform["test_accuracy"]),
+                    "best_speedup": fast[best]["retrained"]["speedup"], "uniform_speedup": uniform["speedup"]}
+                # per runtime, its highest target compared: where the issue's "at 3x" lands (both families there)
+                if runtime not in highest or float(speedup) > highest[runtime]:
+                    highest[runtime] = float(speedup)
+    top = {k: c for k, c in comparisons.items() if c["target"] == highest[k.split()[0]]}
     out["searched_beats_uniform"] = {
         "met": bool(top) and all(c["gain_pt"] >= 0.5 for c in top.values()),
         "detail": "; ".join(f"{k}: {c['best_searched']} {c['gain_pt']:+.2f} pt at {c['best_speedup']:.2f}x vs "
-                            f"uniform {c['uniform_speedup']:.2f}x" for k, c in comparisons.items()),
+                            f"{c['uniform']} {c['uniform_speedup']:.2f}x" for k, c in comparisons.items())
+                  + (f" (at depth targets the uniform is {_depth_methods.UNIFORM}: "
+                     f"{_depth_methods.UNIFORM_RULE})" if any(c["uniform"] == _depth_methods.UNIFORM
+                                                             for c in comparisons.values()) else ""),
         "at_highest_target": top, "all": comparisons}
 
     candidates = [(f"{r['runtime']} {r['target']}x {r['method']}", r["shipped_speedup"],
@@ -659,19 +705,20 @@ def checks(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def markdown(result: dict[str, Any]) -> str:
     reference = result.get("originals", {}).get("reference", {})
-    lines = ["| runtime | target | method | test acc. (its runtime) | measured speed-up | predicted | MACs | file "
-             "| search s | retrain s |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| runtime | target | method | test acc. (its runtime) | measured speed-up | predicted | MACs | blocks "
+             "removed | file | search s | retrain s |", "|---|---:|---|---:|---:|---:|---:|---|---:|---:|---:|"]
     for label, original in result.get("originals", {}).items():
         if "speedup" in original:
             lines.append(f"| {label} | - | original | {100 * original['test_accuracy']:.2f}% | "
-                         f"{original['speedup']:.2f}x | - | 100% | {original['bytes'] / 1024:.0f} KiB | - | - |")
+                         f"{original['speedup']:.2f}x | - | 100% | - | {original['bytes'] / 1024:.0f} KiB | - | - |")
     for row in rows(result):
         shipped = row.get("retrained", {})
         accuracy = f"{100 * shipped['test_accuracy']:.2f}%" if "test_accuracy" in shipped else "-"
         measured = f"{shipped['speedup']:.2f}x" if "speedup" in shipped else "-"
         size = f"{shipped['bytes'] / 1024:.0f} KiB" if "bytes" in shipped else "-"
         lines.append(f"| {row['runtime']} | {row['target']:g}x | {row['method']} | {accuracy} | {measured} | "
-                     f"{row['predicted_speedup']:.2f}x | {100 * row['macs_ratio']:.1f}% | {size} | "
+                     f"{row['predicted_speedup']:.2f}x | {100 * row['macs_ratio']:.1f}% | "
+                     f"{', '.join(row.get('removed_blocks', [])) or '-'} | {size} | "
                      f"{row['seconds']:.0f} | {shipped.get('retrain_seconds', '-')} |")
     if reference:
         lines.append(f"\nFP32 original: {100 * reference['test_accuracy']:.2f}% on ONNX Runtime.")
