@@ -101,6 +101,7 @@ def test_the_jobs_api_refuses_requests_without_the_token(head):
     assert _get(f"{address}/api/jobs/", "not-the-token") in (401, 403)
 
 
+@pytest.mark.slow  # 34 s; the head, its token and the jobs API stay in the default run (the test above)
 def test_ray_job_submit_runs_the_quickstart(head, tmp_path):
     address, _, env = head
     working_dir = tmp_path / "job"
