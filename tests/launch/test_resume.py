@@ -58,6 +58,15 @@ def _trial_states(search_dir: Path) -> dict[str, str]:
     return {trial["trial_id"]: trial["status"] for trial in trials}
 
 
+def _observations(search_dir: Path) -> int:
+    """How many results the newest saved GP searcher state has learnt from (-1: none readable yet)."""
+    files = sorted(glob.glob(str(search_dir / "searcher-state-*.pkl")))
+    try:
+        return len(pickle.loads(Path(files[-1]).read_bytes())["observations"]) if files else -1
+    except (OSError, EOFError, pickle.UnpicklingError, KeyError):  # being rewritten at this moment
+        return -1
+
+
 def _kill_when(process: subprocess.Popen, ready, what: str) -> None:
     deadline = time.monotonic() + TIMEOUT
     while not ready():
@@ -85,7 +94,13 @@ def test_a_killed_driver_resumes_twice_without_losing_finished_trials(tmp_path):
     def some_trials_done() -> bool:
         states = _trial_states(search)
         done = [t for t, status in states.items() if status == "TERMINATED"]
-        return len(done) >= 1 and len(done) < CONFIG["search"]["num_trials"]
+        if not 1 <= len(done) < CONFIG["search"]["num_trials"]:
+            return False
+        # ... and the searcher's saved state has learnt from them. Tune can save the trial list with a finished
+        # trial before the searcher's state that learnt from it: a kill in between keeps the trial but not the
+        # searcher's observation of it (a known limit, docs/design.md "Failures and resuming"); here the kill
+        # waits for a moment when the two agree.
+        return _observations(search) >= len(done)
 
     _kill_when(driver, some_trials_done, "a finished trial")
     finished_before = {t for t, s in _trial_states(search).items() if s == "TERMINATED"}
