@@ -124,8 +124,10 @@ def learner_bench_parser(doc: str) -> argparse.ArgumentParser:
 def bench_experiment(args: argparse.Namespace, learner: str, options: Mapping[str, Any],
                      **search: Any) -> ExperimentConfig:
     """The embedded default with the benchmarks' baseline schedule (``--baseline-epochs`` at lr 0.1), ``learner``
-    with ``options``, the proxy on ``--validation-subset`` images (and the other ``search`` fields given)."""
-    from pf_ray.config import BaselineConfig, ExperimentConfig, LearnerConfig, StorageConfig, TrainConfig
+    with ``options``, the proxy on ``--validation-subset`` images (and the other ``search`` fields given), and a
+    MACs budget unless ``search`` names one: the benchmarks' figures were measured on the MACs default of
+    sessions 1-8 (since session 9 the default, ``auto``, budgets channel pruning in latency)."""
+    from pf_ray.config import BaselineConfig, Budget, ExperimentConfig, LearnerConfig, StorageConfig, TrainConfig
 
     default = ExperimentConfig()
     return replace(
@@ -134,7 +136,7 @@ def bench_experiment(args: argparse.Namespace, learner: str, options: Mapping[st
         dataset=replace(default.dataset, name=args.dataset),
         baseline=BaselineConfig(train=TrainConfig(epochs=args.baseline_epochs, learning_rate=0.1)),
         learner=LearnerConfig(name=learner, options=dict(options)),
-        search=replace(default.search, validation_subset=args.validation_subset, **search),
+        search=replace(default.search, validation_subset=args.validation_subset, **{"budget": Budget.MACS, **search}),
         storage=StorageConfig(path=str(Path(args.storage).resolve())),
     )
 

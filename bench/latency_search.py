@@ -261,7 +261,8 @@ class Bench:
     def __init__(self, args: argparse.Namespace, result: dict[str, Any], save: Callable[[], None]) -> None:
         self.args, self.result, self.save = args, result, save
         self.work = Path(".")
-        self.experiment = _common.bench_experiment(args, "channel_pruning", {"mode": "auto"})
+        # depth false: the width methods search channels only (the depth methods ask for depth: true)
+        self.experiment = _common.bench_experiment(args, "channel_pruning", {"mode": "auto", "depth": False})
         self.data = load_data(self.experiment.dataset, seed=self.experiment.seed)
         self.shape = self.data.input_shape
         self.baseline: nn.Module | None = None
