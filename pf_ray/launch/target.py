@@ -158,14 +158,14 @@ def measure_on_target(config: ExperimentConfig, reports: Sequence[dict[str, Any]
             kept, removed = counts[trial["trial_id"]]
             trial[TARGET_MS] = by_counts[(kept, removed)]
             if latency is not None:
-                trial[PREDICTED_MS] = _predict(latency, kept, removed)
+                trial[PREDICTED_MS] = latency.predictor.predict(kept, removed)
     record.update({"measured": True, "reference_ms": reference, "baseline_ms": baseline_ms,
                    "compressed_ms": compressed_ms, "speedup": reference / compressed_ms,
                    "baseline_speedup": reference / baseline_ms,
                    "target_speedup": config.search.target_speedup if latency is not None else None,
                    "candidates_measured": len(architectures), "seconds": round(time.perf_counter() - started, 1)})
     if latency is not None and isinstance(budget, KeepsChannels) and chosen_values:
-        predicted = _predict(latency, budget.kept(chosen_values), budget.removed(chosen_values))
+        predicted = latency.predictor.predict(budget.kept(chosen_values), budget.removed(chosen_values))
         record["predicted_ms"] = predicted  # on the table's own scale: its reference was timed when it was built
         record["predicted_speedup"] = latency.reference_ms / predicted
         table = latency.predictor
@@ -174,8 +174,3 @@ def measure_on_target(config: ExperimentConfig, reports: Sequence[dict[str, Any]
                                "step": table.step, "reference_ms": table.reference_ms,
                                "features": table.features.describe(), "build_seconds": table.build_seconds}
     return record
-
-
-def _predict(latency: TargetLatency, kept: Sequence[int], removed: Sequence[str]) -> float:
-    """The table's milliseconds for a candidate (a width-only predictor takes the counts alone)."""
-    return latency.predictor.predict(kept, removed) if removed else latency.predictor.predict(kept)  # type: ignore[call-arg]

@@ -5,7 +5,7 @@ reference latency divided by ``search.target_speedup``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -16,13 +16,13 @@ from pf_ray.ops.pruning import kept_channel_count
 
 
 class LatencyPredictor(Protocol):
-    """Predicted milliseconds on a deployment target from the kept channels of each prunable group (and, for a
-    table built with depth, ``pf_ray.latency.LatencyTable``, the residual blocks removed: ``predict(kept,
-    removed)``, asked only of a budget with blocks)."""
+    """Predicted milliseconds on a deployment target from the kept channels of each prunable group and the
+    residual blocks removed (a table built with depth, ``pf_ray.latency.LatencyTable``; others are asked with none
+    removed)."""
 
     sizes: tuple[int, ...]  # channels per group, in the order of ``ops.macs_budget.macs_table(model).names``
 
-    def predict(self, kept: Sequence[int]) -> float: ...
+    def predict(self, kept: Sequence[int], removed: Collection[str] = ()) -> float: ...
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ class LatencyBudget:
         return split_values(values, self.blocks, self.min_ratio)[1]
 
     def predicted_ms(self, values: Sequence[float]) -> float:
-        return self._predict(self.kept(values), self.removed(values))
+        return self.predictor.predict(self.kept(values), self.removed(values))
 
     def cost(self, values: Sequence[float]) -> float:
         return self.predicted_ms(values) / self.reference_ms
@@ -80,7 +80,7 @@ class LatencyBudget:
         removing more where the target needs it (``ops.depth_space.project_with_blocks``)."""
 
         def width(ratios: Sequence[float], removed: tuple[str, ...]) -> tuple[float, ...]:
-            return project_keep_ratios(self.predictor.sizes, ratios, lambda kept: self._predict(kept, removed),
+            return project_keep_ratios(self.predictor.sizes, ratios, lambda kept: self.predictor.predict(kept, removed),
                                        self.target * self.reference_ms, round_to=self.round_to,
                                        min_ratio=self.min_ratio)
 
@@ -95,7 +95,3 @@ class LatencyBudget:
                 f"pruning channels (every group at keep ratio {self.min_ratio:g}, round_to={self.round_to}{blocks}) is "
                 f"{self.reference_ms / error.smallest:.2f}x, as the latency table predicts"
             ) from None
-
-    def _predict(self, kept: Sequence[int], removed: tuple[str, ...]) -> float:
-        # a width-only predictor takes the counts alone
-        return self.predictor.predict(kept, removed) if removed else self.predictor.predict(kept)  # type: ignore[call-arg]

@@ -263,7 +263,7 @@ def test_round_to_auto_is_the_targets_latency_step_else_8():
     sizes = tuple(macs_table(model, SHAPE).sizes)
 
     class Flat(LinearTable):  # 1 ms whatever is kept: any speed-up below 1 is reachable at once
-        def predict(self, kept):
+        def predict(self, kept, removed=()):
             return 1.0
 
     step16 = TargetLatency(Flat(sizes=sizes), reference_ms=1.5, name="a flat runtime", step=16)

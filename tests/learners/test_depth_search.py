@@ -251,7 +251,7 @@ def test_a_latency_table_without_depth_is_refused_for_a_depth_search():
     class WidthTable:
         sizes: tuple[int, ...] = SIZES
 
-        def predict(self, kept: Sequence[int]) -> float:
+        def predict(self, kept: Sequence[int], removed: Collection[str] = ()) -> float:
             return 1.0 + 0.002 * sum(kept)
 
     source = lambda *, depth=False: TargetLatency(WidthTable(), 2.0, "a width table")  # noqa: E731

@@ -19,7 +19,7 @@ class LinearTable:
 
     sizes: tuple[int, ...] = (16, 32)
 
-    def predict(self, kept: Sequence[int]) -> float:
+    def predict(self, kept: Sequence[int], removed: Sequence[str] = ()) -> float:  # a width-only table
         return 1.0 + 0.05 * kept[0] + 0.02 * kept[1]
 
 
