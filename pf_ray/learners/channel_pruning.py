@@ -6,11 +6,8 @@ The criteria, the modes and group fine-tuning: docs/design.md, "Channel pruning"
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,13 +18,13 @@ from pf_ray.errors import ConfigError
 from pf_ray.learners.base import PerLayerMode, check_per_layer_mode
 from pf_ray.ops.blocks import ResidualBlock, removable_blocks
 from pf_ray.ops.channel_groups import prunable_groups, require_prunable_groups
-from pf_ray.ops.depth import remove_blocks_by_name_, vanished_groups
-from pf_ray.ops.depth_space import DepthFields, dimension_names, join_values
+from pf_ray.ops.depth import remove_blocks_by_name_
+from pf_ray.ops.depth_knapsack import block_features, knapsack_start
+from pf_ray.ops.depth_space import DepthFields, dimension_names
 from pf_ray.ops.importance import taylor_importance
-from pf_ray.ops.knapsack import greedy_allocation
 from pf_ray.ops.latency_budget import LatencyBudget, LatencySource
-from pf_ray.ops.macs_budget import MacsBudget, MacsTable, block_layers, macs_table
-from pf_ray.ops.pruning import CRITERIA, KEEP_RATIOS_FIELD, kept_channel_count, prune_channels_
+from pf_ray.ops.macs_budget import MacsBudget, macs_table
+from pf_ray.ops.pruning import CRITERIA, KEEP_RATIOS_FIELD, prune_channels_
 from pf_ray.registry import LEARNERS
 from pf_ray.search_space import PerLayerSpace, layer_features
 from pf_ray.strict import check_choice, check_range
@@ -162,7 +159,7 @@ class ChannelPruning:
         else:
             round_to = self._round_to()
             budget = MacsBudget(search.macs_ratio, table, round_to, config.min_keep_ratio, blocks=blocks)
-        features = layer_features(model, input_shape, table.names) + _block_features(table, records)
+        features = layer_features(model, input_shape, table.names) + block_features(table, records)
         split = DepthFields(self.searched_field, "removed_blocks", blocks, config.min_keep_ratio) if blocks else None
         return PerLayerSpace(self.searched_field, table.names + dimension_names(blocks), low=config.min_keep_ratio,
                              high=1.0, budget=budget, features=features, label="keep ratio",
@@ -181,51 +178,14 @@ class ChannelPruning:
 
     def starting_proposal(self, model: nn.Module, data: DataBundle, space: PerLayerSpace) -> tuple[float, ...]:
         """The knapsack start: each channel's first-order Taylor importance on a few training batches against its
-        cost under ``space``'s budget (MACs or predicted latency), filled greedily (``ops.knapsack``).
-
-        With depth (``space`` has block dimensions): a block's importance is that of the channel groups that go
-        with it (a ResNet block's first convolution's channels). The blocks are ranked by importance per unit of
-        budget that removing one alone saves; the knapsack is filled with none removed, with the first removed,
-        the first two, ... all, and the allocation that keeps the most importance within the budget wins."""
+        cost under ``space``'s budget (MACs or predicted latency), filled greedily; with depth, blocks removed too
+        (``ops.depth_knapsack``)."""
         groups = prunable_groups(model, data.input_shape)
         batches = take_batches(data.train, FEATURE_BATCH_SIZE, IMPORTANCE_BATCHES, seed=self.config.seed)
         importance = [score.numpy() for score in taylor_importance(model, groups, batches)]
-        sizes = [group.num_channels for group in groups]
-        round_to, low = dict(space.fixed)["round_to"], self.config.min_keep_ratio
         blocks = space.split.blocks if isinstance(space.split, DepthFields) else ()
-
-        def vector(counts: Sequence[float], removed: Sequence[str]) -> tuple[float, ...]:
-            return join_values([k / n for k, n in zip(counts, sizes, strict=True)], blocks, removed, low)
-
-        def allocate(removed: Sequence[str]) -> list[int]:
-            return greedy_allocation(importance, lambda counts: space.budget.cost(vector(counts, removed)),
-                                     space.budget.target, round_to=round_to,
-                                     min_counts=[kept_channel_count(n, low, round_to) for n in sizes])
-
-        if not blocks:
-            return vector(allocate(()), ())
-        table = macs_table(model, data.input_shape)
-        position = {name: g for g, name in enumerate(table.names)}
-        full = space.budget.cost(vector(sizes, ()))
-
-        def importance_per_saving(block: str) -> float:
-            saved = full - space.budget.cost(vector(sizes, (block,)))
-            lost = sum(float(importance[position[g]].sum()) for g in vanished_groups(table, [block]))
-            return lost / saved if saved > 0 else math.inf
-
-        order = sorted(blocks, key=importance_per_saving)
-        best: tuple[float, tuple[float, ...]] | None = None
-        for count in range(len(order) + 1):
-            removed = order[:count]
-            kept = allocate(removed)
-            if space.budget.cost(vector(kept, removed)) > space.budget.target:
-                continue  # out of reach with only these blocks removed
-            gone = {position[g] for g in vanished_groups(table, removed)}
-            value = sum(float(np.sort(scores)[::-1][: kept[g]].sum()) for g, scores in enumerate(importance)
-                        if g not in gone)
-            if best is None or value > best[0]:
-                best = (value, vector(kept, removed))
-        return best[1] if best is not None else vector(allocate(order), order)  # unreachable: projection says so
+        return knapsack_start(importance, macs_table(model, data.input_shape), space.budget,
+                              round_to=dict(space.fixed)["round_to"], low=self.config.min_keep_ratio, blocks=blocks)
 
     def prepare(self, model: nn.Module, data: DataBundle) -> nn.Module:
         config = self.config
@@ -307,14 +267,3 @@ class ChannelPruning:
     def finalize(self, model: nn.Module) -> nn.Module:
         return model
 
-
-def _block_features(table: MacsTable, blocks: Sequence[ResidualBlock]) -> tuple[tuple[float, ...], ...]:
-    """A row of ``LAYER_FEATURES`` per block dimension (DDPG's state), after the groups' rows: its index, the
-    trunk's channels (as channels and input channels), kernel 0 (not a layer), stride 1, its output positions and
-    its layers' MACs unpruned."""
-    rows = []
-    for index, block in enumerate(blocks, start=len(table.names)):
-        macs = sum(table.layers[i].macs(table.sizes, table.sizes) for i in block_layers(table, block.name))
-        channels, positions = float(block.shape[0]), float(math.prod(block.shape[1:]))  # positions: height x width
-        rows.append((float(index), channels, channels, 0.0, 1.0, positions, float(macs)))
-    return tuple(rows)
