@@ -19,9 +19,11 @@ from torch import nn
 from pf_ray.config import DistillationConfig, ExperimentConfig, Reward, SearchConfig, TrainConfig
 from pf_ray.data import DataBundle
 from pf_ray.learners import Learner
-from pf_ray.learners.base import CountsSteps, SearchesPerLayer
+from pf_ray.learners.base import CountsSteps, KeepsFp32Layers, ScoresInt8, SearchesPerLayer
 from pf_ray.metrics import (
     ACCURACY,
+    FP32_LAYERS,
+    INT8_ACCURACY,
     LATENCY_MS,
     LATENCY_RATIO,
     LAYER_VALUES,
@@ -106,6 +108,8 @@ def make_candidate(spec: RunSpec, baseline: nn.Module, data: DataBundle, *,
     removed = removed_blocks(model)
     if removed:  # depth pruning: with LAYER_VALUES, what the search space's vector holds (PerLayerSpace.recorded)
         static[REMOVED_BLOCKS] = removed
+    if isinstance(learner, KeepsFp32Layers) and learner.fp32_layers():  # the same, for a precision search
+        static[FP32_LAYERS] = list(learner.fp32_layers())
     if measure and experiment.search.reward is Reward.LATENCY:
         from pf_ray.export.latency import reward_latency
 
@@ -133,6 +137,31 @@ def best_trial(trials: list[dict[str, Any]], max_epochs: int) -> dict[str, Any] 
     complete = [t for t in scored if (finite_number(t.get("epoch")) or 0) >= max_epochs] or scored
     ranked = sorted(complete, key=lambda t: str(t.get("trial_id")))
     return max(ranked, key=lambda t: finite_number(t[SCORE]), default=None)
+
+
+def int8_scorer(candidate: Candidate, data: DataBundle,
+                validation_subset: int | None) -> Callable[[nn.Module], float] | None:
+    """For a learner scored on its INT8 artifact (``ScoresInt8``: channel pruning's precision search): a function
+    giving a model's validation accuracy as the deployment target's INT8 artifact, with the learner's FP32 layers
+    (calibrated on ``export.calibration_samples`` training images, as the export is). None for the others."""
+    learner = candidate.learner
+    if not (isinstance(learner, ScoresInt8) and learner.scores_int8()):
+        return None
+    from pf_ray.export.quantized_eval import quantized_accuracy
+    from pf_ray.export.verify import dataset_inputs
+    from torch.utils.data import DataLoader
+
+    experiment = candidate.spec.experiment
+    calibration = dataset_inputs(data.train, limit=experiment.export.calibration_samples)
+    batches = list(DataLoader(subset(data.validation, validation_subset), batch_size=512, shuffle=False))
+    images, labels = torch.cat([x for x, _ in batches]), torch.cat([torch.as_tensor(y) for _, y in batches])
+    fp32 = learner.fp32_layers() if isinstance(learner, KeepsFp32Layers) else ()
+
+    def accuracy(model: nn.Module) -> float:
+        return quantized_accuracy(model, data.input_shape, experiment.target, calibration, images, labels,
+                                  fp32_layers=fp32)
+
+    return accuracy
 
 
 def score(accuracy: float, static: dict[str, Any], reward: Reward) -> float:
@@ -166,10 +195,16 @@ def fine_tune(candidate: Candidate, data: DataBundle, train_config: TrainConfig,
     model = candidate.model
     trained = wrap(model) if wrap is not None else model
 
+    int8_accuracy = int8_scorer(candidate, data, validation_subset)
+
     def report_with_static(metrics: dict[str, Any]) -> None:
         if report is not None:
             static = candidate.static_metrics
-            report({**metrics, **static, SCORE: score(metrics[ACCURACY], static, experiment.search.reward)})
+            accuracy = metrics[ACCURACY]
+            if int8_accuracy is not None:  # a precision search: what ships is the INT8 artifact
+                metrics = {**metrics, INT8_ACCURACY: int8_accuracy(model)}
+                accuracy = metrics[INT8_ACCURACY]
+            report({**metrics, **static, SCORE: score(accuracy, static, experiment.search.reward)})
 
     counts_steps = isinstance(candidate.learner, CountsSteps)
     fit(trained, data.train, train_config, validation_set=subset(data.validation, validation_subset),

@@ -36,6 +36,8 @@ PARAMS = "params"
 MACS_RATIO = "macs_ratio"  # candidate MACs / baseline MACs
 LAYER_VALUES = "layer_values"  # the projected per-layer vector the learner used (e.g. keep ratios)
 REMOVED_BLOCKS = "removed_blocks"  # residual blocks the candidate's model has removed (depth pruning), by name
+FP32_LAYERS = "fp32_layers"  # layers its INT8 exports keep in FP32 (channel pruning's precision search), by name
+INT8_ACCURACY = "int8_accuracy"  # validation accuracy of its INT8 artifact on the target (a precision search's)
 LATENCY_MS = "latency_ms"  # latency on the deployment target, on the trial's node (search.reward: latency)
 LATENCY_RATIO = "latency_ratio"  # candidate latency / the latency it should have (export.latency.reward_latency)
 TARGET_MS = "target_ms"  # the candidate measured whole on the deployment target after the search (results.json)
@@ -43,7 +45,7 @@ TARGET_SPEEDUP = "target_speedup"  # the search a trial belongs to: its target s
 PREDICTED_MS = "predicted_ms"  # the latency table's prediction of it (search.budget: latency)
 # What a trial's record (results.json, the report) keeps of its last result; the latency two with that reward only.
 TRIAL_METRICS = (SCORE, ACCURACY, PROXY_ACCURACY, EPOCH, MACS_RATIO, MACS, PARAMS, LAYER_VALUES, REMOVED_BLOCKS,
-                 LATENCY_MS, LATENCY_RATIO)
+                 FP32_LAYERS, INT8_ACCURACY, LATENCY_MS, LATENCY_RATIO)
 
 CONV = "conv"
 DEPTHWISE_CONV = "depthwise_conv"

@@ -40,14 +40,19 @@ class KeepsChannels(Protocol):
     def removed(self, values: Sequence[float]) -> tuple[str, ...]:
         """The residual blocks the vector removes (a depth search's; none otherwise)."""
 
+    def fp32(self, values: Sequence[float]) -> tuple[str, ...]:
+        """The layers the vector leaves in FP32 on an INT8 target (a precision search's; none otherwise)."""
+
 
 class SplitsValues(Protocol):
-    """How a vector fills more than one config field (channel pruning with depth, ``ops.depth_space.DepthFields``):
-    the fields of a projected vector, and back (the vector of given keep ratios and removed blocks)."""
+    """How a vector fills more than one config field (channel pruning with depth or precision,
+    ``ops.depth_space.SplitFields``): the fields of a projected vector, and back (the vector of given keep ratios,
+    removed blocks and FP32 layers)."""
 
     def fields(self, values: Sequence[float]) -> dict[str, Any]: ...
 
-    def values(self, ratios: Sequence[float], removed: Sequence[str]) -> tuple[float, ...]: ...
+    def values(self, ratios: Sequence[float], removed: Sequence[str], fp32: Sequence[str] = ()) -> tuple[float, ...]:
+        ...
 
 
 # Columns of PerLayerSpace.features (the static part of the DDPG agent's per-layer state).
@@ -92,12 +97,12 @@ class PerLayerSpace:
         fields = self.split.fields(projected) if self.split is not None else {self.field: projected}
         return replace(learner_config, **dict(self.fixed), **fields)
 
-    def recorded(self, values: Sequence[float], removed: Sequence[str] = ()) -> list[float]:
+    def recorded(self, values: Sequence[float], removed: Sequence[str] = (), fp32: Sequence[str] = ()) -> list[float]:
         """A trial's vector as the space lays it out, from what it records: its searched field's values (and, in a
-        depth search, the blocks its model has removed)."""
+        depth search, the blocks its model has removed; in a precision search, its FP32 layers)."""
         if self.split is None or len(values) == len(self.names):
             return [float(v) for v in values]
-        return list(self.split.values(values, removed))
+        return list(self.split.values(values, removed, fp32))
 
 
 def proposal_from(config: dict[str, Any]) -> tuple[float, ...] | None:

@@ -14,6 +14,10 @@ With ``depth`` (and a model with removable residual blocks, ``pf_ray.ops.blocks`
 and all of them together (the rest unpruned), and each random candidate removes each block with probability
 ``remove_probability`` (held-out candidates too): the table then predicts joint depth-and-width candidates.
 
+With ``precision`` (an INT8 target), also every conv/linear layer in FP32 alone and all of them together (the rest
+INT8 and unpruned), and a ``mixed_fraction`` of the random candidates runs each layer in FP32 with probability
+``fp32_probability`` (held-out candidates too): the table then predicts which layers stay in FP32 as well (``predict(..., fp32=...)``).
+
 Layer times measured alone do not add up to the whole model's (the issue measured a per-layer table's error at
 12% in FP32 and 52% in INT8), hence whole candidates only. Candidates are timed ``batch`` at a time side by side
 with the unpruned model; each figure is scaled by the unpruned model's time in its own batch over that of the first
@@ -34,8 +38,8 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from pf_ray.config import Runtime, TargetConfig
-from pf_ray.errors import ModelError
+from pf_ray.config import Precision, Runtime, TargetConfig
+from pf_ray.errors import ConfigError, ModelError
 from pf_ray.latency import cache
 from pf_ray.latency.features import FeatureSet, Layout
 from pf_ray.latency.fit import choose_features, fit_weights, relative_errors
@@ -50,8 +54,10 @@ from pf_ray.ops.pruning import kept_channel_count, prune_channels_
 Log = Callable[[str], None]
 Kept = tuple[int, ...]
 Removed = tuple[str, ...]  # removed residual blocks, in forward order
-Candidate = tuple[Kept, Removed]
-# kept-count vectors -> ms; with blocks (a depth table), (kept, removed) pairs -> ms
+Floats = tuple[str, ...]  # layers run in FP32 (an INT8 target's precision table), in forward order
+Candidate = tuple[Kept, Removed, Floats]
+# kept-count vectors -> ms; with blocks (a depth table), (kept, removed) pairs -> ms; with precision layers,
+# (kept, removed, fp32) triples -> ms
 Measure = Callable[[Sequence[Any]], list[float]]
 
 
@@ -74,6 +80,9 @@ class TablePlan:
     timing: Timing = field(default_factory=lambda: Timing(warmup=5, repeats=30, rounds=5))
     depth: bool = False  # also measure removed residual blocks (where the model has removable ones)
     remove_probability: float = 0.25  # depth: each block removed from a random candidate with this probability
+    precision: bool = False  # also measure layers left in FP32 inside the INT8 model (INT8 targets)
+    mixed_fraction: float = 0.5  # precision: the random candidates with any FP32 layer (the rest all INT8)
+    fp32_probability: float = 0.15  # precision: in those, each layer in FP32 with this probability
 
 
 # ExecuTorch INT8 programs take 7-13 s each to export here (ONNX Runtime INT8: 0.3 s): a smaller plan, about 165
@@ -88,18 +97,20 @@ def plan_for(target: TargetConfig) -> TablePlan:
 
 def fit_table(macs: MacsTable, measure: Measure, plan: TablePlan = TablePlan(), *, log: Log | None = None,
               feature_sets: Sequence[FeatureSet] | None = None, blocks: Sequence[str] = (),
-              **fields: Any) -> LatencyTable:
+              precision_layers: Sequence[str] = (), **fields: Any) -> LatencyTable:
     """Measure the plan's candidates with ``measure`` (kept-count vectors -> ms), fit, hold out, find the step.
     Needs no model: ``measure`` may be any function (tests pass a synthetic runtime). ``fields`` fill the table's
     descriptive fields (target, environment, reference_ms: a number or a function asked once everything is measured;
     by default the unpruned model's time). ``blocks``: removable residual blocks (qualified names, forward order)
-    to measure removed; then ``measure`` is given (kept, removed block names) pairs."""
+    to measure removed; then ``measure`` is given (kept, removed block names) pairs. ``precision_layers``: layers
+    (module names of ``macs.layers``) to measure in FP32; then ``measure`` is given (kept, removed, fp32 layer
+    names) triples."""
     say = log or (lambda message: None)
     started = time.perf_counter()
     if not macs.names:
         raise ModelError("a latency table needs prunable channel groups; the model has none")
-    sizes, rng, blocks = tuple(macs.sizes), random.Random(plan.seed), tuple(blocks)
-    layout = Layout.of(macs.layers, sizes, blocks)
+    sizes, rng, blocks, floats = tuple(macs.sizes), random.Random(plan.seed), tuple(blocks), tuple(precision_layers)
+    layout = Layout.of(macs.layers, sizes, blocks, precision=bool(floats))
     seen: dict[Candidate, float] = {}
     training: list[Measured] = []
 
@@ -107,56 +118,66 @@ def fit_table(macs: MacsTable, measure: Measure, plan: TablePlan = TablePlan(), 
         fresh = list(dict.fromkeys(c for c in candidates if c not in seen))
         note = f", {len(held)} of them held out" if held else ""
         say(f"latency table: measuring {len(fresh)} {kind} candidates{note} ({time.perf_counter() - started:.0f}s)")
-        timed = (measure(fresh) if blocks else measure([kept for kept, _ in fresh])) if fresh else []
+        if floats:
+            asked: list[Any] = fresh
+        else:
+            asked = [(kept, removed) for kept, removed, _ in fresh] if blocks else [kept for kept, _, _ in fresh]
+        timed = measure(asked) if fresh else []
         for candidate, ms in zip(fresh, timed, strict=True):
             seen[candidate] = ms
             if candidate not in held:
-                training.append(Measured(candidate[0], float(ms), kind, removed=candidate[1]))
+                training.append(Measured(candidate[0], float(ms), kind, removed=candidate[1], fp32=candidate[2]))
         return [seen[c] for c in candidates]
 
-    (full_ms,) = run("full", [(sizes, ())])
+    (full_ms,) = run("full", [(sizes, (), ())])
     sweeps = [_with(sizes, g, count) for g, n in enumerate(sizes) for f in plan.sweep_fractions
               for count in dict.fromkeys((max(1, round(n * f)), max(1, round(n * f) - 1))) if count < n]
-    run("sweep", [(v, ()) for v in sweeps])
+    run("sweep", [(v, (), ()) for v in sweeps])
     dense = _dense_groups(sizes, training, plan)
     dense_sweeps = {g: [_with(sizes, g, c) for c in range(max(1, sizes[g] - plan.dense_window + 1), sizes[g])]
                     for g in dense}
-    run("dense", [(v, ()) for vectors in dense_sweeps.values() for v in vectors])
+    run("dense", [(v, (), ()) for vectors in dense_sweeps.values() for v in vectors])
     step, evidence = step_from_sweeps(
-        {macs.names[g]: {v[g]: seen[v, ()] for v in [*vectors, sizes]} for g, vectors in dense_sweeps.items()},
+        {macs.names[g]: {v[g]: seen[v, (), ()] for v in [*vectors, sizes]} for g, vectors in dense_sweeps.items()},
         {macs.names[g]: sizes[g] for g in dense}, tolerance=plan.step_tolerance)
     say(f"latency table: step {step} ({evidence['rule']})")
     if blocks:
-        run("block", [(sizes, (b,)) for b in blocks] + [(sizes, blocks)])
+        run("block", [(sizes, (b,), ()) for b in blocks] + [(sizes, blocks, ())])
+    if floats:
+        run("precision", [(sizes, (), (name,)) for name in floats] + [(sizes, (), floats)])
 
-    randoms = _random_candidates(sizes, layout, blocks, rng, plan)
+    randoms = _random_candidates(sizes, layout, blocks, rng, plan, floats, macs.layers)
     held = frozenset(randoms[plan.num_random:]) - set(randoms[: plan.num_random]) - set(seen)
     order = list(dict.fromkeys(randoms))
     rng.shuffle(order)  # training and held-out candidates timed side by side, in the same batches
     run("random", order, held)
     holdout_candidates = [c for c in order if c in held]
     holdout_ms = [seen[c] for c in holdout_candidates]
-    holdout_vectors = [kept for kept, _ in holdout_candidates]
+    holdout_vectors = [kept for kept, _, _ in holdout_candidates]
 
     reference = fields.pop("reference_ms", full_ms)
     kept = np.array([m.kept for m in training], float)
     removed = _mask(blocks, [m.removed for m in training]) if blocks else None
-    held_removed = _mask(blocks, [r for _, r in holdout_candidates]) if blocks else None
+    held_removed = _mask(blocks, [r for _, r, _ in holdout_candidates]) if blocks else None
+    fp32 = _layer_mask(macs.layers, [m.fp32 for m in training]) if floats else None
+    held_fp32 = _layer_mask(macs.layers, [f for _, _, f in holdout_candidates]) if floats else None
     measured = np.array([m.ms for m in training])
     choices = choose_features(layout, kept, measured, folds=plan.folds, candidates=feature_sets, log=say,
-                              removed=removed)
-    weights = fit_weights(layout.design(kept, choices[0].features, removed), measured)
+                              removed=removed, fp32=fp32)
+    weights = fit_weights(layout.design(kept, choices[0].features, removed, fp32), measured)
     predicted = layout.design(np.array(holdout_vectors, float).reshape(-1, len(sizes)), choices[0].features,
-                              held_removed) @ weights
+                              held_removed, held_fp32) @ weights
     errors = relative_errors(predicted, np.array(holdout_ms))
     evidence["fitted_table"] = _fitted_step(layout, choices[0].features, weights, macs.names, sizes, plan)
-    holdout = tuple(Measured(c[0], float(ms), "holdout", float(p), removed=c[1])
+    holdout = tuple(Measured(c[0], float(ms), "holdout", float(p), removed=c[1], fp32=c[2])
                     for c, ms, p in zip(holdout_candidates, holdout_ms, predicted, strict=True))
     notes = {"baseline_model": _baseline_model(layout, kept, measured, holdout_vectors, holdout_ms, choices,
-                                               removed, held_removed),
+                                               removed, held_removed, fp32, held_fp32),
              "holdout_by_grid": _errors_by_grid(holdout_vectors, errors, sizes)}
     if blocks:
         notes["holdout_by_depth"] = _errors_by_depth(holdout_candidates, errors)
+    if floats:
+        notes["holdout_by_precision"] = _errors_by(holdout_candidates, errors, 2, ("all_int8", "with_fp32_layers"))
     table = LatencyTable(
         names=tuple(macs.names), sizes=sizes, layers=tuple(macs.layers), features=choices[0].features,
         weights=tuple(float(w) for w in weights), step=step, step_evidence=evidence, full_ms=float(full_ms),
@@ -165,6 +186,7 @@ def fit_table(macs: MacsTable, measure: Measure, plan: TablePlan = TablePlan(), 
         median_error=float(np.median(errors)) if len(errors) else float("nan"),
         max_error=float(errors.max()) if len(errors) else float("nan"),
         cross_validation=tuple(_choice_record(c) for c in choices), notes=notes, blocks=blocks,
+        precision_layers=floats,
     )
     table = replace(table, build_seconds=round(time.perf_counter() - started, 1), **fields)
     say(f"latency table: {table.summary()} ({table.build_seconds:.0f}s)")
@@ -175,12 +197,13 @@ class CandidateTimer:
     """The real ``measure``: each count vector pruned from a copy of ``model`` (L1 criterion; weights do not change
     latency), exported to the target's artifact and timed ``plan.batch`` at a time beside the unpruned model (and
     the unpruned FP32 ONNX Runtime reference, unless that is the target). With ``depth``, each candidate is a
-    (kept, removed blocks) pair: the blocks removed first (``pf_ray.ops.depth.apply_joint_``)."""
+    (kept, removed blocks) pair: the blocks removed first (``pf_ray.ops.depth.apply_joint_``); with ``precision``,
+    a (kept, removed blocks, FP32 layers) triple: those layers left in FP32 by the INT8 exporter."""
 
     def __init__(self, model: nn.Module, input_shape: Sequence[int], target: TargetConfig, plan: TablePlan,
-                 log: Log | None = None, *, depth: bool = False) -> None:
+                 log: Log | None = None, *, depth: bool = False, precision: bool = False) -> None:
         self.model, self.shape, self.target, self.plan, self.log = model, tuple(input_shape), target, plan, log
-        self.depth = depth
+        self.depth, self.precision = depth, precision
         self.sizes = tuple(macs_table(model, self.shape).sizes)
         self.scale: float | None = None  # the unpruned model's time in the first batch
         self.references: list[float] = []  # the reference's time in each batch, scaled like the candidates
@@ -198,8 +221,7 @@ class CandidateTimer:
         for number, start in enumerate(batches, 1):
             chunk = vectors[start : start + self.plan.batch]
             with tempfile.TemporaryDirectory(prefix="pf_ray_latency_batch_", dir=self._work.name) as work:
-                sessions = [open_artifact(export_artifact(self._pruned(v), self.shape, self.target, work,
-                                                          stem=f"candidate{i}"), self.target.threads)
+                sessions = [open_artifact(self._export(v, work, stem=f"candidate{i}"), self.target.threads)
                             for i, v in enumerate(chunk)]
                 timed = time_sessions([*self._anchors, *sessions], self.shape, self.target.batch_size,
                                       self.plan.timing, seed=start)
@@ -217,11 +239,18 @@ class CandidateTimer:
     def reference_ms(self) -> float:
         return float(np.median(self.references)) if self.references else float("nan")
 
-    def _pruned(self, candidate: Kept | Candidate) -> nn.Module:
-        if self.depth:
-            kept, removed = candidate
-            return pruned_copy(self.model, self.shape, kept, self.sizes, removed=removed)
-        return pruned_copy(self.model, self.shape, candidate, self.sizes)
+    def _export(self, candidate: Any, folder: str, *, stem: str) -> Path:
+        """The candidate (a count vector, a pair or a triple, see the class) as the target's artifact."""
+        if self.precision:
+            kept, removed, floats = candidate
+        elif self.depth:
+            (kept, removed), floats = candidate, ()
+        else:
+            kept, removed, floats = candidate, (), ()
+        pruned = pruned_copy(self.model, self.shape, kept, self.sizes, removed=removed)
+        present = {name for name, _ in pruned.named_modules()}  # a removed block's layers are gone
+        return export_artifact(pruned, self.shape, self.target, folder, stem=stem,
+                               fp32_layers=[name for name in floats if name in present])
 
     def close(self) -> None:
         self._anchors.clear()
@@ -265,10 +294,16 @@ def latency_table(model: nn.Module, input_shape: Sequence[int], target: TargetCo
                 log(f"latency table: {table.summary()} (cached: {entry.name})")
             return table
     blocks = [block.name for block in removable_blocks(model, input_shape)] if plan.depth else []
-    timer = CandidateTimer(model, input_shape, target, plan, log, **({"depth": True} if blocks else {}))
+    macs = macs_table(model, input_shape)
+    floats = macs.layer_names() if plan.precision else []
+    if floats and target.precision is not Precision.INT8:
+        raise ConfigError(f"a latency table with layers in FP32 needs an INT8 target; got {target.precision}")
+    timer = CandidateTimer(model, input_shape, target, plan, log,
+                           **({"depth": True} if blocks else {}), **({"precision": True} if floats else {}))
     try:
-        table = fit_table(macs_table(model, input_shape), timer, plan, log=log, target=_target_record(target),
-                          environment=environment(target), reference_ms=timer.reference_ms, blocks=blocks)
+        table = fit_table(macs, timer, plan, log=log, target=_target_record(target),
+                          environment=environment(target), reference_ms=timer.reference_ms, blocks=blocks,
+                          precision_layers=floats)
     finally:
         timer.close()
     cache.write_entry(entry, {"table": table.to_dict()})
@@ -276,7 +311,10 @@ def latency_table(model: nn.Module, input_shape: Sequence[int], target: TargetCo
 
 
 def table_key(model: nn.Module, input_shape: Sequence[int], target: TargetConfig, plan: TablePlan) -> str:
-    return cache.cache_key("table", cache.architecture(model, input_shape), cache.target_parts(target), asdict(plan))
+    parts = asdict(plan)
+    if not plan.precision:  # the key of a plan without precision is what it was before precision existed
+        del parts["precision"], parts["mixed_fraction"], parts["fp32_probability"]
+    return cache.cache_key("table", cache.architecture(model, input_shape), cache.target_parts(target), parts)
 
 
 def environment(target: TargetConfig) -> dict[str, Any]:
@@ -300,22 +338,31 @@ def _random(sizes: Kept, rng: random.Random, plan: TablePlan) -> Kept:
                  for n in sizes)
 
 
-def _random_candidates(sizes: Kept, layout: Layout, blocks: Removed, rng: random.Random,
-                       plan: TablePlan) -> list[Candidate]:
+def _random_candidates(sizes: Kept, layout: Layout, blocks: Removed, rng: random.Random, plan: TablePlan,
+                       floats: Floats = (), layers: Sequence[Any] = ()) -> list[Candidate]:
     """The plan's random candidates (training, then held out). Widths are drawn from ``rng`` as without depth;
-    removals from a generator of their own, and the counts of groups that go with removed blocks are set to
-    the full size (they do not matter: one candidate, one measurement)."""
+    removals and FP32 layers from generators of their own. The counts of groups that go with removed blocks are
+    set to the full size, and the layers inside removed blocks are not FP32 (neither matters: one candidate, one
+    measurement)."""
     widths = [_random(sizes, rng, plan) for _ in range(plan.num_random + plan.num_holdout)]
-    if not blocks:
-        return [(kept, ()) for kept in widths]
-    depth_rng = random.Random(plan.seed + 1)
+    depth_rng, precision_rng = random.Random(plan.seed + 1), random.Random(plan.seed + 2)
     candidates = []
     for kept in widths:
-        removed = tuple(b for b in blocks if depth_rng.random() < plan.remove_probability)
-        vanished = layout.vanished(_mask(blocks, [removed]))[0]
-        candidates.append((tuple(n if gone else k for k, n, gone in zip(kept, sizes, vanished, strict=True)),
-                           removed))
+        removed: Removed = ()
+        if blocks:
+            removed = tuple(b for b in blocks if depth_rng.random() < plan.remove_probability)
+            vanished = layout.vanished(_mask(blocks, [removed]))[0]
+            kept = tuple(n if gone else k for k, n, gone in zip(kept, sizes, vanished, strict=True))
+        mixed = bool(floats) and precision_rng.random() < plan.mixed_fraction
+        fp32 = tuple(name for name in floats if mixed and precision_rng.random() < plan.fp32_probability
+                     and not any(name.startswith(f"{block}.") for block in removed))
+        candidates.append((kept, removed, fp32))
     return candidates
+
+
+def _layer_mask(layers: Sequence[Any], fp32: Sequence[Floats]) -> np.ndarray:
+    """(candidates, layers): 1 where a candidate runs the layer (every call of it) in FP32."""
+    return np.array([[layer.name in names for layer in layers] for names in fp32], float).reshape(len(fp32), -1)
 
 
 def _mask(blocks: Removed, removed: Sequence[Sequence[str]]) -> np.ndarray:
@@ -364,15 +411,16 @@ def _choice_record(choice: Any) -> dict[str, Any]:
 
 def _baseline_model(layout: Layout, kept: np.ndarray, measured: np.ndarray, holdout: Sequence[Kept],
                     holdout_ms: Sequence[float], choices: Sequence[Any], removed: np.ndarray | None = None,
-                    held_removed: np.ndarray | None = None) -> dict[str, Any]:
+                    held_removed: np.ndarray | None = None, fp32: np.ndarray | None = None,
+                    held_fp32: np.ndarray | None = None) -> dict[str, Any]:
     """The held-out errors of the simplest model tried (base + per-layer MACs rounded up to a block: no alignment
     or activation terms, its block chosen by cross-validation), for comparison."""
     plain = [c for c in choices if not c.features.aligns and not c.features.activations]
     if not plain or not holdout:
         return {}
     best = min(plain, key=lambda c: c.median_error)
-    weights = fit_weights(layout.design(kept, best.features, removed), measured)
-    errors = relative_errors(layout.design(np.array(holdout, float), best.features, held_removed) @ weights,
+    weights = fit_weights(layout.design(kept, best.features, removed, fp32), measured)
+    errors = relative_errors(layout.design(np.array(holdout, float), best.features, held_removed, held_fp32) @ weights,
                              np.array(holdout_ms))
     return {"features": best.features.describe(), "median_error": round(float(np.median(errors)), 5),
             "max_error": round(float(errors.max()), 5)}
@@ -393,9 +441,15 @@ def _errors_by_grid(holdout: Sequence[Kept], errors: np.ndarray, sizes: Kept) ->
 
 def _errors_by_depth(holdout: Sequence[Candidate], errors: np.ndarray) -> dict[str, Any]:
     """Held-out errors of the candidates that remove no block, and of those that remove some."""
+    return _errors_by(holdout, errors, 1, ("width_only", "with_removed_blocks"))
+
+
+def _errors_by(holdout: Sequence[Candidate], errors: np.ndarray, part: int, labels: tuple[str, str]) -> dict[str, Any]:
+    """Held-out errors of the candidates whose ``part`` (1: removed blocks, 2: FP32 layers) is empty, and of those
+    whose is not, under ``labels``."""
     result = {}
-    for label, wanted in (("width_only", False), ("with_removed_blocks", True)):
-        on = [e for (_, removed), e in zip(holdout, errors, strict=True) if bool(removed) == wanted]
+    for label, wanted in zip(labels, (False, True), strict=True):
+        on = [e for candidate, e in zip(holdout, errors, strict=True) if bool(candidate[part]) == wanted]
         if on:
             result[label] = {"count": len(on), "median_error": round(float(np.median(on)), 5),
                              "max_error": round(float(np.max(on)), 5)}

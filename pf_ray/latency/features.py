@@ -26,6 +26,12 @@ activation on the trunk's width), and for each alignment ``a``, ``block_misalign
 not a multiple of ``a`` (layouts converted around each block's add; on ResNet-20 in ONNX Runtime INT8 these took
 the held-out median error from 2.5% to 2.2%). A layout without blocks has none of them, and designs exactly as
 before.
+
+Precision (a layout with ``precision``, for INT8 targets where some layers may stay in FP32): a candidate also says
+which layers run in FP32. A layer's ``work`` column then counts only while it is INT8, and two more columns per
+layer count it while it is FP32: ``fp32_work``, its exact kept fraction of its MACs (FP32 arithmetic's per-MAC cost),
+and ``fp32``, 1 (the quantize / dequantize nodes around a float layer in an INT8 graph, and its float kernel's fixed
+cost). A layout without precision has none of them.
 """
 
 from __future__ import annotations
@@ -64,9 +70,11 @@ class Layout:
     out_members: np.ndarray  # (layers, groups)
     layer_block: np.ndarray | None = None  # (layers,) index of the removable block holding the layer, -1 if none
     block_trunk: np.ndarray | None = None  # (blocks, groups): 1/k for each of a block's k trunk groups
+    precision: bool = False  # the layers may run in FP32 (per-layer columns ``fp32`` and ``fp32_work``)
 
     @classmethod
-    def of(cls, layers: Sequence[LayerMacs], sizes: Sequence[int], blocks: Sequence[str] = ()) -> Layout:
+    def of(cls, layers: Sequence[LayerMacs], sizes: Sequence[int], blocks: Sequence[str] = (), *,
+           precision: bool = False) -> Layout:
         in_members = np.zeros((len(layers), len(sizes)))
         out_members = np.zeros((len(layers), len(sizes)))
         for index, layer in enumerate(layers):
@@ -88,7 +96,7 @@ class Layout:
                     block_trunk[b, trunk] = 1.0 / trunk.sum()
         return cls(np.asarray(sizes, float), np.array([layer.in_channels // layer.groups for layer in layers], float),
                    np.array([layer.out_channels for layer in layers], float), in_members, out_members,
-                   layer_block, block_trunk)
+                   layer_block, block_trunk, precision)
 
     @property
     def num_blocks(self) -> int:
@@ -105,20 +113,27 @@ class Layout:
         names += [f"activation[{g}]" for g in groups] if features.activations else []
         blocks = range(self.num_blocks)
         names += [f"block[{b}]" for b in blocks] + [f"block_activation[{b}]" for b in blocks]
-        return names + [f"block_misaligned{a}[{b}]" for a in features.aligns for b in blocks]
+        names += [f"block_misaligned{a}[{b}]" for a in features.aligns for b in blocks]
+        if self.precision:
+            names += [f"fp32[{i}]" for i in layers] + [f"fp32_work[{i}]" for i in layers]
+        return names
 
     def design(self, kept: np.ndarray | Sequence[Sequence[int]], features: FeatureSet,
-               removed: np.ndarray | None = None) -> np.ndarray:
+               removed: np.ndarray | None = None, fp32: np.ndarray | None = None) -> np.ndarray:
         """(candidates, columns): the features of each row of ``kept`` (candidates, groups), with the blocks that
-        ``removed`` (candidates, blocks; 1 = removed) marks removed (none if None); column 0 is 1."""
+        ``removed`` (candidates, blocks; 1 = removed) marks removed (none if None) and the layers that ``fp32``
+        (candidates, layers; 1 = FP32) marks in FP32 (none if None; a layout with ``precision`` only); column 0
+        is 1."""
         kept = np.atleast_2d(np.asarray(kept, float))
         if kept.shape[1] != len(self.sizes):
             raise ValueError(f"kept: got {kept.shape[1]} counts per candidate; expected {len(self.sizes)}")
         present, group_present, block_present = self._presence(len(kept), removed)
+        float_layers = self._float_layers(len(kept), fp32) * present
         fraction = kept / self.sizes
         exact = self._work(kept) * present
         rounded = np.minimum(np.ceil(kept / features.block) * features.block, self.sizes)
-        columns = [np.ones((len(kept), 1)), self._work(rounded) * present if features.block > 1 else exact]
+        work = self._work(rounded) * present if features.block > 1 else exact
+        columns = [np.ones((len(kept), 1)), work * (1.0 - float_layers)]
         touched = ((self.in_members + self.out_members) > 0).T.astype(float)  # (groups, layers)
         for a in features.aligns:
             off = ((kept < self.sizes) & (np.mod(kept, a) != 0)) * group_present  # (candidates, groups)
@@ -132,7 +147,21 @@ class Layout:
             for a in features.aligns:
                 off = (kept < self.sizes) & (np.mod(kept, a) != 0)
                 columns.append(block_present * ((off @ self.block_trunk.T) > 0))
+        if self.precision:
+            columns += [float_layers, float_layers * exact]
         return np.concatenate(columns, axis=1)
+
+    def _float_layers(self, count: int, fp32: np.ndarray | None) -> np.ndarray:
+        """(candidates, layers): 1 where a layer runs in FP32."""
+        layers = len(self.in_channels)
+        if fp32 is None:
+            return np.zeros((count, layers))
+        fp32 = np.atleast_2d(np.asarray(fp32, float))
+        if not self.precision and fp32.any():
+            raise ValueError("fp32: this layout was built without precision (every layer INT8)")
+        if fp32.shape != (count, layers):
+            raise ValueError(f"fp32: got shape {fp32.shape}; expected ({count}, {layers})")
+        return fp32
 
     def vanished(self, removed: np.ndarray) -> np.ndarray:
         """(candidates, groups): True where a group's layers are all in removed blocks (its count does not

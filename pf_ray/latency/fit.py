@@ -58,10 +58,12 @@ class Choice:
 
 
 def cross_validate(layout: Layout, kept: np.ndarray, measured: np.ndarray, features: FeatureSet, *,
-                   folds: int = 5, seed: int = 0, removed: np.ndarray | None = None) -> Choice:
+                   folds: int = 5, seed: int = 0, removed: np.ndarray | None = None,
+                   fp32: np.ndarray | None = None) -> Choice:
     """``folds``-fold cross-validated relative errors of a model with ``features`` (every row predicted once, by a
-    fit that did not see it). ``removed``: the candidates' removed blocks (``Layout.design``), if any."""
-    design = layout.design(kept, features, removed)
+    fit that did not see it). ``removed``, ``fp32``: the candidates' removed blocks and FP32 layers
+    (``Layout.design``), if any."""
+    design = layout.design(kept, features, removed, fp32)
     order = np.random.default_rng(seed).permutation(len(measured))
     errors = np.empty(len(measured))
     for fold in range(folds):
@@ -75,11 +77,11 @@ def cross_validate(layout: Layout, kept: np.ndarray, measured: np.ndarray, featu
 
 def choose_features(layout: Layout, kept: np.ndarray, measured: np.ndarray, *, folds: int = 5,
                     candidates: Sequence[FeatureSet] | None = None, log: Log | None = None,
-                    removed: np.ndarray | None = None) -> list[Choice]:
+                    removed: np.ndarray | None = None, fp32: np.ndarray | None = None) -> list[Choice]:
     """Every candidate feature set cross-validated, best first (lowest median error; within 2% of it relative, the
     lowest 90th percentile; then the fewest columns)."""
     candidates = candidate_feature_sets(layout.sizes.astype(int).tolist()) if candidates is None else candidates
-    choices = [cross_validate(layout, kept, measured, features, folds=folds, removed=removed)
+    choices = [cross_validate(layout, kept, measured, features, folds=folds, removed=removed, fp32=fp32)
                for features in candidates]
     best = min(choice.median_error for choice in choices)
     choices.sort(key=lambda c: (c.median_error > best * 1.02, c.p90_error if c.median_error <= best * 1.02

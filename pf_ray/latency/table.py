@@ -37,6 +37,7 @@ class Measured:
     kind: str
     predicted: float | None = None  # holdout only: the fitted table's prediction
     removed: tuple[str, ...] = ()  # the residual blocks removed (depth tables), in forward order
+    fp32: tuple[str, ...] = ()  # the layers run in FP32 (precision tables), in ``precision_layers``' order
 
 
 @dataclass(frozen=True, eq=False)
@@ -60,34 +61,42 @@ class LatencyTable:
     build_seconds: float = 0.0
     notes: dict[str, Any] = field(default_factory=dict)
     blocks: tuple[str, ...] = ()  # removable residual blocks measured removed (depth tables), in forward order
+    # layers (module names) measured in FP32 inside the INT8 model (precision tables), in forward order
+    precision_layers: tuple[str, ...] = ()
 
     # ---- prediction
 
     @functools.cached_property
     def layout(self) -> Layout:
-        return Layout.of(self.layers, self.sizes, self.blocks)
+        return Layout.of(self.layers, self.sizes, self.blocks, precision=bool(self.precision_layers))
 
     @functools.cached_property
     def _weights(self) -> np.ndarray:
         return np.asarray(self.weights, float)
 
-    def predict(self, kept: Sequence[int], removed: Collection[str] = ()) -> float:
-        """Milliseconds for a batch of ``target.batch_size`` on the target, with ``kept[i]`` channels in group i
-        and the residual blocks ``removed`` (names of ``blocks``) removed; the counts of groups that live only
-        in removed blocks do not matter."""
+    def predict(self, kept: Sequence[int], removed: Collection[str] = (), fp32: Collection[str] = ()) -> float:
+        """Milliseconds for a batch of ``target.batch_size`` on the target, with ``kept[i]`` channels in group i,
+        the residual blocks ``removed`` (names of ``blocks``) removed and the layers ``fp32`` (names of
+        ``precision_layers``) in FP32; the counts of groups that live only in removed blocks do not matter, nor
+        does the precision of a layer inside one."""
         self._check(kept)
         mask = self._mask([removed]) if self.blocks or removed else None
-        return float(self.layout.design(np.asarray(kept, float)[None, :], self.features, mask)[0] @ self._weights)
+        floats = self._fp32_mask([fp32]) if self.precision_layers or fp32 else None
+        return float(self.layout.design(np.asarray(kept, float)[None, :], self.features, mask, floats)[0]
+                     @ self._weights)
 
     def predict_many(self, kept: np.ndarray | Sequence[Sequence[int]],
-                     removed: np.ndarray | Sequence[Collection[str]] | None = None) -> np.ndarray:
+                     removed: np.ndarray | Sequence[Collection[str]] | None = None,
+                     fp32: Sequence[Collection[str]] | None = None) -> np.ndarray:
         """``predict`` for every row of a (candidates, groups) array, in one call; ``removed``: per candidate the
-        names of its removed blocks, or a (candidates, blocks) 0/1 array in ``blocks``' order."""
+        names of its removed blocks, or a (candidates, blocks) 0/1 array in ``blocks``' order; ``fp32``: per
+        candidate the names of its FP32 layers."""
         kept = np.atleast_2d(np.asarray(kept, float))
         mask = None
         if removed is not None:
             mask = np.asarray(removed, float) if isinstance(removed, np.ndarray) else self._mask(removed)
-        return self.layout.design(kept, self.features, mask) @ self._weights
+        floats = self._fp32_mask(fp32) if fp32 is not None else None
+        return self.layout.design(kept, self.features, mask, floats) @ self._weights
 
     def predict_ratios(self, keep_ratios: Sequence[float], round_to: int, removed: Collection[str] = ()) -> float:
         """``predict`` of the counts ``prune_channels_(..., keep_ratios, round_to=round_to)`` keeps."""
@@ -110,9 +119,25 @@ class LatencyTable:
         best = min(fastest.values())
         return min(m for m, ms in fastest.items() if ms <= best * (1 + tolerance))
 
-    def speedup(self, kept: Sequence[int], removed: Collection[str] = ()) -> float:
+    def speedup(self, kept: Sequence[int], removed: Collection[str] = (), fp32: Collection[str] = ()) -> float:
         """The reference (unpruned, FP32 ONNX Runtime) latency over the predicted latency of the candidate."""
-        return self.reference_ms / self.predict(kept, removed)
+        return self.reference_ms / self.predict(kept, removed, fp32)
+
+    def _fp32_mask(self, fp32: Sequence[Collection[str]]) -> np.ndarray:
+        """(candidates, layers of ``layers``): 1 where a candidate runs the layer in FP32 (every call of a layer
+        called more than once)."""
+        known = set(self.precision_layers)
+        mask = np.zeros((len(fp32), len(self.layers)))
+        for row, names in enumerate(fp32):
+            if isinstance(names, str):
+                raise ConfigError(f"fp32: got the string {names!r}; expected a collection of layer names")
+            unknown = sorted(set(names) - known)
+            if unknown:
+                shown = ", ".join(self.precision_layers[:6]) + (", ..." if len(self.precision_layers) > 6 else "")
+                raise ConfigError(f"fp32 layer {unknown[0]!r}: not a layer this latency table measured in FP32; "
+                                  f"its layers: {shown or 'none (a table built without precision)'}")
+            mask[row] = [layer.name in names for layer in self.layers]
+        return mask
 
     def _mask(self, removed: Sequence[Collection[str]]) -> np.ndarray:
         """(candidates, blocks): 1 where a candidate removes the block."""
@@ -157,10 +182,12 @@ class LatencyTable:
                                for layer in data["layers"])
         data["features"] = FeatureSet(**{**data["features"], "aligns": tuple(data["features"]["aligns"])})
         for kind in ("training", "holdout"):
-            data[kind] = tuple(Measured(**{**m, "kept": tuple(m["kept"]), "removed": tuple(m.get("removed", ()))})
+            data[kind] = tuple(Measured(**{**m, "kept": tuple(m["kept"]), "removed": tuple(m.get("removed", ())),
+                                           "fp32": tuple(m.get("fp32", ()))})
                                for m in data[kind])
         data["cross_validation"] = tuple(data.get("cross_validation", ()))
         data["blocks"] = tuple(data.get("blocks", ()))
+        data["precision_layers"] = tuple(data.get("precision_layers", ()))
         table = cls(**data)
         expected = len(table.layout.names(table.features))
         if len(table.weights) != expected or not all(math.isfinite(w) for w in table.weights):
@@ -173,4 +200,5 @@ class LatencyTable:
                 f"(FP32 ONNX Runtime {self.reference_ms:.3f} ms); {len(self.training)} + {len(self.holdout)} "
                 f"measurements; held-out error median {100 * self.median_error:.1f}%, largest "
                 f"{100 * self.max_error:.1f}%; step {self.step}; {self.features.describe()}"
-                + (f"; {len(self.blocks)} removable blocks" if self.blocks else ""))
+                + (f"; {len(self.blocks)} removable blocks" if self.blocks else "")
+                + (f"; {len(self.precision_layers)} layers measured in FP32" if self.precision_layers else ""))

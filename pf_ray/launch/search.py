@@ -20,6 +20,7 @@ from pf_ray.metrics import (
     MACS_RATIO,
     PROXY_ACCURACY,
     REMOVED_BLOCKS,
+    FP32_LAYERS,
     SCORE,
     TRIAL_METRICS,
 )
@@ -153,8 +154,9 @@ def trial_records(grid: tune.ResultGrid, space: PerLayerSpace) -> list[dict[str,
     for result in grid:
         metrics = dict(result.metrics or {})
         values = [float(result.config[key]) for key in space.keys()] if result.config else []
-        if metrics.get(LAYER_VALUES):  # the searched field's values (and depth's removed blocks) as a space vector
-            metrics[LAYER_VALUES] = space.recorded(metrics[LAYER_VALUES], metrics.get(REMOVED_BLOCKS) or ())
+        if metrics.get(LAYER_VALUES):  # the searched field's values (and removed blocks, FP32 layers) as a vector
+            metrics[LAYER_VALUES] = space.recorded(metrics[LAYER_VALUES], metrics.get(REMOVED_BLOCKS) or (),
+                                                   metrics.get(FP32_LAYERS) or ())
         trials.append({
             "trial_id": metrics.get("trial_id", Path(result.path).name),
             "proposal": values,

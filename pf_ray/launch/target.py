@@ -64,7 +64,8 @@ def check_target(config: ExperimentConfig) -> None:
 class TableSource:
     """``LatencySource`` for a learner's ``search_space``: the target's table, built (or read from the cache) the
     first time it is asked for, then the same one; asked with ``depth``, a table that also measured removed
-    residual blocks (``TablePlan.depth``)."""
+    residual blocks (``TablePlan.depth``); with ``precision``, one that also measured layers left in FP32
+    (``TablePlan.precision``, INT8 targets)."""
 
     model: nn.Module
     input_shape: tuple[int, int, int]
@@ -72,15 +73,19 @@ class TableSource:
     log: Log
     built: TargetLatency | None = field(default=None, init=False)
 
-    def __call__(self, *, depth: bool = False) -> TargetLatency:
-        if self.built is None or (depth and not getattr(self.built.predictor, "blocks", ())):
+    def __call__(self, *, depth: bool = False, precision: bool = False) -> TargetLatency:
+        if precision and self.target.precision is not Precision.INT8:
+            raise ConfigError(f"learner.options.mixed_precision: true needs an INT8 deployment target (layers left "
+                              f"in FP32 inside an INT8 model); got target.precision {self.target.precision}")
+        built = self.built.predictor if self.built is not None else None
+        if (built is None or (depth and not getattr(built, "blocks", ()))
+                or (precision and not getattr(built, "precision_layers", ()))):
             cpu = cpu_summary()
-            self.log(f"latency table: {target_name(self.target)}{' with depth' if depth else ''} on "
+            extra = " and ".join(what for what, on in (("depth", depth), ("FP32 layers", precision)) if on)
+            self.log(f"latency table: {target_name(self.target)}{f' with {extra}' if extra else ''} on "
                      f"{cpu['model_name']} ({' '.join(cpu['kernel_flags']) or 'no listed kernel flags'}); cached in "
                      f"{cache_dir()}")
-            plan = TABLE_PLAN or plan_for(self.target)
-            if depth:
-                plan = replace(plan, depth=True)
+            plan = replace(TABLE_PLAN or plan_for(self.target), depth=depth, precision=precision)
             table = latency_table(self.model, self.input_shape, self.target, plan=plan, log=self.log)
             self.built = as_target_latency(table)
         return self.built
@@ -112,7 +117,8 @@ def run_latency(run_dir: Path, config: ExperimentConfig, model: nn.Module, input
             log(f"latency table: {path} cannot be read ({error}); building it again")
     # channel_pruning's depth search (depth true, or "auto" under this latency budget): a table with removed blocks
     depth = config.learner.options.get("depth", "auto") is not False
-    latency = TableSource(model, input_shape, config.target, log)(depth=depth)
+    precision = config.learner.options.get("mixed_precision", False) is True
+    latency = TableSource(model, input_shape, config.target, log)(depth=depth, precision=precision)
     save_table(run_dir, latency)
     return latency
 
@@ -138,16 +144,16 @@ def measure_on_target(config: ExperimentConfig, reports: Sequence[dict[str, Any]
         return {**record, "measured": False, "why": f"no artifact {', '.join(missing)} (export.formats)"}
     started = time.perf_counter()
     budget = space.budget if space is not None else None
-    counts = {trial["trial_id"]: (tuple(budget.kept(trial[LAYER_VALUES])), budget.removed(trial[LAYER_VALUES]))
+    counts = {trial["trial_id"]: (tuple(budget.kept(trial[LAYER_VALUES])), budget.removed(trial[LAYER_VALUES]),
+                                  budget.fp32(trial[LAYER_VALUES]))
               for trial in trials if isinstance(budget, KeepsChannels) and trial.get(LAYER_VALUES)}
     architectures = list(dict.fromkeys(counts.values()))  # trials that kept the same counts are timed once
     log(f"target: timing the baseline, the compressed model and {len(architectures)} search candidate"
         f"{'s' if len(architectures) != 1 else ''} side by side on {target_name(target)} ({TIMING.rounds} rounds)")
     with tempfile.TemporaryDirectory(prefix="pf_ray_target_") as work:
         files = [paths[("baseline", "onnx")], paths[("baseline", fmt)], paths[("compressed", fmt)]]
-        files += [export_artifact(pruned_copy(baseline, input_shape, kept, removed=removed), input_shape, target,
-                                  work, stem=f"candidate{index}")
-                  for index, (kept, removed) in enumerate(architectures)]
+        files += [candidate_artifact(baseline, input_shape, target, work, f"candidate{index}", *architecture)
+                  for index, architecture in enumerate(architectures)]
         sessions = [open_artifact(path, target.threads) for path in files]
         timed = [t["median_ms"] for t in time_sessions(sessions, input_shape, target.batch_size, TIMING)]
         del sessions
@@ -155,17 +161,19 @@ def measure_on_target(config: ExperimentConfig, reports: Sequence[dict[str, Any]
     by_counts = dict(zip(architectures, candidates, strict=True))
     for trial in trials:
         if trial["trial_id"] in counts:
-            kept, removed = counts[trial["trial_id"]]
-            trial[TARGET_MS] = by_counts[(kept, removed)]
+            trial[TARGET_MS] = by_counts[counts[trial["trial_id"]]]
             if latency is not None:
-                trial[PREDICTED_MS] = latency.predictor.predict(kept, removed)
+                kept, removed, fp32 = counts[trial["trial_id"]]
+                trial[PREDICTED_MS] = latency.predictor.predict(kept, removed, *([fp32] if fp32 else []))
     record.update({"measured": True, "reference_ms": reference, "baseline_ms": baseline_ms,
                    "compressed_ms": compressed_ms, "speedup": reference / compressed_ms,
                    "baseline_speedup": reference / baseline_ms,
                    "target_speedup": config.search.target_speedup if latency is not None else None,
                    "candidates_measured": len(architectures), "seconds": round(time.perf_counter() - started, 1)})
     if latency is not None and isinstance(budget, KeepsChannels) and chosen_values:
-        predicted = latency.predictor.predict(budget.kept(chosen_values), budget.removed(chosen_values))
+        fp32 = budget.fp32(chosen_values)
+        predicted = latency.predictor.predict(budget.kept(chosen_values), budget.removed(chosen_values),
+                                              *([fp32] if fp32 else []))
         record["predicted_ms"] = predicted  # on the table's own scale: its reference was timed when it was built
         record["predicted_speedup"] = latency.reference_ms / predicted
         table = latency.predictor
@@ -174,3 +182,13 @@ def measure_on_target(config: ExperimentConfig, reports: Sequence[dict[str, Any]
                                "step": table.step, "reference_ms": table.reference_ms,
                                "features": table.features.describe(), "build_seconds": table.build_seconds}
     return record
+
+
+def candidate_artifact(baseline: nn.Module, input_shape: tuple[int, int, int], target: TargetConfig, folder: str,
+                       stem: str, kept: Sequence[int], removed: Sequence[str], fp32: Sequence[str]) -> Path:
+    """A search candidate's architecture (weights do not change latency) as the target's artifact: the baseline
+    pruned to ``kept`` with ``removed`` blocks gone, the ``fp32`` layers (those still there) left in FP32."""
+    model = pruned_copy(baseline, input_shape, kept, removed=removed)
+    present = {name for name, _ in model.named_modules()}
+    return export_artifact(model, input_shape, target, folder, stem=stem,
+                           fp32_layers=[name for name in fp32 if name in present])

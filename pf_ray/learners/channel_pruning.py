@@ -20,7 +20,9 @@ from pf_ray.ops.blocks import ResidualBlock, removable_blocks
 from pf_ray.ops.channel_groups import prunable_groups, require_prunable_groups
 from pf_ray.ops.depth import remove_blocks_by_name_
 from pf_ray.ops.depth_knapsack import block_features, knapsack_start
-from pf_ray.ops.depth_space import DepthFields, dimension_names
+from pf_ray.ops.depth_space import SplitFields, dimension_names
+from pf_ray.ops.precision_space import check_precision_search, join_tail, precision_features
+from pf_ray.ops.precision_space import dimension_names as precision_dimension_names
 from pf_ray.ops.importance import taylor_importance
 from pf_ray.ops.latency_budget import LatencyBudget, LatencySource
 from pf_ray.ops.macs_budget import MacsBudget, macs_table
@@ -61,6 +63,13 @@ class ChannelPruningConfig:
     # with depth: filled by the search. layer_keep_ratios stays one per group of the unpruned model (the ratios of
     # groups that go with a removed block are not used)
     removed_blocks: tuple[str, ...] = ()
+    # Precision (docs/design.md, "Precision"): with an INT8 deployment target and search.budget latency, mode auto
+    # also searches which conv/linear layers stay in FP32 in the INT8 exports (one more value per layer, after the
+    # blocks'), and trials are scored on the accuracy of the INT8 artifact itself
+    mixed_precision: bool = False
+    # Layers (module names) the INT8 exports keep in FP32: mode list / uniform: given; mode auto with
+    # mixed_precision: filled by the search. A layer inside a removed block is ignored
+    fp32_layers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check_per_layer_mode(self.mode, "layer_keep_ratios", self.layer_keep_ratios, file_field="ratios_file",
@@ -87,6 +96,12 @@ class ChannelPruningConfig:
         if self.removed_blocks and self.mode == PerLayerMode.AUTO and self.depth is False:
             raise ConfigError(f"removed_blocks: got {list(self.removed_blocks)} with mode 'auto' and depth false; "
                               "set depth: true (or auto) to search the blocks, or mode list / uniform to give them")
+        if self.mixed_precision and self.mode != PerLayerMode.AUTO:
+            raise ConfigError(f"mixed_precision: got true with mode {str(self.mode)!r}; precision is searched in mode "
+                              "'auto' (with mode list or uniform, name the FP32 layers in fp32_layers)")
+        if self.fp32_layers and self.mode == PerLayerMode.AUTO and not self.mixed_precision:
+            raise ConfigError(f"fp32_layers: got {list(self.fp32_layers)} with mode 'auto' and mixed_precision false; "
+                              "set mixed_precision: true to search them, or mode list / uniform to give them")
         if self.ratios_file is not None:
             read_values_file(self.ratios_file, RATIOS_FILE_FIELD)  # fail now, where the config is read, not in a trial
 
@@ -108,6 +123,13 @@ class ChannelPruning:
 
     def check(self, model: nn.Module, input_shape: tuple[int, int, int]) -> None:
         self._keep_ratios(len(self._groups(model, input_shape)))
+        if self.config.fp32_layers:
+            layers = macs_table(model, input_shape).layer_names()
+            unknown = [name for name in self.config.fp32_layers if name not in layers]
+            if unknown:
+                shown = ", ".join(layers[:6]) + (", ..." if len(layers) > 6 else "")
+                raise ConfigError(f"fp32_layers: got {unknown[0]!r}, not a conv/linear layer of this model; its "
+                                  f"layers: {shown}")
         if not (self.config.depth is True or self.config.removed_blocks):
             return
         blocks = [block.name for block in self._removable(model, input_shape)]
@@ -142,28 +164,49 @@ class ChannelPruning:
         depth = config.depth is True or (config.depth == "auto" and search.budget is Budget.LATENCY)
         records = self._removable(model, input_shape) if depth else []
         blocks = tuple(block.name for block in records)
+        layers = tuple(table.layer_names()) if config.mixed_precision else ()
+        if layers:
+            check_precision_search(search)
         if search.budget is Budget.LATENCY:
             if latency is None:
                 raise ValueError("channel_pruning: search.budget latency needs the target's latency table")
             if len(search.speedups) != 1:
                 raise ValueError("channel_pruning: one space per target speed-up (SearchConfig.for_speedup)")
-            target = latency(depth=True) if blocks else latency()
-            measured = getattr(target.predictor, "blocks", ())
-            if set(blocks) - set(measured):
-                raise ConfigError(f"depth: the latency table of {target.name} predicts removed blocks "
-                                  f"{list(measured)}; the search needs {list(blocks)} (a table built with depth)")
+            target = latency(**({"depth": True} if blocks else {}), **({"precision": True} if layers else {}))
+            for what, kind, wanted, measured in (
+                    ("depth", "removed blocks", blocks, getattr(target.predictor, "blocks", ())),
+                    ("mixed_precision", "FP32 layers", layers, getattr(target.predictor, "precision_layers", ()))):
+                if set(wanted) - set(measured):
+                    raise ConfigError(f"{what}: the latency table of {target.name} predicts {kind} {list(measured)}; "
+                                      f"the search needs {list(wanted)} (a table built with {what})")
             round_to = self._round_to(target.step)
             budget: MacsBudget | LatencyBudget = LatencyBudget(
                 1.0 / search.target_speedup, target.predictor, target.reference_ms, round_to, config.min_keep_ratio,
-                target_name=target.name, blocks=blocks)
+                target_name=target.name, blocks=blocks, layers=layers)
         else:
             round_to = self._round_to()
             budget = MacsBudget(search.macs_ratio, table, round_to, config.min_keep_ratio, blocks=blocks)
-        features = layer_features(model, input_shape, table.names) + block_features(table, records)
-        split = DepthFields(self.searched_field, "removed_blocks", blocks, config.min_keep_ratio) if blocks else None
-        return PerLayerSpace(self.searched_field, table.names + dimension_names(blocks), low=config.min_keep_ratio,
-                             high=1.0, budget=budget, features=features, label="keep ratio",
-                             fixed=(("round_to", round_to),), split=split)
+        features = (layer_features(model, input_shape, table.names) + block_features(table, records)
+                    + precision_features(model, input_shape, layers, start=len(table.names) + len(blocks)))
+        split = None
+        if blocks or layers:
+            split = SplitFields(self.searched_field, "removed_blocks", blocks, config.min_keep_ratio,
+                                fp32_field="fp32_layers", layers=layers)
+        return PerLayerSpace(self.searched_field,
+                             table.names + dimension_names(blocks) + precision_dimension_names(layers),
+                             low=config.min_keep_ratio, high=1.0, budget=budget, features=features,
+                             label="keep ratio", fixed=(("round_to", round_to),), split=split)
+
+    def fp32_layers(self) -> tuple[str, ...]:
+        """The layers its model's INT8 exports keep in FP32: ``fp32_layers``, less those inside removed blocks
+        (gone from the model)."""
+        removed = tuple(f"{block}." for block in self.config.removed_blocks)
+        return tuple(name for name in self.config.fp32_layers if not name.startswith(removed))
+
+    def scores_int8(self) -> bool:
+        """With ``mixed_precision`` a trial is scored on its INT8 artifact's accuracy: that is what an FP32 layer
+        buys."""
+        return self.config.mixed_precision
 
     def budgets_latency(self) -> bool:
         """Channel counts (and removed blocks) move latency on every runtime: mode auto's search is budgeted in
@@ -183,9 +226,11 @@ class ChannelPruning:
         groups = prunable_groups(model, data.input_shape)
         batches = take_batches(data.train, FEATURE_BATCH_SIZE, IMPORTANCE_BATCHES, seed=self.config.seed)
         importance = [score.numpy() for score in taylor_importance(model, groups, batches)]
-        blocks = space.split.blocks if isinstance(space.split, DepthFields) else ()
-        return knapsack_start(importance, macs_table(model, data.input_shape), space.budget,
-                              round_to=dict(space.fixed)["round_to"], low=self.config.min_keep_ratio, blocks=blocks)
+        split = space.split if isinstance(space.split, SplitFields) else None
+        start = knapsack_start(importance, macs_table(model, data.input_shape), space.budget,
+                               round_to=dict(space.fixed)["round_to"], low=self.config.min_keep_ratio,
+                               blocks=split.blocks if split else ())
+        return join_tail(start, split.layers, (), self.config.min_keep_ratio) if split else start  # every layer INT8
 
     def prepare(self, model: nn.Module, data: DataBundle) -> nn.Module:
         config = self.config

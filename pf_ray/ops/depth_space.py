@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pf_ray.ops.precision_space import join_tail, split_tail
 from pf_ray.ops.projection import Unreachable
 
 BLOCK_PREFIX = "block:"  # a block dimension's name in the space (and the report): "block:layer1.1"
@@ -72,18 +73,25 @@ def project_with_blocks(values: Sequence[float], blocks: Sequence[str], low: flo
 
 
 @dataclass(frozen=True)
-class DepthFields:
-    """How a projected vector of a depth search fills the learner's config: the keep ratios into ``field``, the
-    names of the removed blocks into ``blocks_field``. Plain data, so the space stays picklable."""
+class SplitFields:
+    """How a projected vector of a depth or precision search fills the learner's config: the keep ratios into
+    ``field``, the names of the removed blocks into ``blocks_field``, and (a precision search,
+    ``ops.precision_space``) the names of the FP32 layers into ``fp32_field``. A vector is the keep ratios, then one
+    value per block of ``blocks``, then one per layer of ``layers``. Plain data, so the space stays picklable."""
 
     field: str  # e.g. "layer_keep_ratios"
     blocks_field: str  # e.g. "removed_blocks"
-    blocks: tuple[str, ...]  # the removable blocks, in forward order: the vector's last values
-    low: float  # the box's bottom (a removed block's projected value)
+    blocks: tuple[str, ...]  # the removable blocks, in forward order
+    low: float  # the box's bottom (a removed block's, or an FP32 layer's, projected value)
+    fp32_field: str = ""  # e.g. "fp32_layers" (a precision search)
+    layers: tuple[str, ...] = ()  # the layers that may stay FP32, in forward order
 
     def fields(self, values: Sequence[float]) -> dict[str, Any]:
-        ratios, removed = split_values(values, self.blocks, self.low)
-        return {self.field: ratios, self.blocks_field: removed}
+        head, fp32 = split_tail(values, len(values) - len(self.layers), self.layers, self.low)
+        ratios, removed = split_values(head, self.blocks, self.low)
+        fields: dict[str, Any] = {self.field: ratios, self.blocks_field: removed}
+        return fields | ({self.fp32_field: fp32} if self.layers else {})
 
-    def values(self, ratios: Sequence[float], removed: Sequence[str]) -> tuple[float, ...]:
-        return join_values(ratios, self.blocks, removed, self.low)
+    def values(self, ratios: Sequence[float], removed: Sequence[str], fp32: Sequence[str] = ()) -> tuple[float, ...]:
+        head = join_values(ratios, self.blocks, removed, self.low)
+        return join_tail(head, self.layers, fp32, self.low) if self.layers else head

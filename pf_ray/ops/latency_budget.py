@@ -1,6 +1,6 @@
 """Channel pruning's budget in measured latency: a candidate's latency on the deployment target, predicted from
-its per-group kept channel counts by a latency table measured on this machine (``pf_ray.latency``), at most the
-reference latency divided by ``search.target_speedup``.
+its per-group kept channel counts (and removed blocks, and layers left in FP32 on an INT8 target) by a latency table
+measured on this machine (``pf_ray.latency``), at most the reference latency divided by ``search.target_speedup``.
 """
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from pf_ray.errors import ConfigError
-from pf_ray.ops.depth_space import project_with_blocks, split_values
+from pf_ray.ops.depth_space import join_values, project_with_blocks, split_values
+from pf_ray.ops.precision_space import project_with_precision, split_tail
 from pf_ray.ops.projection import Unreachable, project_keep_ratios
 from pf_ray.ops.pruning import kept_channel_count
 
@@ -22,7 +23,9 @@ class LatencyPredictor(Protocol):
 
     sizes: tuple[int, ...]  # channels per group, in the order of ``ops.macs_budget.macs_table(model).names``
 
-    def predict(self, kept: Sequence[int], removed: Collection[str] = ()) -> float: ...
+    def predict(self, kept: Sequence[int], removed: Collection[str] = (), fp32: Collection[str] = ()) -> float:
+        """``fp32``: layers left in FP32 in an INT8 model (a table built with precision; others are asked with
+        none)."""
 
 
 @dataclass(frozen=True)
@@ -39,9 +42,10 @@ class TargetLatency:
 class LatencySource(Protocol):
     """How a learner gets the target's latency: asked only when it budgets latency (building a table takes minutes;
     a learner that refuses the budget, or has nothing to search, never asks). ``depth``: a table that also
-    predicts removed residual blocks (``pf_ray.latency.TablePlan.depth``)."""
+    predicts removed residual blocks (``pf_ray.latency.TablePlan.depth``); ``precision``: one that also predicts
+    layers left in FP32 (``TablePlan.precision``; INT8 targets only)."""
 
-    def __call__(self, *, depth: bool = False) -> TargetLatency: ...
+    def __call__(self, *, depth: bool = False, precision: bool = False) -> TargetLatency: ...
 
 
 @dataclass(frozen=True)
@@ -59,17 +63,36 @@ class LatencyBudget:
     # depth: the removable residual blocks, in forward order (a vector's last values, ``ops.depth_space``); the
     # predictor must be a table built with depth
     blocks: tuple[str, ...] = ()
+    # precision (INT8 targets): the layers that may stay FP32, one value each after the blocks'
+    # (``ops.precision_space``); the predictor must be a table built with precision
+    layers: tuple[str, ...] = ()
 
     def kept(self, values: Sequence[float]) -> list[int]:
-        ratios = split_values(values, self.blocks, self.min_ratio)[0]  # the blocks' values are not counts
+        ratios = split_values(self._head(values), self.blocks, self.min_ratio)[0]  # blocks' values are not counts
         return [kept_channel_count(n, r, self.round_to) for n, r in zip(self.predictor.sizes, ratios, strict=True)]
 
     def removed(self, values: Sequence[float]) -> tuple[str, ...]:
         """The residual blocks a vector removes (none without ``blocks``)."""
-        return split_values(values, self.blocks, self.min_ratio)[1]
+        return split_values(self._head(values), self.blocks, self.min_ratio)[1]
+
+    def fp32(self, values: Sequence[float]) -> tuple[str, ...]:
+        """The layers a vector leaves in FP32 (none without ``layers``)."""
+        return split_tail(values, self._width, self.layers, self.min_ratio)[1]
+
+    @property
+    def _width(self) -> int:
+        """Values before the precision values: the groups' keep ratios and the blocks' values."""
+        return len(self.predictor.sizes) + len(self.blocks)
+
+    def _head(self, values: Sequence[float]) -> tuple[float, ...]:
+        return split_tail(values, self._width, self.layers, self.min_ratio)[0]
 
     def predicted_ms(self, values: Sequence[float]) -> float:
-        return self.predictor.predict(self.kept(values), self.removed(values))
+        return self._predict(self.kept(values), self.removed(values), self.fp32(values))
+
+    def _predict(self, kept: Sequence[int], removed: Collection[str], fp32: Collection[str]) -> float:
+        # a predictor of a table without precision may not take ``fp32``: asked only when there are FP32 layers
+        return self.predictor.predict(kept, removed, fp32) if fp32 else self.predictor.predict(kept, removed)
 
     def cost(self, values: Sequence[float]) -> float:
         return self.predicted_ms(values) / self.reference_ms
@@ -79,15 +102,24 @@ class LatencyBudget:
         target speed-up, then topped up (``ops.projection``); with ``blocks``, at the latency of its removed blocks,
         removing more where the target needs it (``ops.depth_space.project_with_blocks``)."""
 
-        def width(ratios: Sequence[float], removed: tuple[str, ...]) -> tuple[float, ...]:
-            return project_keep_ratios(self.predictor.sizes, ratios, lambda kept: self.predictor.predict(kept, removed),
-                                       self.target * self.reference_ms, round_to=self.round_to,
-                                       min_ratio=self.min_ratio)
+        def head(values: Sequence[float], fp32: tuple[str, ...]) -> tuple[float, ...]:
+            def width(ratios: Sequence[float], removed: tuple[str, ...]) -> tuple[float, ...]:
+                return project_keep_ratios(self.predictor.sizes, ratios,
+                                           lambda kept: self._predict(kept, removed, fp32),
+                                           self.target * self.reference_ms, round_to=self.round_to,
+                                           min_ratio=self.min_ratio)
 
-        try:
             if self.blocks:
+                if fp32:  # the proposal's blocks only: quantizing FP32 layers back comes before removing more
+                    ratios, removed = split_values(values, self.blocks, self.min_ratio)
+                    return join_values(width(ratios, removed), self.blocks, removed, self.min_ratio)
                 return project_with_blocks(values, self.blocks, self.min_ratio, width)
             return width(values, ())
+
+        try:
+            if self.layers:
+                return project_with_precision(values, self._width, self.layers, self.min_ratio, head)
+            return head(values, ())
         except Unreachable as error:
             blocks = f" and all {len(self.blocks)} removable blocks removed" if self.blocks else ""
             raise ConfigError(

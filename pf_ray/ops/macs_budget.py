@@ -29,6 +29,11 @@ class MacsTable:
     sizes: tuple[int, ...]  # channels per prunable group
     layers: tuple[LayerMacs, ...]
 
+    def layer_names(self) -> list[str]:
+        """The conv/linear layers (module names), each once, in forward order: those a precision search may leave
+        in FP32."""
+        return list(dict.fromkeys(layer.name for layer in self.layers))
+
     def macs(self, keep_ratios: Sequence[float], round_to: int) -> int:
         kept = [kept_channel_count(n, r, round_to) for n, r in zip(self.sizes, keep_ratios, strict=True)]
         return self.macs_of_counts(kept)
@@ -79,6 +84,10 @@ class MacsBudget:
     def removed(self, values: Sequence[float]) -> tuple[str, ...]:
         """The residual blocks a vector removes (none without ``blocks``)."""
         return split_values(values, self.blocks, self.min_ratio)[1]
+
+    def fp32(self, values: Sequence[float]) -> tuple[str, ...]:
+        """None: a layer left in FP32 does not change MACs (a precision search budgets latency)."""
+        return ()
 
     def cost(self, values: Sequence[float]) -> float:
         return self._without(self.removed(values)).macs_of_counts(self.kept(values)) / self._full
