@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import tempfile
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,7 @@ from pf_ray.progress import ProgressBar
 # turn it on if an INT8 model loses accuracy that its FP32 twin keeps.
 ACTIVATION_TYPE = ort_quantization.QuantType.QUInt8
 WEIGHT_TYPE = ort_quantization.QuantType.QInt8
+QUANTIZED_OPS = ("Conv", "Gemm", "MatMul")  # what a torch conv / linear becomes in ONNX (fp32_layers keeps them)
 
 
 class CalibrationMethod(enum.StrEnum):
@@ -51,6 +53,7 @@ def quantize_onnx_int8(
     *,
     method: CalibrationMethod | str = CalibrationMethod.MINMAX,
     batch_size: int = 32,
+    fp32_layers: Sequence[str] = (),
 ) -> Path:
     """Quantize an FP32 ONNX file to INT8 QDQ; activation ranges come from running ``calibration`` through it.
 
@@ -60,9 +63,15 @@ def quantize_onnx_int8(
         calibration: (N, C, H, W) float inputs, normalised like the training data (e.g. 256 training images).
         method: "minmax" or "percentile".
         batch_size: calibration images per ONNX Runtime run.
+        fp32_layers: torch module names (``model.named_modules()`` of the exported model, e.g. "layer1.0.conv1",
+            "fc") whose Conv / Gemm / MatMul nodes stay FP32; a name covers its submodules too ("layer1.0": both
+            convolutions of that block). Found by ``layer_nodes`` from the node names of ``export_onnx``. Their
+            weights and arithmetic stay float; their input is still rounded to uint8 where the node producing it
+            is quantized.
 
     Raises:
-        ExportError: bad calibration data, or ONNX Runtime cannot quantize the model.
+        ExportError: bad calibration data, a name in ``fp32_layers`` that matches no node, or ONNX Runtime cannot
+            quantize the model.
     """
     fp32_path, int8_path = Path(fp32_path), Path(int8_path)
     try:
@@ -83,11 +92,14 @@ def quantize_onnx_int8(
 
     with tempfile.TemporaryDirectory(prefix="pf_ray_int8_") as work, atomic_path(int8_path) as tmp_path:
         source = _preprocess(fp32_path, Path(work) / "preprocessed.onnx")
+        # Matched on the graph the quantizer is given: pre-processing could rename or fuse nodes.
+        excluded = _nodes_to_exclude(onnx.load(str(source), load_external_data=False), fp32_layers, fp32_path.name)
         try:
             ort_quantization.quantize_static(
                 source,
                 tmp_path,
                 reader,
+                nodes_to_exclude=excluded,
                 quant_format=ort_quantization.QuantFormat.QDQ,
                 per_channel=True,
                 activation_type=ACTIVATION_TYPE,
@@ -119,6 +131,51 @@ def _preprocess(fp32_path: Path, out_path: Path) -> Path:
         )
         return fp32_path
     return out_path
+
+
+def layer_nodes(model: onnx.ModelProto) -> dict[str, list[str]]:
+    """Torch module name -> the names of the Conv / Gemm / MatMul nodes it became, from ``export_onnx``'s node
+    names.
+
+    The TorchScript exporter names a node after the modules called on the way to it, one ``/``-separated part per
+    module, then the op: ``/layer1/layer1.0/conv1/Conv`` for ``layer1.0.conv1``, ``/fc/Gemm``. Each part is the
+    module's qualified name from its last non-numeric atom on (torch.onnx's ``_unqualified_variable_name``: "conv1",
+    "layer1.0", "shortcut.0"), so the qualified name is rebuilt by appending each part to its caller's name after
+    the atoms they share ("layer1" + "layer1.0" -> "layer1.0"; "layer1.0" + "conv1" -> "layer1.0.conv1"). A
+    container that is iterated rather than called (``nn.ModuleList``) leaves no part of its own, which this rule
+    absorbs ("blocks.0" is a whole part); a plain container module whose child is called from outside it would
+    not be (its name is missing from the chain).
+    """
+    layers: dict[str, list[str]] = {}
+    for node in model.graph.node:
+        if node.op_type not in QUANTIZED_OPS or not node.name.startswith("/"):
+            continue
+        *scopes, _op = node.name[1:].split("/")
+        name: list[str] = []
+        for part in scopes:
+            atoms = part.split(".")
+            shared = next((k for k in range(min(len(name), len(atoms) - 1), 0, -1) if name[-k:] == atoms[:k]), 0)
+            name += atoms[shared:]
+        if name:  # a node of the root module itself (a functional conv in forward) has no layer name
+            layers.setdefault(".".join(name), []).append(node.name)
+    return layers
+
+
+def _nodes_to_exclude(model: onnx.ModelProto, fp32_layers: Sequence[str], file_name: str) -> list[str]:
+    """The nodes of ``fp32_layers`` and their submodules; ExportError for a name that matches none."""
+    if isinstance(fp32_layers, str):  # one name would otherwise be taken as its characters
+        raise ExportError(f"fp32_layers: got the string {fp32_layers!r}; expected a sequence of module names")
+    layers = layer_nodes(model)
+    excluded: list[str] = []
+    for layer in fp32_layers:
+        nodes = [node for name, names in layers.items() if name == layer or name.startswith(f"{layer}.")
+                 for node in names]
+        if not nodes:
+            known = ", ".join(list(layers)[:8]) + (", ..." if len(layers) > 8 else "")
+            raise ExportError(f"fp32_layers: {layer!r} matches no Conv/Gemm/MatMul node of {file_name}; its layers "
+                              f"are: {known or 'none'}")
+        excluded += [node for node in nodes if node not in excluded]
+    return excluded
 
 
 class _TensorReader(ort_quantization.CalibrationDataReader):

@@ -8,6 +8,7 @@ figures it was verified with on its runtime.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +35,10 @@ RUNTIMES = {
 }
 
 
-def artifact_entry(path: Path, *, format_name: str, model: str, verified: dict[str, Any] | None = None) -> dict:
-    """One manifest row; input and output names are read from the file itself."""
+def artifact_entry(path: Path, *, format_name: str, model: str, verified: dict[str, Any] | None = None,
+                   fp32_layers: Sequence[str] = ()) -> dict:
+    """One manifest row; input and output names are read from the file itself. ``fp32_layers``: the layers an
+    INT8 file keeps in FP32 (module names), recorded as ``"fp32_layers"`` when there are any."""
     from pf_ray.export.verify import open_session
 
     entry = {
@@ -49,6 +52,8 @@ def artifact_entry(path: Path, *, format_name: str, model: str, verified: dict[s
         "output": None,
         "verified": dict(verified or {}),
     }
+    if fp32_layers:
+        entry["fp32_layers"] = list(fp32_layers)
     if format_name != "pfpack":
         session = open_session(path, threads=1)
         inputs, outputs = session.get_inputs(), session.get_outputs()

@@ -14,6 +14,7 @@ from torch import nn
 from pf_ray.config import ExperimentConfig
 from pf_ray.data import DataBundle
 from pf_ray.learners import Learner
+from pf_ray.learners.base import KeepsFp32Layers
 from pf_ray.metrics import ACCURACY, model_stats
 from pf_ray.strict import to_dict
 from pf_ray.train import evaluate
@@ -28,7 +29,8 @@ class LearnerModel:
     Where the learner stores weights compactly (``learner.packed``: sparse, k-bit, codebooks) that model is also
     written as ``<stem>.pfpack``, the stored size, verified by decoding it; where it has its own INT8 files
     (``learner.int8_artifacts``: native_int8's ExecuTorch program and QDQ ONNX) they are written and verified on
-    their runtimes too."""
+    their runtimes too; where it keeps layers in FP32 (``learner.fp32_layers``), that model's INT8 files keep them
+    and their manifest entries list them."""
 
     stem: str
     learner: Learner
@@ -42,7 +44,7 @@ def export_and_verify(models: dict[str, nn.Module], data: DataBundle, config: Ex
     Returns one row per artifact: the verification report plus the model's MACs, params and PyTorch accuracy.
     Calibration and verification draw progress bars on ``log``.
     """
-    from pf_ray.export import export_all
+    from pf_ray.export import QUANTIZED_FORMATS, export_all
     from pf_ray.export.manifest import artifact_entry, preprocessing, write_manifest
     from pf_ray.export.packed import pack_state_dict, write_packed
     from pf_ray.export.verify import verify_artifact, verify_packed
@@ -54,8 +56,10 @@ def export_and_verify(models: dict[str, nn.Module], data: DataBundle, config: Ex
         for stem, net in models.items():
             stats = model_stats(net, data.input_shape)
             torch_accuracy = evaluate(net, data.test)[ACCURACY]
-            paths = export_all(net, data, config.export, artifacts_dir, stem=stem)
             made_by_learner = learner_model is not None and stem == learner_model.stem
+            # The layers a joint pruning-and-precision search left in FP32 (module names of this model).
+            fp32_layers = learner.fp32_layers() if made_by_learner and isinstance(learner, KeepsFp32Layers) else ()
+            paths = export_all(net, data, config.export, artifacts_dir, stem=stem, fp32_layers=fp32_layers)
             if made_by_learner and hasattr(learner, "int8_artifacts"):
                 native = learner.int8_artifacts(net, data, artifacts_dir, stem)
                 paths.update({f"native_{fmt}": path for fmt, path in native.items()})
@@ -81,7 +85,8 @@ def export_and_verify(models: dict[str, nn.Module], data: DataBundle, config: Ex
                 rows.append(row)
                 entries.append(artifact_entry(path, format_name=fmt, model=stem, verified={
                     key: row[key] for key in ("test_accuracy", "torch_test_accuracy", "top1_agreement",
-                                              "max_abs_diff", "latency")}))
+                                              "max_abs_diff", "latency")},
+                    fp32_layers=fp32_layers if fmt in QUANTIZED_FORMATS else ()))
     manifest = write_manifest(artifacts_dir, entries, preprocessing_info=preprocessing(data, config.dataset.name))
     log(f"manifest: {manifest}")
     return rows

@@ -52,9 +52,13 @@ def fixed_inputs(input_shape: Sequence[int], count: int, seed: int = 0) -> np.nd
 
 
 def export_artifact(model: nn.Module, input_shape: Sequence[int], target: TargetConfig, folder: str | Path, *,
-                    stem: str = "model", calibration: torch.Tensor | None = None) -> Path:
+                    stem: str = "model", calibration: torch.Tensor | None = None,
+                    fp32_layers: Sequence[str] = ()) -> Path:
     """``model`` written as the target's artifact under ``folder``: ``<stem>.onnx``, ``<stem>.int8.onnx``,
-    ``<stem>.pte`` or ``<stem>.int8.pte`` (ExecuTorch programs with a fixed batch of ``target.batch_size``)."""
+    ``<stem>.pte`` or ``<stem>.int8.pte`` (ExecuTorch programs with a fixed batch of ``target.batch_size``).
+
+    ``fp32_layers``: module names (``model.named_modules()``) whose convolutions and linear layers an INT8
+    artifact keeps in FP32; an FP32 target ignores them (everything is FP32)."""
     from pf_ray.export.onnx import export_onnx
 
     folder, shape = Path(folder), tuple(input_shape)
@@ -66,13 +70,14 @@ def export_artifact(model: nn.Module, input_shape: Sequence[int], target: Target
 
         path = folder / (f"{stem}.int8.pte" if int8 else f"{stem}.pte")
         return export_pte(model, shape, path, calibration=calibration if int8 else None,
-                          batch_size=target.batch_size)
+                          batch_size=target.batch_size, fp32_layers=fp32_layers)
     fp32 = export_onnx(model, shape, folder / f"{stem}.onnx")
     if not int8:
         return fp32
     from pf_ray.export.int8 import quantize_onnx_int8
 
-    return quantize_onnx_int8(fp32, folder / f"{stem}.int8.onnx", calibration, batch_size=len(calibration))
+    return quantize_onnx_int8(fp32, folder / f"{stem}.int8.onnx", calibration, batch_size=len(calibration),
+                              fp32_layers=fp32_layers)
 
 
 def open_artifact(path: str | Path, threads: int) -> Any:

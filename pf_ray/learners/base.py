@@ -97,6 +97,14 @@ class WritesInt8Files(Protocol):
 
 
 @runtime_checkable
+class KeepsFp32Layers(Protocol):
+    def fp32_layers(self) -> tuple[str, ...]:
+        """Layers (module names of the finalized model, e.g. "layer1.0.conv1") that its model's INT8 exports keep
+        in FP32: the INT8 ONNX, ``.ort`` and ``.pte`` files that ``export_all`` writes (joint pruning and
+        precision). The manifest records them."""
+
+
+@runtime_checkable
 class RebuildsFinalized(Protocol):
     def rebuild_finalized(self, model: nn.Module, state_dict: dict[str, torch.Tensor],
                           input_shape: tuple[int, int, int]) -> nn.Module:
@@ -106,7 +114,7 @@ class RebuildsFinalized(Protocol):
 
 
 OPTIONAL_HOOKS = (SearchesPerLayer, BudgetsLatency, ProposesStart, CountsSteps, PacksWeights, WritesInt8Files,
-                  RebuildsFinalized)
+                  KeepsFp32Layers, RebuildsFinalized)
 
 
 class PerLayerMode(enum.StrEnum):
