@@ -147,9 +147,10 @@ def int8_scorer(candidate: Candidate, data: DataBundle,
     learner = candidate.learner
     if not (isinstance(learner, ScoresInt8) and learner.scores_int8()):
         return None
+    from torch.utils.data import DataLoader
+
     from pf_ray.export.quantized_eval import quantized_accuracy
     from pf_ray.export.verify import dataset_inputs
-    from torch.utils.data import DataLoader
 
     experiment = candidate.spec.experiment
     calibration = dataset_inputs(data.train, limit=experiment.export.calibration_samples)

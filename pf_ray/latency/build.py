@@ -16,7 +16,8 @@ and all of them together (the rest unpruned), and each random candidate removes 
 
 With ``precision`` (an INT8 target), also every conv/linear layer in FP32 alone and all of them together (the rest
 INT8 and unpruned), and a ``mixed_fraction`` of the random candidates runs each layer in FP32 with probability
-``fp32_probability`` (held-out candidates too): the table then predicts which layers stay in FP32 as well (``predict(..., fp32=...)``).
+``fp32_probability`` (held-out candidates too): the table then predicts which layers stay in FP32 as well
+(``predict(..., fp32=...)``).
 
 Layer times measured alone do not add up to the whole model's (the issue measured a per-layer table's error at
 12% in FP32 and 52% in INT8), hence whole candidates only. Candidates are timed ``batch`` at a time side by side

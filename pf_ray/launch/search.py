@@ -16,11 +16,11 @@ from pf_ray.launch.search_state import DamagedSearchState, describe, reconcile
 from pf_ray.metrics import (
     ACCURACY,
     EPOCH,
+    FP32_LAYERS,
     LAYER_VALUES,
     MACS_RATIO,
     PROXY_ACCURACY,
     REMOVED_BLOCKS,
-    FP32_LAYERS,
     SCORE,
     TRIAL_METRICS,
 )

@@ -105,6 +105,13 @@ class KeepsFp32Layers(Protocol):
 
 
 @runtime_checkable
+class ScoresInt8(Protocol):
+    def scores_int8(self) -> bool:
+        """True where its trials are scored on the accuracy of the deployment target's INT8 artifact, not the
+        PyTorch model's (a search that decides which layers stay FP32: what an FP32 layer buys is INT8 accuracy)."""
+
+
+@runtime_checkable
 class RebuildsFinalized(Protocol):
     def rebuild_finalized(self, model: nn.Module, state_dict: dict[str, torch.Tensor],
                           input_shape: tuple[int, int, int]) -> nn.Module:
@@ -114,7 +121,7 @@ class RebuildsFinalized(Protocol):
 
 
 OPTIONAL_HOOKS = (SearchesPerLayer, BudgetsLatency, ProposesStart, CountsSteps, PacksWeights, WritesInt8Files,
-                  KeepsFp32Layers, RebuildsFinalized)
+                  KeepsFp32Layers, ScoresInt8, RebuildsFinalized)
 
 
 class PerLayerMode(enum.StrEnum):

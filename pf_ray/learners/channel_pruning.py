@@ -21,11 +21,11 @@ from pf_ray.ops.channel_groups import prunable_groups, require_prunable_groups
 from pf_ray.ops.depth import remove_blocks_by_name_
 from pf_ray.ops.depth_knapsack import block_features, knapsack_start
 from pf_ray.ops.depth_space import SplitFields, dimension_names
-from pf_ray.ops.precision_space import check_precision_search, join_tail, precision_features
-from pf_ray.ops.precision_space import dimension_names as precision_dimension_names
 from pf_ray.ops.importance import taylor_importance
 from pf_ray.ops.latency_budget import LatencyBudget, LatencySource
 from pf_ray.ops.macs_budget import MacsBudget, macs_table
+from pf_ray.ops.precision_space import check_precision_search, join_tail, precision_features
+from pf_ray.ops.precision_space import dimension_names as precision_dimension_names
 from pf_ray.ops.pruning import CRITERIA, KEEP_RATIOS_FIELD, prune_channels_
 from pf_ray.registry import LEARNERS
 from pf_ray.search_space import PerLayerSpace, layer_features
