@@ -153,7 +153,8 @@ def search_stage(prepared: Prepared, baseline: torch.nn.Module, baseline_path: P
     for a learner (or mode) with nothing to search."""
     spec, data = prepared.spec, prepared.data
     run_dir, run_storage = prepared.location
-    source = (lambda *, depth=False: latency) if latency is not None else None  # the learner checks its blocks
+    # the learner checks the table's blocks and FP32 layers against its space
+    source = (lambda *, depth=False, precision=False: latency) if latency is not None else None
     searches = []
     for speedup, target_spec in spec.per_target():
         space = search_space(target_spec, baseline, data.input_shape, source)

@@ -179,3 +179,38 @@ def test_a_pareto_set_of_latency_budgets_under_asha_meets_each_budget(ray_sessio
     assert "target 1.1x, achieved" in out
     report = (run / "report.md").read_text()
     assert "## Deployment target" in report and "target ms (measured)" in report and "| 1.05x |" in report
+
+
+@pytest.mark.ray
+@pytest.mark.slow  # 50 s: the default run keeps its 8 minutes; tests/training/test_candidate.py scores INT8 fast
+def test_a_precision_search_under_asha_scores_int8_and_exports_its_fp32_layers(ray_session, tmp_path, quick_target,
+                                                                              capsys):
+    """``learner.options.mixed_precision`` on an INT8 target: every candidate meets the budget by the table's
+    prediction with its FP32 layers counted, every epoch is scored on the INT8 artifact's accuracy, and the
+    retrained model's INT8 file keeps the chosen FP32 layers (its manifest says which)."""
+    from pf_ray.metrics import FP32_LAYERS, INT8_ACCURACY
+
+    args = ["compress"]
+    overrides = [*TINY, f"storage.path={tmp_path}", "export.formats=[onnx, onnx_int8]", "search.num_trials=3",
+                 "search.budget=latency", "search.target_speedup=1.02", "learner.options.depth=false",
+                 "learner.options.mixed_precision=true", "search.algorithm=random"]
+    for override in overrides:
+        args += ["--set", override]
+    assert main(args) == 0
+    run = tmp_path / "tiny"
+    results = json.loads((run / "results.json").read_text())
+    latency = target.run_latency(run, from_dict(ExperimentConfig, results["config"]), None, SHAPE, log=print)
+    assert latency.predictor.precision_layers
+    trials = [t for t in results["search"]["trials"] if t["error"] is None]
+    assert len(trials) == 3 and any(t[FP32_LAYERS] for t in trials)  # random proposals leave layers in FP32
+    for trial in trials:
+        budget = LatencyBudget(1 / 1.02, latency.predictor, latency.reference_ms, round_to=4, min_ratio=0.2,
+                               layers=latency.predictor.precision_layers)
+        assert budget.fp32(trial[LAYER_VALUES]) == tuple(trial[FP32_LAYERS] or ())
+        assert budget.cost(trial[LAYER_VALUES]) <= 1 / 1.02 + 1e-9
+        assert trial["score"] == trial[INT8_ACCURACY] and 0 <= trial[INT8_ACCURACY] <= 1
+    chosen = results["search"]["best"]
+    manifest = json.loads((run / "artifacts" / "manifest.json").read_text())
+    int8 = [entry for entry in manifest["artifacts"] if entry["format"] == "onnx_int8"
+            and entry["model"] == "compressed"]
+    assert int8 and int8[0].get("fp32_layers", []) == (chosen[FP32_LAYERS] or [])

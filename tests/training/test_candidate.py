@@ -103,3 +103,31 @@ def test_a_channel_pruning_candidate_traces_its_dependency_graph_once(setup, mon
     candidate = make_candidate(spec, model, data, proposal=proposal, measure=False)
     assert len(builds) == 1
     assert candidate.static_metrics[MACS_RATIO] <= 0.4
+
+
+def test_a_precision_candidate_is_scored_on_its_int8_artifact_with_its_fp32_layers(setup, monkeypatch):
+    """``mixed_precision``: each epoch's score is the INT8 ONNX file's validation accuracy, with the candidate's
+    FP32 layers (``quantized_accuracy`` is asked with them); a candidate without it is scored in PyTorch."""
+    import pf_ray.export.quantized_eval as quantized_eval
+    from pf_ray.metrics import FP32_LAYERS, INT8_ACCURACY, SCORE
+
+    spec, data, model = setup
+    asked = []
+    real = quantized_eval.quantized_accuracy
+    monkeypatch.setattr(quantized_eval, "quantized_accuracy",
+                        lambda *a, fp32_layers=(), **k: asked.append(fp32_layers) or real(*a, fp32_layers=fp32_layers,
+                                                                                          **k))
+    options = {"mode": "uniform", "keep_ratio": 0.5, "round_to": 4, "fp32_layers": ["conv1", "fc"]}
+    precise = spec.with_learner_config(from_dict(type(spec.learner_config), options, path="learner.options"))
+    candidate = make_candidate(precise, model, data, measure=False)
+    assert candidate.static_metrics[FP32_LAYERS] == ["conv1", "fc"]
+    train = TrainConfig(epochs=1, batch_size=64, learning_rate=0.01, train_subset=128)
+    reports: list[dict] = []
+    fine_tune(candidate, data, train, validation_subset=64, report=reports.append)
+    assert INT8_ACCURACY not in reports[0] and asked == []  # scored in PyTorch: not a precision search
+    searched = from_dict(type(spec.learner_config), {**options, "mode": "auto", "mixed_precision": True,
+                                                     "layer_keep_ratios": [0.5] * 12}, path="learner.options")
+    candidate = make_candidate(spec.with_learner_config(searched), model, data, measure=False)
+    fine_tune(candidate, data, train, validation_subset=64, report=reports.append)
+    assert asked == [("conv1", "fc")]
+    assert 0 <= reports[1][INT8_ACCURACY] <= 1 and reports[1][SCORE] == reports[1][INT8_ACCURACY]
