@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
+from onnx import numpy_helper
 from onnxruntime import quantization as ort_quantization
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -110,8 +111,56 @@ def quantize_onnx_int8(
             raise ExportError(
                 f"ONNX Runtime cannot quantize {fp32_path.name} to INT8: {type(error).__name__}: {error}"
             ) from error
+        if excluded:
+            _keep_float(tmp_path, set(excluded))
         check_onnx_file(tmp_path)
     return int8_path
+
+
+def _keep_float(path: Path, excluded: set[str]) -> None:
+    """Keep the excluded Conv/Gemm nodes float when ONNX Runtime loads the file, not only in it.
+
+    ONNX Runtime's ``WeightBiasQuantization`` optimizer (on by default) quantizes the float weight of any Conv,
+    ConvTranspose or Gemm whose input comes from a DequantizeLinear with one scale, to INT8 *per tensor*, at session
+    load: an excluded layer fed by a quantized one would run as INT8 after all (measured on ResNet-20 with two 3x3
+    convs excluded: QLinearConv in the profile, with a coarser weight grid than the quantizer's per-channel one).
+    The optimizer leaves a DequantizeLinear with per-axis scales alone, so each such node gets its own
+    DequantizeLinear of the same tensor with its scale and zero point repeated per input channel (axis 1): the same
+    numbers, the node float at run time (outputs identical to a session with that optimizer disabled)."""
+    model = onnx.load(str(path))
+    graph = model.graph
+    initializers = {tensor.name: tensor for tensor in graph.initializer}
+    producers = {output: node for node in graph.node for output in node.output}
+    nodes = []
+    for node in graph.node:
+        source = producers.get(node.input[0]) if node.input else None
+        weight = initializers.get(node.input[1]) if len(node.input) > 1 else None
+        if (node.name in excluded and node.op_type in ("Conv", "Gemm") and source is not None
+                and source.op_type == "DequantizeLinear" and len(source.input) == 3 and weight is not None
+                and weight.data_type == onnx.TensorProto.FLOAT):
+            channels = _input_channels(node, numpy_helper.to_array(weight).shape)
+            scale, zero_point = (numpy_helper.to_array(initializers[name]) for name in source.input[1:])
+            if scale.size == 1:
+                names = [f"{node.name}/fp32_input_scale", f"{node.name}/fp32_input_zero_point"]
+                for name, value in zip(names, (scale, zero_point), strict=True):
+                    repeated = np.full(channels, value.item(), value.dtype)
+                    graph.initializer.append(numpy_helper.from_array(repeated, name))
+                output = f"{node.name}/fp32_input"
+                nodes.append(onnx.helper.make_node("DequantizeLinear", [source.input[0], *names], [output],
+                                                   name=f"{node.name}/fp32_input_dq", axis=1))
+                node.input[0] = output
+        nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    onnx.save(model, str(path))
+
+
+def _input_channels(node: onnx.NodeProto, weight_shape: tuple[int, ...]) -> int:
+    """The channels of a Conv's or Gemm's input (axis 1) from its weight's shape."""
+    attributes = {attribute.name: attribute.i for attribute in node.attribute}
+    if node.op_type == "Conv":
+        return weight_shape[1] * attributes.get("group", 1)
+    return weight_shape[1] if attributes.get("transB", 0) else weight_shape[0]  # Gemm: (K, N), or (N, K) transposed
 
 
 def _preprocess(fp32_path: Path, out_path: Path) -> Path:

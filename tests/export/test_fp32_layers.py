@@ -84,6 +84,38 @@ def test_onnx_int8_keeps_the_fp32_layers_float_and_still_matches(tmp_path) -> No
     assert np.abs(got - expected).max() < 0.05 * np.abs(expected).max()
 
 
+def test_onnx_runtime_does_not_quantize_the_fp32_layers_back_when_it_loads_the_file(tmp_path, monkeypatch) -> None:
+    """ONNX Runtime's WeightBiasQuantization optimizer (on by default) would quantize an excluded conv fed by a
+    DequantizeLinear to INT8 per tensor at session load; the file keeps it float: a default session computes exactly
+    what a session without that optimizer does. Without the per-axis input (``_keep_float`` skipped) it does not."""
+    import onnxruntime as ort
+
+    import pf_ray.export.int8 as int8
+
+    model = tiny_resnet20().eval()
+    generator = torch.Generator().manual_seed(0)
+    for module in model.modules():  # trained-like batch norms: each folded conv gets a bias of its own (untrained
+        if isinstance(module, nn.BatchNorm2d):  # ones fold to equal zero biases, which the exporter shares)
+            module.running_mean.normal_(0, 0.1, generator=generator)
+            module.bias.data.normal_(0, 0.1, generator=generator)
+    calibration = torch.randn(16, *SHAPE, generator=torch.Generator().manual_seed(1))
+    fp32_path = export_onnx(model, SHAPE, tmp_path / "m.onnx")
+
+    def outputs(path, **options):
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"], **options)
+        return session.run(None, {session.get_inputs()[0].name: calibration.numpy()})[0]
+
+    def gap(path):
+        return np.abs(outputs(path) - outputs(path, disabled_optimizers=["WeightBiasQuantization"])).max()
+
+    layers = ["layer1.1.conv2", "layer2.0.conv2", "layer3.2.conv1", "fc"]
+    kept = int8.quantize_onnx_int8(fp32_path, tmp_path / "kept.int8.onnx", calibration, fp32_layers=layers)
+    assert gap(kept) == 0.0
+    monkeypatch.setattr(int8, "_keep_float", lambda path, excluded: None)
+    plain = int8.quantize_onnx_int8(fp32_path, tmp_path / "plain.int8.onnx", calibration, fp32_layers=layers)
+    assert gap(plain) > 0.0  # the optimizer re-quantized the excluded convs
+
+
 @pytest.mark.parametrize(("name", "why"), [("1", "a BatchNorm, folded into conv 0"), ("12", "no such module")])
 def test_a_name_that_matches_no_node_raises_and_writes_nothing(name, why, tmp_path) -> None:
     fp32_path = export_onnx(tiny_cnn(), SHAPE, tmp_path / "m.onnx")
