@@ -116,6 +116,31 @@ def test_onnx_runtime_does_not_quantize_the_fp32_layers_back_when_it_loads_the_f
     assert gap(plain) > 0.0  # the optimizer re-quantized the excluded convs
 
 
+def test_an_fp32_layer_gets_its_own_float_bias_where_equal_tensors_were_shared(tmp_path, monkeypatch) -> None:
+    """An untrained model's folded biases are equal zeros, stored once for many convs after ONNX Runtime's
+    pre-processing; the quantizer quantizes that tensor for its INT8 users, and the excluded conv must not read it
+    through a DequantizeLinear (without the copy, ``_unshare_parameters`` skipped, it does)."""
+    import pf_ray.export.int8 as int8
+
+    fp32_path = export_onnx(tiny_resnet20().eval(), SHAPE, tmp_path / "m.onnx")
+
+    def bias_producer(path) -> str:
+        graph = onnx.load(str(path)).graph
+        initializers = {tensor.name: tensor for tensor in graph.initializer}
+        conv = next(node for node in graph.node if node.name == "/layer2/layer2.0/conv2/Conv")
+        if conv.input[2] in initializers:
+            return onnx.TensorProto.DataType.Name(initializers[conv.input[2]].data_type)
+        return next(node.op_type for node in graph.node if conv.input[2] in node.output)
+
+    calibration = torch.randn(8, *SHAPE)
+    kept = int8.quantize_onnx_int8(fp32_path, tmp_path / "kept.int8.onnx", calibration, fp32_layers=["layer2.0.conv2"])
+    assert bias_producer(kept) == "FLOAT"
+    monkeypatch.setattr(int8, "_unshare_parameters", lambda source, excluded, out_path: source)
+    shared = int8.quantize_onnx_int8(fp32_path, tmp_path / "shared.int8.onnx", calibration,
+                                     fp32_layers=["layer2.0.conv2"])
+    assert bias_producer(shared) == "DequantizeLinear"
+
+
 @pytest.mark.parametrize(("name", "why"), [("1", "a BatchNorm, folded into conv 0"), ("12", "no such module")])
 def test_a_name_that_matches_no_node_raises_and_writes_nothing(name, why, tmp_path) -> None:
     fp32_path = export_onnx(tiny_cnn(), SHAPE, tmp_path / "m.onnx")
