@@ -1,0 +1,14 @@
+"""Artifacts verified on aarch64 kernels: ONNX Runtime's ARM build run under user-mode emulation (qemu-aarch64).
+
+Integer kernels differ between architectures (rounding, dot-product paths), so an INT8 model that agrees on x86 may
+not agree on ARM. ``ensure_environment`` builds the emulated environment into a cache folder; ``run_on_aarch64``
+runs one artifact on a batch of images there; ``verify_on_aarch64`` reports its accuracy and top-1 agreement with
+the x86 runtime (and with PyTorch) on a subset of the test set. Emulation is 80-400x slower than native: the
+numbers are accuracy and agreement, never latency.
+"""
+
+from __future__ import annotations
+
+from pf_ray.aarch64.environment import Aarch64Environment, cache_dir, ensure_environment, find_environment
+
+__all__ = ["Aarch64Environment", "cache_dir", "ensure_environment", "find_environment"]
