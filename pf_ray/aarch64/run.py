@@ -160,7 +160,7 @@ class Aarch64Report:
                 "num_images": self.num_images, "test_accuracy": self.test_accuracy,
                 "x86_test_accuracy": self.x86_test_accuracy, TOP1_AGREEMENT_X86: self.top1_agreement_x86,
                 MAX_ABS_DIFF_X86: self.max_abs_diff_x86, "torch_test_accuracy": self.torch_test_accuracy,
-                TOP1_AGREEMENT_TORCH: self.top1_agreement_torch}
+                TOP1_AGREEMENT_TORCH: self.top1_agreement_torch, "runtime": self.runtime}
 
     def guard_rows(self) -> list[dict[str, Any]]:
         """Rows for ``pf_ray.export.verify.accuracy_guard``: the aarch64 accuracy against PyTorch's (when known)
