@@ -29,9 +29,9 @@ browser:
 		|| echo "note: chromium not installed; the report's browser test will be skipped"; \
 	else echo "note: no apt; the report's browser test will be skipped"; fi
 
-# The emulated aarch64 environment (Debian's qemu-user and arm64 Python, PyPI's aarch64 ONNX Runtime) in
-# ~/.cache/pf_ray/aarch64 or $PF_RAY_AARCH64_DIR: about 15 s once, then a stamp check. Without network it leaves a
-# note and tests/export/test_aarch64.py skips.
+# The emulated aarch64 environment (Debian's qemu-user and arm64 Python, PyPI's aarch64 ONNX Runtime, an ExecuTorch
+# runner cross-compiled against PyPI's aarch64 executorch) in ~/.cache/pf_ray/aarch64 or $PF_RAY_AARCH64_DIR: about
+# 15 s once, then a stamp check. Without network it leaves a note and tests/export/test_aarch64.py skips.
 aarch64:
 	@$(PYTHON) -m pf_ray.aarch64 || echo "note: no aarch64 environment; the aarch64 tests will be skipped"
 

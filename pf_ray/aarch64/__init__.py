@@ -1,4 +1,5 @@
-"""Artifacts verified on aarch64 kernels: ONNX Runtime's ARM build run under user-mode emulation (qemu-aarch64).
+"""Artifacts verified on aarch64 kernels: the ARM builds of ONNX Runtime and ExecuTorch (XNNPACK), run under
+user-mode emulation (qemu-aarch64).
 
 Integer kernels differ between architectures (rounding, dot-product paths), so an INT8 model that agrees on x86 may
 not agree on ARM. ``ensure_environment`` builds the emulated environment into a cache folder (``python -m

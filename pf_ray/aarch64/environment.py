@@ -11,6 +11,10 @@ Why these pieces (measured on this project's x86 machines):
   itself. Its ``.deb`` is downloaded and unpacked, not installed.
 - The arm64 packages are fetched with a private APT configuration (own state and cache folders, ``APT::Architecture
   "arm64"``) and unpacked with ``dpkg -x``: no ``dpkg --add-architecture``, no root, nothing installed on the host.
+- ExecuTorch's Python runtime needs torch, whose aarch64 wheel on PyPI is a CUDA build of several GB. Where the host
+  has ExecuTorch, its aarch64 wheel (18 MB) supplies the compiled runtime libraries and headers, and a small C++
+  runner (``pte_runner.cpp``) is cross-compiled against them with Debian 12's ``g++-aarch64-linux-gnu``, unpacked
+  for the build and removed after it.
 
 The folder is ``$PF_RAY_AARCH64_DIR``, else ``~/.cache/pf_ray/aarch64``. A stamp file records the pinned versions;
 ``ensure_environment`` rebuilds only when they change (a new host onnxruntime or numpy) or a piece is missing.
@@ -29,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import metadata
@@ -39,7 +44,7 @@ from pf_ray.errors import EmulationError
 
 CACHE_ENV = "PF_RAY_AARCH64_DIR"
 STAMP_FILE = "stamp.json"
-LAYOUT = 1  # bump when the folder's layout changes: every cached environment is rebuilt
+LAYOUT = 2  # bump when the folder's layout changes: every cached environment is rebuilt
 
 PYTHON_SUITE = "bookworm"  # Debian 12: Python 3.11, the version the aarch64 wheels are chosen for
 QEMU_SUITE = "trixie"  # Debian 13: qemu-user 10.0 (Debian 12's 7.2 fails, see above)
@@ -47,6 +52,17 @@ PYTHON_VERSION = "3.11"
 ROOT_PACKAGES = ("python3.11-minimal", "libpython3.11-stdlib", "libstdc++6", "libgcc-s1", "libgomp1")
 WHEEL_PLATFORM = "manylinux_2_28_aarch64"
 RUNTIME_WHEELS = ("onnxruntime", "numpy")  # pinned to the host's installed versions
+EXECUTORCH = "executorch"  # pinned to the host's version where installed; no .pte runner where not
+EXECUTORCH_LIBRARIES = ("libexecutorch.so", "libexecutorch_threadpool.so", "libexecutorch_backend_xnnpack.so",
+                        "libexecutorch_kernels_optimized.so", "libexecutorch_kernels_quantized.so")
+# Debian 12's g++-aarch64-linux-gnu without its sanitizer libraries; the compiler's own host libraries (libisl,
+# libmpc, libmpfr, libgmp) are those of the host's gcc-12.
+CROSS_PACKAGES = ("binutils-aarch64-linux-gnu", "cpp-12-aarch64-linux-gnu", "gcc-12-aarch64-linux-gnu",
+                  "g++-12-aarch64-linux-gnu", "gcc-12-aarch64-linux-gnu-base", "gcc-12-cross-base",
+                  "libc6-arm64-cross", "libc6-dev-arm64-cross", "linux-libc-dev-arm64-cross",
+                  "libgcc-12-dev-arm64-cross", "libgcc-s1-arm64-cross", "libstdc++-12-dev-arm64-cross",
+                  "libstdc++6-arm64-cross")
+PTE_RUNNER_SOURCE = Path(__file__).with_name("pte_runner.cpp")
 KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 DEFAULT_SECURITY_MIRROR = "http://deb.debian.org/debian-security"
@@ -81,8 +97,19 @@ class Aarch64Environment:
     def python(self) -> Path:
         return self.root / "usr" / "bin" / f"python{PYTHON_VERSION}"
 
+    @property
+    def pte_runner(self) -> Path:
+        """The cross-compiled ExecuTorch runner (``pte_runner.cpp``); its libraries are in ``lib/`` beside it."""
+        return self.folder / "executorch" / "pte_runner"
+
+    @property
+    def executorch(self) -> str | None:
+        """The ExecuTorch version the runner is built from; None: the host has no ExecuTorch, so no runner."""
+        return self.versions.get("pinned", {}).get(EXECUTORCH)
+
     def required_files(self) -> tuple[Path, ...]:
-        return (self.qemu, self.python, self.site / "onnxruntime", self.site / "numpy")
+        files = (self.qemu, self.python, self.site / "onnxruntime", self.site / "numpy")
+        return (*files, self.pte_runner) if self.executorch else files
 
 
 def cache_dir() -> Path:
@@ -100,6 +127,10 @@ def pinned_versions() -> dict[str, Any]:
         except metadata.PackageNotFoundError:
             raise EmulationError(f"aarch64 set-up: {name} is not installed on this machine, and the aarch64 "
                                  f"environment pins its version to the host's; pip install {name}") from None
+    try:
+        versions[EXECUTORCH] = metadata.version(EXECUTORCH)
+    except metadata.PackageNotFoundError:
+        versions[EXECUTORCH] = None  # an optional extra: the .pte formats are not exported here either
     return versions
 
 
@@ -121,9 +152,9 @@ def ensure_environment(folder: str | Path | None = None, *, log: Log | None = _s
                        force: bool = False) -> Aarch64Environment:
     """The aarch64 environment in ``folder`` (default ``cache_dir()``), built first if missing or out of date.
 
-    Building takes about 20 s and 170 MB (network: Debian's mirror and PyPI); a complete environment is returned at
-    once. Builds are serialised by a lock file beside the folder, and a build is renamed into place only when
-    complete, so an interrupted build leaves the previous state.
+    Building takes about 15 s here, downloads about 200 MB (Debian's mirror, PyPI) and keeps 240 MB; a complete
+    environment is returned at once. Builds are serialised by a lock file beside the folder, and a build is renamed
+    into place only when complete, so an interrupted build leaves the previous state.
 
     Args:
         log: where progress lines go (None: silent).
@@ -147,10 +178,12 @@ def describe(environment: Aarch64Environment) -> str:
     """One line: where the environment is and what it holds."""
     pinned = environment.versions.get("pinned", {})
     packages = environment.versions.get("packages", {})
+    runner = (f", ExecuTorch {environment.executorch} runner" if environment.executorch else
+              ", no ExecuTorch runner (ExecuTorch is not installed on this machine)")
     return (f"aarch64 environment in {environment.folder}: qemu-aarch64 {packages.get('qemu-user', '?')} "
             f"(Debian {pinned.get('qemu_suite')}), Python {packages.get('python3.11-minimal', '?')} "
             f"(Debian {pinned.get('python_suite')}, arm64), onnxruntime {pinned.get('onnxruntime')}, "
-            f"numpy {pinned.get('numpy')}")
+            f"numpy {pinned.get('numpy')}{runner}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -173,13 +206,13 @@ def _build(folder: Path, say: Log) -> Aarch64Environment:
     try:
         packages: dict[str, str] = {}
         mirror, security = _host_mirrors()
-        step = _steps(say, total=3)
+        step = _steps(say, total=4 if pinned[EXECUTORCH] else 3)
 
         with step("qemu-aarch64 from Debian's qemu-user"):
             apt = _private_apt(build / "apt-qemu", _host_architecture(),
                                [f"deb [signed-by={KEYRING}] {mirror} {QEMU_SUITE} main"])
             apt.run("update", "--error-on=any", what=f"apt-get update (Debian {QEMU_SUITE}, {mirror})")
-            deb = apt.download("qemu-user", build / "debs-qemu")
+            [deb] = apt.download(["qemu-user"], build / "debs")
             packages["qemu-user"] = _deb_version(deb)
             _extract_member(deb, "./usr/bin/qemu-aarch64", build / "qemu-aarch64")
 
@@ -205,8 +238,12 @@ def _build(folder: Path, say: Log) -> Aarch64Environment:
                   "--implementation", "cp", "--abi", "cp" + PYTHON_VERSION.replace(".", ""),
                   "--only-binary=:all:", *wheels], what=f"pip install --platform {WHEEL_PLATFORM} {' '.join(wheels)}")
 
-        for scratch in ("apt-qemu", "apt-arm64", "debs-qemu"):  # 90 MB of .deb files and package lists
-            shutil.rmtree(build / scratch, ignore_errors=True)
+        if pinned[EXECUTORCH]:
+            with step(f"ExecuTorch {pinned[EXECUTORCH]} runner, cross-compiled with Debian's g++-aarch64-linux-gnu"):
+                _build_pte_runner(build, pinned[EXECUTORCH], mirror, security, packages)
+
+        for scratch in ("apt-qemu", "apt-arm64", "apt-cross", "debs", "wheels", "executorch-sdk", "toolchain"):
+            shutil.rmtree(build / scratch, ignore_errors=True)  # 400 MB of packages, headers and the compiler
         stamp = {"pinned": pinned, "packages": packages, "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         (build / STAMP_FILE).write_text(json.dumps(stamp, indent=2) + "\n")
         _replace_folder(build, folder)
@@ -216,6 +253,43 @@ def _build(folder: Path, say: Log) -> Aarch64Environment:
     environment = Aarch64Environment(folder, stamp)
     say(f"aarch64 set-up: done in {time.monotonic() - start:.0f} s: {describe(environment)}")
     return environment
+
+
+def _build_pte_runner(build: Path, version: str, mirror: str, security: str, packages: dict[str, str]) -> None:
+    """``build/executorch/pte_runner`` and the ExecuTorch libraries it loads, in ``build/executorch/lib``."""
+    _run([sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check", "--no-input",
+          "--no-deps", "--dest", str(build / "wheels"), "--platform", WHEEL_PLATFORM, "--python-version",
+          PYTHON_VERSION, "--implementation", "cp", "--only-binary=:all:", f"{EXECUTORCH}=={version}"],
+         what=f"pip download --platform {WHEEL_PLATFORM} {EXECUTORCH}=={version}")
+    [wheel] = (build / "wheels").glob(f"{EXECUTORCH}-*.whl")
+    sdk = build / "executorch-sdk"
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall(sdk, [name for name in archive.namelist()
+                                 if name.startswith(("executorch/include/", "executorch/lib/"))])
+    apt = _private_apt(build / "apt-cross", _host_architecture(),
+                       [f"deb [signed-by={KEYRING}] {mirror} {PYTHON_SUITE} main",
+                        f"deb [signed-by={KEYRING}] {security} {PYTHON_SUITE}-security main"])
+    apt.run("update", "--error-on=any", what=f"apt-get update (Debian {PYTHON_SUITE}, {_host_architecture()})")
+    toolchain = build / "toolchain"
+    for deb in apt.download(list(CROSS_PACKAGES), build / "debs"):
+        _run(["dpkg-deb", "-x", str(deb), str(toolchain)], what=f"dpkg-deb -x {deb.name}")
+        packages[deb.name.split("_")[0]] = _deb_version(deb)
+    runner = build / "executorch" / "pte_runner"
+    (runner.parent / "lib").mkdir(parents=True)
+    for name in EXECUTORCH_LIBRARIES:
+        shutil.copy2(sdk / "executorch" / "lib" / name, runner.parent / "lib" / name)
+    include = sdk / "executorch" / "include"
+    libraries = [f"-l{name.removeprefix('lib').removesuffix('.so')}" for name in reversed(EXECUTORCH_LIBRARIES)]
+    # The compiler is unpacked, not installed: --sysroot points it at its own C library; binutils' libraries
+    # (libbfd, libopcodes for arm64) are in the unpacked usr/lib/<host triplet>.
+    _run([str(toolchain / "usr" / "bin" / "aarch64-linux-gnu-g++-12"), f"--sysroot={toolchain}", "-std=c++17", "-O2",
+          "-w", "-DC10_USING_CUSTOM_GENERATED_MACROS", f"-I{include}",
+          f"-I{include / 'executorch' / 'runtime' / 'core' / 'portable_type' / 'c10'}", str(PTE_RUNNER_SOURCE),
+          "-o", str(runner), f"-L{runner.parent / 'lib'}",
+          "-Wl,--no-as-needed", *libraries, "-Wl,--as-needed",  # the kernels and XNNPACK register themselves
+          "-Wl,-rpath,$ORIGIN/lib"],
+         what="aarch64-linux-gnu-g++-12 pte_runner.cpp",
+         env={"LD_LIBRARY_PATH": ":".join(str(p) for p in (toolchain / "usr" / "lib").glob("*-linux-gnu*"))})
 
 
 def _steps(say: Log, total: int) -> Callable[[str], contextlib.AbstractContextManager[None]]:
@@ -242,14 +316,18 @@ class _PrivateApt:
     def run(self, *arguments: str, what: str) -> None:
         _run(["apt-get", "--quiet", "--quiet", *arguments], what=what, env={"APT_CONFIG": str(self.config)})
 
-    def download(self, package: str, into: Path) -> Path:
+    def download(self, packages: list[str], into: Path) -> list[Path]:
+        """These packages' ``.deb`` files (their dependencies not), one per package, in ``into``."""
         into.mkdir(parents=True, exist_ok=True)
-        _run(["apt-get", "--quiet", "--quiet", "download", package], what=f"apt-get download {package}",
+        _run(["apt-get", "--quiet", "--quiet", "download", *packages], what=f"apt-get download {' '.join(packages)}",
              env={"APT_CONFIG": str(self.config)}, cwd=into)
-        debs = sorted(into.glob(f"{package}_*.deb"))
-        if len(debs) != 1:
-            raise EmulationError(f"aarch64 set-up: apt-get download {package} left {[d.name for d in debs]}")
-        return debs[0]
+        debs = []
+        for package in packages:
+            found = sorted(into.glob(f"{package}_*.deb"))
+            if len(found) != 1:
+                raise EmulationError(f"aarch64 set-up: apt-get download {package} left {[d.name for d in found]}")
+            debs.append(found[0])
+        return debs
 
 
 def _private_apt(folder: Path, architecture: str, source_lines: list[str]) -> _PrivateApt:

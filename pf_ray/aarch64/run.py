@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from pf_ray.aarch64.environment import Aarch64Environment, ensure_environment
+from pf_ray.aarch64.environment import EXECUTORCH, Aarch64Environment, ensure_environment
 from pf_ray.errors import ConfigError, EmulationError
 
 ARCH = "aarch64"
@@ -42,7 +42,9 @@ class CpuModel(enum.StrEnum):
 
 
 DEFAULT_CPU = CpuModel.CORTEX_A53
-_ONNX_SUFFIXES = (".onnx", ".ort")
+_ONNX_SUFFIXES = (".onnx", ".ort")  # run by worker.py on ONNX Runtime
+_PTE_SUFFIX = ".pte"  # run by the cross-compiled pte_runner on ExecuTorch (XNNPACK)
+INSTALL_HINT = "pip install 'pf-ray[executorch]'"
 
 
 def cpu_model(name: str | CpuModel) -> CpuModel:
@@ -57,14 +59,15 @@ def cpu_model(name: str | CpuModel) -> CpuModel:
 def run_on_aarch64(artifact: str | Path, images: np.ndarray, *, cpu: str | CpuModel = DEFAULT_CPU,
                    environment: Aarch64Environment | None = None, threads: int = 1,
                    timeout_s: float | None = None) -> np.ndarray:
-    """The logits of ``artifact`` run on aarch64 ONNX Runtime under qemu-aarch64 emulating ``cpu``.
+    """The logits of ``artifact`` run on its aarch64 runtime under qemu-aarch64 emulating ``cpu``: ONNX Runtime
+    for ``.onnx`` and ``.ort``, ExecuTorch with XNNPACK for ``.pte`` (a fixed-batch program runs its batch at a time).
 
     Args:
-        artifact: a ``.onnx`` or ``.ort`` file (FP32 or INT8).
+        artifact: a ``.onnx``, ``.ort`` or ``.pte`` file (FP32 or INT8).
         images: float32 inputs, (N, C, H, W). Emulation runs at 80x (INT8) to 400x (FP32) native time: pass a
             subset (a few hundred images).
-        environment: the built environment; None = ``ensure_environment()`` (builds it on first use, about 20 s).
-        threads: ONNX Runtime intra-op threads inside the emulator.
+        environment: the built environment; None = ``ensure_environment()`` (builds it on first use, about 15 s).
+        threads: ONNX Runtime intra-op threads inside the emulator (ExecuTorch: its default pool).
         timeout_s: give up after this many seconds (None: no limit).
 
     Returns:
@@ -82,32 +85,46 @@ def run_on_aarch64(artifact: str | Path, images: np.ndarray, *, cpu: str | CpuMo
 def _run_artifact(artifact: str | Path, images: np.ndarray, *, cpu: str | CpuModel,
                   environment: Aarch64Environment | None, threads: int = 1,
                   timeout_s: float | None) -> tuple[np.ndarray, dict[str, Any]]:
-    """``run_on_aarch64``'s logits and what the worker said about the run (versions, CPU features)."""
+    """``run_on_aarch64``'s logits and what the worker or runner said about the run (versions, CPU features)."""
     cpu = cpu_model(cpu)
     artifact = Path(artifact)
     if not artifact.is_file():
         raise ConfigError(f"artifact: {str(artifact)!r} does not exist")
-    if artifact.suffix not in _ONNX_SUFFIXES:
-        raise ConfigError(f"artifact: {artifact.name!r} cannot run on aarch64 here; formats: .onnx, .ort "
+    if artifact.suffix not in (*_ONNX_SUFFIXES, _PTE_SUFFIX):
+        raise ConfigError(f"artifact: {artifact.name!r} cannot run on aarch64 here; formats: .onnx, .ort, .pte "
                           f"(FP32 and INT8)")
     images = np.ascontiguousarray(images, dtype=np.float32)
-    if images.ndim < 2 or len(images) == 0:
+    if images.ndim != 4 or len(images) == 0:
         raise ConfigError(f"images: got shape {images.shape}; expected (N, C, H, W) with N >= 1")
     environment = environment or ensure_environment()
+    what = f"{artifact.name} on {ARCH} ({cpu})"
     with tempfile.TemporaryDirectory(prefix="pf_ray_aarch64_") as work:
-        inputs, outputs = Path(work) / "images.npy", Path(work) / "logits.npy"
-        np.save(inputs, images)
-        command = [str(environment.python), "-I", "-S", str(WORKER), str(artifact.resolve()), str(inputs),
-                   str(outputs), "--site", str(environment.site), "--threads", str(threads)]
-        said = _emulate(environment, cpu, command, what=f"{artifact.name} on {ARCH} ({cpu})", timeout_s=timeout_s)
-        logits = np.load(outputs)
+        if artifact.suffix == _PTE_SUFFIX:
+            if not environment.executorch:
+                raise EmulationError(f"{what}: the aarch64 environment has no ExecuTorch runner, as ExecuTorch is "
+                                     f"not installed on this machine; {INSTALL_HINT}, then make aarch64")
+            inputs, outputs = Path(work) / "images.f32", Path(work) / "logits.f32"
+            images.astype("<f4").tofile(inputs)
+            command = [str(environment.pte_runner), str(artifact.resolve()), str(inputs), str(outputs),
+                       *(str(size) for size in images.shape)]
+            said = _emulate(environment, cpu, command, what=what, timeout_s=timeout_s)
+            logits = np.fromfile(outputs, dtype="<f4").reshape(len(images), -1)
+            versions = {EXECUTORCH: environment.executorch}
+        else:
+            inputs, outputs = Path(work) / "images.npy", Path(work) / "logits.npy"
+            np.save(inputs, images)
+            command = [str(environment.python), "-I", "-S", str(WORKER), str(artifact.resolve()), str(inputs),
+                       str(outputs), "--site", str(environment.site), "--threads", str(threads)]
+            said = _emulate(environment, cpu, command, what=what, timeout_s=timeout_s)
+            logits = np.load(outputs)
+            versions = {}
     if logits.shape[0] != len(images):
         raise EmulationError(f"{artifact.name} on {ARCH} ({cpu}): {len(images)} images gave logits {logits.shape}")
     try:
         info = json.loads(said.strip().splitlines()[-1])
     except (ValueError, IndexError):
         info = {}
-    return logits, info
+    return logits, {**info, **versions}
 
 
 def emulator_command(environment: Aarch64Environment, cpu: str | CpuModel, guest_command: list[str]) -> list[str]:

@@ -1,9 +1,9 @@
-"""Artifacts verified on emulated aarch64 kernels (qemu-aarch64 + ONNX Runtime's ARM build): INT8 ONNX and INT8
-``.ort`` of a ResNet-20 briefly trained on scikit-learn's 8x8 digits, on a CPU without dot product (Cortex-A53) and
-one with it (Neoverse-N1), through the API and through ``pf-ray verify --arch aarch64``; the accuracy guard on a
-mismatched artifact. The module is skipped, in one line saying why, where the environment cannot be built (no
-network on first use); tests/export/test_aarch64_options.py runs without it. Small on purpose: emulated INT8 runs
-about 80x slower than native, FP32 300-400x."""
+"""Artifacts verified on emulated aarch64 kernels (qemu-aarch64 + the ARM builds of ONNX Runtime and ExecuTorch):
+INT8 ONNX, INT8 ``.ort`` and INT8 ``.pte`` of a ResNet-20 briefly trained on scikit-learn's 8x8 digits, on a CPU
+without dot product (Cortex-A53) and one with it (Neoverse-N1), through the API and through ``pf-ray verify --arch
+aarch64``; the accuracy guard on a mismatched artifact. The module is skipped, in one line saying why, where the
+environment cannot be built (no network on first use); tests/export/test_aarch64_options.py runs without it. Small
+on purpose: emulated INT8 runs about 80x slower than native, FP32 300-400x."""
 
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ from pf_ray.cli import EXIT_GUARD, main
 from pf_ray.config import DatasetConfig, ModelConfig, TrainConfig
 from pf_ray.data import load_data
 from pf_ray.errors import EmulationError
-from pf_ray.export import convert_to_ort, export_onnx, quantize_onnx_int8
+from pf_ray.export import convert_to_ort, export_onnx, export_pte, quantize_onnx_int8
+from pf_ray.export.executorch_pte import executorch_available
 from pf_ray.export.verify import dataset_inputs
 from pf_ray.models import build_model
 from pf_ray.strict import to_dict
@@ -75,6 +76,16 @@ def exported(data, tmp_path_factory) -> dict[str, Path]:
     return files
 
 
+@pytest.fixture(scope="module")
+def int8_pte(data, exported, tmp_path_factory) -> Path:
+    """The trained model's INT8 ExecuTorch program (XNNPACK), calibrated on the images its INT8 ONNX file was."""
+    from pf_ray.checkpoint import load_checkpoint
+
+    model, _ = load_checkpoint(exported["checkpoint"])
+    return export_pte(model, data.input_shape, tmp_path_factory.mktemp("pte") / "digits.int8.pte",
+                      calibration=dataset_inputs(data.train, limit=128))
+
+
 def _test_subset(data, count: int) -> tuple[np.ndarray, np.ndarray]:
     batches = list(DataLoader(Subset(data.test, range(count)), batch_size=count))
     return batches[0][0].numpy(), batches[0][1].numpy()
@@ -88,6 +99,18 @@ def test_int8_ort_on_a_dot_product_cpu_matches_x86(environment, data, exported) 
     assert abs(report.test_accuracy - report.x86_test_accuracy) <= 0.005
     assert report.top1_agreement_x86 >= 0.99
     assert report.runtime["machine"] == "aarch64" and "asimddp" in report.runtime["cpu_features"]  # dot product
+
+
+@pytest.mark.skipif(not executorch_available(), reason="ExecuTorch is not installed: no .pte files, no runner")
+@pytest.mark.parametrize("cpu", [CpuModel.CORTEX_A53, CpuModel.NEOVERSE_N1])
+def test_int8_executorch_program_on_aarch64_matches_x86(environment, data, int8_pte, cpu) -> None:
+    images, labels = _test_subset(data, IMAGES)
+    report = verify_on_aarch64(int8_pte, images, labels, cpu=cpu, environment=environment, timeout_s=300)
+    assert report.format == "pte_int8" and report.x86_test_accuracy > 0.5
+    assert abs(report.test_accuracy - report.x86_test_accuracy) <= 0.005
+    assert report.top1_agreement_x86 >= 0.99
+    assert report.runtime["machine"] == "aarch64" and report.runtime["executorch"] == environment.executorch
+    assert ("asimddp" in report.runtime["cpu_features"]) == (cpu == CpuModel.NEOVERSE_N1)
 
 
 def test_verify_command_runs_the_int8_onnx_on_a_cpu_without_dot_product(environment, exported, capsys) -> None:

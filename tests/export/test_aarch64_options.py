@@ -28,13 +28,13 @@ def test_bad_aarch64_options_are_refused_in_one_line(argv, message, tmp_path, ca
 
 
 def test_a_cached_environment_is_used_only_when_complete_and_built_from_the_pinned_versions(tmp_path) -> None:
-    environment = Aarch64Environment(tmp_path, {})
-    for path in environment.required_files():
+    stamp = {"pinned": pinned_versions(), "packages": {}}
+    environment = Aarch64Environment(tmp_path, stamp)
+    for path in environment.required_files():  # with the ExecuTorch runner where the host has ExecuTorch
         path.parent.mkdir(parents=True, exist_ok=True)
         path.touch()
-    stamp = {"pinned": pinned_versions(), "packages": {}}
     (tmp_path / STAMP_FILE).write_text(json.dumps(stamp))
-    assert find_environment(tmp_path) == Aarch64Environment(tmp_path, stamp)
+    assert find_environment(tmp_path) == environment
     environment.qemu.unlink()
     assert find_environment(tmp_path) is None  # a piece is missing
     environment.qemu.touch()
