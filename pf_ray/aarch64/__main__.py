@@ -13,7 +13,8 @@ from pf_ray.errors import PfRayError
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pf_ray.aarch64", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m pf_ray.aarch64",
+                                     description="Build (or check) the emulated aarch64 environment.")
     parser.add_argument("--dir", help="where to build it (default: $PF_RAY_AARCH64_DIR, else "
                                       "~/.cache/pf_ray/aarch64)")
     parser.add_argument("--force", action="store_true", help="rebuild even if the folder is complete")
