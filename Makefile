@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 
-.PHONY: setup data browser compress test test-slow lint bench
+.PHONY: setup data browser aarch64 compress test test-slow lint bench
 
 setup: data
 	$(PIP) install -q -e '.[dev,executorch]'
@@ -29,10 +29,16 @@ browser:
 		|| echo "note: chromium not installed; the report's browser test will be skipped"; \
 	else echo "note: no apt; the report's browser test will be skipped"; fi
 
-test: setup browser
+# The emulated aarch64 environment (Debian's qemu-user and arm64 Python, PyPI's aarch64 ONNX Runtime, an ExecuTorch
+# runner cross-compiled against PyPI's aarch64 executorch) in ~/.cache/pf_ray/aarch64 or $PF_RAY_AARCH64_DIR: about
+# 15 s once, then a stamp check. Without network it leaves a note and tests/export/test_aarch64.py skips.
+aarch64:
+	@$(PYTHON) -m pf_ray.aarch64 || echo "note: no aarch64 environment; the aarch64 tests will be skipped"
+
+test: setup browser aarch64
 	$(PYTHON) -m pytest -q
 
-test-slow: setup
+test-slow: setup aarch64
 	$(PYTHON) -m pytest -q -m slow
 
 lint:

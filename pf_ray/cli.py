@@ -66,6 +66,16 @@ def build_parser() -> argparse.ArgumentParser:
     verify = commands.add_parser("verify", help="run one artifact on its runtime: accuracy, parity, latency")
     verify.add_argument("artifact", help="a .onnx, .ort or .pte file (.int8.onnx etc. for INT8)")
     verify.add_argument("--checkpoint", help="the PyTorch checkpoint it came from: adds parity and the guard")
+    verify.add_argument("--arch", choices=["aarch64"], help="run it on emulated aarch64 kernels (qemu-aarch64 and "
+                                                            "the runtime's ARM build; set up on first use, see "
+                                                            "`make aarch64`) instead of this machine's: accuracy "
+                                                            "and top-1 agreement with this machine's runtime, "
+                                                            "no latency; the accuracy guard compares it with "
+                                                            "both PyTorch and this machine's runtime")
+    verify.add_argument("--cpu", help="with --arch aarch64: the emulated CPU: cortex-a53 (default; no dot product), "
+                                      "cortex-a72, cortex-a76, neoverse-n1 (dot product), cortex-a710 (I8MM)")
+    verify.add_argument("--subset", type=int, help="with --arch aarch64: verify on the first N test images "
+                                                   "(default 256: emulation runs 80-400x slower than native)")
     _add_verify_arguments(verify)
 
     resume = commands.add_parser("resume", help="continue an interrupted run (a killed driver, a lost head "
@@ -183,6 +193,16 @@ def _verify(args: argparse.Namespace) -> int:
     format_name = artifact_format(artifact)
     for name in ("threads", "repeats"):
         check_range(f"--{name}", getattr(args, name), low=1)
+    for name in ("cpu", "subset"):
+        if getattr(args, name) is not None and args.arch is None:
+            raise ConfigError(f"--{name}: only with --arch aarch64 (this machine's runtime verifies on the whole "
+                              f"test set)")
+    if args.subset is not None:
+        check_range("--subset", args.subset, low=1)
+    if args.arch is not None:
+        from pf_ray.aarch64 import DEFAULT_CPU, cpu_model
+
+        cpu = cpu_model(args.cpu or DEFAULT_CPU)  # an unknown CPU fails before any data is loaded
     manifest_path = artifact.parent / MANIFEST_FILE
     manifest = None
     if manifest_path.is_file():
@@ -204,6 +224,8 @@ def _verify(args: argparse.Namespace) -> int:
         changed = [p for p in check_manifest(manifest_path) if p.startswith(artifact.name + ":")]
         if changed:
             _stderr(f"warning: {changed[0]} ({manifest_path})")
+    if args.arch is not None:
+        return _verify_aarch64(args, artifact, data, model, cpu)
     with progress_to(_stderr):  # progress bars on stderr: stdout carries the table (or the JSON)
         report = verify_artifact(artifact, model=model, data=data, threads=args.threads,
                                  batch_sizes=tuple(args.batch_sizes), repeats=args.repeats,
@@ -213,6 +235,45 @@ def _verify(args: argparse.Namespace) -> int:
         row["torch_test_accuracy"] = evaluate(model, data.test)[ACCURACY]
     _print_rows([row], args.json)
     failures = accuracy_guard([row], args.max_accuracy_drop) if model is not None else []
+    if failures:
+        raise AccuracyGuardError("; ".join(failures))
+    return 0
+
+
+def _verify_aarch64(args: argparse.Namespace, artifact: Path, data: Any, model: Any, cpu: str) -> int:
+    """``verify --arch aarch64``: the artifact on emulated ARM kernels, against this machine's runtime and PyTorch,
+    on the first ``--subset`` test images; the accuracy guard compares it with both."""
+    import torch
+    from torch.utils.data import DataLoader, Subset
+
+    from pf_ray.aarch64 import ensure_environment, verify_on_aarch64
+    from pf_ray.export.onnx import eval_on_cpu
+    from pf_ray.export.verify import accuracy_guard
+
+    environment = ensure_environment(log=_stderr)  # built on first use (about 15 s), then a stamp check
+    count = min(args.subset or 256, len(data.test))
+    batches = list(DataLoader(Subset(data.test, range(count)), batch_size=256, shuffle=False))
+    images, labels = torch.cat([batch[0] for batch in batches]), torch.cat([batch[1] for batch in batches])
+    torch_logits = None
+    if model is not None:
+        with eval_on_cpu(model) as cpu_model, torch.inference_mode():
+            torch_logits = torch.cat([cpu_model(chunk) for chunk in images.split(256)]).numpy()
+    _stderr(f"  {artifact.name}: {count} test images on aarch64 ({cpu}, emulated) ...")
+    report = verify_on_aarch64(artifact, images.numpy(), labels.numpy(), cpu=cpu, torch_logits=torch_logits,
+                               environment=environment)
+    row = {"model": artifact.name, **report.to_dict()}
+    if args.json:
+        print(json.dumps([row], indent=2))
+    else:
+        torch_accuracy = ("" if report.torch_test_accuracy is None else
+                          f", PyTorch {100 * report.torch_test_accuracy:.2f}%")
+        torch_agreement = ("" if report.top1_agreement_torch is None else
+                           f", {100 * report.top1_agreement_torch:.1f}% with PyTorch")
+        print(f"{artifact.name} [{report.format}] on {report.arch} ({report.cpu}, emulated), {report.num_images} "
+              f"test images: accuracy {100 * report.test_accuracy:.2f}% (x86 {100 * report.x86_test_accuracy:.2f}%"
+              f"{torch_accuracy}); top-1 agreement {100 * report.top1_agreement_x86:.1f}% with x86"
+              f"{torch_agreement}; max |logit diff| with x86 {report.max_abs_diff_x86:.3g}")
+    failures = accuracy_guard(report.guard_rows(), args.max_accuracy_drop)
     if failures:
         raise AccuracyGuardError("; ".join(failures))
     return 0

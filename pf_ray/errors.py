@@ -32,5 +32,9 @@ class AccuracyGuardError(ExportError):
     the input was fine, the product is not)."""
 
 
+class EmulationError(PfRayError):
+    """The emulated aarch64 environment cannot be built, or an artifact cannot be run in it."""
+
+
 class SearchError(PfRayError):
     """The search could not produce a usable result (e.g. every trial failed)."""

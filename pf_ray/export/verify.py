@@ -293,17 +293,27 @@ def _time(step: Callable[[], object], *, warmup: int, repeats: int, label: str) 
 
 
 def accuracy_guard(rows: Sequence[dict[str, Any]], max_drop: float | None) -> list[str]:
-    """One message per artifact row whose runtime test accuracy is more than ``max_drop`` below its PyTorch model's.
+    """One message per artifact row whose runtime test accuracy is more than ``max_drop`` below its reference's.
 
-    Each row needs ``path``, ``test_accuracy`` (measured by the runtime) and ``torch_test_accuracy``.
+    Each row needs ``path``, ``test_accuracy`` (measured by the runtime) and ``torch_test_accuracy`` (its PyTorch
+    model's). A row measured on another architecture (``pf_ray.aarch64``: ``Aarch64Report.guard_rows``) also names
+    ``arch`` and ``num_images``, and may compare with another reference: ``reference_test_accuracy`` and
+    ``reference`` (e.g. "the x86 runtime").
     """
     if max_drop is None:
         return []
     failures = []
     for row in rows:
-        drop = row["torch_test_accuracy"] - row["test_accuracy"]
-        if drop > max_drop:
-            failures.append(f"{Path(row['path']).name} lost {100 * drop:.2f} pt of test accuracy on its runtime "
-                            f"({100 * row['test_accuracy']:.2f}% vs {100 * row['torch_test_accuracy']:.2f}% in "
-                            f"PyTorch); export.max_accuracy_drop allows {100 * max_drop:.2f} pt")
+        reference = row.get("reference_test_accuracy", row.get("torch_test_accuracy"))
+        drop = reference - row["test_accuracy"]
+        if drop <= max_drop:
+            continue
+        name, allowed = Path(row["path"]).name, f"export.max_accuracy_drop allows {100 * max_drop:.2f} pt"
+        if "arch" in row:
+            failures.append(f"{name} lost {100 * drop:.2f} pt of test accuracy on {row['arch']}: "
+                            f"{100 * row['test_accuracy']:.2f}% vs {100 * reference:.2f}% with "
+                            f"{row.get('reference', 'PyTorch')} on the same {row['num_images']} test images; {allowed}")
+        else:
+            failures.append(f"{name} lost {100 * drop:.2f} pt of test accuracy on its runtime "
+                            f"({100 * row['test_accuracy']:.2f}% vs {100 * reference:.2f}% in PyTorch); {allowed}")
     return failures
