@@ -149,7 +149,7 @@ def _export(args: argparse.Namespace) -> int:
     from pf_ray.checkpoint import checkpoint_learner, load_checkpoint, read_checkpoint
     from pf_ray.config import ExperimentConfig, ExportConfig, LearnerConfig, default_export_formats
     from pf_ray.data import load_data
-    from pf_ray.export.pipeline import LearnerModel, export_and_verify
+    from pf_ray.export.pipeline import LearnerModel, export_and_verify, guard_rows
     from pf_ray.export.verify import accuracy_guard
 
     export = ExportConfig(formats=tuple(args.formats or default_export_formats()),
@@ -170,7 +170,7 @@ def _export(args: argparse.Namespace) -> int:
     rows = export_and_verify({checkpoint.stem: model}, data, config, out, log=_stderr,
                              learner_model=None if learner is None else LearnerModel(checkpoint.stem, learner))
     _print_rows(rows, args.json)
-    failures = accuracy_guard(rows, export.max_accuracy_drop)
+    failures = accuracy_guard(guard_rows(rows), export.max_accuracy_drop)
     if failures:
         raise AccuracyGuardError("; ".join(failures))
     return 0

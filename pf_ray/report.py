@@ -167,12 +167,10 @@ def _json_lines(path: Path) -> list[dict[str, Any]]:
     rows = []
     for line in path.read_text().splitlines() if path.is_file() else []:
         try:
-            row = json.loads(line)
+            rows.append(json.loads(line))
         except ValueError:
             continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
+    return [row for row in rows if isinstance(row, dict)]
 
 
 def _trials_from_tune(search_dir: Path) -> tuple[list[dict[str, Any]], list[str]]:
@@ -356,15 +354,14 @@ def _fmt(value: Any, pattern: str = "{:.4f}", scale: float = 1.0) -> str:
 
 def _size(num_bytes: Any) -> str:
     number = finite_number(num_bytes)
-    if number is None:
-        return "-"
-    return f"{number / 2**20:.2f} MiB" if number >= 2**20 else f"{number / 1024:.1f} KiB"
+    return "-" if number is None else f"{number / 2**20:.2f} MiB" if number >= 2**20 else f"{number / 1024:.1f} KiB"
 
 
 def _artifact_table(artifacts: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     batches = sorted({b for row in artifacts for b in (row.get("latency") or {})}, key=int)
     reference = next((r for r in artifacts if r.get("model") == "baseline" and r.get("format") == "onnx"), None)
-    headers = ["artifact", "test accuracy", "top-1 agreement", "MACs", "params", "file size"]
+    arm = any(row.get("aarch64") for row in artifacts)  # export.aarch64_cpus: verified on emulated ARM kernels too
+    headers = ["artifact", "test accuracy", "top-1 agreement", "MACs", "params", "file size"] + ["on aarch64"] * arm
     for batch in batches:
         headers += [f"latency b{batch} median / p95", f"speed-up b{batch}"]
     rows = []
@@ -372,6 +369,9 @@ def _artifact_table(artifacts: list[dict[str, Any]]) -> tuple[list[str], list[li
         cells = [f"{row.get('model')} {row.get('format')}", _fmt(row.get("test_accuracy"), "{:.2f}%", 100),
                  _fmt(row.get("top1_agreement"), "{:.2f}%", 100), _fmt(row.get("macs"), "{:.2f}M", 1e-6),
                  _fmt(row.get("params"), "{:.1f}k", 1e-3), _size(row.get("size_bytes"))]
+        arms = row.get("aarch64") or ()  # accuracy on the ARM runtime, top-1 agreement with the x86 runtime's
+        cells += ["; ".join(f"{a['cpu']} {100 * a['test_accuracy']:.2f}% (agrees {100 * a['top1_agreement_x86']:.1f}%)"
+                            for a in arms) or "-"] * arm
         for batch in batches:
             stats = (row.get("latency") or {}).get(batch) or {}
             base = finite_number(((reference or {}).get("latency") or {}).get(batch, {}).get("median_ms"))

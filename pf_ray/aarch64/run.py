@@ -8,7 +8,6 @@ Fashion-MNIST) while the top-1 class agrees: compare accuracy and agreement, not
 
 from __future__ import annotations
 
-import enum
 import json
 import os
 import subprocess
@@ -19,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from pf_ray.aarch64.cpus import CpuModel
 from pf_ray.aarch64.environment import EXECUTORCH, Aarch64Environment, ensure_environment
 from pf_ray.errors import ConfigError, EmulationError
 
@@ -29,16 +29,6 @@ WORKER = Path(__file__).with_name("worker.py")
 TOP1_AGREEMENT_X86 = "top1_agreement_x86"
 TOP1_AGREEMENT_TORCH = "top1_agreement_torch"
 MAX_ABS_DIFF_X86 = "max_abs_diff_x86"
-
-
-class CpuModel(enum.StrEnum):
-    """The emulated CPUs offered: each selects different integer kernels in ONNX Runtime (MLAS) and XNNPACK."""
-
-    CORTEX_A53 = "cortex-a53"  # Armv8.0-A: NEON only, no dot product (cheap boards, older phones)
-    CORTEX_A72 = "cortex-a72"  # Armv8.0-A: NEON only (Raspberry Pi 4)
-    CORTEX_A76 = "cortex-a76"  # Armv8.2-A: SDOT/UDOT dot product (Raspberry Pi 5, phones' big cores)
-    NEOVERSE_N1 = "neoverse-n1"  # Armv8.2-A: dot product (AWS Graviton2, Ampere Altra)
-    CORTEX_A710 = "cortex-a710"  # Armv9.0-A: dot product, I8MM (SMMLA), SVE2
 
 
 DEFAULT_CPU = CpuModel.CORTEX_A53

@@ -8,11 +8,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
-from pf_ray.config import ExperimentConfig
+from pf_ray.config import ExperimentConfig, ExportConfig
 from pf_ray.data import DataBundle
+from pf_ray.export.onnx import eval_on_cpu
 from pf_ray.learners import Learner
 from pf_ray.learners.base import KeepsFp32Layers
 from pf_ray.metrics import ACCURACY, model_stats
@@ -20,6 +22,7 @@ from pf_ray.strict import to_dict
 from pf_ray.train import evaluate
 
 Log = Callable[[str], None]
+AARCH64 = "aarch64"  # an artifact row's ARM verifications (export.aarch64_cpus): one dict per emulated CPU
 
 
 @dataclass(frozen=True)
@@ -82,14 +85,52 @@ def export_and_verify(models: dict[str, nn.Module], data: DataBundle, config: Ex
                                              reference_inputs=_reference_inputs(data), format_name=fmt)
                 row = {"model": stem, "format": fmt, "macs": stats.macs, "params": stats.params,
                        "torch_test_accuracy": torch_accuracy, **report.to_dict()}
+                if config.export.aarch64_cpus and fmt != "pfpack":
+                    row[AARCH64] = verify_on_arm(path, net, data, config.export, log=log)
                 rows.append(row)
                 entries.append(artifact_entry(path, format_name=fmt, model=stem, verified={
                     key: row[key] for key in ("test_accuracy", "torch_test_accuracy", "top1_agreement",
-                                              "max_abs_diff", "latency")},
+                                              "max_abs_diff", "latency", AARCH64) if key in row},
                     fp32_layers=fp32_layers if fmt in QUANTIZED_FORMATS else ()))
     manifest = write_manifest(artifacts_dir, entries, preprocessing_info=preprocessing(data, config.dataset.name))
     log(f"manifest: {manifest}")
     return rows
+
+
+def verify_on_arm(path: Path, model: nn.Module, data: DataBundle, export: ExportConfig, *,
+                  log: Log) -> list[dict[str, Any]]:
+    """``path`` run on emulated aarch64 kernels (``pf_ray.aarch64``) on each of ``export.aarch64_cpus``, on the
+    first ``export.aarch64_images`` test images: per CPU its accuracy, the x86 runtime's and PyTorch's on the same
+    images, and top-1 agreement with both."""
+    from pf_ray.aarch64 import verify_on_aarch64
+
+    count = min(export.aarch64_images, len(data.test))
+    images = torch.stack([data.test[i][0] for i in range(count)])
+    labels = np.array([int(data.test[i][1]) for i in range(count)])
+    with eval_on_cpu(model) as cpu_model, torch.no_grad():
+        torch_logits = cpu_model(images).numpy()
+    results = []
+    for cpu in export.aarch64_cpus:
+        report = verify_on_aarch64(path, images.numpy(), labels, cpu=cpu, torch_logits=torch_logits)
+        log(f"verify: {path.name} on aarch64 ({cpu}), {count} test images: accuracy "
+            f"{100 * report.test_accuracy:.2f}% (x86 {100 * report.x86_test_accuracy:.2f}%), top-1 agreement with "
+            f"x86 {100 * report.top1_agreement_x86:.2f}%, with PyTorch {100 * report.top1_agreement_torch:.2f}%")
+        results.append({key: value for key, value in report.to_dict().items() if key not in ("path", "format")})
+    return results
+
+
+def guard_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``rows`` (artifact reports) and, for each aarch64 verification they carry, its rows for the accuracy guard
+    (``pf_ray.export.verify.accuracy_guard``): the ARM accuracy against PyTorch's and the x86 runtime's."""
+    expanded = list(rows)
+    for row in rows:
+        for arm in row.get(AARCH64) or ():
+            where = {"path": row["path"], "test_accuracy": arm["test_accuracy"], "arch": f"aarch64 ({arm['cpu']})",
+                     "num_images": arm["num_images"]}
+            expanded += [{**where, "reference_test_accuracy": arm["torch_test_accuracy"], "reference": "PyTorch"},
+                         {**where, "reference_test_accuracy": arm["x86_test_accuracy"],
+                          "reference": "the x86 runtime"}]
+    return expanded
 
 
 def _reference_inputs(data: DataBundle) -> torch.Tensor:

@@ -60,6 +60,7 @@ def run_stages(prepared: Prepared, *, log: Log, command: str | None, started: fl
                ) -> dict[str, Any]:
     """Baseline -> search -> retrain -> export -> verify -> results.json and report, in an existing run folder
     (Ray already connected); the run folder is uploaded to its storage at the end if that is remote."""
+    from pf_ray.export.pipeline import guard_rows
     from pf_ray.export.verify import accuracy_guard
 
     spec, data = prepared.spec, prepared.data
@@ -104,7 +105,7 @@ def run_stages(prepared: Prepared, *, log: Log, command: str | None, started: fl
             "artifacts": reports,
             "target": target,
             "accuracy_guard": {"max_accuracy_drop": config.export.max_accuracy_drop,
-                               "failures": accuracy_guard(reports, config.export.max_accuracy_drop)},
+                               "failures": accuracy_guard(guard_rows(reports), config.export.max_accuracy_drop)},
             "seconds": round(time.time() - started, 1),
         }
         write_json(run_dir / "results.json", results)

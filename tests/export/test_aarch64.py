@@ -101,6 +101,7 @@ def test_int8_ort_on_a_dot_product_cpu_matches_x86(environment, data, exported) 
     assert report.runtime["machine"] == "aarch64" and "asimddp" in report.runtime["cpu_features"]  # dot product
 
 
+@pytest.mark.slow  # 13 s of .pte lowering: the default run keeps its 8 minutes (the ONNX and .ort tests stay in it)
 @pytest.mark.skipif(not executorch_available(), reason="ExecuTorch is not installed: no .pte files, no runner")
 @pytest.mark.parametrize("cpu", [CpuModel.CORTEX_A53, CpuModel.NEOVERSE_N1])
 def test_int8_executorch_program_on_aarch64_matches_x86(environment, data, int8_pte, cpu) -> None:
@@ -134,3 +135,36 @@ def test_a_mismatched_artifact_fails_the_aarch64_guard(environment, exported, ca
     [error] = [line for line in captured.err.splitlines() if line.startswith("pf-ray:")]
     assert error.startswith("pf-ray: accuracy guard: other.int8.onnx lost ")
     assert "of test accuracy on aarch64 (cortex-a53): " in error and "with PyTorch on the same 64 test images" in error
+
+
+def test_export_aarch64_cpus_verifies_every_artifact_and_the_report_and_guard_see_it(environment, data,
+                                                                                    tmp_path) -> None:
+    """``export.aarch64_cpus`` in the export pipeline (what ``pf-ray compress`` and ``pf-ray export`` run): each
+    artifact's row and manifest entry carry its ARM verification per CPU, the report's artifact table gains the
+    column, and a row that lost accuracy on ARM fails the guard naming the architecture."""
+    from dataclasses import replace
+
+    from pf_ray.config import ExperimentConfig, ExportConfig
+    from pf_ray.export.pipeline import export_and_verify, guard_rows
+    from pf_ray.export.verify import accuracy_guard
+    from pf_ray.report import _artifact_table
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="resnet20"), in_channels=1, num_classes=data.num_classes).eval()
+    export = ExportConfig(formats=("onnx", "onnx_int8"), calibration_samples=32, latency_repeats=5,
+                          aarch64_cpus=("cortex-a53",), aarch64_images=32)
+    config = replace(ExperimentConfig(), dataset=DATASET, export=export)
+    rows = export_and_verify({"m": model}, data, config, tmp_path, log=lambda line: None)
+    assert [row["format"] for row in rows] == ["onnx", "onnx_int8"]
+    for row in rows:
+        [arm] = row["aarch64"]
+        assert (arm["cpu"], arm["num_images"]) == ("cortex-a53", 32) and arm["top1_agreement_x86"] >= 0.97
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert all(entry["verified"]["aarch64"][0]["cpu"] == "cortex-a53" for entry in manifest["artifacts"])
+    headers, cells = _artifact_table(rows)
+    assert "on aarch64" in headers and cells[1][headers.index("on aarch64")].startswith("cortex-a53 ")
+    assert accuracy_guard(guard_rows(rows), 0.02) == []
+    broken = [{**rows[1], "aarch64": [{**rows[1]["aarch64"][0], "test_accuracy": 0.0}]}]
+    [torch_failure, x86_failure] = accuracy_guard(guard_rows(broken), 0.02)
+    assert "m.int8.onnx lost" in torch_failure and "on aarch64 (cortex-a53)" in torch_failure
+    assert "with the x86 runtime on the same 32 test images" in x86_failure
