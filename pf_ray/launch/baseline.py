@@ -26,8 +26,9 @@ Log = Callable[[str], None]
 
 def baseline_cache_path(config: ExperimentConfig) -> Path:
     """Where ``pf-ray train`` caches the baseline: keyed by everything that changes the trained weights."""
-    key = json.dumps([to_dict(config.model), to_dict(config.dataset), to_dict(config.baseline.train),
-                      config.seed], sort_keys=True)
+    dataset = {k: v for k, v in to_dict(config.dataset).items() if not (k == "image_size" and v is None)}
+    key = json.dumps([to_dict(config.model), dataset, to_dict(config.baseline.train), config.seed],
+                     sort_keys=True)  # image_size: null left out: the caches of runs made before it still match
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     return local_root(config.storage) / "baselines" / f"{config.model.name.replace('/', '_').replace(':', '_')}-" \
                                                       f"{config.dataset.name}-{digest}.pt"
