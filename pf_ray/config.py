@@ -97,10 +97,19 @@ class DatasetConfig:
     validation_fraction: float = 0.1  # carved from the training set; the search scores on it
     train_subset: int | None = None  # use only this many training examples (None = all)
     test_subset: int | None = None  # evaluate on only this many test examples (None = all)
+    # imagefolder only: every image resized (shorter side) and centre-cropped to this many pixels square, up or
+    # down; None = the smallest side among the images, at most 32 (CIFAR's size: the 2-core quick-start's cost)
+    image_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.data_dir is not None:
             check_path("dataset.data_dir", self.data_dir)
+        if self.image_size is not None:
+            check_range("dataset.image_size", self.image_size, low=1, high=4096)
+            if self.name != "imagefolder":
+                raise ConfigError(f"dataset.image_size: got {self.image_size!r} with dataset {self.name!r}; only "
+                                  "the imagefolder dataset is resized (the others have their own fixed size): "
+                                  "leave it null")
         check_range("dataset.validation_fraction", self.validation_fraction, low=0.0, high=0.5,
                     low_inclusive=False)
         for name in ("train_subset", "test_subset"):

@@ -1,8 +1,8 @@
 """Datasets: fashion_mnist, cifar10, imagefolder, digits (embedded), synthetic (tests).
 
 Xiao et al., "Fashion-MNIST", 2017; Krizhevsky, "Learning Multiple Layers of Features from Tiny Images", 2009.
-``load_data`` returns a ``DataBundle`` of pre-normalised float32 ``TensorDataset``s; nothing is downloaded unless
-a dataset is found nowhere on disk (see each loader).
+``load_data`` returns a ``DataBundle`` of datasets that give normalised float32 images; nothing is downloaded
+unless a dataset is found nowhere on disk (see each loader).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
+from pf_ray._images import NormalisedImages, _channel_statistics, _normalise
 from pf_ray.config import DatasetConfig
 from pf_ray.errors import ConfigError, DataError
 from pf_ray.registry import DATASETS
@@ -62,6 +63,8 @@ def load_data(config: DatasetConfig, *, seed: int = 0) -> DataBundle:
     - uint8 images are scaled to [0, 1]; then each channel is normalised with the mean and standard deviation of
       the training split (after the validation split is removed, before ``train_subset``, so a subset does not
       change the normalisation). They are recorded in ``DataBundle.mean`` / ``std``.
+    - uint8 images (fashion_mnist, cifar10, imagefolder) stay uint8 in memory and are normalised when read
+      (``NormalisedImages``); float32 ones (digits, synthetic) are normalised once into a ``TensorDataset``.
 
     Raises:
         ConfigError: unknown dataset name.
@@ -90,7 +93,9 @@ def load_data(config: DatasetConfig, *, seed: int = 0) -> DataBundle:
 
     mean, std = _channel_statistics(raw.train_images, train_pool)
 
-    def dataset(images: torch.Tensor, labels: torch.Tensor) -> TensorDataset:
+    def dataset(images: torch.Tensor, labels: torch.Tensor) -> Dataset:
+        if images.dtype == torch.uint8:  # a quarter of float32's memory: normalised as it is read
+            return NormalisedImages(images, labels.long(), mean, std)
         return TensorDataset(_normalise(images, mean, std), labels.long())
 
     return DataBundle(
@@ -130,31 +135,6 @@ def _check_raw(name: str, raw: RawData) -> None:
             f"dataset {name!r}: train images are {tuple(raw.train_images.shape[1:])} but test "
             f"images {tuple(raw.test_images.shape[1:])}"
         )
-
-
-def _channel_statistics(
-    images: torch.Tensor, index: torch.Tensor, chunk: int = 4096
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and std (float64 sums, in chunks: bounded memory) of ``images[index]``, scaled."""
-    channels = images.shape[1]
-    total = torch.zeros(channels, dtype=torch.float64)
-    total_squares = torch.zeros(channels, dtype=torch.float64)
-    for start in range(0, len(index), chunk):
-        batch = _scaled(images[index[start : start + chunk]]).double()  # (n, C, H, W)
-        total += batch.sum(dim=(0, 2, 3))
-        total_squares += batch.square().sum(dim=(0, 2, 3))
-    count = len(index) * images.shape[2] * images.shape[3]
-    mean = total / count
-    std = (total_squares / count - mean.square()).clamp_min(0).sqrt()
-    return mean.float(), std.float().clamp_min(1e-6)  # a constant channel would divide by zero
-
-
-def _scaled(images: torch.Tensor) -> torch.Tensor:
-    return images.float() / 255 if images.dtype == torch.uint8 else images.float()
-
-
-def _normalise(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    return ((_scaled(images) - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)).contiguous()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -372,16 +352,17 @@ def _read_cifar_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
 # --------------------------------------------------------------------------------------------------------------
 # imagefolder: class subfolders, as torchvision's ImageFolder reads them.
 
-IMAGEFOLDER_SIZE = 32  # images are resized (shorter side) and centre-cropped to this many pixels square
+IMAGEFOLDER_SIZE = 32  # without dataset.image_size: at most this many pixels square (CIFAR's size)
 
 
 @DATASETS.register("imagefolder")
 def imagefolder(config: DatasetConfig) -> RawData:
-    """``data_dir/train/<class>/*.png`` and ``data_dir/val/<class>/...`` (or ``test/``), held in memory.
+    """``data_dir/train/<class>/*.png`` and ``data_dir/val/<class>/...`` (or ``test/``), held in memory as uint8.
 
-    Every image becomes a square of ``min(32, smallest side among all images)`` pixels: its shorter side is
-    resized to that and the centre cropped; small datasets stay at their own resolution, large photos shrink to
-    CIFAR size. Grayscale folders (every image in mode "L" or "1") give 1 channel, all others RGB (3).
+    Every image becomes a square of ``dataset.image_size`` pixels (its shorter side resized to that, up or down,
+    and the centre cropped); without one, of ``min(32, smallest side among all images)``: small datasets stay at
+    their own resolution, large photos shrink to CIFAR size. Grayscale folders (every image in mode "L" or "1")
+    give 1 channel, all others RGB (3). Memory: N x C x size x size bytes (2000 RGB images at 96: 55 MB).
     """
     if config.data_dir is None:
         raise DataError(
@@ -422,17 +403,18 @@ def imagefolder(config: DatasetConfig) -> RawData:
                     grayscale = grayscale and image.mode in ("L", "1")
             except OSError as error:
                 raise DataError(f"{path}: not a readable image ({error})") from error
+    size = config.image_size or smallest
     mode = "L" if grayscale else "RGB"
     transform = transforms.Compose(
-        [transforms.Resize(smallest), transforms.CenterCrop(smallest), transforms.PILToTensor()]
+        [transforms.Resize(size), transforms.CenterCrop(size), transforms.PILToTensor()]
     )  # uint8 (C, size, size)
 
     def read(folder: datasets.ImageFolder) -> tuple[torch.Tensor, torch.Tensor]:
-        images = []
-        for path, _ in folder.samples:
+        images = torch.empty(len(folder.samples), 1 if grayscale else 3, size, size, dtype=torch.uint8)
+        for index, (path, _) in enumerate(folder.samples):  # filled in place: no second copy to stack
             with Image.open(path) as image:
-                images.append(transform(image.convert(mode)))
-        return torch.stack(images), torch.as_tensor(folder.targets, dtype=torch.long)
+                images[index] = transform(image.convert(mode))
+        return images, torch.as_tensor(folder.targets, dtype=torch.long)
 
     train_images, train_labels = read(folders["train"])
     test_images, test_labels = read(folders["test"])

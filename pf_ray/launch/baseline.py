@@ -8,24 +8,27 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from pf_ray.checkpoint import save_checkpoint
+from pf_ray.checkpoint import save_checkpoint, sha256_of
 from pf_ray.config import ExperimentConfig
 from pf_ray.data import DataBundle
 from pf_ray.launch.cluster import cpu_count
 from pf_ray.metrics import ACCURACY
-from pf_ray.models import build_model
+from pf_ray.models import build_model, check_forward
 from pf_ray.storage import copy_file, exists, is_remote, join_uri, local_root
 from pf_ray.strict import to_dict
 from pf_ray.train import evaluate, fit
+from pf_ray.weights import LoadedWeights, load_state_dict_into, plain_state_dict, read_weights_file
 
 Log = Callable[[str], None]
 
 
 def baseline_cache_path(config: ExperimentConfig) -> Path:
     """Where ``pf-ray train`` caches the baseline: keyed by everything that changes the trained weights."""
-    key = json.dumps([to_dict(config.model), to_dict(config.dataset), to_dict(config.baseline.train),
-                      config.seed], sort_keys=True)
+    dataset = {k: v for k, v in to_dict(config.dataset).items() if not (k == "image_size" and v is None)}
+    key = json.dumps([to_dict(config.model), dataset, to_dict(config.baseline.train), config.seed],
+                     sort_keys=True)  # image_size: null left out: the caches of runs made before it still match
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     return local_root(config.storage) / "baselines" / f"{config.model.name.replace('/', '_').replace(':', '_')}-" \
                                                       f"{config.dataset.name}-{digest}.pt"
@@ -52,7 +55,11 @@ def cached_baseline(config: ExperimentConfig, *, log: Log = print) -> Path | Non
 def train_baseline(config: ExperimentConfig, data: DataBundle, *, log: Log = print, force: bool = False) -> Path:
     """Train the full-precision baseline in this process (all cores) and cache it; reuse the cache if present.
 
-    With a remote storage.path the cache is uploaded there too (``remote_baseline``)."""
+    With a remote storage.path the cache is uploaded there too (``remote_baseline``). A plain state dict in
+    baseline.checkpoint is imported instead (``import_baseline``)."""
+    state_dict = given_state_dict(config)
+    if state_dict is not None:
+        return import_baseline(config, data, state_dict, log=log, force=force)
     path = Path(config.baseline.checkpoint) if config.baseline.checkpoint else baseline_cache_path(config)
     if not config.baseline.checkpoint and not force:
         path = cached_baseline(config, log=log) or path
@@ -76,4 +83,78 @@ def train_baseline(config: ExperimentConfig, data: DataBundle, *, log: Log = pri
     if remote is not None:
         copy_file(str(path), remote)
         log(f"baseline: uploaded to {remote}")
+    return path
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The user's own weights: baseline.checkpoint naming a plain state dict instead of a pf-ray checkpoint.
+
+
+def given_state_dict(config: ExperimentConfig) -> dict[str, torch.Tensor] | None:
+    """The plain state dict ``baseline.checkpoint`` names; None when it names a pf-ray checkpoint, or nothing.
+
+    Raises:
+        CheckpointError: the file cannot be read with ``weights_only=True`` (a whole pickled model is named as
+            such), or holds neither a pf-ray checkpoint nor a state dict.
+    """
+    if not config.baseline.checkpoint:
+        return None
+    payload = read_weights_file(config.baseline.checkpoint)
+    if isinstance(payload, dict) and "format" in payload:  # pf-ray's own (read_checkpoint checks its version)
+        return None
+    return plain_state_dict(payload, config.baseline.checkpoint)
+
+
+def imported_baseline_path(config: ExperimentConfig) -> Path:
+    """Where the baseline made from a plain state dict is cached: keyed by the file's bytes and everything else
+    that changes the result (the model, the dataset, the baseline's training and the seed)."""
+    key = json.dumps([to_dict(config.model), to_dict(config.dataset), to_dict(config.baseline.train),
+                      config.seed, sha256_of(config.baseline.checkpoint)], sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    name = config.model.name.replace("/", "_").replace(":", "_")
+    return local_root(config.storage) / "baselines" / f"{name}-{config.dataset.name}-imported-{digest}.pt"
+
+
+def load_given_weights(config: ExperimentConfig, data: DataBundle, state_dict: dict[str, torch.Tensor]
+                       ) -> tuple[nn.Module, LoadedWeights]:
+    """``model.name`` built for the dataset with ``state_dict`` loaded (head and stem adapted: pf_ray.weights)."""
+    model = build_model(config.model, in_channels=data.input_shape[0], num_classes=data.num_classes)
+    check_forward(model, config.model.name, data.input_shape, data.num_classes)
+    loaded = load_state_dict_into(model, state_dict, data.input_shape, model_name=config.model.name,
+                                  path=config.baseline.checkpoint)
+    return model, loaded
+
+
+def import_baseline(config: ExperimentConfig, data: DataBundle, state_dict: dict[str, torch.Tensor], *,
+                    log: Log = print, force: bool = False) -> Path:
+    """Make a pf-ray baseline checkpoint from the user's state dict, and cache it (``imported_baseline_path``).
+
+    Weights that fit as stored are the baseline as they are (evaluated, not trained). Where the head (other
+    class count) or the first layer (other channel count) had to be re-initialised, the model is trained with
+    ``baseline.train`` starting from the given weights, as any baseline is."""
+    path = imported_baseline_path(config)
+    if path.exists() and not force:
+        log(f"baseline: using {path} (imported from {config.baseline.checkpoint})")
+        return path
+    torch.manual_seed(config.seed)  # the re-initialised layers' weights
+    torch.set_num_threads(config.resources.num_cpus or cpu_count())
+    model, loaded = load_given_weights(config, data, state_dict)
+    log(f"baseline: loaded the state dict {config.baseline.checkpoint} into {config.model.name}"
+        + ("" if loaded.changes else ", every tensor as stored"))
+    for change in loaded.changes:
+        log(f"baseline:   {change}")
+    train = config.baseline.train
+    if loaded.reinitialised:
+        size = min(len(data.train), train.train_subset or len(data.train))
+        log(f"baseline: layers were re-initialised; training {config.model.name} from the given weights on "
+            f"{config.dataset.name} for {train.epochs} epoch(s), {size} images (baseline.train)")
+        fit(model, data.train, train, validation_set=data.validation, seed=config.seed, log=log)
+    metrics = evaluate(model, data.validation)
+    save_checkpoint(path, model, model_config=config.model, input_shape=data.input_shape,
+                    num_classes=data.num_classes, metrics={"validation_" + k: v for k, v in metrics.items()},
+                    extra={"config": to_dict(config),
+                           "weights": {"file": str(config.baseline.checkpoint),
+                                       "sha256": sha256_of(config.baseline.checkpoint),
+                                       "changes": list(loaded.changes)}})
+    log(f"baseline: validation accuracy {metrics[ACCURACY]:.4f}; saved {path}")
     return path

@@ -12,10 +12,10 @@ from pf_ray.checkpoint import load_checkpoint
 from pf_ray.config import Budget, ExperimentConfig
 from pf_ray.data import DataBundle, load_data
 from pf_ray.errors import ConfigError
-from pf_ray.launch.baseline import cached_baseline
+from pf_ray.launch.baseline import cached_baseline, given_state_dict, imported_baseline_path, load_given_weights
 from pf_ray.launch.cluster import cpu_count, max_concurrent_trials
 from pf_ray.launch.target import TableSource, check_target
-from pf_ray.models import absolute_model_name, build_model, run_name_prefix
+from pf_ray.models import absolute_model_name, build_model, check_forward, run_name_prefix
 from pf_ray.ops.latency_budget import TargetLatency
 from pf_ray.spec import RunSpec
 from pf_ray.storage import RunLocation, exists, is_remote, run_location
@@ -82,8 +82,14 @@ def preflight(config: ExperimentConfig, *, log: Log = print) -> Prepared:
     get_trainable(spec.learner_name)  # a learner without one would fail only at the search, after the baseline
     data = load_data(config.dataset, seed=config.seed)
     model = build_model(config.model, in_channels=data.input_shape[0], num_classes=data.num_classes)
+    check_forward(model, config.model.name, data.input_shape, data.num_classes)
     baseline_path: Path | None = None
-    if config.baseline.checkpoint:
+    state_dict = given_state_dict(config)
+    if state_dict is not None:  # the user's own weights: refused now if they are another model's
+        model, _ = load_given_weights(config, data, state_dict)
+        imported = imported_baseline_path(config)
+        baseline_path = imported if imported.exists() else None
+    elif config.baseline.checkpoint:
         baseline_path = Path(config.baseline.checkpoint)
         model, info = load_checkpoint(baseline_path, expect_input_shape=data.input_shape,
                                       expect_num_classes=data.num_classes, user_model=config.model.name)

@@ -12,7 +12,7 @@ from typing import Any
 from pf_ray.config import ExperimentConfig
 from pf_ray.data import load_data
 from pf_ray.errors import ConfigError
-from pf_ray.launch.baseline import cached_baseline
+from pf_ray.launch.baseline import cached_baseline, given_state_dict, imported_baseline_path
 from pf_ray.launch.cluster import check_storage, ray_for
 from pf_ray.launch.pipeline import run_stages
 from pf_ray.launch.preflight import Prepared
@@ -72,6 +72,9 @@ def resume(run_dir: str | Path, *, log: Log = print, staging_path: str | None = 
         if not baseline_path.is_file():
             raise ConfigError(f"baseline.checkpoint: {str(baseline_path)!r} (in {run_config.location}) no longer "
                               "exists")
+        if given_state_dict(config) is not None:  # the user's weights: their imported baseline, if made
+            imported = imported_baseline_path(config)
+            baseline_path = imported if imported.exists() else None
     else:
         baseline_path = cached_baseline(config, log=log)
     command_file = run_dir / COMMAND_FILE

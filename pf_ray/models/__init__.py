@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from pf_ray.config import ModelConfig
-from pf_ray.errors import ConfigError, ModelError
+from pf_ray.errors import ConfigError, ModelError, PfRayError
 from pf_ray.models import mobilenet, resnet_cifar, torchvision_models  # noqa: F401  (registration)
 from pf_ray.models.user import absolute_model_name, build_user_model, is_user_model, run_name_prefix
 from pf_ray.registry import MODELS
 
-__all__ = ["absolute_model_name", "build_model", "run_name_prefix"]
+__all__ = ["absolute_model_name", "build_model", "check_forward", "run_name_prefix"]
 
 
 def build_model(config: ModelConfig, *, in_channels: int, num_classes: int) -> nn.Module:
@@ -36,4 +37,44 @@ def build_model(config: ModelConfig, *, in_channels: int, num_classes: int) -> n
         factory = MODELS.get(config.name)
     except ConfigError as error:
         raise ConfigError(f"model.name: {error} (or 'path/to/file.py:function', 'package.module:function')") from None
-    return factory(in_channels, num_classes, config.width_multiplier)
+    try:
+        model = factory(in_channels, num_classes, config.width_multiplier)
+    except PfRayError:
+        raise
+    except Exception as error:  # a builder that cannot make this model (e.g. torchvision's own checks)
+        raise ModelError(f"model.name: building {config.name!r} for {in_channels} input channel(s) and "
+                         f"{num_classes} classes raised {type(error).__name__}: {_first_line(error)}") from error
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"model.name: {config.name!r} built a {type(model).__name__}; expected a torch.nn.Module")
+    return model
+
+
+def check_forward(model: nn.Module, name: str, input_shape: tuple[int, int, int], num_classes: int) -> None:
+    """Run ``model`` once (eval mode, two zero images of ``input_shape``): it must give (2, num_classes) logits.
+
+    Raises:
+        ModelError: the forward raised, or returned something else (a tuple, another shape); the model and the
+            input shape are named.
+    """
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            output = model(torch.zeros(2, *input_shape))
+    except Exception as error:
+        raise ModelError(f"model.name: {name!r} does not accept inputs of shape {tuple(input_shape)} (the "
+                         f"dataset's channels, height, width): {type(error).__name__}: {_first_line(error)}"
+                         ) from error
+    finally:
+        model.train(was_training)
+    if not isinstance(output, torch.Tensor):
+        raise ModelError(f"model.name: {name!r} returned a {type(output).__name__} for a batch of inputs "
+                         f"{tuple(input_shape)}; expected a tensor of logits (batch, {num_classes})")
+    if tuple(output.shape) != (2, num_classes):
+        raise ModelError(f"model.name: {name!r} returned logits of shape {tuple(output.shape)} for a batch of 2 "
+                         f"inputs {tuple(input_shape)}; expected (2, {num_classes}) for {num_classes} classes")
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else ""

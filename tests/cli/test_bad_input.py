@@ -35,8 +35,8 @@ def linear_only(in_channels, num_classes):  # its one layer produces the classes
     return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * 64, num_classes))
 
 
-def flatten_only():  # no parameters at all
-    return nn.Flatten()
+def flatten_only(num_classes):  # no parameters at all (the 64 pixels averaged down to the classes)
+    return nn.Sequential(nn.Flatten(), nn.AdaptiveAvgPool1d(num_classes))
 
 
 def not_a_module(num_classes):
@@ -64,6 +64,31 @@ class KthValueNet(nn.Module):  # aten::kthvalue has no ONNX equivalent at opset 
 
 def unexportable(in_channels, num_classes):
     return KthValueNet(in_channels, num_classes)
+
+
+def needs_rgb(num_classes):  # a fixed 3-channel first layer: the digits have 1 channel
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(8, num_classes))
+
+
+class TupleNet(nn.Module):  # logits and features, as some research code returns them
+    def __init__(self, in_channels, num_classes):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, 8, 3, padding=1)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        features = self.conv(x).mean(dim=(2, 3))
+        return self.fc(features), features
+
+
+def returns_a_tuple(in_channels, num_classes):
+    return TupleNet(in_channels, num_classes)
+
+
+def seven_classes(in_channels):  # ignores num_classes
+    return nn.Sequential(nn.Conv2d(in_channels, 8, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(8, 7))
 '''
 
 
@@ -418,8 +443,24 @@ CASES = [
     pytest.param(checkpoint(lambda inputs: inputs.file("cut.pt", inputs.checkpoint("whole.pt").read_bytes()[:5000])),
                  ["cut.pt' cannot be read"], id="checkpoint-truncated"),
     pytest.param(checkpoint(lambda inputs: inputs.raw_checkpoint("weights.pt", nn.Linear(2, 2).state_dict())),
-                 ["weights.pt' is not a pf-ray checkpoint (expected format pf-ray-checkpoint/1)"],
-                 id="checkpoint-plain-state-dict"),
+                 ["baseline.checkpoint: ", "weights.pt' is not a state dict of model 'resnet20': it has no tensor "
+                  "'conv1.weight' (shape (16, 1, 3, 3)) nor "], id="state-dict-of-another-model"),
+    pytest.param(checkpoint(lambda inputs: inputs.raw_checkpoint(
+        "resnet32.pt", build_model(ModelConfig("mobilenet_v1"), in_channels=1, num_classes=10).state_dict())),
+                 ["resnet32.pt' is not a state dict of model 'resnet20': it has no tensor "],
+                 id="state-dict-of-another-architecture"),
+    pytest.param(checkpoint(lambda inputs: inputs.raw_checkpoint(
+        "wide.pt", {key: torch.cat([value, value]) if key == "conv1.weight" else value for key, value in
+                    build_model(ModelConfig("resnet20"), in_channels=1, num_classes=10).state_dict().items()})),
+                 ["wide.pt' is not a state dict of model 'resnet20': tensor 'conv1.weight' has shape (32, 1, 3, 3) "
+                  "in the file and (16, 1, 3, 3) in the model"], id="state-dict-shape-mismatch"),
+    pytest.param(checkpoint(lambda inputs: inputs.raw_checkpoint(
+        "whole.pt", build_model(ModelConfig("resnet20"), in_channels=1, num_classes=10))),
+                 ["baseline.checkpoint: ", "whole.pt' is a whole pickled model (a pf_ray.models.resnet_cifar.",
+                  "save them with torch.save(model.state_dict(), path)"], id="checkpoint-whole-pickled-model"),
+    pytest.param(checkpoint(lambda inputs: inputs.raw_checkpoint("list.pt", [torch.zeros(2)])),
+                 ["list.pt' holds a list; expected a pf-ray checkpoint or a state dict"],
+                 id="checkpoint-neither-checkpoint-nor-state-dict"),
     pytest.param(checkpoint(lambda inputs: inputs.checkpoint(model="resnet32")),
                  ["baseline.checkpoint: ", "holds model 'resnet32'; model.name is 'resnet20'"],
                  id="checkpoint-other-architecture"),
@@ -460,7 +501,7 @@ CASES = [
     pytest.param(lambda inputs: compress(inputs, f"model.name={inputs.root / 'nope.py'}:build"),
                  ["model.name: file ", "nope.py' does not exist"], id="user-model-file-missing"),
     pytest.param(user_model("build"),
-                 ["model.name: ", "models.py' has no function 'build'; its callables: KthValueNet, broken"],
+                 ["model.name: ", "models.py' has no function 'build'; its callables: KthValueNet, TupleNet, broken"],
                  id="user-model-no-such-function"),
     pytest.param(user_model("NOT_CALLABLE"), ["model.name: ", "models.py:NOT_CALLABLE is a int, not a function"],
                  id="user-model-not-callable"),
@@ -470,6 +511,15 @@ CASES = [
                  id="user-model-raises"),
     pytest.param(user_model("linear_only"), ["channel_pruning: the model (Sequential) has no prunable channel group"],
                  id="user-model-nothing-prunable"),
+    pytest.param(user_model("needs_rgb"), ["model.name: ", "models.py:needs_rgb' does not accept inputs of shape "
+                                           "(1, 8, 8) (the dataset's channels, height, width): RuntimeError: "],
+                 id="user-model-rejects-the-input-shape"),
+    pytest.param(user_model("returns_a_tuple"), ["models.py:returns_a_tuple' returned a tuple for a batch of inputs "
+                                                 "(1, 8, 8); expected a tensor of logits (batch, 10)"],
+                 id="user-model-returns-a-tuple"),
+    pytest.param(user_model("seven_classes"), ["models.py:seven_classes' returned logits of shape (2, 7) for a batch "
+                                               "of 2 inputs (1, 8, 8); expected (2, 10) for 10 classes"],
+                 id="user-model-wrong-class-count"),
     pytest.param(user_model("flatten_only"), ["the model has no parameters; there are no channels to prune"],
                  id="user-model-no-parameters"),
     pytest.param(user_model("unexportable", "model.width_multiplier=0.5"),
