@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from pf_ray.arm_cpus import CpuModel
 from pf_ray.errors import ConfigError
 from pf_ray.storage import URI_SCHEMES, is_remote, unsupported_scheme
 from pf_ray.strict import (
@@ -294,17 +295,14 @@ class ExportConfig:
     # The accuracy guard: the run fails if an artifact's test accuracy on its runtime is more than this below its
     # PyTorch model's (a fraction: 0.02 = 2 points). None: report only.
     max_accuracy_drop: float | None = 0.02
-    # Also verify every artifact on emulated aarch64 kernels (pf_ray.aarch64: ONNX Runtime's and ExecuTorch's ARM
-    # builds under qemu-aarch64), on each of these CPU models, on the first ``aarch64_images`` test images: accuracy
-    # and top-1 agreement with the x86 runtime and PyTorch; the accuracy guard applies. Empty: x86 only.
+    # Also verify every artifact on emulated aarch64 kernels (pf_ray.aarch64) on each of these CPUs, on the first
+    # aarch64_images test images: accuracy, agreement with x86 and PyTorch, the accuracy guard. Empty: x86 only.
     aarch64_cpus: tuple[str, ...] = ()
     aarch64_images: int = 256
 
     def __post_init__(self) -> None:
-        from pf_ray.aarch64.cpus import CpuModel
-
         for cpu in self.aarch64_cpus:
-            check_choice("export.aarch64_cpus", cpu, [model.value for model in CpuModel])
+            check_choice("export.aarch64_cpus", cpu, list(CpuModel))
         check_range("export.aarch64_images", self.aarch64_images, low=1)
         for fmt in self.formats:
             check_choice("export.formats", fmt, EXPORT_FORMATS)

@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from pf_ray.aarch64.cpus import CpuModel
 from pf_ray.aarch64.environment import EXECUTORCH, Aarch64Environment, ensure_environment
+from pf_ray.arm_cpus import CpuModel
 from pf_ray.errors import ConfigError, EmulationError
 
 ARCH = "aarch64"

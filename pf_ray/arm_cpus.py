@@ -1,5 +1,5 @@
-"""The emulated aarch64 CPUs pf-ray verifies on (a module of its own: the config checks names against it without
-loading the runner)."""
+"""The emulated aarch64 CPUs pf-ray verifies on (``pf_ray.aarch64``), in a module of their own: the config checks
+names against them without importing the runner."""
 
 from __future__ import annotations
 
