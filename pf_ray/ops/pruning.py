@@ -148,6 +148,15 @@ def kept_channel_count(num_channels: int, keep_ratio: float, round_to: int) -> i
     return min(max(rounded, round_to, 1), num_channels)
 
 
+def with_whole_groups(kept: Sequence[int], whole: Sequence[tuple[int, int]]) -> list[int]:
+    """``kept`` (one count per pruned group) with the groups left whole put back: ``whole`` holds (position among
+    all the model's groups, channels) for each."""
+    counts = list(kept)
+    for position, size in sorted(whole):
+        counts.insert(position, size)
+    return counts
+
+
 def check_keep_ratios(keep_ratios: Sequence[float], names: Sequence[str]) -> None:
     """One ratio in (0, 1] per group of ``names``, or a ConfigError about ``KEEP_RATIOS_FIELD``."""
     if len(keep_ratios) != len(names):
@@ -231,6 +240,9 @@ def prune_channels_(
     # score every group before touching any weights, so no score sees a half-pruned model
     plans = []
     for group, kept in zip(trace.groups, counts, strict=True):
+        if kept >= group.num_channels:  # left whole: not scored (a group left unpruned as unsafe may not score)
+            plans.append((group, kept, []))
+            continue
         scores = score(model, group)
         if scores.shape != (group.num_channels,):
             raise ModelError(
