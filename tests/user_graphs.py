@@ -57,10 +57,12 @@ def shuffle_user_net() -> nn.Module:
     return ShuffleUserNet()
 
 
-# the groups of ShuffleUserNet that must be left unpruned: the stem's channels run through the shuffles (torch-pruning
-# maps them to indices beyond the stem's 16 channels), and each block's grouped 1x1 convolution
-UNSAFE = ("stem.0", "block1.branch.0", "block2.branch.0")
-SAFE = ("expand.0", "mid.0")
+# ShuffleUserNet's groups: the stem's channels run through the shuffles (torch-pruning maps them to indices beyond
+# the stem's 16 channels): never safe; each block's branch starts at a grouped 1x1 convolution (2 groups): pruned
+# evenly across its groups when kept counts are multiples of 2 (round_to), else left whole; the plain convs: safe
+SHUFFLED = ("stem.0",)
+GROUPED = ("block1.branch.0", "block2.branch.0")
+PLAIN = ("expand.0", "mid.0")
 
 
 class ScaledNet(nn.Module):

@@ -311,7 +311,7 @@ def latency_table(model: nn.Module, input_shape: Sequence[int], target: TargetCo
         raise ConfigError(f"a latency table with layers in FP32 needs an INT8 target; got {target.precision}")
     timer = CandidateTimer(model, input_shape, target, plan, log,
                            **({"depth": True} if blocks else {}), **({"precision": True} if floats else {}),
-                           whole=whole)
+                           **({"whole": whole} if whole else {}))
     try:
         table = fit_table(macs, timer, plan, log=log, target=_target_record(target),
                           environment=environment(target), reference_ms=timer.reference_ms, blocks=blocks,

@@ -29,7 +29,7 @@ from pf_ray.ops.latency_budget import LatencyBudget, LatencySource, WholeGroups
 from pf_ray.ops.macs_budget import MacsBudget, macs_table, without_groups
 from pf_ray.ops.precision_space import check_precision_search, join_tail, precision_features
 from pf_ray.ops.precision_space import dimension_names as precision_dimension_names
-from pf_ray.ops.pruning import CRITERIA, KEEP_RATIOS_FIELD, prune_channels_
+from pf_ray.ops.pruning import CRITERIA, KEEP_RATIOS_FIELD, kept_channel_count, prune_channels_
 from pf_ray.ops.safe_pruning import SkippedGroup, unsafe_groups
 from pf_ray.registry import LEARNERS
 from pf_ray.search_space import PerLayerSpace, layer_features
@@ -149,10 +149,8 @@ class ChannelPruning:
         found = unsafe_groups(model, input_shape, lowest, self._round_to(), exclude=config.excluded_groups,
                               log=_log)
         self._skipped = given + found
-        if len(self._skipped) == len(names):
-            first = (found or given)[0]
-            raise ConfigError(f"channel_pruning: nothing can be pruned in {type(model).__name__}: all {len(names)} "
-                              f"channel groups are left unpruned (first, {first.name!r}: {first.reason})")
+        if self._skipped:
+            self._refuse_if_nothing_left(model, input_shape, lowest)
         self._keep_ratios(len(names) - len(self._skipped))
         if self.config.fp32_layers:
             layers = macs_table(model, input_shape).layer_names()
@@ -177,6 +175,25 @@ class ChannelPruning:
                               "block (a known block type with an identity shortcut, pf_ray.ops.blocks); set depth: "
                               "false")
         return blocks
+
+    def _refuse_if_nothing_left(self, model: nn.Module, input_shape: tuple[int, int, int], lowest: float) -> None:
+        """A ConfigError when the groups left to prune (not skipped) cannot lose a single channel, even at keep ratio
+        ``lowest`` (too few channels for ``round_to``): the run could only train and export the same model."""
+        skipped = {group.name for group in self._skipped}
+        groups = prunable_groups(model, input_shape)
+        round_to = self._round_to()
+        if any(kept_channel_count(g.num_channels, lowest, round_to) < g.num_channels
+               for g in groups if g.name not in skipped):
+            return
+        first = self._skipped[0]
+        why = f"first, {first.name!r}: {first.reason}"
+        if len(skipped) == len(groups):
+            raise ConfigError(f"channel_pruning: nothing can be pruned in {type(model).__name__}: all {len(groups)} "
+                              f"channel groups are left unpruned ({why})")
+        raise ConfigError(f"channel_pruning: nothing can be pruned in {type(model).__name__}: {len(skipped)} of its "
+                          f"{len(groups)} channel groups are left unpruned ({why}), and the other "
+                          f"{len(groups) - len(skipped)} keep every channel at keep ratio {lowest:g} with round_to="
+                          f"{round_to} (learner.options.round_to)")
 
     def skipped_groups(self) -> tuple[SkippedGroup, ...]:
         """The groups left unpruned, with the reason: those found by ``check`` (empty before it), and those listed in

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from pf_ray.ops.channel_groups import PrunableGroup, trace_groups
-from pf_ray.ops.pruning import prune_channels_
+from pf_ray.ops.pruning import is_grouped_conv, prune_channels_
 
 Log = Callable[[str], None]
 
@@ -63,7 +63,7 @@ def unsafe_groups(model: nn.Module, input_shape: Sequence[int], min_keep_ratio: 
     for group in trace.groups:
         if group.name in exclude:
             continue
-        problem = structural_problem(group, modules)
+        problem = structural_problem(group, modules, round_to)
         if problem:
             skip(group.name, problem)
         else:
@@ -95,10 +95,12 @@ def unsafe_groups(model: nn.Module, input_shape: Sequence[int], min_keep_ratio: 
     return tuple(sorted(skipped, key=lambda s: order[s.name]))
 
 
-def structural_problem(group: PrunableGroup, modules: dict[str, nn.Module]) -> str:
+def structural_problem(group: PrunableGroup, modules: dict[str, nn.Module], round_to: int) -> str:
     """Why ``group``'s description cannot be pruned as it stands ("" if it can): channel indices beyond a layer's
     channels (torch-pruning's index mapping lost its way, e.g. through a channel shuffle), or a grouped
-    convolution that is not depthwise (removing channels unevenly across its groups would re-assign them)."""
+    convolution that is not depthwise and whose groups could not stay aligned. Its outputs can be pruned (the same
+    number of channels in each of its groups, ``pruning.channel_blocks``) when ``round_to`` is a multiple of its
+    groups; its inputs cannot (torch-pruning would cut every group's filters at the first group's positions)."""
     for member in group.members:
         module = modules.get(member.module)
         size = _channels(module, member.dim)
@@ -108,10 +110,14 @@ def structural_problem(group: PrunableGroup, modules: dict[str, nn.Module]) -> s
             return (f"the dependency analysis maps its channels to indices {_span(member.indices)} of "
                     f"{member.module!r}, which has {size} {member.dim}put channels (an operation it cannot follow, "
                     "e.g. a channel shuffle after a split)")
-        if isinstance(module, nn.Conv2d) and 1 < module.groups and not (
-                module.groups == module.in_channels == module.out_channels):
-            return (f"grouped convolution {member.module!r} (groups={module.groups}) would lose the alignment of "
-                    "its channel groups")
+        if not is_grouped_conv(module):
+            continue
+        if member.dim == "in":
+            return (f"its channels feed grouped convolution {member.module!r} (groups={module.groups}), whose "
+                    "inputs cannot be pruned evenly across its groups")
+        if round_to % module.groups or len(member.indices) != module.out_channels:
+            return (f"grouped convolution {member.module!r} (groups={module.groups}) keeps its groups aligned only "
+                    f"when every kept count is a multiple of {module.groups} (round_to is {round_to})")
     return ""
 
 

@@ -17,27 +17,29 @@ from pf_ray.learners.channel_pruning import ChannelPruning, ChannelPruningConfig
 from pf_ray.metrics import model_stats
 from pf_ray.strict import from_dict, to_dict
 from tests.tiny import tiny_data
-from tests.user_graphs import SAFE, SHAPE, UNSAFE, only_shuffles, shuffle_user_net
+from tests.user_graphs import GROUPED, PLAIN, SHAPE, SHUFFLED, only_shuffles, shuffle_user_net
 
 
 def test_check_leaves_the_unsafe_groups_out_and_a_trial_prunes_the_rest_toward_half_the_macs(tmp_path):
     model, data = shuffle_user_net(), tiny_data(SHAPE)
-    learner = ChannelPruning(ChannelPruningConfig(criterion="l1"))
+    learner = ChannelPruning(ChannelPruningConfig(criterion="l1", round_to=2))  # even counts: grouped convs pruned
     learner.check(model, SHAPE)
-    assert tuple(group.name for group in learner.skipped_groups()) == UNSAFE
+    assert tuple(group.name for group in learner.skipped_groups()) == SHUFFLED
     checked = learner.checked_config()
-    assert checked.excluded_groups == UNSAFE
+    assert checked.excluded_groups == SHUFFLED
 
     # a trial: a fresh learner from the config as Ray carries it, never checked itself
     trial = ChannelPruning(from_dict(ChannelPruningConfig, to_dict(checked)))
     space = trial.search_space(model, SHAPE, SearchConfig(target_macs_ratio=0.5))
-    assert space.names == SAFE
-    candidate = space.apply(trial.config, [1.0] * len(space.names))
-    assert len(space.budget.counts(candidate.layer_keep_ratios)) == len(UNSAFE) + len(SAFE)
+    assert space.names == GROUPED + PLAIN
+    candidate = space.apply(trial.config, [0.5] * len(space.names))
+    assert space.budget.counts(candidate.layer_keep_ratios)[0] == 16  # the stem, whole, in its place
     pruned = ChannelPruning(candidate).prepare(copy.deepcopy(model), data)
     ratio = model_stats(pruned, SHAPE).macs / model_stats(model, SHAPE).macs
     assert 0.3 < ratio <= 0.5 + 1e-9 and ratio == pytest.approx(space.budget.cost(candidate.layer_keep_ratios))
-    assert pruned.stem[0].out_channels == 16 and pruned.block1.branch[0].out_channels == 8  # left whole
+    assert pruned.stem[0].out_channels == 16  # left whole
+    branch = pruned.block1.branch[0]
+    assert branch.groups == 2 and branch.out_channels == space.budget.kept(candidate.layer_keep_ratios)[0]
     assert pruned.eval()(torch.randn(2, *SHAPE)).shape == (2, 10)
     assert export_onnx(pruned, SHAPE, tmp_path / "pruned.onnx").exists()
 
@@ -46,9 +48,10 @@ def test_mode_uniform_prunes_only_the_safe_groups():
     model = shuffle_user_net()
     learner = ChannelPruning(ChannelPruningConfig(mode="uniform", keep_ratio=0.5, round_to=1, criterion="l1"))
     learner.check(model, SHAPE)
+    assert tuple(group.name for group in learner.skipped_groups()) == SHUFFLED + GROUPED  # round_to 1: odd counts
     pruned = ChannelPruning(learner.checked_config()).prepare(model, tiny_data(SHAPE))
     assert pruned.expand[0].out_channels == 16 and pruned.mid[0].out_channels == 16
-    assert pruned.stem[0].out_channels == 16
+    assert pruned.stem[0].out_channels == 16 and pruned.block1.branch[0].out_channels == 8
     assert pruned.eval()(torch.randn(2, *SHAPE)).shape == (2, 10)
 
 
@@ -57,7 +60,7 @@ def test_excluded_groups_can_be_given_and_are_checked():
     learner = ChannelPruning(ChannelPruningConfig(excluded_groups=("mid.0",)))
     learner.check(model, SHAPE)
     skipped = dict((group.name, group.reason) for group in learner.skipped_groups())
-    assert set(skipped) == {*UNSAFE, "mid.0"} and "excluded_groups" in skipped["mid.0"]
+    assert set(skipped) == {*SHUFFLED, "mid.0"} and "excluded_groups" in skipped["mid.0"]
     with pytest.raises(ConfigError, match=r"excluded_groups: got 'nosuch', not a prunable channel group"):
         ChannelPruning(ChannelPruningConfig(excluded_groups=("nosuch",))).check(model, SHAPE)
 
@@ -65,6 +68,11 @@ def test_excluded_groups_can_be_given_and_are_checked():
 def test_nothing_safe_to_prune_is_a_config_error_naming_the_first_reason():
     with pytest.raises(ConfigError, match=r"nothing can be pruned in ShuffleUserNet: all 3 channel groups are left "
                                           r"unpruned \(first, 'stem.0': the dependency analysis maps"):
+        ChannelPruning(ChannelPruningConfig(round_to=1)).check(only_shuffles(), SHAPE)
+    # round_to 8: the blocks' grouped convs are safe, but their 8 channels cannot lose one
+    with pytest.raises(ConfigError, match=r"nothing can be pruned in ShuffleUserNet: 1 of its 3 channel groups are "
+                                          r"left unpruned \(first, 'stem.0': .*\), and the other 2 keep every channel "
+                                          r"at keep ratio 0.1 with round_to=8"):
         ChannelPruning(ChannelPruningConfig()).check(only_shuffles(), SHAPE)
 
 
@@ -124,9 +132,9 @@ def test_the_preflight_passes_the_skipped_groups_on_before_any_training(tmp_path
     overrides = [*_overrides(tmp_path, "with_plain"), "search.budget=macs", "search.target_macs_ratio=0.5"]
     prepared = preflight(load_experiment(None, overrides), log=lines.append)  # a MACs budget: no latency table
     assert prepared.baseline_path is None  # nothing trained
-    assert [name for name, _ in prepared.skipped_groups] == ["stem", "block.branch.0"]
-    assert prepared.spec.learner_config.excluded_groups == ("stem", "block.branch.0")
-    assert any("2 channel group(s) left unpruned: stem, block.branch.0" in line for line in lines)
+    assert [name for name, _ in prepared.skipped_groups] == ["stem"]
+    assert prepared.spec.learner_config.excluded_groups == ("stem",)
+    assert any("1 channel group(s) left unpruned: stem" in line for line in lines)
 
 
 def test_a_model_with_nothing_safe_to_prune_exits_2_in_one_line_before_training(tmp_path, capfd):
@@ -157,9 +165,9 @@ def test_a_latency_budget_predicts_with_the_excluded_groups_whole():
     table = Table()
     reference = table.predict(sizes)
     source = lambda **_: TargetLatency(table, reference, "a synthetic runtime")  # noqa: E731
-    learner = ChannelPruning(ChannelPruningConfig(excluded_groups=UNSAFE, round_to=1, depth=False))
+    learner = ChannelPruning(ChannelPruningConfig(excluded_groups=SHUFFLED + GROUPED, round_to=1, depth=False))
     space = learner.search_space(model, SHAPE, SearchConfig(budget=Budget.LATENCY, target_speedup=1.2), source)
-    assert space.names == SAFE and space.budget.predictor.sizes == (32, 32)
+    assert space.names == PLAIN and space.budget.predictor.sizes == (32, 32)
     values = space.project([1.0, 1.0])
     counts = space.budget.counts(values)
     assert counts[:3] == [16, 8, 8] and counts[3:] == space.budget.kept(values)  # the excluded whole, in place

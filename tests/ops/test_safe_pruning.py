@@ -16,7 +16,7 @@ from pf_ray.ops.channel_groups import AnalysisLimits, prunable_groups, trace_gro
 from pf_ray.ops.macs_budget import macs_table, project_to_budget, without_groups
 from pf_ray.ops.pruning import prune_channels_
 from pf_ray.ops.safe_pruning import unsafe_groups
-from tests.user_graphs import SAFE, SHAPE, UNSAFE, Hungry, ScaledNet, Slow, shuffle_user_net
+from tests.user_graphs import GROUPED, PLAIN, SHAPE, SHUFFLED, Hungry, ScaledNet, Slow, shuffle_user_net
 
 
 def test_pruning_every_group_of_a_shuffle_graph_breaks_it():
@@ -32,31 +32,52 @@ def test_the_unsafe_groups_of_a_shuffle_graph_are_named_with_the_reason():
     model = shuffle_user_net()
     before = copy.deepcopy(model.state_dict())
     lines = []
-    skipped = unsafe_groups(model, SHAPE, 0.1, 1, log=lines.append)
-    assert tuple(group.name for group in skipped) == UNSAFE
+    skipped = unsafe_groups(model, SHAPE, 0.1, 1, log=lines.append)  # round_to 1: grouped convs cannot stay even
+    assert tuple(group.name for group in skipped) == SHUFFLED + GROUPED
     reasons = dict((group.name, group.reason) for group in skipped)
     assert "channel shuffle" in reasons["stem.0"] and "16 output channels" in reasons["stem.0"]
     assert "grouped convolution 'block1.branch.0' (groups=2)" in reasons["block1.branch.0"]
+    assert "multiple of 2 (round_to is 1)" in reasons["block1.branch.0"]
     assert len(lines) == 3 and all("left unpruned" in line for line in lines)
     assert all(torch.equal(value, model.state_dict()[key]) for key, value in before.items())  # not modified
+    assert [group.name for group in unsafe_groups(model, SHAPE, 0.1, 2)] == list(SHUFFLED)  # even counts: fine
 
 
 @pytest.mark.parametrize("criterion", ["l1", "lasso"])
 def test_a_shuffle_graph_is_pruned_toward_half_its_macs_where_it_is_safe(tmp_path, criterion):
     model = shuffle_user_net()
-    skipped = {group.name for group in unsafe_groups(model, SHAPE, 0.1, 1)}
+    skipped = {group.name for group in unsafe_groups(model, SHAPE, 0.1, 2)}
     table = without_groups(macs_table(model, SHAPE), skipped)
-    assert table.names == SAFE
-    ratios = project_to_budget(table, [1.0] * len(table.names), 0.5, round_to=1, min_ratio=0.1)
+    assert table.names == GROUPED + PLAIN
+    ratios = [0.5] * len(table.names)
+    assert project_to_budget(table, ratios, 0.5, round_to=2, min_ratio=0.1) != ratios  # 0.5 everywhere is under it
     full = model_stats(model, SHAPE).macs
     batches = [torch.randn(8, *SHAPE, generator=torch.Generator().manual_seed(i)) for i in range(2)]
-    kept = prune_channels_(model, SHAPE, dict(zip(table.names, ratios, strict=True)), round_to=1, criterion=criterion,
+    kept = prune_channels_(model, SHAPE, dict(zip(table.names, ratios, strict=True)), round_to=2, criterion=criterion,
                            **({"batches": batches} if criterion == "lasso" else {}))
-    assert kept["stem.0"] == 16 and kept["block1.branch.0"] == 8  # the unsafe groups keep every channel
-    assert kept["expand.0"] < 32 and kept["mid.0"] < 32
-    assert model_stats(model, SHAPE).macs / full == pytest.approx(0.5, abs=0.03)
+    assert kept["stem.0"] == 16  # the unsafe group keeps every channel
+    assert kept["block1.branch.0"] < 8 and kept["expand.0"] < 32 and kept["mid.0"] < 32
+    assert model.block1.branch[0].groups == 2 and model.block1.branch[0].out_channels == kept["block1.branch.0"]
+    assert model_stats(model, SHAPE).macs == table.macs(ratios, 2) < 0.5 * full  # the analytic MACs are the real ones
     assert model.eval()(torch.randn(2, *SHAPE)).shape == (2, 10)
     assert export_onnx(model, SHAPE, tmp_path / "pruned.onnx").exists()
+
+
+def test_a_grouped_convolution_keeps_the_same_count_in_each_group_and_its_kept_filters_unchanged():
+    torch.manual_seed(0)
+    grouped = torch.nn.Conv2d(8, 8, 1, groups=2)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), grouped, torch.nn.ReLU(),
+                                torch.nn.Conv2d(8, 4, 1), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                torch.nn.Linear(4, 10))
+    with torch.no_grad():  # the four largest filters all in the first group: L1 alone would keep 0..3
+        grouped.weight.mul_(torch.tensor([4.0, 3, 2, 5, 0.1, 0.2, 0.3, 0.4]).view(8, 1, 1, 1))
+    inputs = torch.randn(2, *SHAPE)
+    features = model[0](inputs)
+    reference = grouped(features)
+    prune_channels_(model, SHAPE, {"1": 0.5}, round_to=2)
+    # per group the two largest: 0 and 3 in the first, 6 and 7 in the second
+    assert grouped.out_channels == 4 and grouped.groups == 2
+    assert torch.allclose(grouped(features), reference[:, [0, 3, 6, 7]], atol=1e-6)
 
 
 def test_a_group_that_breaks_the_model_when_run_is_found_by_running_it():
