@@ -97,6 +97,7 @@ class _Watchdog:
         self._target = threading.get_ident()
         self._lock = threading.Lock()
         self._done = threading.Event()
+        self._sent = False
         self._thread = threading.Thread(target=self._watch, name="pf-ray-analysis-watchdog", daemon=True)
 
     def elapsed(self) -> float:
@@ -130,6 +131,7 @@ class _Watchdog:
                     if not self._done.is_set():
                         ctypes.pythonapi.PyThreadState_SetAsyncExc(
                             ctypes.c_ulong(self._target), ctypes.py_object(_LimitExceeded))
+                        self._sent = True
                 return
 
     def __enter__(self) -> _Watchdog:
@@ -139,8 +141,8 @@ class _Watchdog:
     def __exit__(self, *exc: object) -> None:
         with self._lock:
             self._done.set()
-            # an exception sent but not yet raised would surface later, anywhere: withdraw it
-            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self._target), None)
+            if self._sent:  # an exception sent but not yet raised would surface later, anywhere: withdraw it
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self._target), None)
         self._thread.join()
 
 
@@ -301,13 +303,16 @@ def _trace(model: nn.Module, input_shape: Sequence[int], limits: AnalysisLimits)
         with forward_hooks(model, training=False), torch.enable_grad():
             watchdog.at("tracing the forward pass")
             calls, output_layers = _record_layer_calls(model, example, names)
-            graph = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
+            watchdog.at("building the dependency graph")
+            with _analysis_errors(model, watchdog):
+                graph = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
         order = {name: position for position, (name, _, _) in enumerate(calls)}
         groups = []
-        for tp_group in _all_groups(graph, output_layers, names, watchdog):
-            group = _describe_group(graph, tp_group, names, order)
-            if group is not None:
-                groups.append(group)
+        with _analysis_errors(model, watchdog):
+            for tp_group in _all_groups(graph, output_layers, names, watchdog):
+                group = _describe_group(graph, tp_group, names, order)
+                if group is not None:
+                    groups.append(group)
     groups.sort(key=lambda g: order[g.name])
 
     modules = dict(model.named_modules())
@@ -326,6 +331,21 @@ def _trace(model: nn.Module, input_shape: Sequence[int], limits: AnalysisLimits)
                     target.append((index, len(member.indices)))
         layers.append(layer)
     return GroupTrace(graph, groups, modules, layers, names, order)
+
+
+@contextmanager
+def _analysis_errors(model: nn.Module, watchdog: _Watchdog) -> Iterator[None]:
+    """torch-pruning failing on a graph it does not understand (e.g. a ZeroDivisionError in its reshape index
+    mapping for torchvision's ShuffleNet-v2) is the model's limit, not a bug of ours: one line, as for the bounds."""
+    try:
+        yield
+    except Exception as error:  # noqa: BLE001 - whatever torch-pruning raises
+        text = str(error).strip().splitlines()
+        raise ModelError(
+            f"channel pruning: torch-pruning cannot analyse the channels of {type(model).__name__} (while "
+            f"{watchdog.step}: {type(error).__name__}{': ' + text[0][:200] if text else ''}); compress this model "
+            "with a learner that keeps its channels (weight_sparsification, uniform_quantization, native_int8)"
+        ) from error
 
 
 def _all_groups(graph: tp.DependencyGraph, ignored: list[nn.Module], names: dict[nn.Module, str],

@@ -122,3 +122,13 @@ def test_a_tiny_deadline_stops_the_grouping_of_a_real_model():
 
     with pytest.raises(ModelError, match="took more than"):
         trace_groups(tiny_resnet20(), (1, 16, 16), AnalysisLimits(seconds=1e-3))
+
+
+def test_a_graph_torch_pruning_fails_on_is_refused_in_one_line():
+    import torchvision
+
+    # torchvision's ShuffleNet-v2: torch-pruning 1.6 divides by zero in its reshape index mapping
+    with pytest.raises(ModelError, match=r"torch-pruning cannot analyse the channels of ShuffleNetV2 \(while building "
+                                         r"the dependency graph: ZeroDivisionError") as error:
+        prunable_groups(torchvision.models.shufflenet_v2_x0_5(num_classes=10), (3, 32, 32))
+    assert "\n" not in str(error.value)
