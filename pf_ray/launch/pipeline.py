@@ -70,7 +70,8 @@ def run_stages(prepared: Prepared, *, log: Log, command: str | None, started: fl
         baseline, baseline_info = load_checkpoint(baseline_path, expect_input_shape=data.input_shape,
                                                   expect_num_classes=data.num_classes, user_model=config.model.name)
 
-        latency = prepared.latency or run_latency(run_dir, config, baseline, data.input_shape, log=log)
+        latency = prepared.latency or run_latency(run_dir, config, baseline, data.input_shape, log=log,
+                                                  whole=tuple(getattr(spec.learner_config, "excluded_groups", ())))
         searched = search_stage(prepared, baseline, baseline_path, latency, log=log, resume=resume)
         chosen = searched.chosen if searched else spec  # without a search: the learner config as configured
         trials = searched.trials if searched else []

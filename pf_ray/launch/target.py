@@ -106,9 +106,10 @@ def save_table(run_dir: Path, latency: TargetLatency) -> None:
 
 
 def run_latency(run_dir: Path, config: ExperimentConfig, model: nn.Module, input_shape: tuple[int, int, int], *,
-                log: Log) -> TargetLatency | None:
+                log: Log, whole: tuple[str, ...] = ()) -> TargetLatency | None:
     """The run's latency table for a resumed run: the one in its folder (the budget it started with), else built
-    again (and kept there). None without a latency budget."""
+    again (and kept there), with the channel groups ``whole`` timed unpruned (channel pruning's excluded groups).
+    None without a latency budget."""
     if config.search.budget is not Budget.LATENCY:
         return None
     path = run_dir / TABLE_FILE
@@ -120,7 +121,7 @@ def run_latency(run_dir: Path, config: ExperimentConfig, model: nn.Module, input
     # channel_pruning's depth search (depth true, or "auto" under this latency budget): a table with removed blocks
     depth = config.learner.options.get("depth", "auto") is not False
     precision = config.learner.options.get("mixed_precision", False) is True
-    latency = TableSource(model, input_shape, config.target, log)(depth=depth, precision=precision)
+    latency = TableSource(model, input_shape, config.target, log, whole)(depth=depth, precision=precision)
     save_table(run_dir, latency)
     return latency
 

@@ -173,3 +173,12 @@ def test_a_latency_budget_predicts_with_the_excluded_groups_whole():
     assert counts[:3] == [16, 8, 8] and counts[3:] == space.budget.kept(values)  # the excluded whole, in place
     assert asked[-1][:3] == [16, 8, 8]  # the table is asked with them whole
     assert space.budget.cost(values) <= 1 / 1.2
+
+
+def test_the_knapsack_start_has_a_value_per_searched_group_only():
+    model, data = shuffle_user_net(), tiny_data(SHAPE)
+    learner = ChannelPruning(ChannelPruningConfig(round_to=2, excluded_groups=SHUFFLED))
+    space = learner.search_space(model, SHAPE, SearchConfig(target_macs_ratio=0.5))
+    start = learner.starting_proposal(model, data, space)
+    assert len(start) == len(space.names) == len(GROUPED + PLAIN)
+    assert 0.4 < space.budget.cost(start) <= 0.5
