@@ -30,7 +30,7 @@ from pf_ray.ops.macs_budget import MacsBudget, macs_table, without_groups
 from pf_ray.ops.precision_space import check_precision_search, join_tail, precision_features
 from pf_ray.ops.precision_space import dimension_names as precision_dimension_names
 from pf_ray.ops.pruning import CRITERIA, KEEP_RATIOS_FIELD, kept_channel_count, prune_channels_
-from pf_ray.ops.safe_pruning import SkippedGroup, unsafe_groups
+from pf_ray.ops.safe_pruning import SkippedGroup, structural_problems, unsafe_groups
 from pf_ray.registry import LEARNERS
 from pf_ray.search_space import PerLayerSpace, layer_features
 from pf_ray.strict import check_choice, check_range
@@ -226,14 +226,14 @@ class ChannelPruning:
         deployment target by ``latency``'s table. None in the other modes, whose ratios are given."""
         if self.config.mode != PerLayerMode.AUTO:
             return None
-        table = without_groups(macs_table(model, input_shape), self._excluded())
-        if not table.names:
+        every = macs_table(model, input_shape)
+        if not without_groups(every, self._excluded()).names:
             self._pruned_groups(model, input_shape)  # raises: nothing to prune
         config = self.config
         depth = config.depth is True or (config.depth == "auto" and search.budget is Budget.LATENCY)
         records = self._removable(model, input_shape) if depth else []
         blocks = tuple(block.name for block in records)
-        layers = tuple(table.layer_names()) if config.mixed_precision else ()
+        layers = tuple(every.layer_names()) if config.mixed_precision else ()
         if layers:
             check_precision_search(search)
         if search.budget is Budget.LATENCY:
@@ -249,17 +249,25 @@ class ChannelPruning:
                     raise ConfigError(f"{what}: the latency table of {target.name} predicts {kind} {list(measured)}; "
                                       f"the search needs {list(wanted)} (a table built with {what})")
             round_to = self._round_to(target.step)
-            names = list(macs_table(model, input_shape).names)
-            excluded = tuple(i for i, name in enumerate(names) if name in self._excluded())
-            predictor = WholeGroups(target.predictor, excluded) if excluded else target.predictor
+        else:
+            round_to = self._round_to()
+        # the target's step may differ from the round_to that check() tested: groups that cannot stay aligned with
+        # it (a grouped conv's outputs) are left whole too, and the candidates' configs say so (``fixed``)
+        misaligned = {group.name for group in structural_problems(model, input_shape, round_to,
+                                                                  exclude=self._excluded())}
+        excluded = [name for name in every.names if name in self._excluded() | misaligned]
+        table = without_groups(every, excluded)
+        if not table.names:
+            raise ConfigError(f"channel_pruning: nothing can be pruned in {type(model).__name__} with round_to="
+                              f"{round_to}: every channel group is left unpruned")
+        whole = tuple((i, n) for i, (name, n) in enumerate(zip(every.names, every.sizes, strict=True))
+                      if name in excluded)
+        if search.budget is Budget.LATENCY:
+            predictor = WholeGroups(target.predictor, tuple(i for i, _ in whole)) if whole else target.predictor
             budget: MacsBudget | LatencyBudget = LatencyBudget(
                 1.0 / search.target_speedup, predictor, target.reference_ms, round_to, config.min_keep_ratio,
                 target_name=target.name, blocks=blocks, layers=layers)
         else:
-            round_to = self._round_to()
-            every = macs_table(model, input_shape)
-            whole = tuple((i, n) for i, (name, n) in enumerate(zip(every.names, every.sizes, strict=True))
-                          if name in self._excluded())
             budget = MacsBudget(search.macs_ratio, table, round_to, config.min_keep_ratio, blocks=blocks, whole=whole)
         features = (layer_features(model, input_shape, table.names) + block_features(table, records)
                     + precision_features(model, input_shape, layers, start=len(table.names) + len(blocks)))
@@ -270,7 +278,9 @@ class ChannelPruning:
         return PerLayerSpace(self.searched_field,
                              table.names + dimension_names(blocks) + precision_dimension_names(layers),
                              low=config.min_keep_ratio, high=1.0, budget=budget, features=features,
-                             label="keep ratio", fixed=(("round_to", round_to),), split=split)
+                             label="keep ratio", split=split,
+                             fixed=(("round_to", round_to), *((("excluded_groups", tuple(excluded)),) if misaligned
+                                                              else ())))
 
     def fp32_layers(self) -> tuple[str, ...]:
         """The layers its model's INT8 exports keep in FP32: ``fp32_layers``, less those inside removed blocks

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,16 +58,9 @@ def unsafe_groups(model: nn.Module, input_shape: Sequence[int], min_keep_ratio: 
             log(f"channel group {name!r} left unpruned: {reason}")
 
     trace = trace_groups(model, input_shape)
-    modules = dict(model.named_modules())
-    candidates = []
-    for group in trace.groups:
-        if group.name in exclude:
-            continue
-        problem = structural_problem(group, modules, round_to)
-        if problem:
-            skip(group.name, problem)
-        else:
-            candidates.append(group)
+    for group in structural_problems(model, input_shape, round_to, exclude=exclude):
+        skip(group.name, group.reason)
+    candidates = [g for g in trace.groups if g.name not in exclude and g.name not in {s.name for s in skipped}]
     reference = _output_shape(model, input_shape)
 
     def attempt(groups: Sequence[PrunableGroup], *, with_export: bool) -> str:
@@ -93,6 +86,19 @@ def unsafe_groups(model: nn.Module, input_shape: Sequence[int], min_keep_ratio: 
                     kept.append(group)
     order = {g.name: i for i, g in enumerate(trace.groups)}
     return tuple(sorted(skipped, key=lambda s: order[s.name]))
+
+
+def structural_problems(model: nn.Module, input_shape: Sequence[int], round_to: int, *,
+                        exclude: Collection[str] = ()) -> tuple[SkippedGroup, ...]:
+    """The groups (less ``exclude``) whose description cannot be pruned as it stands (``structural_problem``), in
+    forward order; no pruning, no forward pass: cheap enough for every trial."""
+    modules = dict(model.named_modules())
+    found = []
+    for group in trace_groups(model, input_shape).groups:
+        problem = "" if group.name in exclude else structural_problem(group, modules, round_to)
+        if problem:
+            found.append(SkippedGroup(group.name, problem))
+    return tuple(found)
 
 
 def structural_problem(group: PrunableGroup, modules: dict[str, nn.Module], round_to: int) -> str:

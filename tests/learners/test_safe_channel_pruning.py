@@ -145,7 +145,7 @@ def test_a_model_with_nothing_safe_to_prune_exits_2_in_one_line_before_training(
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.pt"))
 
 
-def test_a_latency_budget_predicts_with_the_excluded_groups_whole():
+def test_a_latency_budget_predicts_with_the_excluded_groups_whole_and_its_step_can_exclude_more():
     from pf_ray.config import Budget
     from pf_ray.ops.latency_budget import TargetLatency
     from pf_ray.ops.macs_budget import macs_table
@@ -164,10 +164,13 @@ def test_a_latency_budget_predicts_with_the_excluded_groups_whole():
 
     table = Table()
     reference = table.predict(sizes)
-    source = lambda **_: TargetLatency(table, reference, "a synthetic runtime")  # noqa: E731
-    learner = ChannelPruning(ChannelPruningConfig(excluded_groups=SHUFFLED + GROUPED, round_to=1, depth=False))
+    # a target whose latency steps every channel: round_to "auto" is 1, where the grouped convs cannot stay even
+    source = lambda **_: TargetLatency(table, reference, "a synthetic runtime", step=1)  # noqa: E731
+    learner = ChannelPruning(ChannelPruningConfig(excluded_groups=SHUFFLED, depth=False))
     space = learner.search_space(model, SHAPE, SearchConfig(budget=Budget.LATENCY, target_speedup=1.2), source)
     assert space.names == PLAIN and space.budget.predictor.sizes == (32, 32)
+    assert dict(space.fixed) == {"round_to": 1, "excluded_groups": SHUFFLED + GROUPED}
+    assert space.apply(learner.config, [0.5, 0.5]).excluded_groups == SHUFFLED + GROUPED  # what a trial prunes by
     values = space.project([1.0, 1.0])
     counts = space.budget.counts(values)
     assert counts[:3] == [16, 8, 8] and counts[3:] == space.budget.kept(values)  # the excluded whole, in place
