@@ -35,7 +35,11 @@ class KeepsChannels(Protocol):
     """A budget over channel keep ratios (channel pruning's): the kept channel counts of a vector, per group in
     ``ops.macs_budget.macs_table``'s order, which is all a candidate's latency depends on."""
 
-    def kept(self, values: Sequence[float]) -> list[int]: ...
+    def kept(self, values: Sequence[float]) -> list[int]:
+        """One count per searched group (the groups left unpruned have no value in the vector)."""
+
+    def counts(self, values: Sequence[float]) -> list[int]:
+        """One count per group of ``macs_table``, those left unpruned (whole) included."""
 
     def removed(self, values: Sequence[float]) -> tuple[str, ...]:
         """The residual blocks the vector removes (a depth search's; none otherwise)."""

@@ -31,7 +31,7 @@ import copy
 import random
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -202,10 +202,15 @@ class CandidateTimer:
     a (kept, removed blocks, FP32 layers) triple: those layers left in FP32 by the INT8 exporter."""
 
     def __init__(self, model: nn.Module, input_shape: Sequence[int], target: TargetConfig, plan: TablePlan,
-                 log: Log | None = None, *, depth: bool = False, precision: bool = False) -> None:
+                 log: Log | None = None, *, depth: bool = False, precision: bool = False,
+                 whole: Collection[str] = ()) -> None:
         self.model, self.shape, self.target, self.plan, self.log = model, tuple(input_shape), target, plan, log
         self.depth, self.precision = depth, precision
-        self.sizes = tuple(macs_table(model, self.shape).sizes)
+        table = macs_table(model, self.shape)
+        self.sizes = tuple(table.sizes)
+        # groups left unpruned (channel pruning's excluded_groups: pruning them may break the model): always timed
+        # whole, whatever count a vector gives them, so the table learns that they cost what they cost unpruned
+        self.whole = tuple(i for i, name in enumerate(table.names) if name in set(whole))
         self.scale: float | None = None  # the unpruned model's time in the first batch
         self.references: list[float] = []  # the reference's time in each batch, scaled like the candidates
         self._work = tempfile.TemporaryDirectory(prefix="pf_ray_latency_table_")
@@ -248,6 +253,7 @@ class CandidateTimer:
             (kept, removed), floats = candidate, ()
         else:
             kept, removed, floats = candidate, (), ()
+        kept = [self.sizes[i] if i in self.whole else count for i, count in enumerate(kept)]
         pruned = pruned_copy(self.model, self.shape, kept, self.sizes, removed=removed)
         present = {name for name, _ in pruned.named_modules()}  # a removed block's layers are gone
         return export_artifact(pruned, self.shape, self.target, folder, stem=stem,
@@ -279,11 +285,15 @@ def pruned_copy(model: nn.Module, input_shape: Sequence[int], kept: Sequence[int
 
 def latency_table(model: nn.Module, input_shape: Sequence[int], target: TargetConfig, *,
                   plan: TablePlan = TablePlan(), folder: str | Path | None = None,
-                  log: Log | None = None) -> LatencyTable:
+                  log: Log | None = None, whole: Collection[str] = ()) -> LatencyTable:
     """The model's latency table on ``target`` (channel pruning's candidates), built once per architecture,
-    target, runtime version, CPU and plan, then read from the cache (``pf_ray.latency.cache``)."""
+    target, runtime version, CPU and plan, then read from the cache (``pf_ray.latency.cache``). ``whole``: groups
+    (by name) timed unpruned in every candidate (channel pruning's excluded groups)."""
     model = copy.deepcopy(model).cpu().eval()
-    entry = Path(folder or cache.cache_dir()) / f"table-{table_key(model, input_shape, target, plan)}.json"
+    key = table_key(model, input_shape, target, plan)
+    if whole:
+        key = cache.cache_key("table", key, sorted(whole))
+    entry = Path(folder or cache.cache_dir()) / f"table-{key}.json"
     stored = cache.read_entry(entry, "table")
     if stored is not None:
         try:
@@ -300,7 +310,8 @@ def latency_table(model: nn.Module, input_shape: Sequence[int], target: TargetCo
     if floats and target.precision is not Precision.INT8:
         raise ConfigError(f"a latency table with layers in FP32 needs an INT8 target; got {target.precision}")
     timer = CandidateTimer(model, input_shape, target, plan, log,
-                           **({"depth": True} if blocks else {}), **({"precision": True} if floats else {}))
+                           **({"depth": True} if blocks else {}), **({"precision": True} if floats else {}),
+                           **({"whole": whole} if whole else {}))
     try:
         table = fit_table(macs, timer, plan, log=log, target=_target_record(target),
                           environment=environment(target), reference_ms=timer.reference_ms, blocks=blocks,

@@ -71,7 +71,8 @@ def run_stages(prepared: Prepared, *, log: Log, command: str | None, started: fl
         baseline, baseline_info = load_checkpoint(baseline_path, expect_input_shape=data.input_shape,
                                                   expect_num_classes=data.num_classes, user_model=config.model.name)
 
-        latency = prepared.latency or run_latency(run_dir, config, baseline, data.input_shape, log=log)
+        latency = prepared.latency or run_latency(run_dir, config, baseline, data.input_shape, log=log,
+                                                  whole=tuple(getattr(spec.learner_config, "excluded_groups", ())))
         searched = search_stage(prepared, baseline, baseline_path, latency, log=log, resume=resume)
         chosen = searched.chosen if searched else spec  # without a search: the learner config as configured
         trials = searched.trials if searched else []
@@ -100,6 +101,7 @@ def run_stages(prepared: Prepared, *, log: Log, command: str | None, started: fl
                                                            "layer_names": [], "starts": [], "trials": [],
                                                            "best": None},
             "learner_config": to_dict(chosen.learner_config),
+            "skipped_groups": skipped_groups(prepared),
             "compressed": {"checkpoint": str(artifacts_dir / "compressed.pt"),
                            **model_stats(model, data.input_shape).__dict__},
             "artifacts": reports,
@@ -146,6 +148,16 @@ class Searched:
                 "layer_names": list(self.space.names),
                 "starts": [list(v) for values in self.starts.values() for v in values],
                 **({"targets": list(self.targets)} if several else {}), "trials": self.trials, "best": self.best}
+
+
+def skipped_groups(prepared: Prepared) -> list[dict[str, str]]:
+    """results.json's ``skipped_groups``: what the learner's check left uncompressed, with the reason (channel groups
+    whose pruning breaks the model); a resumed run, not checked again, has the names from its learner config."""
+    if prepared.skipped_groups:
+        return [{"name": name, "reason": reason} for name, reason in prepared.skipped_groups]
+    excluded = getattr(prepared.spec.learner_config, "excluded_groups", ())
+    return [{"name": name, "reason": "left unpruned by the run's preflight (learner.options.excluded_groups)"}
+            for name in excluded]
 
 
 def search_stage(prepared: Prepared, baseline: torch.nn.Module, baseline_path: Path,

@@ -15,6 +15,7 @@ from pf_ray.errors import ConfigError
 from pf_ray.launch.baseline import cached_baseline, given_state_dict, imported_baseline_path, load_given_weights
 from pf_ray.launch.cluster import cpu_count, max_concurrent_trials
 from pf_ray.launch.target import TableSource, check_target
+from pf_ray.learners.base import SkipsUnsafeParts
 from pf_ray.models import absolute_model_name, build_model, check_forward, run_name_prefix
 from pf_ray.ops.latency_budget import TargetLatency
 from pf_ray.spec import RunSpec
@@ -33,6 +34,9 @@ class Prepared:
     baseline_path: Path | None  # None: the baseline must be trained first
     location: RunLocation  # the local run folder, and where Ray writes search/ and retrain/
     latency: TargetLatency | None = None  # search.budget latency: the target's latency table and reference
+    # what the learner's check found unsafe to compress and leaves alone ((name, reason), e.g. channel groups whose
+    # pruning breaks the model): for results.json and the report; the spec's learner config already excludes them
+    skipped_groups: tuple[tuple[str, str], ...] = ()
 
     @property
     def config(self) -> ExperimentConfig:
@@ -99,8 +103,17 @@ def preflight(config: ExperimentConfig, *, log: Log = print) -> Prepared:
     else:
         baseline_path = cached_baseline(config, log=log)
     # What the learner's prepare() would refuse inside every trial (ratios for another model, more stages than
-    # prunable groups, nothing prunable), refused now.
-    spec.build_learner().check(model, data.input_shape)
+    # prunable groups, nothing prunable), refused now. Channel pruning also prunes copies of the model here and
+    # leaves the groups that break it unpruned: every trial and the retrain get the config that excludes them.
+    learner = spec.build_learner()
+    learner.check(model, data.input_shape)
+    skipped: tuple[tuple[str, str], ...] = ()
+    if isinstance(learner, SkipsUnsafeParts):
+        skipped = tuple((group.name, group.reason) for group in learner.skipped_groups())
+        spec = spec.with_learner_config(learner.checked_config())
+        if skipped:
+            log(f"{config.learner.name}: {len(skipped)} channel group(s) left unpruned: "
+                f"{', '.join(name for name, _ in skipped)}")
     check_target(config)
     available = config.resources.num_cpus or (cpu_count() if config.resources.ray_address is None else None)
     if available is not None:  # a local Ray: its size is known now (a remote cluster's is checked at search)
@@ -117,8 +130,8 @@ def preflight(config: ExperimentConfig, *, log: Log = print) -> Prepared:
     if taken:
         raise ConfigError(f"storage.name: run folder {taken[0]!r} already exists; choose another name")
     # Last: with search.budget latency this measures the target's latency table (minutes, once per CPU: cached).
-    latency = TableSource(model, data.input_shape, config.target, log) if config.search.budget is Budget.LATENCY \
-        else None
+    latency = TableSource(model, data.input_shape, config.target, log, tuple(name for name, _ in skipped)) \
+        if config.search.budget is Budget.LATENCY else None
     spaces = [search_space(target_spec, model, data.input_shape, latency) for _, target_spec in spec.per_target()]
     for space in spaces:
         if space is not None:
@@ -127,4 +140,4 @@ def preflight(config: ExperimentConfig, *, log: Log = print) -> Prepared:
         raise ConfigError(f"search.budget: got 'latency'; learner {config.learner.name} searches no per-layer "
                           "values here, so nothing is budgeted; a latency budget applies to channel_pruning in "
                           "mode auto (or leave search.budget at macs)")
-    return Prepared(spec, data, baseline_path, location, latency.built if latency is not None else None)
+    return Prepared(spec, data, baseline_path, location, latency.built if latency is not None else None, skipped)

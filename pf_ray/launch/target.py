@@ -71,6 +71,7 @@ class TableSource:
     input_shape: tuple[int, int, int]
     target: TargetConfig
     log: Log
+    whole: tuple[str, ...] = ()  # channel groups timed unpruned (channel pruning's excluded_groups)
     built: TargetLatency | None = field(default=None, init=False)
 
     def __call__(self, *, depth: bool = False, precision: bool = False) -> TargetLatency:
@@ -86,7 +87,8 @@ class TableSource:
                      f"{cpu['model_name']} ({' '.join(cpu['kernel_flags']) or 'no listed kernel flags'}); cached in "
                      f"{cache_dir()}")
             plan = replace(TABLE_PLAN or plan_for(self.target), depth=depth, precision=precision)
-            table = latency_table(self.model, self.input_shape, self.target, plan=plan, log=self.log)
+            table = latency_table(self.model, self.input_shape, self.target, plan=plan, log=self.log,
+                                  whole=self.whole)
             self.built = as_target_latency(table)
         return self.built
 
@@ -104,9 +106,10 @@ def save_table(run_dir: Path, latency: TargetLatency) -> None:
 
 
 def run_latency(run_dir: Path, config: ExperimentConfig, model: nn.Module, input_shape: tuple[int, int, int], *,
-                log: Log) -> TargetLatency | None:
+                log: Log, whole: tuple[str, ...] = ()) -> TargetLatency | None:
     """The run's latency table for a resumed run: the one in its folder (the budget it started with), else built
-    again (and kept there). None without a latency budget."""
+    again (and kept there), with the channel groups ``whole`` timed unpruned (channel pruning's excluded groups).
+    None without a latency budget."""
     if config.search.budget is not Budget.LATENCY:
         return None
     path = run_dir / TABLE_FILE
@@ -118,7 +121,7 @@ def run_latency(run_dir: Path, config: ExperimentConfig, model: nn.Module, input
     # channel_pruning's depth search (depth true, or "auto" under this latency budget): a table with removed blocks
     depth = config.learner.options.get("depth", "auto") is not False
     precision = config.learner.options.get("mixed_precision", False) is True
-    latency = TableSource(model, input_shape, config.target, log)(depth=depth, precision=precision)
+    latency = TableSource(model, input_shape, config.target, log, whole)(depth=depth, precision=precision)
     save_table(run_dir, latency)
     return latency
 
@@ -144,7 +147,7 @@ def measure_on_target(config: ExperimentConfig, reports: Sequence[dict[str, Any]
         return {**record, "measured": False, "why": f"no artifact {', '.join(missing)} (export.formats)"}
     started = time.perf_counter()
     budget = space.budget if space is not None else None
-    counts = {trial["trial_id"]: (tuple(budget.kept(trial[LAYER_VALUES])), budget.removed(trial[LAYER_VALUES]),
+    counts = {trial["trial_id"]: (tuple(budget.counts(trial[LAYER_VALUES])), budget.removed(trial[LAYER_VALUES]),
                                   budget.fp32(trial[LAYER_VALUES]))
               for trial in trials if isinstance(budget, KeepsChannels) and trial.get(LAYER_VALUES)}
     architectures = list(dict.fromkeys(counts.values()))  # trials that kept the same counts are timed once
@@ -172,7 +175,7 @@ def measure_on_target(config: ExperimentConfig, reports: Sequence[dict[str, Any]
                    "candidates_measured": len(architectures), "seconds": round(time.perf_counter() - started, 1)})
     if latency is not None and isinstance(budget, KeepsChannels) and chosen_values:
         fp32 = budget.fp32(chosen_values)
-        predicted = latency.predictor.predict(budget.kept(chosen_values), budget.removed(chosen_values),
+        predicted = latency.predictor.predict(budget.counts(chosen_values), budget.removed(chosen_values),
                                               *([fp32] if fp32 else []))
         record["predicted_ms"] = predicted  # on the table's own scale: its reference was timed when it was built
         record["predicted_speedup"] = latency.reference_ms / predicted

@@ -18,6 +18,7 @@ from pf_ray.config import Budget, SearchConfig
 from pf_ray.data import DataBundle
 from pf_ray.errors import ConfigError
 from pf_ray.ops.latency_budget import LatencySource
+from pf_ray.ops.safe_pruning import SkippedGroup
 from pf_ray.packing import PackedTensor
 from pf_ray.search_space import PerLayerSpace
 
@@ -105,6 +106,17 @@ class KeepsFp32Layers(Protocol):
 
 
 @runtime_checkable
+class SkipsUnsafeParts(Protocol):
+    def skipped_groups(self) -> tuple[SkippedGroup, ...]:
+        """What ``check`` found unsafe to compress on the model and leaves alone, with the reason (e.g. channel
+        groups whose pruning breaks the model: ``ops.safe_pruning``), for the log, results.json and the report."""
+
+    def checked_config(self) -> Any:
+        """Its config with the parts ``skipped_groups`` names left out, for every trial and the retrain: they see
+        the same model, and need not test it again."""
+
+
+@runtime_checkable
 class ScoresInt8(Protocol):
     def scores_int8(self) -> bool:
         """True where its trials are scored on the accuracy of the deployment target's INT8 artifact, not the
@@ -121,7 +133,7 @@ class RebuildsFinalized(Protocol):
 
 
 OPTIONAL_HOOKS = (SearchesPerLayer, BudgetsLatency, ProposesStart, CountsSteps, PacksWeights, WritesInt8Files,
-                  KeepsFp32Layers, ScoresInt8, RebuildsFinalized)
+                  KeepsFp32Layers, SkipsUnsafeParts, ScoresInt8, RebuildsFinalized)
 
 
 class PerLayerMode(enum.StrEnum):

@@ -1,12 +1,15 @@
 """Channel pruning: remove whole channels, residual trunks included (He et al., "Channel Pruning for
 Accelerating Very Deep Neural Networks", ICCV 2017; dependency groups after Fang et al., DepGraph, CVPR 2023).
 
-The criteria, the modes and group fine-tuning: docs/design.md, "Channel pruning".
+The criteria, the modes and group fine-tuning: docs/design.md, "Channel pruning". Groups whose pruning breaks the
+model (a user's graph with splits and shuffles: ``ops.safe_pruning``) are found by ``check`` before any training and
+left unpruned: ``excluded_groups``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Collection
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -22,17 +25,19 @@ from pf_ray.ops.depth import remove_blocks_by_name_
 from pf_ray.ops.depth_knapsack import block_features, knapsack_start
 from pf_ray.ops.depth_space import SplitFields, dimension_names
 from pf_ray.ops.importance import taylor_importance
-from pf_ray.ops.latency_budget import LatencyBudget, LatencySource
-from pf_ray.ops.macs_budget import MacsBudget, macs_table
+from pf_ray.ops.latency_budget import LatencyBudget, LatencySource, WholeGroups
+from pf_ray.ops.macs_budget import MacsBudget, macs_table, without_groups
 from pf_ray.ops.precision_space import check_precision_search, join_tail, precision_features
 from pf_ray.ops.precision_space import dimension_names as precision_dimension_names
-from pf_ray.ops.pruning import CRITERIA, KEEP_RATIOS_FIELD, prune_channels_
+from pf_ray.ops.pruning import CRITERIA, KEEP_RATIOS_FIELD, kept_channel_count, prune_channels_
+from pf_ray.ops.safe_pruning import SkippedGroup, structural_problems, unsafe_groups
 from pf_ray.registry import LEARNERS
 from pf_ray.search_space import PerLayerSpace, layer_features
 from pf_ray.strict import check_choice, check_range
 from pf_ray.train import take_batches
 
 RATIOS_FILE_FIELD = "learner.options.ratios_file"
+EXCLUDED_GROUPS_FIELD = "learner.options.excluded_groups"
 DEFAULT_ROUND_TO = 8  # round_to "auto" without a latency table
 IMPORTANCE_BATCHES = 4  # training batches (of 64) that the knapsack start's channel importance is measured on
 FEATURE_BATCH_SIZE = 64  # images per mini-batch for LASSO's feature sampling and for group fine-tuning
@@ -41,7 +46,7 @@ FEATURE_BATCH_SIZE = 64  # images per mini-batch for LASSO's feature sampling an
 @dataclass(frozen=True)
 class ChannelPruningConfig:
     mode: PerLayerMode = PerLayerMode.AUTO  # uniform: keep_ratio everywhere; list: given; auto: searched
-    layer_keep_ratios: tuple[float, ...] = ()  # one per prunable group, in model order (mode list / auto)
+    layer_keep_ratios: tuple[float, ...] = ()  # one per pruned group (not excluded), in model order (list / auto)
     keep_ratio: float = 0.5  # mode uniform; also auto before the search has filled layer_keep_ratios
     ratios_file: str | None = None  # mode list: a YAML/JSON list or a text file of numbers, one per group
     # Kept channel counts are multiples of this. "auto": where latency steps on the deployment target (its latency
@@ -70,6 +75,9 @@ class ChannelPruningConfig:
     # Layers (module names) the INT8 exports keep in FP32: mode list / uniform: given; mode auto with
     # mixed_precision: filled by the search. A layer inside a removed block is ignored
     fp32_layers: tuple[str, ...] = ()
+    # Channel groups (by name: their first layer) left unpruned: given, and filled by the preflight's safety check
+    # with the groups whose pruning breaks the model (ops.safe_pruning); they have no keep ratio
+    excluded_groups: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check_per_layer_mode(self.mode, "layer_keep_ratios", self.layer_keep_ratios, file_field="ratios_file",
@@ -106,9 +114,14 @@ class ChannelPruningConfig:
             read_values_file(self.ratios_file, RATIOS_FILE_FIELD)  # fail now, where the config is read, not in a trial
 
 
-def search_dimensions(model: nn.Module, input_shape: tuple[int, int, int]) -> list[str]:
-    """The names of the prunable groups: one keep ratio per name, in this order, is a ``layer_keep_ratios``."""
-    return [group.name for group in prunable_groups(model, input_shape)]
+def search_dimensions(model: nn.Module, input_shape: tuple[int, int, int], excluded: Collection[str] = ()) -> list[str]:
+    """The names of the prunable groups less ``excluded`` (``excluded_groups``): one keep ratio per name, in this
+    order, is a ``layer_keep_ratios``."""
+    return [group.name for group in prunable_groups(model, input_shape) if group.name not in excluded]
+
+
+def _log(line: str) -> None:
+    print(line, flush=True)
 
 
 @LEARNERS.register("channel_pruning", config=ChannelPruningConfig)
@@ -120,9 +133,25 @@ class ChannelPruning:
     def __init__(self, config: ChannelPruningConfig) -> None:
         self.config = config
         self.kept_channels: dict[str, int] = {}  # group name -> channels kept, filled by prepare
+        self._skipped: tuple[SkippedGroup, ...] = ()  # filled by check
 
     def check(self, model: nn.Module, input_shape: tuple[int, int, int]) -> None:
-        self._keep_ratios(len(self._groups(model, input_shape)))
+        """Also prunes copies of the model at the search box's bottom (``ops.safe_pruning``): the groups that break
+        it are left unpruned (``skipped_groups``, ``checked_config``); a ConfigError when none is left."""
+        names = self._groups(model, input_shape)
+        config = self.config
+        unknown = [name for name in config.excluded_groups if name not in names]
+        if unknown:
+            raise ConfigError(f"{EXCLUDED_GROUPS_FIELD}: got {unknown[0]!r}, not a prunable channel group of this "
+                              f"model; its groups: {', '.join(names)}")
+        lowest = min((config.min_keep_ratio, config.keep_ratio, *config.layer_keep_ratios))
+        given = tuple(SkippedGroup(name, f"listed in {EXCLUDED_GROUPS_FIELD}") for name in config.excluded_groups)
+        found = unsafe_groups(model, input_shape, lowest, self._round_to(), exclude=config.excluded_groups,
+                              log=_log)
+        self._skipped = given + found
+        if self._skipped:
+            self._refuse_if_nothing_left(model, input_shape, lowest)
+        self._keep_ratios(len(names) - len(self._skipped))
         if self.config.fp32_layers:
             layers = macs_table(model, input_shape).layer_names()
             unknown = [name for name in self.config.fp32_layers if name not in layers]
@@ -147,8 +176,48 @@ class ChannelPruning:
                               "false")
         return blocks
 
+    def _refuse_if_nothing_left(self, model: nn.Module, input_shape: tuple[int, int, int], lowest: float) -> None:
+        """A ConfigError when the groups left to prune (not skipped) cannot lose a single channel, even at keep ratio
+        ``lowest`` (too few channels for ``round_to``): the run could only train and export the same model."""
+        skipped = {group.name for group in self._skipped}
+        groups = prunable_groups(model, input_shape)
+        round_to = self._round_to()
+        if any(kept_channel_count(g.num_channels, lowest, round_to) < g.num_channels
+               for g in groups if g.name not in skipped):
+            return
+        first = self._skipped[0]
+        why = f"first, {first.name!r}: {first.reason}"
+        if len(skipped) == len(groups):
+            raise ConfigError(f"channel_pruning: nothing can be pruned in {type(model).__name__}: all {len(groups)} "
+                              f"channel groups are left unpruned ({why})")
+        raise ConfigError(f"channel_pruning: nothing can be pruned in {type(model).__name__}: {len(skipped)} of its "
+                          f"{len(groups)} channel groups are left unpruned ({why}), and the other "
+                          f"{len(groups) - len(skipped)} keep every channel at keep ratio {lowest:g} with round_to="
+                          f"{round_to} (learner.options.round_to)")
+
+    def skipped_groups(self) -> tuple[SkippedGroup, ...]:
+        """The groups left unpruned, with the reason: those found by ``check`` (empty before it), and those listed in
+        ``excluded_groups``."""
+        return self._skipped
+
+    def checked_config(self) -> ChannelPruningConfig:
+        """The config with every group ``check`` skipped in ``excluded_groups`` (in forward order)."""
+        return replace(self.config, excluded_groups=tuple(group.name for group in self._skipped))
+
+    def _excluded(self) -> set[str]:
+        return set(self.config.excluded_groups) | {group.name for group in self._skipped}
+
     def _groups(self, model: nn.Module, input_shape: tuple[int, int, int]) -> list[str]:
+        """Every prunable group's name, excluded ones included."""
         return [group.name for group in require_prunable_groups(model, input_shape, "channel_pruning")]
+
+    def _pruned_groups(self, model: nn.Module, input_shape: tuple[int, int, int]) -> list[str]:
+        """The groups that get a keep ratio: the prunable ones less the excluded, in forward order."""
+        names = [name for name in self._groups(model, input_shape) if name not in self._excluded()]
+        if not names:
+            raise ConfigError(f"channel_pruning: nothing can be pruned in {type(model).__name__}: every channel "
+                              f"group is in {EXCLUDED_GROUPS_FIELD}")
+        return names
 
     def search_space(self, model: nn.Module, input_shape: tuple[int, int, int], search: SearchConfig,
                      latency: LatencySource | None = None) -> PerLayerSpace | None:
@@ -157,14 +226,14 @@ class ChannelPruning:
         deployment target by ``latency``'s table. None in the other modes, whose ratios are given."""
         if self.config.mode != PerLayerMode.AUTO:
             return None
-        table = macs_table(model, input_shape)
-        if not table.names:
-            self._groups(model, input_shape)  # raises: nothing to prune
+        every = macs_table(model, input_shape)
+        if not without_groups(every, self._excluded()).names:
+            self._pruned_groups(model, input_shape)  # raises: nothing to prune
         config = self.config
         depth = config.depth is True or (config.depth == "auto" and search.budget is Budget.LATENCY)
         records = self._removable(model, input_shape) if depth else []
         blocks = tuple(block.name for block in records)
-        layers = tuple(table.layer_names()) if config.mixed_precision else ()
+        layers = tuple(every.layer_names()) if config.mixed_precision else ()
         if layers:
             check_precision_search(search)
         if search.budget is Budget.LATENCY:
@@ -180,12 +249,26 @@ class ChannelPruning:
                     raise ConfigError(f"{what}: the latency table of {target.name} predicts {kind} {list(measured)}; "
                                       f"the search needs {list(wanted)} (a table built with {what})")
             round_to = self._round_to(target.step)
-            budget: MacsBudget | LatencyBudget = LatencyBudget(
-                1.0 / search.target_speedup, target.predictor, target.reference_ms, round_to, config.min_keep_ratio,
-                target_name=target.name, blocks=blocks, layers=layers)
         else:
             round_to = self._round_to()
-            budget = MacsBudget(search.macs_ratio, table, round_to, config.min_keep_ratio, blocks=blocks)
+        # the target's step may differ from the round_to that check() tested: groups that cannot stay aligned with
+        # it (a grouped conv's outputs) are left whole too, and the candidates' configs say so (``fixed``)
+        misaligned = {group.name for group in structural_problems(model, input_shape, round_to,
+                                                                  exclude=self._excluded())}
+        excluded = [name for name in every.names if name in self._excluded() | misaligned]
+        table = without_groups(every, excluded)
+        if not table.names:
+            raise ConfigError(f"channel_pruning: nothing can be pruned in {type(model).__name__} with round_to="
+                              f"{round_to}: every channel group is left unpruned")
+        whole = tuple((i, n) for i, (name, n) in enumerate(zip(every.names, every.sizes, strict=True))
+                      if name in excluded)
+        if search.budget is Budget.LATENCY:
+            predictor = WholeGroups(target.predictor, tuple(i for i, _ in whole)) if whole else target.predictor
+            budget: MacsBudget | LatencyBudget = LatencyBudget(
+                1.0 / search.target_speedup, predictor, target.reference_ms, round_to, config.min_keep_ratio,
+                target_name=target.name, blocks=blocks, layers=layers)
+        else:
+            budget = MacsBudget(search.macs_ratio, table, round_to, config.min_keep_ratio, blocks=blocks, whole=whole)
         features = (layer_features(model, input_shape, table.names) + block_features(table, records)
                     + precision_features(model, input_shape, layers, start=len(table.names) + len(blocks)))
         split = None
@@ -195,7 +278,9 @@ class ChannelPruning:
         return PerLayerSpace(self.searched_field,
                              table.names + dimension_names(blocks) + precision_dimension_names(layers),
                              low=config.min_keep_ratio, high=1.0, budget=budget, features=features,
-                             label="keep ratio", fixed=(("round_to", round_to),), split=split)
+                             label="keep ratio", split=split,
+                             fixed=(("round_to", round_to), *((("excluded_groups", tuple(excluded)),) if misaligned
+                                                              else ())))
 
     def fp32_layers(self) -> tuple[str, ...]:
         """The layers its model's INT8 exports keep in FP32: ``fp32_layers``, less those inside removed blocks
@@ -223,21 +308,26 @@ class ChannelPruning:
         """The knapsack start: each channel's first-order Taylor importance on a few training batches against its
         cost under ``space``'s budget (MACs or predicted latency), filled greedily; with depth, blocks removed too
         (``ops.depth_knapsack``)."""
-        groups = prunable_groups(model, data.input_shape)
+        excluded = self._excluded()
+        groups = [group for group in prunable_groups(model, data.input_shape) if group.name not in excluded]
         batches = take_batches(data.train, FEATURE_BATCH_SIZE, IMPORTANCE_BATCHES, seed=self.config.seed)
         importance = [score.numpy() for score in taylor_importance(model, groups, batches)]
         split = space.split if isinstance(space.split, SplitFields) else None
-        start = knapsack_start(importance, macs_table(model, data.input_shape), space.budget,
+        start = knapsack_start(importance, without_groups(macs_table(model, data.input_shape), excluded), space.budget,
                                round_to=dict(space.fixed)["round_to"], low=self.config.min_keep_ratio,
                                blocks=split.blocks if split else ())
         return join_tail(start, split.layers, (), self.config.min_keep_ratio) if split else start  # every layer INT8
 
     def prepare(self, model: nn.Module, data: DataBundle) -> nn.Module:
         config = self.config
-        names = self._groups(model, data.input_shape)
+        names = self._pruned_groups(model, data.input_shape)
+        # a mapping: the excluded groups, not named, keep all their channels
         ratios = dict(zip(names, self._keep_ratios(len(names)), strict=True))
         if config.removed_blocks:  # depth first; then the groups that remain, by name (vanished groups dropped)
-            ratios = remove_blocks_by_name_(model, data.input_shape, config.removed_blocks, ratios)
+            every = {name: ratios.get(name, 1.0) for name in self._groups(model, data.input_shape)}
+            ratios = {name: ratio for name, ratio in
+                      remove_blocks_by_name_(model, data.input_shape, config.removed_blocks, every).items()
+                      if name not in self._excluded()}
             names = list(ratios)
         batches = None
         if config.criterion == "lasso":
@@ -252,7 +342,7 @@ class ChannelPruning:
             "reconstruct": config.reconstruct,
         }
         if config.group_size == 0:
-            self.kept_channels = prune_channels_(model, data.input_shape, list(ratios.values()), **options)
+            self.kept_channels = prune_channels_(model, data.input_shape, ratios, **options)
             return model
         # group fine-tuning: each chunk is selected on features of the model pruned and fine-tuned so far
         self.kept_channels = {}
@@ -265,13 +355,14 @@ class ChannelPruning:
         return model
 
     def _keep_ratios(self, num_groups: int) -> tuple[float, ...]:
+        """One keep ratio per pruned group (``num_groups``: the prunable groups less the excluded ones)."""
         config = self.config
         if config.mode == PerLayerMode.LIST and config.ratios_file is not None:
             ratios = read_values_file(config.ratios_file, RATIOS_FILE_FIELD)
             if len(ratios) != num_groups:
                 raise ConfigError(
                     f"{RATIOS_FILE_FIELD}: {config.ratios_file!r} holds {len(ratios)} ratios; "
-                    f"expected {num_groups} (one per prunable group of this model)"
+                    f"expected {num_groups} (one per prunable group of this model that is not excluded)"
                 )
             return ratios
         if config.mode == PerLayerMode.UNIFORM or not config.layer_keep_ratios:
@@ -279,7 +370,7 @@ class ChannelPruning:
         if len(config.layer_keep_ratios) != num_groups:
             raise ConfigError(
                 f"{KEEP_RATIOS_FIELD}: got {len(config.layer_keep_ratios)} values; expected "
-                f"{num_groups} (one per prunable group of this model)"
+                f"{num_groups} (one per prunable group of this model that is not excluded)"
             )
         return config.layer_keep_ratios
 

@@ -4,13 +4,24 @@ CVPR 2023), and each conv/linear call's MACs as a function of the groups' kept c
 Every layer that shares a channel (a residual trunk, the batch norm after a conv, the next conv's inputs, a
 depthwise conv in between) is a member of the channel's group. This is the only module of pf_ray that imports
 torch-pruning.
+
+The analysis is bounded (``AnalysisLimits``): torch-pruning's index propagation can grow without end through
+operations that mix channels (a reshape across the channel axis feeding a matrix product: 24 GB and 9 minutes
+before the kernel killed it, issue 15). A model it cannot finish in time and memory is refused in one line.
 """
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import math
+import os
+import sys
+import threading
+import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +35,135 @@ from pf_ray.hooks import forward_hooks
 # Layers whose multiply-accumulates we count (pf_ray.metrics' definition): 2-d convolutions and linear layers.
 # They are also the layers a prunable group must start from.
 MAC_LAYERS = (nn.Conv2d, nn.Linear)
+
+
+# Default bound on one model's dependency analysis. Tracing and grouping take well under a second for ResNet-20 and
+# a few seconds for torchvision's ResNet-50 on the 2-core machines; a model that needs minutes is one whose index
+# propagation is exploding, not one that is merely large.
+ANALYSIS_SECONDS = 120.0
+ANALYSIS_MEMORY_BYTES = 8 << 30  # growth of the process's resident memory; also at most half of what is available
+PROGRESS_SECONDS = 15.0  # a progress line this often while the analysis runs
+
+
+@dataclass(frozen=True)
+class AnalysisLimits:
+    """How long and how much memory torch-pruning's analysis of one model may take, and how often it says where it
+    is. The whole analysis is bounded, not each group: groups found before a bound is hit are not used, because
+    how far an analysis gets depends on the machine's load, and every trial (another process, maybe another
+    machine) must see the same groups as the preflight, or the search's vectors would not line up."""
+
+    seconds: float = ANALYSIS_SECONDS
+    memory_bytes: int = ANALYSIS_MEMORY_BYTES
+    progress_seconds: float = PROGRESS_SECONDS
+    log: Callable[[str], None] | None = None  # progress lines; None: standard error
+
+
+class _LimitExceeded(BaseException):  # noqa: N818 - raised into the analysing thread; BaseException: no library
+    """Raised asynchronously into the analysing thread by the watchdog."""  # `except Exception` swallows it
+
+
+def _resident_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):  # not Linux: only the time bound applies
+        return 0
+
+
+def _available_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+class _Watchdog:
+    """Watches the calling thread from another one: a progress line every ``progress_seconds``, and
+    ``_LimitExceeded`` raised into the caller when the time or memory bound is passed (at its next Python bytecode:
+    torch-pruning's propagation is Python loops)."""
+
+    def __init__(self, limits: AnalysisLimits) -> None:
+        self.limits = limits
+        self.step = "starting"  # what the analysis is doing, for progress lines and the refusal
+        self.exceeded = ""  # which bound was passed, once it was
+        self.start = time.monotonic()
+        self.base = _resident_bytes()
+        available = _available_bytes()
+        self.memory = limits.memory_bytes if available is None else min(limits.memory_bytes, available // 2)
+        self._target = threading.get_ident()
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        self._sent = False
+        self._thread = threading.Thread(target=self._watch, name="pf-ray-analysis-watchdog", daemon=True)
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def at(self, step: str) -> None:
+        """The analysis moves on to ``step``: past the time bound already, it stops here (the watchdog's
+        asynchronous stop covers the long steps in between)."""
+        self.step = step
+        if self.elapsed() > self.limits.seconds:
+            self.exceeded = f"took more than {self.limits.seconds:g} s"
+            raise _LimitExceeded
+
+    def grown(self) -> int:
+        return max(_resident_bytes() - self.base, 0)
+
+    def _watch(self) -> None:
+        log = self.limits.log or (lambda line: print(line, file=sys.stderr, flush=True))
+        next_progress = self.limits.progress_seconds
+        while not self._done.wait(0.05):
+            elapsed, grown = self.elapsed(), self.grown()
+            if elapsed >= next_progress:
+                log(f"channel dependency analysis: {elapsed:.0f} s, +{grown / 2**30:.1f} GB so far, {self.step}")
+                next_progress += self.limits.progress_seconds
+            if elapsed > self.limits.seconds:
+                self.exceeded = f"took more than {self.limits.seconds:g} s"
+            elif self.memory and grown > self.memory:
+                self.exceeded = f"needed more than {self.memory / 2**30:.1f} GB"
+            if self.exceeded:
+                with self._lock:
+                    if not self._done.is_set():
+                        ctypes.pythonapi.PyThreadState_SetAsyncExc(
+                            ctypes.c_ulong(self._target), ctypes.py_object(_LimitExceeded))
+                        self._sent = True
+                return
+
+    def __enter__(self) -> _Watchdog:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self._done.set()
+            if self._sent:  # an exception sent but not yet raised would surface later, anywhere: withdraw it
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self._target), None)
+        self._thread.join()
+
+
+@contextmanager
+def _bounded(model: nn.Module, limits: AnalysisLimits) -> Iterator[_Watchdog]:
+    """Run the block under ``limits``; a ModelError in one line if it passes one."""
+    watchdog = _Watchdog(limits)
+    try:
+        with watchdog:
+            yield watchdog
+    except _LimitExceeded:
+        pass
+    if watchdog.exceeded:
+        gc.collect()  # the abandoned analysis' index lists
+        raise ModelError(
+            f"channel pruning: the dependency analysis of {type(model).__name__} {watchdog.exceeded} (stopped "
+            f"while {watchdog.step}, after {watchdog.elapsed():.0f} s): some operation mixes channels in a way "
+            "torch-pruning cannot follow (e.g. a reshape across the channel axis into a matrix product); compress "
+            "this model with a learner that keeps its channels (weight_sparsification, uniform_quantization, "
+            "native_int8), or replace that operation"
+        )
 
 
 @dataclass(frozen=True)
@@ -137,35 +277,42 @@ def require_prunable_groups(model: nn.Module, input_shape: Sequence[int], learne
 _last_trace: tuple[weakref.ref, tuple[Any, ...], GroupTrace] | None = None
 
 
-def trace_groups(model: nn.Module, input_shape: Sequence[int]) -> GroupTrace:
+def trace_groups(model: nn.Module, input_shape: Sequence[int], limits: AnalysisLimits | None = None) -> GroupTrace:
     """Trace ``model`` on a random example of ``input_shape`` (in eval mode; its modes are restored), or return the
-    last trace if it was of this very model with the same parameter shapes (nothing pruned since)."""
+    last trace if it was of this very model with the same parameter shapes (nothing pruned since).
+
+    Raises ModelError (one line) when the analysis passes ``limits`` (default ``AnalysisLimits()``)."""
     global _last_trace
     key = (tuple((name, tuple(p.shape)) for name, p in model.named_parameters()), tuple(input_shape))
     if _last_trace is not None and _last_trace[0]() is model and _last_trace[1] == key:
         return _last_trace[2]
-    trace = _trace(model, input_shape)
+    trace = _trace(model, input_shape, limits or AnalysisLimits())
     _last_trace = (weakref.ref(model), key, trace)
     return trace
 
 
-def _trace(model: nn.Module, input_shape: Sequence[int]) -> GroupTrace:
+def _trace(model: nn.Module, input_shape: Sequence[int], limits: AnalysisLimits) -> GroupTrace:
     parameter = next(model.parameters(), None)
     if parameter is None:
         raise ModelError("the model has no parameters; there are no channels to prune")
     example = torch.randn(1, *input_shape, device=parameter.device, dtype=parameter.dtype)
     names = {module: name for name, module in model.named_modules()}
-    # eval mode: the tracing forwards must not update batch-norm statistics; torch-pruning traces through autograd
-    with forward_hooks(model, training=False), torch.enable_grad():
-        calls, output_layers = _record_layer_calls(model, example, names)
-        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
-
-    order = {name: position for position, (name, _, _) in enumerate(calls)}
-    groups = []
-    for tp_group in graph.get_all_groups(ignored_layers=output_layers):
-        group = _describe_group(graph, tp_group, names, order)
-        if group is not None:
-            groups.append(group)
+    with _bounded(model, limits) as watchdog:
+        # eval mode: the tracing forwards must not update batch-norm statistics; torch-pruning traces through
+        # autograd
+        with forward_hooks(model, training=False), torch.enable_grad():
+            watchdog.at("tracing the forward pass")
+            calls, output_layers = _record_layer_calls(model, example, names)
+            watchdog.at("building the dependency graph")
+            with _analysis_errors(model, watchdog):
+                graph = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
+        order = {name: position for position, (name, _, _) in enumerate(calls)}
+        groups = []
+        with _analysis_errors(model, watchdog):
+            for tp_group in _all_groups(graph, output_layers, names, watchdog):
+                group = _describe_group(graph, tp_group, names, order)
+                if group is not None:
+                    groups.append(group)
     groups.sort(key=lambda g: order[g.name])
 
     modules = dict(model.named_modules())
@@ -184,6 +331,44 @@ def _trace(model: nn.Module, input_shape: Sequence[int]) -> GroupTrace:
                     target.append((index, len(member.indices)))
         layers.append(layer)
     return GroupTrace(graph, groups, modules, layers, names, order)
+
+
+@contextmanager
+def _analysis_errors(model: nn.Module, watchdog: _Watchdog) -> Iterator[None]:
+    """torch-pruning failing on a graph it does not understand (e.g. a ZeroDivisionError in its reshape index
+    mapping for torchvision's ShuffleNet-v2) is the model's limit, not a bug of ours: one line, as for the bounds."""
+    try:
+        yield
+    except Exception as error:  # noqa: BLE001 - whatever torch-pruning raises
+        text = str(error).strip().splitlines()
+        raise ModelError(
+            f"channel pruning: torch-pruning cannot analyse the channels of {type(model).__name__} (while "
+            f"{watchdog.step}: {type(error).__name__}{': ' + text[0][:200] if text else ''}); compress this model "
+            "with a learner that keeps its channels (weight_sparsification, uniform_quantization, native_int8)"
+        ) from error
+
+
+def _all_groups(graph: tp.DependencyGraph, ignored: list[nn.Module], names: dict[nn.Module, str],
+                watchdog: _Watchdog) -> Iterator[Any]:
+    """torch-pruning's ``get_all_groups`` (1.6), step by step so that progress lines can name the layer at hand:
+    one group per conv/linear layer whose outputs no earlier group already covers."""
+    ignored = ignored + graph.IGNORED_LAYERS_IN_TRACING
+    roots = [m for m in graph.module2node
+             if isinstance(m, (tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR)) and m not in ignored]
+    covered: set[nn.Module] = set()
+    for position, root in enumerate(roots, 1):
+        pruner = graph.get_pruner_of_module(root)
+        if root in covered or pruner is None or pruner.get_out_channels(root) is None:
+            continue
+        watchdog.at(f"grouping the outputs of {names.get(root, type(root).__name__)!r} ({position} of {len(roots)})")
+        tp_group = graph.get_pruning_group(root, pruner.prune_out_channels, list(range(pruner.get_out_channels(root))))
+        prunable = True
+        for item in tp_group:
+            if graph.is_out_channel_pruning_fn(item.dep.handler):
+                covered.add(item.dep.target.module)
+                prunable = prunable and item.dep.target.module not in ignored
+        if prunable:
+            yield tp_group
 
 
 def _record_layer_calls(

@@ -13,7 +13,7 @@ from pf_ray.errors import ConfigError
 from pf_ray.ops.depth_space import join_values, project_with_blocks, split_values
 from pf_ray.ops.precision_space import project_with_precision, split_tail
 from pf_ray.ops.projection import Unreachable, project_keep_ratios
-from pf_ray.ops.pruning import kept_channel_count
+from pf_ray.ops.pruning import kept_channel_count, with_whole_groups
 
 
 class LatencyPredictor(Protocol):
@@ -26,6 +26,29 @@ class LatencyPredictor(Protocol):
     def predict(self, kept: Sequence[int], removed: Collection[str] = (), fp32: Collection[str] = ()) -> float:
         """``fp32``: layers left in FP32 in an INT8 model (a table built with precision; others are asked with
         none)."""
+
+
+@dataclass(frozen=True)
+class WholeGroups:
+    """``predictor`` with some groups always kept whole (channel pruning's excluded groups): asked with a kept
+    count per other group, it predicts with the full count filled in for each excluded one."""
+
+    predictor: LatencyPredictor
+    excluded: tuple[int, ...]  # positions in ``predictor.sizes`` of the groups kept whole
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        return tuple(n for i, n in enumerate(self.predictor.sizes) if i not in self.excluded)
+
+    def __getattr__(self, name: str) -> object:  # blocks, precision_layers...: the table's own
+        if name in ("predictor", "excluded"):
+            raise AttributeError(name)
+        return getattr(self.predictor, name)
+
+    def predict(self, kept: Sequence[int], removed: Collection[str] = (), fp32: Collection[str] = ()) -> float:
+        counts = iter(kept)
+        full = [n if i in self.excluded else next(counts) for i, n in enumerate(self.predictor.sizes)]
+        return self.predictor.predict(full, removed, fp32) if fp32 else self.predictor.predict(full, removed)
 
 
 @dataclass(frozen=True)
@@ -70,6 +93,14 @@ class LatencyBudget:
     def kept(self, values: Sequence[float]) -> list[int]:
         ratios = split_values(self._head(values), self.blocks, self.min_ratio)[0]  # blocks' values are not counts
         return [kept_channel_count(n, r, self.round_to) for n, r in zip(self.predictor.sizes, ratios, strict=True)]
+
+    def counts(self, values: Sequence[float]) -> list[int]:
+        """``kept`` for every group of the model's ``macs_table``, those a ``WholeGroups`` predictor keeps whole
+        included."""
+        if not isinstance(self.predictor, WholeGroups):
+            return self.kept(values)
+        sizes = self.predictor.predictor.sizes
+        return with_whole_groups(self.kept(values), [(i, sizes[i]) for i in self.predictor.excluded])
 
     def removed(self, values: Sequence[float]) -> tuple[str, ...]:
         """The residual blocks a vector removes (none without ``blocks``)."""

@@ -18,7 +18,7 @@ from pf_ray.errors import ConfigError, ModelError
 from pf_ray.ops.channel_groups import LayerMacs, trace_groups
 from pf_ray.ops.depth_space import project_with_blocks, split_values
 from pf_ray.ops.projection import Unreachable, project_keep_ratios
-from pf_ray.ops.pruning import check_keep_ratios, kept_channel_count
+from pf_ray.ops.pruning import check_keep_ratios, kept_channel_count, with_whole_groups
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,20 @@ def without_blocks(table: MacsTable, removed: Collection[str]) -> MacsTable:
     return replace(table, layers=tuple(layer for i, layer in enumerate(table.layers) if i not in gone))
 
 
+def without_groups(table: MacsTable, excluded: Collection[str]) -> MacsTable:
+    """``table`` with the groups ``excluded`` left whole: gone from its names and sizes (the others keep their
+    order), their layers' MACs fixed at their full channel counts. Unknown names are ignored."""
+    kept = [i for i, name in enumerate(table.names) if name not in set(excluded)]
+    if len(kept) == len(table.names):
+        return table
+    index = {old: new for new, old in enumerate(kept)}
+    layers = tuple(
+        replace(layer, in_members=[(index[g], c) for g, c in layer.in_members if g in index],
+                out_members=[(index[g], c) for g, c in layer.out_members if g in index])
+        for layer in table.layers)
+    return MacsTable(tuple(table.names[i] for i in kept), tuple(table.sizes[i] for i in kept), layers)
+
+
 @dataclass(frozen=True)
 class MacsBudget:
     """Channel pruning's budget: the MACs left by per-group keep ratios (after rounding), as a fraction of the
@@ -75,11 +89,18 @@ class MacsBudget:
     round_to: int
     min_ratio: float  # no group's keep ratio below this (the search box's bottom)
     blocks: tuple[str, ...] = ()  # depth: the removable residual blocks, in forward order
+    # groups left unpruned (channel pruning's excluded_groups), not in ``table``: (position among all the model's
+    # groups, channels) each
+    whole: tuple[tuple[int, int], ...] = ()
 
     def kept(self, values: Sequence[float]) -> list[int]:
-        """The channels each group keeps with these keep ratios (what the pruned model has)."""
+        """The channels each group of ``table`` keeps with these keep ratios (what the pruned model has)."""
         ratios = split_values(values, self.blocks, self.min_ratio)[0]  # the blocks' values are not counts
         return [kept_channel_count(n, r, self.round_to) for n, r in zip(self.table.sizes, ratios, strict=True)]
+
+    def counts(self, values: Sequence[float]) -> list[int]:
+        """``kept`` for every group of the model's ``macs_table``, those left whole included."""
+        return with_whole_groups(self.kept(values), self.whole)
 
     def removed(self, values: Sequence[float]) -> tuple[str, ...]:
         """The residual blocks a vector removes (none without ``blocks``)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -148,6 +149,15 @@ def kept_channel_count(num_channels: int, keep_ratio: float, round_to: int) -> i
     return min(max(rounded, round_to, 1), num_channels)
 
 
+def with_whole_groups(kept: Sequence[int], whole: Sequence[tuple[int, int]]) -> list[int]:
+    """``kept`` (one count per pruned group) with the groups left whole put back: ``whole`` holds (position among
+    all the model's groups, channels) for each."""
+    counts = list(kept)
+    for position, size in sorted(whole):
+        counts.insert(position, size)
+    return counts
+
+
 def check_keep_ratios(keep_ratios: Sequence[float], names: Sequence[str]) -> None:
     """One ratio in (0, 1] per group of ``names``, or a ConfigError about ``KEEP_RATIOS_FIELD``."""
     if len(keep_ratios) != len(names):
@@ -231,22 +241,60 @@ def prune_channels_(
     # score every group before touching any weights, so no score sees a half-pruned model
     plans = []
     for group, kept in zip(trace.groups, counts, strict=True):
+        if kept >= group.num_channels:  # left whole: not scored (a group left unpruned as unsafe may not score)
+            plans.append((group, kept, []))
+            continue
         scores = score(model, group)
         if scores.shape != (group.num_channels,):
             raise ModelError(
                 f"criterion {criterion!r} returned shape {tuple(scores.shape)} for group "
                 f"{group.name!r}; expected ({group.num_channels},)"
             )
-        plans.append((group, kept, _unkept(scores, kept)))
+        plans.append((group, kept, _unkept(scores, kept, channel_blocks(model, group))))
     for group, _, remove in plans:
         trace.remove_(group.name, remove)
     return {group.name: kept for group, kept, _ in plans}
 
 
-def _unkept(scores: torch.Tensor, kept: int) -> list[int]:
-    # stable sort: among equal scores the lower channel index is kept
-    keep = set(torch.argsort(scores, descending=True, stable=True)[:kept].tolist())
+def _unkept(scores: torch.Tensor, kept: int, blocks: Sequence[Any] | None = None) -> list[int]:
+    """The channels not among the ``kept`` best by ``scores``; with ``blocks`` (a key per channel), the same
+    number kept in each block (``channel_blocks``)."""
+    order = torch.argsort(scores, descending=True, stable=True).tolist()  # stable: ties keep the lower index
+    if blocks is None:
+        keep = set(order[:kept])
+    else:
+        members: dict[Any, list[int]] = {}
+        for channel in order:
+            members.setdefault(blocks[channel], []).append(channel)
+        if kept % len(members):
+            raise ModelError(f"{kept} channels cannot be kept evenly in {len(members)} convolution groups; keep a "
+                             "multiple of the groups (learner.options.round_to)")
+        keep = {channel for block in members.values() for channel in block[: kept // len(members)]}
     return [i for i in range(len(scores)) if i not in keep]
+
+
+def channel_blocks(model: nn.Module, group: PrunableGroup) -> list[tuple[int, ...]] | None:
+    """For a group whose channels are the outputs of a grouped (not depthwise) convolution: the convolution group
+    of each channel (a tuple, one entry per such convolution), which must all keep the same number of channels
+    for the convolution to stay one with the same groups. None for a group without one."""
+    modules = dict(model.named_modules())
+    keys: list[list[int]] = [[] for _ in range(group.num_channels)]
+    found = False
+    for member in group.members:
+        module = modules[member.module]
+        if member.dim != "out" or not is_grouped_conv(module):
+            continue
+        found = True
+        size = module.out_channels // module.groups
+        for index, channel in zip(member.indices, member.group_indices, strict=True):
+            keys[channel].append(index // size)
+    return [tuple(key) for key in keys] if found else None
+
+
+def is_grouped_conv(module: nn.Module) -> bool:
+    """A convolution with groups that is not depthwise (one input and output channel per group)."""
+    return isinstance(module, nn.Conv2d) and module.groups > 1 and not (
+        module.groups == module.in_channels == module.out_channels)
 
 
 def _prune_lasso_(
@@ -280,9 +328,10 @@ def _prune_lasso_(
             continue
         consumers, reason = lasso_consumers(model, group)
         refits: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        blocks = channel_blocks(model, group)
         if reason:
             warnings.warn(f"group {name!r}: {reason}; its channels are chosen by L1 norm", stacklevel=3)
-            remove = _unkept(l1_channel_scores(model, group), kept)
+            remove = _unkept(l1_channel_scores(model, group), kept, blocks)
         else:
             names = [member.module for member in consumers]
             partners = [n for n in names if reference[n].partner is not None]
@@ -290,6 +339,8 @@ def _prune_lasso_(
             targets = {n: residual_target(reference[n], current[n], channels[n]) for n in names}
             selection = lasso.select_channels(_problem(model, group, consumers, current, targets), kept)
             remove = sorted(set(range(group.num_channels)) - set(selection.keep))
+            if blocks is not None:  # the LASSO's ranking, kept evenly across the convolution's groups
+                remove = _unkept(lasso.selection_scores(selection), kept, blocks)
             if reconstruct:
                 refits = _refits(trace, group, consumers, current, targets, set(remove))
         trace.remove_(name, remove)
