@@ -111,8 +111,16 @@ def test_a_killed_driver_resumes_twice_without_losing_finished_trials(tmp_path):
     resumed = _start(["resume", str(run)], log)
 
     def retrain_checkpointed() -> bool:
-        return bool(glob.glob(str(run / "retrain" / "*" / "checkpoint_*"))) or \
-            bool(glob.glob(str(run / "retrain" / "checkpoint_*")))
+        # Ray Train resumes from the checkpoints its manager's snapshot lists: a checkpoint_* folder already copied
+        # but not yet in the snapshot is not resumed from (a kill in between restarts the retrain: seen once, under
+        # load), so the kill waits for the snapshot to name one.
+        for snapshot in glob.glob(str(run / "retrain" / "**" / "checkpoint_manager_snapshot.json"), recursive=True):
+            try:
+                if json.loads(Path(snapshot).read_text()).get("latest_checkpoint_result"):
+                    return True
+            except (OSError, ValueError):
+                continue  # being written
+        return False
 
     _kill_when(resumed, retrain_checkpointed, "a retrain checkpoint")
     assert not (run / "results.json").exists()
