@@ -6,6 +6,7 @@ import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -69,16 +70,7 @@ def train_baseline(config: ExperimentConfig, data: DataBundle, *, log: Log = pri
     torch.manual_seed(config.seed)
     torch.set_num_threads(config.resources.num_cpus or cpu_count())
     model = build_model(config.model, in_channels=data.input_shape[0], num_classes=data.num_classes)
-    train = config.baseline.train
-    size = min(len(data.train), train.train_subset or len(data.train))
-    log(f"baseline: training {config.model.name} on {config.dataset.name} for {train.epochs} epoch(s), "
-        f"{size} images")
-    fit(model, data.train, train, validation_set=data.validation, seed=config.seed, log=log)
-    metrics = evaluate(model, data.validation)
-    save_checkpoint(path, model, model_config=config.model, input_shape=data.input_shape,
-                    num_classes=data.num_classes, metrics={"validation_" + k: v for k, v in metrics.items()},
-                    extra={"config": to_dict(config)})
-    log(f"baseline: validation accuracy {metrics[ACCURACY]:.4f}; saved {path}")
+    _train_and_save(path, model, config, data, "", {"config": to_dict(config)}, log=log)
     remote = remote_baseline(config)
     if remote is not None:
         copy_file(str(path), remote)
@@ -143,18 +135,26 @@ def import_baseline(config: ExperimentConfig, data: DataBundle, state_dict: dict
         + ("" if loaded.changes else ", every tensor as stored"))
     for change in loaded.changes:
         log(f"baseline:   {change}")
-    train = config.baseline.train
-    if loaded.reinitialised:
+    weights = {"file": str(config.baseline.checkpoint), "sha256": sha256_of(config.baseline.checkpoint),
+               "changes": list(loaded.changes)}
+    why = "layers were re-initialised; from the given weights, " if loaded.reinitialised else None
+    _train_and_save(path, model, config, data, why,
+                    {"config": to_dict(config), "weights": weights}, log=log)
+    return path
+
+
+def _train_and_save(path: Path, model: nn.Module, config: ExperimentConfig, data: DataBundle,
+                    why: str | None, extra: dict[str, Any], *, log: Log) -> None:
+    """Train ``model`` with ``baseline.train`` (unless ``why`` is None: weights used as given), then save it as the
+    baseline checkpoint with its validation metrics. ``why``: what the training line says first."""
+    if why is not None:
+        train = config.baseline.train
         size = min(len(data.train), train.train_subset or len(data.train))
-        log(f"baseline: layers were re-initialised; training {config.model.name} from the given weights on "
-            f"{config.dataset.name} for {train.epochs} epoch(s), {size} images (baseline.train)")
+        log(f"baseline: {why}training {config.model.name} on {config.dataset.name} for {train.epochs} epoch(s), "
+            f"{size} images")
         fit(model, data.train, train, validation_set=data.validation, seed=config.seed, log=log)
     metrics = evaluate(model, data.validation)
     save_checkpoint(path, model, model_config=config.model, input_shape=data.input_shape,
                     num_classes=data.num_classes, metrics={"validation_" + k: v for k, v in metrics.items()},
-                    extra={"config": to_dict(config),
-                           "weights": {"file": str(config.baseline.checkpoint),
-                                       "sha256": sha256_of(config.baseline.checkpoint),
-                                       "changes": list(loaded.changes)}})
+                    extra=extra)
     log(f"baseline: validation accuracy {metrics[ACCURACY]:.4f}; saved {path}")
-    return path

@@ -41,7 +41,7 @@ def test_an_untrained_torchvision_state_dict_from_disk_becomes_the_baseline(tmp_
     assert "conv1.weight: (64, 3, 7, 7) in the file -> (64, 1, 7, 7) summed over its 3 input channels" in out
     assert "fc.weight: (1000, 512) in the file -> (10, 512) re-initialised (classifier head, 10 classes)" in out
     assert "fc.bias: (1000,) in the file -> (10,) re-initialised" in out
-    assert "layers were re-initialised; training torchvision_resnet18 from the given weights" in out
+    assert "layers were re-initialised; from the given weights, training torchvision_resnet18 on " in out
     [saved] = (tmp_path / "runs" / "baselines").glob("torchvision_resnet18-digits-imported-*.pt")
     model, info = load_checkpoint(saved, expect_input_shape=DIGITS, expect_num_classes=10)
     assert info.extra["weights"]["file"] == str(path) and len(info.extra["weights"]["changes"]) == 3
