@@ -7,11 +7,8 @@ through its object API on the Agg canvas, so ``import pf_ray.report`` is cheap a
 
 from __future__ import annotations
 
-import base64
-import html
 import io
 import json
-import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,9 +30,9 @@ from pf_ray.metrics import (
     TRIAL_METRICS,
     finite_number,
 )
+from pf_ray.report_render import FILES_DIR, Block, html_page, markdown
 from pf_ray.storage import RUN_CONFIG, is_remote, is_search_dir, join_uri, read_run_config, search_dir_target
 
-FILES_DIR = "report_files"  # the PNGs report.md links to (report.html embeds them)
 COMMAND_FILE = "command.txt"  # the command that started the run (written by `pf-ray compress`)
 # The searched space (its config field, what a value is, the layer names), written before the search starts: how
 # the report of an interrupted run labels its per-layer values (a finished run has them in results.json).
@@ -43,14 +40,7 @@ SPACE_FILE = "search_space.json"
 SHORT_OF_TARGET = 0.05  # a measured speed-up this far below its target is called out (timing noise: ~2%)
 # What an interrupted run keeps of a trial's last result.json line: a finished run's trial keys, and the time.
 TRIAL_KEYS = (*TRIAL_METRICS, "timestamp")
-CSS = """body{font-family:system-ui,sans-serif;max-width:72rem;margin:2rem auto;padding:0 1rem;color:#222}
-table{border-collapse:collapse;margin:1rem 0;font-size:.9rem}th,td{border:1px solid #ccc;padding:.2rem .5rem}
-th{background:#f0f0f0}td{text-align:right}td:first-child{text-align:left}img{max-width:100%}
-pre{background:#f6f6f6;padding:1rem;overflow:auto}.warn{background:#fff3cd;border-left:4px solid #e0a800;
-padding:.5rem 1rem}"""
 
-# ("h1" | "h2" | "p" | "warn", text), ("code", text, language), ("table", headers, rows), ("img", name, caption)
-Block = tuple
 
 
 @dataclass
@@ -71,6 +61,8 @@ class RunRecord:
     seconds: float | None = None
     guard_failures: list[str] = field(default_factory=list)  # artifacts that lost too much accuracy on export
     target: dict[str, Any] = field(default_factory=dict)  # results.json's target section (measured on it)
+    # what the learner's safety check left uncompressed, with why (channel pruning: groups that pruning would break)
+    skipped_groups: list[dict[str, Any]] = field(default_factory=list)
 
 
 def load_run(run_dir: str | Path) -> RunRecord:
@@ -111,7 +103,7 @@ def load_run(run_dir: str | Path) -> RunRecord:
                      [float(v) for v in chosen or []], search.get("value_label") or "value",
                      list(results.get("artifacts") or []), results.get("seconds"),
                      list((results.get("accuracy_guard") or {}).get("failures") or []),
-                     dict(results.get("target") or {}))
+                     dict(results.get("target") or {}), list(results.get("skipped_groups") or []))
 
 
 def target_summary(target: dict[str, Any]) -> str:
@@ -144,8 +136,8 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
         atomic_write(record.run_dir / FILES_DIR / name, png)
     blocks = _blocks(record, figures)
     markdown_path, html_path = record.run_dir / "report.md", record.run_dir / "report.html"
-    atomic_write(markdown_path, _markdown(blocks).encode())
-    atomic_write(html_path, _html(blocks, figures).encode())
+    atomic_write(markdown_path, markdown(blocks).encode())
+    atomic_write(html_path, html_page(blocks, figures).encode())
     return markdown_path, html_path
 
 
@@ -416,6 +408,12 @@ def _blocks(record: RunRecord, figures: dict[str, bytes]) -> list[Block]:
                              "model (its shipped file), and every scored search candidate were timed side by side "
                              "in interleaved rounds on this machine.")]
         blocks += [("warn", f"Accuracy guard failed: {failure}") for failure in record.guard_failures]
+        if record.skipped_groups:
+            blocks += [("h2", "Left uncompressed"),
+                       ("p", "Parts of the model the learner's check found unsafe to compress (pruned, the model "
+                             "would not run, keep its output shape or export), left as they were:"),
+                       ("table", ["group", "why"], [[str(group.get("name")), str(group.get("reason") or "-")]
+                                                    for group in record.skipped_groups])]
     else:
         blocks.append(("warn", "The run did not finish (no results.json): only the search is shown, rebuilt "
                                "from the trial folders under search/. The chosen trial is the best so far."))
@@ -446,55 +444,3 @@ def _blocks(record: RunRecord, figures: dict[str, bytes]) -> list[Block]:
         blocks.append(("p", "This config fixes storage.name: add --set storage.name=NEW to run it again."))
     blocks += [("p", "The exact config (config.yaml):"), ("code", record.config_text, "yaml")]
     return blocks
-
-
-# Rendering.
-
-
-def _md_cell(text: str) -> str:
-    return html.escape(text, quote=False).replace("|", "\\|").replace("\n", " ")  # a cell is inline HTML too
-
-
-def _markdown(blocks: list[Block]) -> str:
-    out = []
-    for kind, *rest in blocks:
-        if kind in ("h1", "h2"):
-            out.append(f"{'#' * int(kind[1])} {rest[0]}")
-        elif kind == "p":
-            out.append(rest[0])
-        elif kind == "warn":
-            out.append(f"> **{rest[0]}**")
-        elif kind == "code":
-            fence = "`" * max(3, max(map(len, re.findall("`+", rest[0])), default=0) + 1)  # outlasts any inside
-            out.append(f"{fence}{rest[1]}\n{rest[0].rstrip()}\n{fence}")
-        elif kind == "img":
-            out.append(f"![{rest[1]}]({FILES_DIR}/{rest[0]})")
-        else:
-            headers, rows = rest
-            lines = ["| " + " | ".join(map(_md_cell, headers)) + " |", "|---" + "|---:" * (len(headers) - 1) + "|"]
-            out.append("\n".join(lines + ["| " + " | ".join(map(_md_cell, r)) + " |" for r in rows]))
-    return "\n\n".join(out) + "\n"
-
-
-def _html(blocks: list[Block], figures: dict[str, bytes]) -> str:
-    e = html.escape
-    body = []
-    for kind, *rest in blocks:
-        if kind in ("h1", "h2", "p"):
-            body.append(f"<{kind}>{e(rest[0])}</{kind}>")
-        elif kind == "warn":
-            body.append(f'<p class="warn"><strong>{e(rest[0])}</strong></p>')
-        elif kind == "code":
-            body.append(f"<pre><code>{e(rest[0])}</code></pre>")
-        elif kind == "img":
-            data = base64.b64encode(figures[rest[0]]).decode("ascii")
-            body.append(f'<figure><img src="data:image/png;base64,{data}" alt="{e(rest[1])}">'
-                        f"<figcaption>{e(rest[1])}</figcaption></figure>")
-        else:
-            headers, rows = rest
-            head = "".join(f"<th>{e(h)}</th>" for h in headers)
-            cells = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows)
-            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{cells}</tbody></table>")
-    title = e(blocks[0][1])
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
-            f"<style>{CSS}</style></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n")

@@ -183,6 +183,17 @@ def test_run_without_search_still_gets_a_report(tmp_path):
     assert _images(html_path.read_text()) == []
 
 
+def test_groups_the_safety_check_left_uncompressed_are_listed_with_why(tmp_path):
+    run = make_finished_run(tmp_path)
+    markdown = write_report(run)[0].read_text()
+    assert "Left uncompressed" not in markdown  # nothing skipped: no section
+    results = json.loads((run / "results.json").read_text())
+    results["skipped_groups"] = [{"name": "mix.conv", "reason": "a channel shuffle after a split"}]
+    (run / "results.json").write_text(json.dumps(results))
+    markdown = write_report(run)[0].read_text()
+    assert "## Left uncompressed" in markdown and "| mix.conv | a channel shuffle after a split |" in markdown
+
+
 def test_trials_are_ordered_by_timestamp_else_by_trial_id(tmp_path):
     late, early = _trial(0, 0.8, 0.5), _trial(1, 0.7, 0.5)
     late["timestamp"], early["timestamp"] = 200.0, 100.0
