@@ -77,7 +77,7 @@ def trial_cost(config: ExperimentConfig) -> tuple[dict[str, float], float]:
     """The resources a trial reserves through Tune, and the CPUs it really occupies (its Train workers too)."""
     resources = config.resources
     if resources.workers_per_trial == 1:
-        reserve = {"cpu": float(resources.cpus_per_trial), "gpu": 1.0 if resources.use_gpu else 0.0}
+        reserve = {"cpu": float(resources.cpus_per_trial), "gpu": resources.trial_gpus}
         cost = float(resources.cpus_per_trial)
     else:
         reserve = {"cpu": TRAIN_DRIVER_CPUS}
