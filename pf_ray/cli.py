@@ -24,7 +24,8 @@ EXIT_GUARD = 3
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", nargs="?", help="experiment YAML (omit for the embedded default: "
-                                                  "ResNet-20 on Fashion-MNIST, channel pruning to 50%% MACs)")
+                                                  "ResNet-20 on Fashion-MNIST, channel pruning to 3x faster on "
+                                                  "this CPU in ONNX Runtime INT8)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one field, e.g. --set search.num_trials=16 (repeatable)")
 

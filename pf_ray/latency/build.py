@@ -50,7 +50,7 @@ from pf_ray.latency.table import LatencyTable, Measured
 from pf_ray.ops.blocks import removable_blocks
 from pf_ray.ops.depth import apply_joint_
 from pf_ray.ops.macs_budget import MacsTable, macs_table
-from pf_ray.ops.pruning import kept_channel_count, prune_channels_
+from pf_ray.ops.pruning import group_multiples, kept_channel_count, prune_channels_
 
 Log = Callable[[str], None]
 Kept = tuple[int, ...]
@@ -98,20 +98,28 @@ def plan_for(target: TargetConfig) -> TablePlan:
 
 def fit_table(macs: MacsTable, measure: Measure, plan: TablePlan = TablePlan(), *, log: Log | None = None,
               feature_sets: Sequence[FeatureSet] | None = None, blocks: Sequence[str] = (),
-              precision_layers: Sequence[str] = (), **fields: Any) -> LatencyTable:
+              precision_layers: Sequence[str] = (), multiples: Sequence[int] | None = None,
+              **fields: Any) -> LatencyTable:
     """Measure the plan's candidates with ``measure`` (kept-count vectors -> ms), fit, hold out, find the step.
     Needs no model: ``measure`` may be any function (tests pass a synthetic runtime). ``fields`` fill the table's
     descriptive fields (target, environment, reference_ms: a number or a function asked once everything is measured;
     by default the unpruned model's time). ``blocks``: removable residual blocks (qualified names, forward order)
     to measure removed; then ``measure`` is given (kept, removed block names) pairs. ``precision_layers``: layers
     (module names of ``macs.layers``) to measure in FP32; then ``measure`` is given (kept, removed, fp32 layer
-    names) triples."""
+    names) triples. ``multiples``: per group, the multiple its kept count must be (a grouped convolution's groups
+    keep equal shares: ``pruning.group_multiples``); every candidate's counts are rounded to it."""
     say = log or (lambda message: None)
     started = time.perf_counter()
     if not macs.names:
         raise ModelError("a latency table needs prunable channel groups; the model has none")
     sizes, rng, blocks, floats = tuple(macs.sizes), random.Random(plan.seed), tuple(blocks), tuple(precision_layers)
     layout = Layout.of(macs.layers, sizes, blocks, precision=bool(floats))
+    steps = tuple(multiples) if multiples is not None else (1,) * len(sizes)
+
+    def aligned(kept: Kept) -> Kept:  # each count rounded to its group's multiple (kept whole stays whole)
+        return tuple(k if m == 1 or k == n else kept_channel_count(n, k / n, m)
+                     for k, n, m in zip(kept, sizes, steps, strict=True))
+
     seen: dict[Candidate, float] = {}
     training: list[Measured] = []
 
@@ -131,10 +139,11 @@ def fit_table(macs: MacsTable, measure: Measure, plan: TablePlan = TablePlan(), 
         return [seen[c] for c in candidates]
 
     (full_ms,) = run("full", [(sizes, (), ())])
-    sweeps = [_with(sizes, g, count) for g, n in enumerate(sizes) for f in plan.sweep_fractions
+    sweeps = [aligned(_with(sizes, g, count)) for g, n in enumerate(sizes) for f in plan.sweep_fractions
               for count in dict.fromkeys((max(1, round(n * f)), max(1, round(n * f) - 1))) if count < n]
+    sweeps = [v for v in dict.fromkeys(sweeps) if v != sizes]
     run("sweep", [(v, (), ()) for v in sweeps])
-    dense = _dense_groups(sizes, training, plan)
+    dense = [g for g in _dense_groups(sizes, training, plan) if steps[g] == 1]  # every count: not when aligned
     dense_sweeps = {g: [_with(sizes, g, c) for c in range(max(1, sizes[g] - plan.dense_window + 1), sizes[g])]
                     for g in dense}
     run("dense", [(v, (), ()) for vectors in dense_sweeps.values() for v in vectors])
@@ -147,7 +156,8 @@ def fit_table(macs: MacsTable, measure: Measure, plan: TablePlan = TablePlan(), 
     if floats:
         run("precision", [(sizes, (), (name,)) for name in floats] + [(sizes, (), floats)])
 
-    randoms = _random_candidates(sizes, layout, blocks, rng, plan, floats, macs.layers)
+    randoms = [(aligned(kept), removed, fp32)
+               for kept, removed, fp32 in _random_candidates(sizes, layout, blocks, rng, plan, floats, macs.layers)]
     held = frozenset(randoms[plan.num_random:]) - set(randoms[: plan.num_random]) - set(seen)
     order = list(dict.fromkeys(randoms))
     rng.shuffle(order)  # training and held-out candidates timed side by side, in the same batches
@@ -315,7 +325,7 @@ def latency_table(model: nn.Module, input_shape: Sequence[int], target: TargetCo
     try:
         table = fit_table(macs, timer, plan, log=log, target=_target_record(target),
                           environment=environment(target), reference_ms=timer.reference_ms, blocks=blocks,
-                          precision_layers=floats)
+                          precision_layers=floats, multiples=group_multiples(model, input_shape))
     finally:
         timer.close()
     cache.write_entry(entry, {"table": table.to_dict()})

@@ -291,6 +291,17 @@ def channel_blocks(model: nn.Module, group: PrunableGroup) -> list[tuple[int, ..
     return [tuple(key) for key in keys] if found else None
 
 
+def group_multiples(model: nn.Module, input_shape: Sequence[int]) -> tuple[int, ...]:
+    """Per prunable group (forward order): the multiple its kept count must be, the number of convolution groups
+    its channels are spread over (``channel_blocks``), 1 for a group without a grouped convolution."""
+    trace = trace_groups(model, input_shape)
+    multiples = []
+    for group in trace.groups:
+        blocks = channel_blocks(model, group)
+        multiples.append(1 if blocks is None else len(set(blocks)))
+    return tuple(multiples)
+
+
 def is_grouped_conv(module: nn.Module) -> bool:
     """A convolution with groups that is not depthwise (one input and output channel per group)."""
     return isinstance(module, nn.Conv2d) and module.groups > 1 and not (

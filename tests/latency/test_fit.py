@@ -136,3 +136,30 @@ def test_the_rounding_step_is_the_grid_that_reaches_the_lowest_latency(fitted) -
     assert Blocks16(**{**fields, "step": 16}).rounding_step() == 16
     assert NoPenalty(**{**fields, "step": 4}).rounding_step() == 4
     assert replace(table, step=2).rounding_step() % 2 == 0  # always a multiple of the measured step
+
+
+def test_every_candidate_keeps_a_grouped_convolutions_groups_equal(resnet_table) -> None:
+    """A group whose channels are the outputs of a grouped convolution (groups=2) can only keep even counts: every
+    candidate the table measures rounds that group's count to a multiple of 2 (an odd count cannot be pruned)."""
+    from tests.user_graphs import GROUPED, SHAPE as USER_SHAPE, shuffle_user_net
+    from pf_ray.ops.macs_budget import macs_table
+    from pf_ray.ops.pruning import group_multiples
+
+    user = shuffle_user_net()
+    names = macs_table(user, USER_SHAPE).names
+    multiples = dict(zip(names, group_multiples(user, USER_SHAPE), strict=True))
+    assert {name: multiples[name] for name in GROUPED} == {name: 2 for name in GROUPED}
+    assert {m for name, m in multiples.items() if name not in GROUPED} == {1}
+
+    steps = tuple(2 if g % 3 == 0 else 1 for g in range(len(resnet_table.sizes)))
+    asked: list[tuple[int, ...]] = []
+    runtime = SyntheticRuntime(resnet_table)
+
+    def measure(vectors):
+        asked.extend(tuple(v) for v in vectors)
+        return runtime(vectors)
+
+    fit_table(resnet_table, measure, TablePlan(num_random=40, num_holdout=10), multiples=steps)
+    odd = [(g, v[g]) for v in asked for g, m in enumerate(steps) if m == 2 and v[g] % 2]
+    assert asked and not odd
+    assert any(v[g] < n for v in asked for g, n in enumerate(resnet_table.sizes) if steps[g] == 2)
