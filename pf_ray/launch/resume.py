@@ -13,7 +13,7 @@ from pf_ray.config import ExperimentConfig
 from pf_ray.data import load_data
 from pf_ray.errors import ConfigError
 from pf_ray.launch.baseline import cached_baseline, given_state_dict, imported_baseline_path
-from pf_ray.launch.cluster import check_storage, ray_for
+from pf_ray.launch.cluster import check_cluster, check_storage, ray_for
 from pf_ray.launch.pipeline import run_stages
 from pf_ray.launch.preflight import Prepared
 from pf_ray.report import COMMAND_FILE
@@ -81,6 +81,7 @@ def resume(run_dir: str | Path, *, log: Log = print, staging_path: str | None = 
     command = command_file.read_text().strip() if command_file.is_file() else None
     with ray_for(config, log=log):
         check_storage(config)
+        check_cluster(config, log=log)
         log(f"resume: {run_dir}" + (f" (search and retrain in {run_storage})" if run_storage != str(run_dir)
                                     else ""))
         prepared = Prepared(spec, data, baseline_path, RunLocation(run_dir, run_storage))
