@@ -2,7 +2,8 @@
 and comes back as the same checkpoint a driver-trained baseline is; without, it trains on the driver as before.
 
 The GPUs are fake (``resources.num_gpus`` on a CPU-only machine): the task is given ``device="cpu"``, which only
-tests do. It runs in a subprocess, since the tests' shared Ray (conftest ``ray_session``) has no GPU resource.
+tests do. It runs in a subprocess, since the tests' shared Ray (conftest ``ray_session``) has no GPU resource;
+the same subprocess checks the GPU requests and the trial slots against that live Ray.
 """
 
 from __future__ import annotations
@@ -45,6 +46,11 @@ try:
 except ConfigError as error:
     out["refused"] = str(error)
 check_gpu_requests(on_gpu, live_nodes())
+# Live trial slots with the default readers: 2 CPUs, 1 GPU, half a GPU and half a CPU per trial: 2 at a time.
+from ray.tune.search import Searcher
+from search_algs.concurrency import ClusterConcurrency
+out["slots"] = ClusterConcurrency(Searcher(metric="score", mode="max"), cpus_per_trial=0.5,
+                                  gpus_per_trial=0.5).max_concurrent
 
 data = load_data(on_gpu.dataset, seed=on_gpu.seed)
 lines = []
@@ -78,6 +84,7 @@ def test_use_gpu_trains_the_baseline_in_a_gpu_task_with_the_same_checkpoint(tmp_
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[7:])
     assert out["cluster_gpus"] == 1  # start_ray passed resources.num_gpus to the local Ray
+    assert out["slots"] == 2  # floor(1 GPU / 0.5), though the CPUs would hold 4
     assert out["refused"].startswith("resources.workers_per_trial: got 2 Ray Train workers of 1 GPU each; the "
                                      "cluster (its nodes now) has at most 1 GPU")
     lines = out["lines"]

@@ -131,3 +131,18 @@ def test_a_remote_cluster_whose_node_types_are_unknown_is_not_refused(ray_sessio
     lines: list[str] = []
     cluster.check_cluster(_remote("resources.workers_per_trial=2"), log=lines.append)
     assert any("node types are unknown" in line and "not checked" in line for line in lines), lines
+
+
+def test_resume_checks_the_gpus_of_the_local_ray_it_will_start(tmp_path):
+    """A run started where there were GPUs, resumed on a machine without: refused before Ray starts."""
+    from pf_ray.launch.resume import resume
+    from pf_ray.storage import write_run_config
+    from pf_ray.strict import to_dict
+
+    config = load_experiment(None, _overrides(tmp_path, "resources.use_gpu=true", "resources.num_gpus=0"))
+    run_dir = tmp_path / "runs" / "interrupted"
+    run_dir.mkdir(parents=True)
+    write_run_config(run_dir, to_dict(config))
+    with pytest.raises(ConfigError, match=r"resources.use_gpu: got true; the local Ray \(resources.num_gpus 0\) has "
+                                          r"no GPU"):
+        resume(run_dir, log=lambda line: None)
