@@ -147,11 +147,15 @@ def live_shape(config: ExperimentConfig) -> ClusterShape:
     Those are a lower bound (``complete`` False): an autoscaler that reports nothing may add other node types, and
     a plain Ray runs a read-only autoscaler monitor too, so the two cannot be told apart."""
     import yaml
-    from ray._private.state import state
 
     if not config.resources.ray_address:
         return live_nodes()
-    reported = state.get_cluster_config()  # private API, also what Ray Train checks its worker group against
+    try:  # a private API (Ray Train checks its worker groups against the same record): gone in a later Ray, skip
+        from ray._private.state import state
+
+        reported = state.get_cluster_config()
+    except (ImportError, AttributeError):
+        reported = None
     if reported is not None and reported.node_group_configs:
         return ClusterShape(tuple(
             NodeType(group.name, cpus=float(group.resources.get("CPU", 0)), gpus=float(group.resources.get("GPU", 0)),
