@@ -156,7 +156,9 @@ def check_local_resources(config: ExperimentConfig, *, log: Log = print) -> None
         raise ConfigError(f"retrain.num_workers: got {config.retrain.num_workers}; the local Ray has "
                           f"{node.cpus:g} CPUs, and each Ray Train worker takes at least one")
     cuda = torch.cuda.is_available()
+    # is_bf16_supported() starts CUDA in this process: only when bf16 is asked for
+    wants_bf16 = config.resources.precision == "bf16" and config.resources.use_gpu
     note = check_precision(config.resources, cuda_available=cuda,
-                           bf16_supported=cuda and torch.cuda.is_bf16_supported())
+                           bf16_supported=cuda and wants_bf16 and torch.cuda.is_bf16_supported())
     if note:
         log(note)
