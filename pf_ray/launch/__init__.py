@@ -4,8 +4,9 @@ Only the modules of this package import Ray in ``pf_ray``, and lazily (inside fu
 and ``import pf_ray.launch`` work without Ray. One module per stage, in the order a run goes through them:
 
     preflight     every input checked, the learner's config resolved once (``RunSpec``), before anything is written
-    cluster       Ray for the run (the configured cluster or a local one), trial sizes and concurrency
-    baseline      the given, cached or freshly trained full-precision model (no Ray)
+    cluster       Ray for the run (the configured cluster or a local one), its node types, trial sizes, concurrency
+    resources     resources.* -> Ray requests (trials, Train workers, retrain, baseline), impossible GPU requests
+    baseline      the given, cached or freshly trained full-precision model (a Ray task on a GPU with use_gpu)
     search        Ray Tune: searcher + ASHA over trials (``trainables/``), the trial records, the choice
     retrain       the chosen candidate on Ray Train with the full budget (``trainables.train_loop``)
     pipeline      ``compress``: the stages in order, then ``pf_ray.export.pipeline`` and the report

@@ -1,9 +1,11 @@
-"""The full-precision baseline every candidate starts from: given, cached, or trained here (no Ray)."""
+"""The full-precision baseline every candidate starts from: given, cached, or trained (here on the driver's CPUs;
+with ``resources.use_gpu``, as a Ray task on a GPU node, whose checkpoint comes back as bytes)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,8 @@ from torch import nn
 
 from pf_ray.checkpoint import save_checkpoint, sha256_of
 from pf_ray.config import ExperimentConfig
-from pf_ray.data import DataBundle
+from pf_ray.data import DataBundle, load_data
+from pf_ray.files import atomic_write
 from pf_ray.launch.cluster import cpu_count
 from pf_ray.metrics import ACCURACY
 from pf_ray.models import build_model, check_forward
@@ -53,14 +56,20 @@ def cached_baseline(config: ExperimentConfig, *, log: Log = print) -> Path | Non
     return local if local.exists() else None
 
 
-def train_baseline(config: ExperimentConfig, data: DataBundle, *, log: Log = print, force: bool = False) -> Path:
-    """Train the full-precision baseline in this process (all cores) and cache it; reuse the cache if present.
+def train_baseline(config: ExperimentConfig, data: DataBundle, *, log: Log = print, force: bool = False,
+                   device: str = "cuda") -> Path:
+    """Train the full-precision baseline and cache it; reuse the cache if present. It trains in this process (all
+    cores), or with ``resources.use_gpu`` on ``device`` in a Ray task holding a GPU (``_train_and_save``).
 
     With a remote storage.path the cache is uploaded there too (``remote_baseline``). A plain state dict in
-    baseline.checkpoint is imported instead (``import_baseline``)."""
+    baseline.checkpoint is imported instead (``import_baseline``).
+
+    Args:
+        device: what the baseline trains on with use_gpu ("cuda"; tests on CPU-only machines pass "cpu").
+    """
     state_dict = given_state_dict(config)
     if state_dict is not None:
-        return import_baseline(config, data, state_dict, log=log, force=force)
+        return import_baseline(config, data, state_dict, log=log, force=force, device=device)
     path = Path(config.baseline.checkpoint) if config.baseline.checkpoint else baseline_cache_path(config)
     if not config.baseline.checkpoint and not force:
         path = cached_baseline(config, log=log) or path
@@ -70,7 +79,7 @@ def train_baseline(config: ExperimentConfig, data: DataBundle, *, log: Log = pri
     torch.manual_seed(config.seed)
     torch.set_num_threads(config.resources.num_cpus or cpu_count())
     model = build_model(config.model, in_channels=data.input_shape[0], num_classes=data.num_classes)
-    _train_and_save(path, model, config, data, "", {"config": to_dict(config)}, log=log)
+    _train_and_save(path, model, config, data, "", {"config": to_dict(config)}, log=log, device=device)
     remote = remote_baseline(config)
     if remote is not None:
         copy_file(str(path), remote)
@@ -118,7 +127,7 @@ def load_given_weights(config: ExperimentConfig, data: DataBundle, state_dict: d
 
 
 def import_baseline(config: ExperimentConfig, data: DataBundle, state_dict: dict[str, torch.Tensor], *,
-                    log: Log = print, force: bool = False) -> Path:
+                    log: Log = print, force: bool = False, device: str = "cuda") -> Path:
     """Make a pf-ray baseline checkpoint from the user's state dict, and cache it (``imported_baseline_path``).
 
     Weights that fit as stored are the baseline as they are (evaluated, not trained). Where the head (other
@@ -139,22 +148,85 @@ def import_baseline(config: ExperimentConfig, data: DataBundle, state_dict: dict
                "changes": list(loaded.changes)}
     why = "layers were re-initialised; from the given weights, " if loaded.reinitialised else None
     _train_and_save(path, model, config, data, why,
-                    {"config": to_dict(config), "weights": weights}, log=log)
+                    {"config": to_dict(config), "weights": weights}, log=log, device=device)
     return path
 
 
 def _train_and_save(path: Path, model: nn.Module, config: ExperimentConfig, data: DataBundle,
-                    why: str | None, extra: dict[str, Any], *, log: Log) -> None:
+                    why: str | None, extra: dict[str, Any], *, log: Log, device: str = "cuda") -> None:
     """Train ``model`` with ``baseline.train`` (unless ``why`` is None: weights used as given), then save it as the
-    baseline checkpoint with its validation metrics. ``why``: what the training line says first."""
+    baseline checkpoint with its validation metrics. ``why``: what the training line says first.
+
+    Without use_gpu: in this process, on its CPUs, as before GPUs. With use_gpu and Ray running (``pf-ray
+    compress``): in a Ray task that holds one GPU and the CPUs of a retrain worker, on ``device``, so it lands on a
+    GPU node (the clusters/ YAMLs' driver is the CPU-only head); the checkpoint's bytes and the log lines come back.
+    With use_gpu and no Ray (``pf-ray train``): here, on ``device`` if CUDA is available, else on the CPU."""
+    if why is None or not config.resources.use_gpu:
+        accuracy = _train_here(path, model, config, data, why, extra, log=log, device="cpu")
+        log(f"baseline: validation accuracy {accuracy:.4f}; saved {path}")
+        return
+    ray = _running_ray()
+    if ray is None:  # `pf-ray train`, or a machine without Ray (pf_ray imports without it)
+        here = device if device == "cpu" or torch.cuda.is_available() else "cpu"
+        if here != device:
+            log("baseline: resources.use_gpu, but no Ray is running and CUDA is not available here: training on "
+                "the CPU")
+        accuracy = _train_here(path, model, config, data, why, extra, log=log, device=here)
+        log(f"baseline: validation accuracy {accuracy:.4f}; saved {path}")
+        return
+    from pf_ray.launch.cluster import live_shape
+    from pf_ray.launch.resources import worker_cpus
+
+    cpus = worker_cpus(1, True, live_shape(config))
+    log(f"baseline: training as a Ray task on a GPU node (1 GPU, {cpus} CPU(s), device {device})")
+    task = ray.remote(_train_in_task).options(num_cpus=cpus, num_gpus=1, max_retries=0)
+    checkpoint, lines, accuracy = ray.get(task.remote(model, config, why, extra, device, cpus))
+    for line in lines:  # the task's log, replayed here once it is done
+        log(line)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, checkpoint)
+    log(f"baseline: validation accuracy {accuracy:.4f}; saved {path}")
+
+
+def _running_ray():
+    """The ``ray`` module if Ray is installed and this process is connected to a Ray; else None."""
+    try:
+        import ray
+    except ImportError:
+        return None
+    return ray if ray.is_initialized() else None
+
+
+def _train_in_task(model: nn.Module, config: ExperimentConfig, why: str, extra: dict[str, Any], device: str,
+                   cpus: int) -> tuple[bytes, list[str], float]:
+    """The Ray task of ``_train_and_save``: the data loaded on its node, the model trained on ``device``; returns
+    the checkpoint file's bytes (the same format as a baseline trained on the driver), its log lines and the
+    validation accuracy."""
+    import ray
+
+    torch.set_num_threads(cpus)
+    context = ray.get_runtime_context()
+    lines = [f"baseline: in a Ray task on node {context.get_node_id()[:12]}, GPU(s) {ray.get_gpu_ids()}, "
+             f"{cpus} CPU thread(s)"]
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "baseline.pt"
+        accuracy = _train_here(path, model, config, load_data(config.dataset, seed=config.seed), why, extra,
+                               log=lines.append, device=device)
+        return path.read_bytes(), lines, accuracy
+
+
+def _train_here(path: Path, model: nn.Module, config: ExperimentConfig, data: DataBundle, why: str | None,
+                extra: dict[str, Any], *, log: Log, device: str) -> float:
+    """``_train_and_save`` in this process, on ``device``; returns the validation accuracy."""
+    model.to(device)
     if why is not None:
         train = config.baseline.train
         size = min(len(data.train), train.train_subset or len(data.train))
         log(f"baseline: {why}training {config.model.name} on {config.dataset.name} for {train.epochs} epoch(s), "
-            f"{size} images")
-        fit(model, data.train, train, validation_set=data.validation, seed=config.seed, log=log)
-    metrics = evaluate(model, data.validation)
+            f"{size} images" + ("" if device == "cpu" else f" on {device}"))
+        fit(model, data.train, train, validation_set=data.validation, seed=config.seed, log=log, device=device)
+    metrics = evaluate(model, data.validation, device=device)
     save_checkpoint(path, model, model_config=config.model, input_shape=data.input_shape,
                     num_classes=data.num_classes, metrics={"validation_" + k: v for k, v in metrics.items()},
                     extra=extra)
-    log(f"baseline: validation accuracy {metrics[ACCURACY]:.4f}; saved {path}")
+    return metrics[ACCURACY]

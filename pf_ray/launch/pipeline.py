@@ -19,7 +19,7 @@ from pf_ray.errors import AccuracyGuardError, SearchError
 from pf_ray.export.pipeline import LearnerModel, export_and_verify, summary_table
 from pf_ray.files import atomic_write, write_json
 from pf_ray.launch.baseline import train_baseline
-from pf_ray.launch.cluster import check_storage, cpu_count, ray_for
+from pf_ray.launch.cluster import check_cluster, check_storage, cpu_count, ray_for
 from pf_ray.launch.preflight import Prepared, preflight
 from pf_ray.launch.retrain import retrain
 from pf_ray.launch.search import choose_best, run_search, search_epochs
@@ -45,6 +45,7 @@ def compress(config: ExperimentConfig, *, log: Log = print, command: str | None 
     run_dir, run_storage = prepared.location
     with ray_for(prepared.config, log=log):
         check_storage(prepared.config)
+        check_cluster(prepared.config, log=log)  # a remote cluster's GPUs, known only now
         run_dir.mkdir(parents=True)
         write_run_config(run_dir, to_dict(prepared.config))
         if command:

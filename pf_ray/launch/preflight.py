@@ -13,7 +13,8 @@ from pf_ray.config import Budget, ExperimentConfig
 from pf_ray.data import DataBundle, load_data
 from pf_ray.errors import ConfigError
 from pf_ray.launch.baseline import cached_baseline, given_state_dict, imported_baseline_path, load_given_weights
-from pf_ray.launch.cluster import cpu_count, max_concurrent_trials
+from pf_ray.launch.cluster import local_shape, max_concurrent_trials
+from pf_ray.launch.resources import check_gpu_requests, check_precision
 from pf_ray.launch.target import TableSource, check_target
 from pf_ray.learners.base import SkipsUnsafeParts
 from pf_ray.models import absolute_model_name, build_model, check_forward, run_name_prefix
@@ -115,12 +116,8 @@ def preflight(config: ExperimentConfig, *, log: Log = print) -> Prepared:
             log(f"{config.learner.name}: {len(skipped)} channel group(s) left unpruned: "
                 f"{', '.join(name for name, _ in skipped)}")
     check_target(config)
-    available = config.resources.num_cpus or (cpu_count() if config.resources.ray_address is None else None)
-    if available is not None:  # a local Ray: its size is known now (a remote cluster's is checked at search)
-        max_concurrent_trials(config, available)
-        if config.retrain.num_workers > available:  # a worker takes at least one CPU: it would wait for ever
-            raise ConfigError(f"retrain.num_workers: got {config.retrain.num_workers}; the local Ray has "
-                              f"{available} CPUs, and each Ray Train worker takes at least one")
+    if config.resources.ray_address is None:  # a local Ray: its size is known now (a remote cluster's is checked
+        check_local_resources(config, log=log)  # once connected: cluster.check_cluster)
     name = config.storage.name or \
         f"{run_name_prefix(config.model.name)}-{config.learner.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     location = run_location(config.storage, name)
@@ -141,3 +138,27 @@ def preflight(config: ExperimentConfig, *, log: Log = print) -> Prepared:
                           "values here, so nothing is budgeted; a latency budget applies to channel_pruning in "
                           "mode auto (or leave search.budget at macs)")
     return Prepared(spec, data, baseline_path, location, latency.built if latency is not None else None, skipped)
+
+
+def check_local_resources(config: ExperimentConfig, *, log: Log = print) -> None:
+    """The run's Ray requests against the local Ray it will start (``cluster.local_shape``): CPUs, GPUs and bf16.
+
+    Raises:
+        ConfigError: a request no node could grant (it would wait for ever), bf16 on a GPU without it.
+    """
+    import torch
+
+    shape = local_shape(config)
+    node = shape.node_types[0]
+    check_gpu_requests(config, shape)
+    max_concurrent_trials(config, node.cpus, node.gpus)
+    if config.retrain.num_workers > node.cpus:  # a worker takes at least one CPU: it would wait for ever
+        raise ConfigError(f"retrain.num_workers: got {config.retrain.num_workers}; the local Ray has "
+                          f"{node.cpus:g} CPUs, and each Ray Train worker takes at least one")
+    cuda = torch.cuda.is_available()
+    # is_bf16_supported() starts CUDA in this process: only when bf16 is asked for
+    wants_bf16 = config.resources.precision == "bf16" and config.resources.use_gpu
+    note = check_precision(config.resources, cuda_available=cuda,
+                           bf16_supported=cuda and wants_bf16 and torch.cuda.is_bf16_supported())
+    if note:
+        log(note)

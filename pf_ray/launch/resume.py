@@ -13,9 +13,9 @@ from pf_ray.config import ExperimentConfig
 from pf_ray.data import load_data
 from pf_ray.errors import ConfigError
 from pf_ray.launch.baseline import cached_baseline, given_state_dict, imported_baseline_path
-from pf_ray.launch.cluster import check_storage, ray_for
+from pf_ray.launch.cluster import check_cluster, check_storage, ray_for
 from pf_ray.launch.pipeline import run_stages
-from pf_ray.launch.preflight import Prepared
+from pf_ray.launch.preflight import Prepared, check_local_resources
 from pf_ray.report import COMMAND_FILE
 from pf_ray.spec import RunSpec
 from pf_ray.storage import (
@@ -79,8 +79,11 @@ def resume(run_dir: str | Path, *, log: Log = print, staging_path: str | None = 
         baseline_path = cached_baseline(config, log=log)
     command_file = run_dir / COMMAND_FILE
     command = command_file.read_text().strip() if command_file.is_file() else None
+    if config.resources.ray_address is None:  # this machine's local Ray may differ from the one that started it
+        check_local_resources(config, log=log)
     with ray_for(config, log=log):
         check_storage(config)
+        check_cluster(config, log=log)
         log(f"resume: {run_dir}" + (f" (search and retrain in {run_storage})" if run_storage != str(run_dir)
                                     else ""))
         prepared = Prepared(spec, data, baseline_path, RunLocation(run_dir, run_storage))

@@ -14,6 +14,7 @@ from torch import nn
 from pf_ray.checkpoint import load_checkpoint
 from pf_ray.errors import SearchError
 from pf_ray.launch.atomic_fs import ray_storage
+from pf_ray.launch.resources import worker_cpus
 from pf_ray.metrics import ACCURACY, EPOCH
 from pf_ray.spec import RunSpec
 from pf_ray.storage import RETRAIN_DIR, RunLocation
@@ -31,21 +32,23 @@ def retrain(spec: RunSpec, baseline_path: Path, location: RunLocation, *, log: L
     The Train run goes to ``<location.storage>/retrain``; its progress log and TensorBoard files to
     ``<location.folder>/retrain`` on this machine (sent by rank 0 through ``driver_progress``).
     """
-    import ray
-
+    from pf_ray.launch.cluster import live_nodes, live_shape
     from pf_ray.launch.orphans import settle
 
     config = spec.experiment
-    log(f"retrain: {config.retrain.train.epochs} epoch(s) on {config.retrain.num_workers} Ray Train worker(s)")
     # The retrain runs alone: its workers share the cluster's CPUs, each within one node. Stopped Ray Train
     # trials may have left placement groups holding CPUs (pf_ray.launch.orphans): gone first, or the retrain waits.
     if not settle():
         log("retrain: placement groups of the search are still held; the retrain may wait for their CPUs")
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    largest_node = max((node["Resources"].get("CPU", 0) for node in ray.nodes() if node.get("Alive")), default=1)
+    # Without GPUs the live nodes' CPUs are split among the workers; with GPUs each worker takes the CPUs per GPU
+    # of the smallest GPU node type, so it fits on every GPU node (resources.worker_cpus).
+    use_gpu = config.resources.use_gpu
+    cpus_per_worker = worker_cpus(config.retrain.num_workers, use_gpu, live_shape(config) if use_gpu else live_nodes())
+    log(f"retrain: {config.retrain.train.epochs} epoch(s) on {config.retrain.num_workers} Ray Train worker(s) of "
+        f"{cpus_per_worker} CPU(s)" + (" and 1 GPU" if use_gpu else "") + " each")
     storage_path, filesystem = ray_storage(location.storage)
     job = TrainJob(spec, config.retrain.train, validation_subset=None, num_workers=config.retrain.num_workers,
-                   cpus_per_worker=max(1, min(int(largest_node), cpus // config.retrain.num_workers)),
+                   cpus_per_worker=cpus_per_worker,
                    name=RETRAIN_DIR, storage_path=storage_path, storage_filesystem=filesystem, measure=False)
     with driver_progress(location.folder / RETRAIN_DIR, log) as progress:
         # the baseline's bytes go through the object store, as for trials

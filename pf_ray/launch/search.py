@@ -12,6 +12,7 @@ from pf_ray.config import ExperimentConfig, Scoring
 from pf_ray.errors import SearchError
 from pf_ray.launch.atomic_fs import ray_storage
 from pf_ray.launch.cluster import max_concurrent_trials, trial_cost
+from pf_ray.launch.resources import trial_footprint
 from pf_ray.launch.search_state import DamagedSearchState, describe, reconcile
 from pf_ray.metrics import (
     ACCURACY,
@@ -62,10 +63,12 @@ def run_search(spec: RunSpec, space: PerLayerSpace, baseline_path: Path, run_sto
     max_epochs = search_epochs(config)
     searcher, param_space = make_searcher(search.algorithm, space, metric=SCORE, mode="max", seed=search.seed,
                                           num_trials=search.num_trials, max_epochs=max_epochs, starts=starts)
-    concurrency = max_concurrent_trials(config, ray.cluster_resources().get("CPU", 1.0))
-    reserve, cost = trial_cost(config)
-    # Re-derived from the cluster's CPUs before each new trial: nodes that join (autoscaling) raise it.
-    searcher = ClusterConcurrency(searcher, cpus_per_trial=cost)
+    cluster = ray.cluster_resources()
+    concurrency = max_concurrent_trials(config, cluster.get("CPU", 1.0), cluster.get("GPU", 0.0))
+    reserve, _ = trial_cost(config)
+    cpus, gpus = trial_footprint(config.resources)
+    # Re-derived from the cluster's CPUs and GPUs before each new trial: nodes that join (autoscaling) raise it.
+    searcher = ClusterConcurrency(searcher, cpus_per_trial=cpus, gpus_per_trial=gpus)
     # The spec and the space travel as they are (frozen dataclasses, pickled once into the object store); the
     # checkpoint's bytes too: trials on other nodes cannot read our disk.
     setup = TrialSetup(spec, space, Path(baseline_path).read_bytes())

@@ -54,3 +54,27 @@ def test_state_round_trip_keeps_live_trials_but_not_the_cpu_reader() -> None:
 def test_cpus_per_trial_must_be_positive() -> None:
     with pytest.raises(ValueError, match="cpus_per_trial: got 0"):
         ClusterConcurrency(Always(), cpus_per_trial=0, cluster_cpus=lambda: 2.0)
+
+
+def test_with_gpus_the_cap_is_also_gpus_over_gpus_per_trial() -> None:
+    """Fractional GPUs: 0.25 GPU per trial on 1 GPU is 4 live trials however many CPUs; a GPU node that joins
+    raises it; no GPU yet (an autoscaler starting from zero) still leaves one slot, whose trial starts a node."""
+    gpus = [1.0]
+    limiter = ClusterConcurrency(Always(), cpus_per_trial=1.0, gpus_per_trial=0.25, cluster_cpus=lambda: 16.0,
+                                 cluster_gpus=lambda: gpus[0])
+    assert [limiter.suggest(t) is not None for t in "abcde"] == [True, True, True, True, False]
+    gpus[0] = 2.0
+    assert limiter.suggest("e") is not None and limiter.max_concurrent == 8
+    gpus[0] = 0.0
+    assert limiter.suggest("f") is None and limiter.max_concurrent == 1
+    assert "cluster_gpus" not in limiter.get_state()
+
+
+def test_the_cap_is_the_rule_that_sizes_the_search_up_front() -> None:
+    from pf_ray.launch.resources import trial_slots
+
+    for cpus, gpus, per_cpu, per_gpu in [(16, 1, 1, 0.1), (16, 0.3, 1, 0.1), (4, 8, 1, 0.5), (40, 8, 2.25, 2),
+                                         (7, 0, 1, 0), (2, 0, 2.25, 0)]:
+        limiter = ClusterConcurrency(Always(), cpus_per_trial=per_cpu, gpus_per_trial=per_gpu,
+                                     cluster_cpus=lambda c=cpus: c, cluster_gpus=lambda g=gpus: g)
+        assert limiter.max_concurrent == trial_slots(cpus, gpus, per_cpu, per_gpu), (cpus, gpus, per_cpu, per_gpu)
