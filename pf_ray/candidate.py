@@ -203,9 +203,9 @@ def schedule_line(train_config: TrainConfig, world_size: int) -> str:
     workers) and the retrain (``retrain.num_workers``) step with different effective batches when their worker
     counts differ."""
     workers = f"{world_size} workers" if world_size != 1 else "1 worker"
-    return (f"  schedule: batch {train_config.batch_size} per worker x {workers} = {train_config.batch_size * world_size}"
-            f" examples per step, learning rate {train_config.learning_rate:g} (per-worker batch; the rate is not "
-            f"scaled with the number of workers)")
+    batch = train_config.batch_size
+    return (f"  schedule: batch {batch} per worker x {workers} = {batch * world_size} examples per step, learning rate "
+            f"{train_config.learning_rate:g} (per-worker batch; the rate is not scaled with the number of workers)")
 
 
 def fine_tune(candidate: Candidate, data: DataBundle, train_config: TrainConfig, *,

@@ -265,7 +265,14 @@ def fit(
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step)
             with autocast(device, precision):
-                logits = model(inputs)
+                try:
+                    logits = model(inputs)
+                except RuntimeError:
+                    # channels-last breaks a model that .view()s a conv output; go back to the default layout
+                    if not (cuda and not distributed and step == start_epoch * steps_per_epoch):
+                        raise
+                    model.to(memory_format=torch.contiguous_format)
+                    logits = model(inputs)
                 loss = F.cross_entropy(logits.float(), labels)
                 if teacher is not None:
                     with torch.no_grad():
