@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import platform
 import shutil
@@ -63,6 +64,7 @@ LEARNERS: list[tuple[str, str, dict[str, Any]]] = [  # (label, learner, options)
 ]
 DDP_LEARNERS = ("weight_sparsification", "uniform_quantization_w8a8", "nonuniform_quantization")
 LOGIT_TOLERANCE = 1e-3  # device vs CPU logits of the finalized model (TF32 off for the comparison)
+QUANTIZED_ACTIVATIONS = ("uniform_quantization_w8a8", "native_int8_qat")
 
 
 class Smoke:
@@ -201,6 +203,7 @@ def learner_step(smoke: Smoke, label: str, learner: str, options: dict[str, Any]
     from pf_ray.models import build_model
     from pf_ray.spec import RunSpec
     from pf_ray.strict import to_dict
+    from pf_ray.train import fit
 
     config = experiment(learner, options, distil=True)
     spec = RunSpec.resolve(config)
@@ -210,6 +213,12 @@ def learner_step(smoke: Smoke, label: str, learner: str, options: dict[str, Any]
     candidate = make_candidate(spec, baseline, data, device=smoke.device)
     on_device(candidate.model, smoke.device)
     assert candidate.teacher is not None
+    bf16: list[dict[str, Any]] = []  # the same fine-tuning in bf16 autocast, on a copy (fake quantizers in fp32)
+    fit(copy.deepcopy(candidate.model), data.train, TrainConfig(epochs=1, batch_size=32, train_subset=64),
+        device=smoke.device, precision="bf16", report=bf16.append, teacher=candidate.teacher,
+        distillation=candidate.distillation)
+    if not math.isfinite(bf16[0]["loss"]):
+        raise AssertionError(f"bf16 fine-tuning loss {bf16[0]['loss']}")
     reports: list[dict[str, Any]] = []
     train = TrainConfig(epochs=1, batch_size=32, learning_rate=0.01, train_subset=64 if smoke.quick else 512)
     final = fine_tune(candidate, data, train, validation_subset=32 if smoke.quick else 128, report=reports.append,
@@ -220,8 +229,14 @@ def learner_step(smoke: Smoke, label: str, learner: str, options: dict[str, Any]
         here = logits_of(final, inputs)
         on_cpu = logits_of(copy.deepcopy(final).cpu(), inputs)
     difference = float((here - on_cpu).abs().max())
-    if difference > LOGIT_TOLERANCE:
-        raise AssertionError(f"{smoke.device} and CPU logits differ by {difference:.2e} > {LOGIT_TOLERANCE}")
+    # Quantized activations: a value within float error of a rounding boundary may take the next level on one
+    # device, so those models get a looser bound (one activation level), and must agree on the top-1 class.
+    tolerance = LOGIT_TOLERANCE if label not in QUANTIZED_ACTIVATIONS else 5e-2
+    if difference > tolerance:
+        raise AssertionError(f"{smoke.device} and CPU logits differ by {difference:.2e} > {tolerance}")
+    agree = float((here.argmax(1) == on_cpu.argmax(1)).float().mean())
+    if agree < 15 / 16:
+        raise AssertionError(f"{smoke.device} and CPU top-1 agree on {agree:.0%} of 16 images")
     work = Path(tempfile.mkdtemp(prefix=f"{label}-", dir=smoke.out))
     path = save_checkpoint(work / "compressed.pt", final, model_config=config.model,
                            input_shape=data.input_shape, num_classes=data.num_classes,
@@ -236,6 +251,7 @@ def learner_step(smoke: Smoke, label: str, learner: str, options: dict[str, Any]
     export_onnx(final, data.input_shape, work / "model.onnx")  # copies to the CPU itself
     shutil.rmtree(work, ignore_errors=True)
     return {"proxy_accuracy": round(candidate.static_metrics["proxy_accuracy"], 4),
+            "bf16_loss": round(bf16[0]["loss"], 4),
             "accuracy": round(reports[-1]["accuracy"], 4), "max_logit_difference": difference,
             "reload_difference": reload_difference}
 

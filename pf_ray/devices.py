@@ -75,6 +75,14 @@ def autocast(device: torch.device | str, precision: str) -> contextlib.AbstractC
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
+def precision_for(model: nn.Module, precision: str) -> str:
+    """``precision``, or "fp32" for a model that cannot run under autocast: a captured graph (native_int8's pt2e
+    QAT graph, whose torchao fake quantizers take fp32 only; autocast would hand them bf16)."""
+    if precision == BF16 and any(isinstance(m, torch.fx.GraphModule) for m in model.modules()):
+        return "fp32"
+    return precision
+
+
 @contextlib.contextmanager
 def full_precision(x: torch.Tensor) -> Iterator[None]:
     """Inside an autocast region, run the enclosed maths in fp32 (fake quantization, codebook lookups): bf16 has 8

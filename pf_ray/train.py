@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from pf_ray.config import DistillationConfig, TrainConfig
-from pf_ray.devices import autocast, model_device, prepare_for_device
+from pf_ray.devices import autocast, model_device, precision_for, prepare_for_device
 from pf_ray.metrics import ACCURACY, EPOCH, LOSS, SECONDS, TRAIN_ACCURACY
 from pf_ray.progress import ProgressBar
 
@@ -117,6 +117,7 @@ def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int = 512, distr
         device: where the inputs go; None: the model's device.
     """
     device = model_device(model) if device is None else torch.device(device)
+    precision = precision_for(model, precision)
     was_training = model.training
     model.eval()
     correct = torch.zeros((), dtype=torch.float64, device=device)
@@ -235,6 +236,10 @@ def fit(
     if teacher is not None:
         teacher = prepare_for_device(teacher, device).eval()
     cuda = _is_cuda(device)
+    if precision_for(model, precision) != precision:
+        if log is not None:
+            log(f"  precision: {precision} asked, fp32 used (a captured graph's fake quantizers take fp32 only)")
+        precision = precision_for(model, precision)
     train_set = subset(train_set, config.train_subset)
     loader = make_loader(train_set, config.batch_size, shuffle=True, seed=seed, distributed=distributed,
                          pin_memory=cuda)

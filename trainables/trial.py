@@ -54,7 +54,10 @@ def run_trial(learner_name: str, config: dict[str, Any], setup: TrialSetup) -> N
 
     if resources.workers_per_trial == 1 or search.scoring is Scoring.PROXY:
         torch.set_num_threads(resources.cpus_per_trial)
-        device = training_device(resources)  # the GPU Ray reserved for this trial (CUDA_VISIBLE_DEVICES), or the CPU
+        if resources.workers_per_trial == 1:  # the GPU Ray reserved for this trial (CUDA_VISIBLE_DEVICES), or the CPU
+            device = training_device(resources)
+        else:  # proxy scoring, Train workers configured: this process reserved no GPU of its own, only a CPU share
+            device = training_device(resources) if torch.cuda.is_available() else torch.device("cpu")
         candidate = make_candidate(spec, baseline, data, device=device)
         if search.scoring is Scoring.PROXY:  # no fine-tuning: one report, the proxy is the accuracy
             proxy = candidate.static_metrics[PROXY_ACCURACY]

@@ -156,3 +156,15 @@ def test_the_structure_digest_sees_shapes_and_masks_not_float_values():
     model.mask[1] = True
     assert structure_digest(model) != digest
     assert structure_digest(nn.Sequential(nn.Linear(4, 2))) != structure_digest(nn.Sequential(nn.Linear(4, 3)))
+
+
+def test_a_captured_qat_graph_trains_in_fp32_when_bf16_is_asked():
+    pytest.importorskip("torchao")
+    from pf_ray.learners import build_learner, learner_config_class
+
+    data = tiny_data()
+    learner = build_learner("native_int8", learner_config_class("native_int8")(method="qat", calibration_batches=1))
+    model, history, logged = learner.prepare(tiny_resnet20(), data), [], []
+    train_module.fit(model, data.train, TrainConfig(epochs=1, batch_size=8, learning_rate=0.01), precision="bf16",
+                     report=history.append, log=logged.append)
+    assert history[0]["loss"] > 0 and any("bf16 asked, fp32 used" in line for line in logged)
