@@ -129,7 +129,7 @@ def move_graph_(graph: torch.fx.GraphModule, device: torch.device | str) -> torc
             value = getattr(holder, name, None)
             if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter) and value.device != device:
                 setattr(holder, name, value.to(device))
-        if isinstance(node.kwargs.get("device"), torch.device):
+        if isinstance(node.kwargs.get("device"), (torch.device, str)):
             node.update_kwarg("device", device)
     graph.recompile()
     return graph

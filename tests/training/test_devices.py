@@ -168,3 +168,29 @@ def test_a_captured_qat_graph_trains_in_fp32_when_bf16_is_asked():
     train_module.fit(model, data.train, TrainConfig(epochs=1, batch_size=8, learning_rate=0.01), precision="bf16",
                      report=history.append, log=logged.append)
     assert history[0]["loss"] > 0 and any("bf16 asked, fp32 used" in line for line in logged)
+
+
+class _MakesATensor(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) + torch.ones(3, device=x.device)  # a device argument baked into the graph
+
+
+@pytest.mark.parametrize("how", ["device pass at capture", "move_graph_ after prepare"])
+def test_a_captured_graph_moves_with_its_device_arguments(how):
+    """What native_int8 relies on to train a graph captured on the CPU elsewhere: .to() would leave the node's
+    device argument on the CPU. ("meta" stands in for a GPU: it has a device of its own on any machine.)"""
+    from pf_ray.ops.int8 import capture_dynamic_batch, move_graph_
+
+    example = torch.randn(2, 3)
+    if how == "device pass at capture":
+        graph = capture_dynamic_batch(_MakesATensor(), example, device="meta")
+    else:
+        graph = move_graph_(capture_dynamic_batch(_MakesATensor(), example), "meta")
+    devices = [node.kwargs["device"] for node in graph.graph.nodes if "device" in node.kwargs]
+    assert devices and all(torch.device(device) == torch.device("meta") for device in devices)
+    assert all(t.device.type == "meta" for t in [*graph.parameters(), *graph.buffers()])
+    assert graph(torch.randn(4, 3, device="meta")).device.type == "meta"  # the batch dimension stays dynamic

@@ -60,7 +60,14 @@ def _scenario(rank: int, scenario: str) -> object:
             distributed=True)
         return "finished"
     if scenario == "evaluate":
-        return evaluate(_identity(), _eval_set(), batch_size=2, distributed=True)
+        plain = evaluate(_identity(), _eval_set(), batch_size=2, distributed=True)
+        # DDP-wrapped, in batches of 3: rank 0 runs 2 batches (4 examples), rank 1 one (3); an eval forward under
+        # no-grad holds no collective, so the ranks need not take as many batches
+        wrapped = evaluate(nn.parallel.DistributedDataParallel(_identity()), _eval_set(), batch_size=3,
+                           distributed=True)
+        if wrapped[ACCURACY] != plain[ACCURACY] or not math.isclose(wrapped[LOSS], plain[LOSS], rel_tol=1e-6):
+            raise AssertionError(f"DDP-wrapped {wrapped} != plain {plain}")
+        return plain
     if scenario == "structure":  # rank 1 pruned one channel more
         model = nn.Sequential(nn.Linear(4, 3 if rank == 0 else 2))
         check_same_structure(model, "cpu")
@@ -137,7 +144,7 @@ def test_distributed_evaluation_counts_each_example_once(outcomes):
     logits = _identity()(_eval_set().tensors[0])
     exact_loss = nn.functional.cross_entropy(logits, _eval_set().tensors[1]).item()
     for outcome, metrics in outcomes.values():
-        assert outcome == "ok"
+        assert outcome == "ok", metrics
         assert metrics[ACCURACY] == 3 / 7  # padded to 8, it would be 3/8 or 4/8
         assert math.isclose(metrics[LOSS], exact_loss, rel_tol=1e-6)  # float32 batch sums
 
