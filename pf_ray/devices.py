@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -67,8 +66,9 @@ def prepare_for_device(model: nn.Module, device: torch.device | str) -> nn.Modul
 
 
 def autocast(device: torch.device | str, precision: str) -> contextlib.AbstractContextManager:
-    """The forward pass's arithmetic: bf16 autocast for ``precision`` "bf16", else nothing. Quantizer and codebook
-    maths opt out of it themselves (``full_precision``)."""
+    """The forward pass's arithmetic: bf16 autocast for ``precision`` "bf16", else nothing. Fake quantization
+    computes in fp32 whatever it is given (``ops.quantize.fake_quantize``); codebook values and quantizer ranges
+    are fp32 tensors, which autocast leaves alone outside matrix products and convolutions."""
     device = torch.device(device)
     if precision != BF16:
         return contextlib.nullcontext()
@@ -83,32 +83,11 @@ def precision_for(model: nn.Module, precision: str) -> str:
     return precision
 
 
-@contextlib.contextmanager
-def full_precision(x: torch.Tensor) -> Iterator[None]:
-    """Inside an autocast region, run the enclosed maths in fp32 (fake quantization, codebook lookups): bf16 has 8
-    bits of mantissa, too few for 8-bit quantization grids."""
-    if torch.is_autocast_enabled(x.device.type):
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            yield
-    else:
-        yield
-
-
 # --- collective checks (torch.distributed, any backend) ---------------------------------------------------------
 
 
 def distributed_ready() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def all_ranks_true(flag: bool, device: torch.device | str) -> bool:
-    """Whether ``flag`` holds on every rank (one all-reduce of one number; ``flag`` itself without a process
-    group). Every rank must call it at the same point."""
-    if not distributed_ready():
-        return flag
-    tensor = torch.tensor([0.0 if flag else 1.0], device=device)
-    torch.distributed.all_reduce(tensor)
-    return bool(tensor.item() == 0.0)
 
 
 def structure_digest(model: nn.Module) -> int:
