@@ -3,11 +3,16 @@ fine-tuned and scored.
 
 Everything a trial does that is not Ray lives here, so the same code runs in a trial's own process, in each
 Ray Train worker and in the final retraining, and is tested without Ray.
+
+Every stage runs on the one ``device`` the caller passes (``pf_ray.devices.training_device``): the learner's
+prepare (selection, reconstruction, calibration), the proxy score with its BatchNorm re-estimation, fine-tuning.
+Latency, INT8 scoring and export run on a CPU copy.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -18,6 +23,7 @@ from torch import nn
 
 from pf_ray.config import DistillationConfig, ExperimentConfig, Reward, SearchConfig, TrainConfig
 from pf_ray.data import DataBundle
+from pf_ray.devices import check_same_structure, model_device, prepare_for_device
 from pf_ray.learners import Learner
 from pf_ray.learners.base import CountsSteps, KeepsFp32Layers, ScoresInt8, SearchesPerLayer
 from pf_ray.metrics import (
@@ -41,6 +47,8 @@ from pf_ray.ops.latency_budget import LatencySource
 from pf_ray.search_space import PerLayerSpace
 from pf_ray.spec import RunSpec
 from pf_ray.train import Report, evaluate, fit, recalibrate_batchnorm, subset
+
+logger = logging.getLogger(__name__)
 
 LATENCY_EXPONENT = -0.07  # MnasNet's soft-constraint exponent: 2x over the target costs 5% of the reward
 
@@ -86,19 +94,27 @@ def teacher_for(experiment: ExperimentConfig, baseline: nn.Module) -> nn.Module 
 
 
 def make_candidate(spec: RunSpec, baseline: nn.Module, data: DataBundle, *,
-                   proposal: Sequence[float] | None = None, measure: bool = True) -> Candidate:
-    """Apply the learner to a copy of ``baseline`` (the baseline itself is left untouched).
+                   proposal: Sequence[float] | None = None, measure: bool = True,
+                   device: str | torch.device = "cpu", distributed: bool = False) -> Candidate:
+    """Apply the learner to a copy of ``baseline`` (the baseline itself is left untouched, on its device).
 
     Args:
         proposal: per-layer values from a searcher, projected onto the budget into the learner's config (the space
             is built on the copy that is then compressed); None: ``spec.learner_config`` as it is.
         measure: also measure what only the search uses: the proxy accuracy (and, with ``search.reward:
             latency``, the latency). The retrain does not.
+        device: where the learner's prepare and the proxy run, and the candidate's model stays.
+        distributed: one of several DDP ranks (a process group is up): every rank prepares its own candidate
+            from the same baseline and seed, and they check together that their compressed models have the same
+            structure (``devices.check_same_structure``: all raise, on every rank, if not); DDP then broadcasts
+            rank 0's weights.
     """
-    model = copy.deepcopy(baseline)
+    model = copy.deepcopy(baseline).to(device)
     spec = resolve(spec, model, data.input_shape, proposal)
     learner = spec.build_learner()
     model = learner.prepare(model, data)
+    if distributed:
+        check_same_structure(model, device)
     experiment = spec.experiment
     baseline_macs = model_stats(baseline, data.input_shape).macs
     stats = model_stats(model, data.input_shape)
@@ -113,7 +129,8 @@ def make_candidate(spec: RunSpec, baseline: nn.Module, data: DataBundle, *,
     if measure and experiment.search.reward is Reward.LATENCY:
         from pf_ray.export.latency import reward_latency
 
-        static[LATENCY_MS], wanted = reward_latency(model, baseline, data.input_shape, experiment)
+        static[LATENCY_MS], wanted = reward_latency(copy.deepcopy(model).cpu(), baseline, data.input_shape,
+                                                    experiment)  # measured on the CPU runtime: a CPU copy
         static[LATENCY_RATIO] = static[LATENCY_MS] / wanted
     if measure:
         static[PROXY_ACCURACY] = proxy_accuracy(model, data, experiment.search)
@@ -123,9 +140,10 @@ def make_candidate(spec: RunSpec, baseline: nn.Module, data: DataBundle, *,
 def proxy_accuracy(model: nn.Module, data: DataBundle, search: SearchConfig) -> float:
     """The fast proxy (PocketFlow's reward): validation accuracy right after compression, before any
     fine-tuning, with BatchNorm statistics re-estimated on ``search.proxy_bn_images`` training images (on a copy:
-    the candidate's own statistics are left for fine-tuning to update)."""
-    probe = recalibrate_batchnorm(copy.deepcopy(model), data.train, images=search.proxy_bn_images)
-    return evaluate(probe, subset(data.validation, search.validation_subset))[ACCURACY]
+    the candidate's own statistics are left for fine-tuning to update). Runs on the model's device."""
+    device = model_device(model)
+    probe = recalibrate_batchnorm(copy.deepcopy(model), data.train, images=search.proxy_bn_images, device=device)
+    return evaluate(probe, subset(data.validation, search.validation_subset), device=device)[ACCURACY]
 
 
 def best_trial(trials: list[dict[str, Any]], max_epochs: int) -> dict[str, Any] | None:
@@ -179,6 +197,17 @@ def score(accuracy: float, static: dict[str, Any], reward: Reward) -> float:
     return accuracy
 
 
+def schedule_line(train_config: TrainConfig, world_size: int) -> str:
+    """What a run's optimiser steps average over, said once per run: ``batch_size`` is per worker and the
+    learning rate is not scaled with the number of workers, so a search trial (``resources.workers_per_trial``
+    workers) and the retrain (``retrain.num_workers``) step with different effective batches when their worker
+    counts differ."""
+    workers = f"{world_size} workers" if world_size != 1 else "1 worker"
+    batch = train_config.batch_size
+    return (f"  schedule: batch {batch} per worker x {workers} = {batch * world_size} examples per step, learning rate "
+            f"{train_config.learning_rate:g} (per-worker batch; the rate is not scaled with the number of workers)")
+
+
 def fine_tune(candidate: Candidate, data: DataBundle, train_config: TrainConfig, *,
               validation_subset: int | None, report: Report | None = None,
               wrap: Callable[[nn.Module], nn.Module] | None = None, distributed: bool = False,
@@ -188,12 +217,14 @@ def fine_tune(candidate: Candidate, data: DataBundle, train_config: TrainConfig,
     report carries its static metrics too. Returns the final model.
 
     Args:
-        wrap: e.g. Ray Train's ``prepare_model`` (DDP) in a distributed worker.
+        wrap: e.g. Ray Train's ``prepare_model`` (DDP) in a distributed worker; the model is on ``device``
+            (cudnn and channels-last set there) before it is wrapped.
+        device: where it trains; the arithmetic is ``resources.precision`` (fp32, or bf16 autocast).
 
     A candidate with a teacher (``learner.distillation`` set) distils from it with its distillation config.
     """
     experiment = candidate.spec.experiment
-    model = candidate.model
+    model = prepare_for_device(candidate.model, device)
     trained = wrap(model) if wrap is not None else model
 
     int8_accuracy = int8_scorer(candidate, data, validation_subset)
@@ -207,11 +238,14 @@ def fine_tune(candidate: Candidate, data: DataBundle, train_config: TrainConfig,
                 accuracy = metrics[INT8_ACCURACY]
             report({**metrics, **static, SCORE: score(accuracy, static, experiment.search.reward)})
 
+    world_size = torch.distributed.get_world_size() if distributed else 1
+    line = schedule_line(train_config, world_size)
+    log(line) if log is not None else logger.info(line)
     counts_steps = isinstance(candidate.learner, CountsSteps)
     fit(trained, data.train, train_config, validation_set=subset(data.validation, validation_subset),
         on_step=candidate.learner.on_step, on_start=candidate.learner.set_total_steps if counts_steps else None,
         report=report_with_static, seed=experiment.seed, distributed=distributed,
-        device=device, start_epoch=start_epoch, log=log,
+        device=device, precision=experiment.resources.precision, start_epoch=start_epoch, log=log,
         teacher=candidate.teacher, distillation=candidate.distillation)
     return candidate.learner.finalize(model)
 

@@ -2,7 +2,12 @@
 
 The same ``fit`` runs in a trial's own process and inside each Ray Train worker: with ``distributed=True`` the
 caller has already wrapped the model in DDP and started the process group; ``fit`` then shards the data with a
-``DistributedSampler`` and all-reduces the metrics, so every rank reports the same numbers.
+``DistributedSampler`` and all-reduces the metrics, so every rank reports the same numbers. Every step the ranks
+agree (one all-reduce) that the loss is finite before any of them steps, so a NaN on one rank stops all of them
+together. Evaluation shards without padding, so each example counts once.
+
+Metrics accumulate as tensors on the training device: one host synchronisation per epoch (and per progress line
+with a log), not three per step.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from pf_ray.config import DistillationConfig, TrainConfig
+from pf_ray.devices import autocast, model_device, precision_for, prepare_for_device
 from pf_ray.metrics import ACCURACY, EPOCH, LOSS, SECONDS, TRAIN_ACCURACY
 from pf_ray.progress import ProgressBar
 
@@ -35,12 +41,24 @@ def subset(dataset: Dataset, size: int | None) -> Dataset:
 
 
 def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int = 0,
-                distributed: bool = False) -> DataLoader:
+                distributed: bool = False, pin_memory: bool = False) -> DataLoader:
+    """A loader over ``dataset``; ``distributed``: this rank's shard (``DistributedSampler``, padded so every rank
+    takes as many steps: for training only; ``evaluation_shard`` for evaluation). ``pin_memory``: page-locked
+    batches, for asynchronous copies to a GPU."""
     if distributed:
         sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed)
-        return DataLoader(dataset, batch_size=batch_size, sampler=sampler)
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, pin_memory=pin_memory)
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, pin_memory=pin_memory)
+
+
+def evaluation_shard(dataset: Dataset, distributed: bool) -> Dataset:
+    """This rank's part of ``dataset`` for evaluation: examples rank, rank + world, ... (no padding, unlike
+    ``DistributedSampler``: the ranks' parts add up to ``dataset`` exactly, each example once)."""
+    if not distributed:
+        return dataset
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return Subset(dataset, range(rank, len(dataset), world))  # type: ignore[arg-type]
 
 
 def take_batches(dataset: Dataset, batch_size: int, count: int | None = None, *, seed: int = 0, cycle: bool = False,
@@ -76,27 +94,43 @@ def take_batches(dataset: Dataset, batch_size: int, count: int | None = None, *,
             return
 
 
-def _all_reduce_sum(values: list[float], distributed: bool, device: torch.device) -> list[float]:
-    if not distributed:
-        return values
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(tensor)
+def _all_reduce_sum(values: list[float | torch.Tensor], distributed: bool, device: torch.device) -> list[float]:
+    """Sums over the ranks (the values themselves without ``distributed``), as Python floats: one host sync."""
+    tensor = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
+    if distributed:
+        torch.distributed.all_reduce(tensor)
     return tensor.tolist()
+
+
+def _is_cuda(device: torch.device) -> bool:
+    return device.type == "cuda"
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int = 512, distributed: bool = False,
-             device: str | torch.device = "cpu") -> dict[str, float]:
-    """Top-1 accuracy and mean cross-entropy of ``model`` on ``dataset`` (eval mode; mode restored)."""
-    device = torch.device(device)
+             device: str | torch.device | None = None, precision: str = "fp32") -> dict[str, float]:
+    """Top-1 accuracy and mean cross-entropy of ``model`` on ``dataset`` (eval mode; mode restored).
+
+    Args:
+        distributed: each rank scores its own unpadded shard and the sums are all-reduced: every example counts
+            once, and every rank returns the same numbers.
+        device: where the inputs go; None: the model's device.
+    """
+    device = model_device(model) if device is None else torch.device(device)
+    precision = precision_for(model, precision)
     was_training = model.training
     model.eval()
-    correct = total = loss_sum = 0.0
-    for inputs, labels in make_loader(dataset, batch_size, shuffle=False, distributed=distributed):
-        inputs, labels = inputs.to(device), labels.to(device)
-        logits = model(inputs)
-        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
-        correct += (logits.argmax(dim=1) == labels).sum().item()
+    correct = torch.zeros((), dtype=torch.float64, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    total = 0
+    cuda = _is_cuda(device)
+    for inputs, labels in make_loader(evaluation_shard(dataset, distributed), batch_size, shuffle=False,
+                                      pin_memory=cuda):
+        inputs, labels = inputs.to(device, non_blocking=cuda), labels.to(device, non_blocking=cuda)
+        with autocast(device, precision):
+            logits = model(inputs)
+        loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum")
+        correct += (logits.argmax(dim=1) == labels).sum()
         total += labels.numel()
     model.train(was_training)
     correct, total, loss_sum = _all_reduce_sum([correct, total, loss_sum], distributed, device)
@@ -106,7 +140,8 @@ def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int = 512, distr
 
 
 @torch.no_grad()
-def recalibrate_batchnorm(model: nn.Module, dataset: Dataset, *, images: int, batch_size: int = 128) -> nn.Module:
+def recalibrate_batchnorm(model: nn.Module, dataset: Dataset, *, images: int, batch_size: int = 128,
+                          device: str | torch.device | None = None) -> nn.Module:
     """Re-estimate every BatchNorm's running mean and variance on the first ``images`` of ``dataset`` (in place;
     returns ``model``, in eval mode). Nothing else changes: other modules stay in eval mode (activation quantizers
     keep their ranges), no weight moves, and a BatchNorm the forward pass never calls (one a quantization-aware
@@ -115,8 +150,10 @@ def recalibrate_batchnorm(model: nn.Module, dataset: Dataset, *, images: int, ba
     Pruning or sparsifying a layer shifts the statistics of everything after it, and the stale running averages
     then make the compressed model look far worse than a short fine-tune shows; re-estimating them (adaptive
     BatchNorm, Li et al., "EagleEye", ECCV 2020) makes accuracy right after compression rank candidates much
-    closer to how they rank after fine-tuning, for a few forward passes.
+    closer to how they rank after fine-tuning, for a few forward passes. The images go to ``device`` (None: the
+    model's device).
     """
+    device = model_device(model) if device is None else torch.device(device)
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     model.eval()
     if not norms or images <= 0:
@@ -127,7 +164,7 @@ def recalibrate_batchnorm(model: nn.Module, dataset: Dataset, *, images: int, ba
         norm.momentum = None  # a cumulative average over the batches seen
         norm.train()
     for inputs, _ in make_loader(subset(dataset, images), batch_size, shuffle=False):
-        model(inputs)
+        model(inputs.to(device))
     for norm, (momentum, state) in zip(norms, saved, strict=True):
         norm.momentum = momentum
         norm.eval()
@@ -157,6 +194,7 @@ def fit(
     seed: int = 0,
     distributed: bool = False,
     device: str | torch.device = "cpu",
+    precision: str = "fp32",
     log: Callable[[str], None] | None = None,
     teacher: nn.Module | None = None,
     distillation: DistillationConfig | None = None,
@@ -172,6 +210,10 @@ def fit(
         start_epoch: resume after this many finished epochs (the learning-rate schedule continues; the
             optimiser's momentum starts afresh).
         distributed: ``model`` is DDP-wrapped and a process group is up; shard data, all-reduce metrics.
+        device: where training runs: the model is moved there (a DDP-wrapped one must be there already), and
+            the batches and the teacher with it. On CUDA: cudnn autotuning, channels-last, pinned batches.
+        precision: "fp32", or "bf16" autocast for the forward passes and the loss (the learners' quantizer and
+            codebook maths stay fp32; the weights and the optimiser stay fp32).
         log: receives a line per epoch, and within an epoch a progress bar (steps, running loss, ETA; a line at
             most every ``PROGRESS_SECONDS``, redrawn in place on a terminal); ``print`` on the command line,
             None in trials.
@@ -179,15 +221,28 @@ def fit(
             becomes cross-entropy + ``distillation.weight * distillation_loss(..., distillation.temperature)``.
 
     Raises:
-        FloatingPointError: the training loss became NaN or infinite (the trial fails with this reason).
+        FloatingPointError: the training loss became NaN or infinite on this rank or another (all ranks agree
+            before any of them steps, so they raise together; deterministic, so not worth a retry).
     """
     device = torch.device(device)
     if (teacher is None) != (distillation is None):
         raise ValueError("fit: give teacher and distillation together, or neither")
+    if distributed:
+        if model_device(model).type != device.type:
+            raise ValueError(f"fit: the DDP-wrapped model is on {model_device(model)}, training asked for {device}; "
+                             f"move the model before wrapping it")
+    else:
+        prepare_for_device(model, device)
     if teacher is not None:
-        teacher = teacher.to(device).eval()
+        teacher = prepare_for_device(teacher, device).eval()
+    cuda = _is_cuda(device)
+    if precision_for(model, precision) != precision:
+        if log is not None:
+            log(f"  precision: {precision} asked, fp32 used (a captured graph's fake quantizers take fp32 only)")
+        precision = precision_for(model, precision)
     train_set = subset(train_set, config.train_subset)
-    loader = make_loader(train_set, config.batch_size, shuffle=True, seed=seed, distributed=distributed)
+    loader = make_loader(train_set, config.batch_size, shuffle=True, seed=seed, distributed=distributed,
+                         pin_memory=cuda)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.learning_rate, momentum=config.momentum,
                                 weight_decay=config.weight_decay, nesterov=config.momentum > 0)
     steps_per_epoch = max(1, len(loader))
@@ -204,35 +259,54 @@ def fit(
             loader.sampler.set_epoch(epoch)
         model.train()
         started = time.perf_counter()
-        loss_sum = correct = seen = 0.0
+        # running sums on the device: read back once per epoch (and per progress line)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        correct = torch.zeros((), dtype=torch.float64, device=device)
+        seen = 0
         bar = ProgressBar(f"  epoch {epoch + 1}/{config.epochs}", steps_per_epoch, unit="steps", log=log,
                           interval=PROGRESS_SECONDS)
         for inputs, labels in loader:
-            inputs, labels = inputs.to(device), labels.to(device)
+            inputs, labels = inputs.to(device, non_blocking=cuda), labels.to(device, non_blocking=cuda)
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step)
-            logits = model(inputs)
-            loss = F.cross_entropy(logits, labels)
-            if teacher is not None:
-                with torch.no_grad():
-                    teacher_logits = teacher(inputs)
-                loss = loss + distillation.weight * distillation_loss(logits, teacher_logits,
-                                                                      distillation.temperature)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"training diverged: loss is {loss.item()} at epoch {epoch + 1}, "
-                                         f"step {step}; lower the learning rate")
+            with autocast(device, precision):
+                try:
+                    logits = model(inputs)
+                except RuntimeError:
+                    # channels-last breaks a model that .view()s a conv output; go back to the default layout
+                    if not (cuda and not distributed and step == start_epoch * steps_per_epoch):
+                        raise
+                    model.to(memory_format=torch.contiguous_format)
+                    logits = model(inputs)
+                loss = F.cross_entropy(logits.float(), labels)
+                if teacher is not None:
+                    with torch.no_grad():
+                        teacher_logits = teacher(inputs)
+                    loss = loss + distillation.weight * distillation_loss(logits.float(), teacher_logits.float(),
+                                                                          distillation.temperature)
+            # One host sync per step, and the one that matters: every rank learns whether any rank's loss is
+            # finite before any of them steps, so a NaN on one rank stops all ranks together (none waits in an
+            # all-reduce the others never reach).
+            if not _all_finite(loss, distributed):
+                value = loss.item()
+                what = f"loss is {value}" if not math.isfinite(value) else "loss is not finite on another rank"
+                raise FloatingPointError(f"training diverged: {what} at epoch {epoch + 1}, step {step}; lower the "
+                                         f"learning rate")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             step += 1
             if on_step is not None:
                 on_step(_unwrap(model), step)
-            loss_sum += loss.item() * labels.numel()
-            correct += (logits.argmax(dim=1) == labels).sum().item()
+            loss_sum += loss.detach().double() * labels.numel()
+            correct += (logits.detach().argmax(dim=1) == labels).sum()
             seen += labels.numel()
-            bar.update(note=f"loss {loss_sum / seen:.4f}")
+            if bar.log is not None and time.perf_counter() - bar.last_shown >= bar.interval:
+                bar.update(note=f"loss {loss_sum.item() / seen:.4f}")
+            else:
+                bar.update()
         bar.close()
-        loss_sum, correct, seen = _all_reduce_sum([loss_sum, correct, seen], distributed, device)
+        loss_sum, correct, seen = _all_reduce_sum([loss_sum, correct, float(seen)], distributed, device)
         metrics: dict[str, Any] = {
             EPOCH: epoch + 1,
             LOSS: loss_sum / max(seen, 1),
@@ -240,13 +314,22 @@ def fit(
             SECONDS: time.perf_counter() - started,
         }
         if validation_set is not None:
-            metrics[ACCURACY] = evaluate(model, validation_set, distributed=distributed, device=device)[ACCURACY]
+            metrics[ACCURACY] = evaluate(model, validation_set, distributed=distributed, device=device,
+                                         precision=precision)[ACCURACY]
         if log is not None:
             shown = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
             log(f"  epoch {epoch + 1}/{config.epochs}: {shown}")
         if report is not None:
             report(metrics)
     return model
+
+
+def _all_finite(loss: torch.Tensor, distributed: bool) -> bool:
+    """Whether the loss is finite on every rank (one all-reduce of a flag with ``distributed``)."""
+    not_finite = (~torch.isfinite(loss.detach())).to(torch.float32).reshape(1)
+    if distributed:
+        torch.distributed.all_reduce(not_finite)
+    return bool(not_finite.item() == 0.0)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

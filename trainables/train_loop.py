@@ -4,6 +4,12 @@
 learner (the spec's learner config, per-layer values filled in), and fine-tunes with ``candidate.fine_tune``
 (gloo on CPU, nccl on GPU; ``fit`` all-reduces the metrics, so rank 0 speaks for all). Rank 0 saves a checkpoint
 every epoch; a restarted worker group continues after the last one.
+
+A diverged loss (NaN or inf: ``fit``'s FloatingPointError) is deterministic: retrying it would diverge again. The
+ranks detect it together (``fit`` all-reduces a finite flag every step), rank 0 writes ``DIVERGED_FILE`` into the
+run's folder and every worker returns normally, so Ray Train does not restart the group; ``ray_train_fit`` then
+raises the FloatingPointError in the caller (the trial fails once, with that reason). Ray Train's ``max_failures``
+retries are left for what a retry can fix: a lost node, a crashed worker.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from pf_ray.candidate import Candidate, fine_tune, make_candidate
 from pf_ray.checkpoint import load_checkpoint, save_checkpoint
 from pf_ray.config import TrainConfig
 from pf_ray.data import load_data
+from pf_ray.devices import training_device
 from pf_ray.metrics import EPOCH
 from pf_ray.spec import RunSpec
 from pf_ray.strict import to_dict
@@ -33,6 +40,7 @@ if TYPE_CHECKING:
     import ray.train
     from ray.util.queue import Queue
 
+DIVERGED_FILE = "diverged.txt"  # in the run's folder: why training diverged (written by rank 0)
 MODEL_FILE = "model.pt"  # inside each Ray Train checkpoint directory: the finalized model (a pf-ray checkpoint)
 TRAINING_STATE_FILE = "training_state.pt"  # beside it: the state dict of the model being trained, and its epoch
 
@@ -90,7 +98,32 @@ def ray_train_fit(job: TrainJob, baseline_checkpoint: str | bytes, *,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
     )
-    return trainer.fit()
+    result = trainer.fit()
+    reason = _read_diverged(result.filesystem, result.path)
+    if reason is not None:
+        raise FloatingPointError(reason)
+    return result
+
+
+def _read_diverged(filesystem: pyarrow.fs.FileSystem | None, run_path: str) -> str | None:
+    """The reason rank 0 wrote to ``DIVERGED_FILE`` in the run's folder, or None."""
+    import pyarrow.fs
+
+    filesystem = filesystem or pyarrow.fs.LocalFileSystem()
+    path = f"{run_path}/{DIVERGED_FILE}"
+    if filesystem.get_file_info(path).type == pyarrow.fs.FileType.NotFound:
+        return None
+    with filesystem.open_input_stream(path) as stream:
+        return stream.read().decode()
+
+
+def _write_diverged(reason: str) -> None:
+    """Rank 0: record why training diverged in the run's folder, for ``ray_train_fit`` to raise."""
+    import ray.train
+
+    storage = ray.train.get_context().get_storage()
+    with storage.storage_filesystem.open_output_stream(f"{storage.experiment_fs_path}/{DIVERGED_FILE}") as stream:
+        stream.write(reason.encode())
 
 
 def load_baseline(checkpoint: str | bytes, input_shape: tuple[int, int, int], num_classes: int, *,
@@ -124,13 +157,15 @@ def _train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     torch.set_num_threads(job.cpus_per_worker)
     context = ray.train.get_context()
     distributed = context.get_world_size() > 1
+    device = training_device(experiment.resources, assigned=ray.train.torch.get_device())
     data = load_data(experiment.dataset, seed=experiment.seed)
 
     # The learner's prepare runs again on a restart too: it rebuilds what the model's state dict does not hold
     # (pruned shapes, mask and quantizer modules) before the checkpointed training state is loaded into it.
     baseline = load_baseline(loop_config["baseline_checkpoint"], data.input_shape, data.num_classes,
                              user_model=experiment.model.name)
-    candidate = make_candidate(job.spec, baseline, data, measure=job.measure)
+    candidate = make_candidate(job.spec, baseline, data, measure=job.measure, device=device,
+                               distributed=distributed)  # every rank the same structure, or all raise
     start_epoch = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:  # a restarted worker group: continue after the last finished epoch
@@ -165,6 +200,11 @@ def _train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     log = None if send is None else (lambda line: send((PROGRESS_LINE, line)))
     if log is not None and start_epoch:
         log(f"  resuming from the checkpoint of epoch {start_epoch}/{job.train.epochs}")
-    fine_tune(candidate, data, job.train, validation_subset=job.validation_subset,
-              report=report, wrap=ray.train.torch.prepare_model, distributed=distributed,
-              device=ray.train.torch.get_device(), start_epoch=start_epoch, log=log)
+    try:
+        fine_tune(candidate, data, job.train, validation_subset=job.validation_subset,
+                  report=report, wrap=ray.train.torch.prepare_model, distributed=distributed,
+                  device=device, start_epoch=start_epoch, log=log)
+    except FloatingPointError as error:  # every rank gets here together (fit's collective finite check)
+        if context.get_world_rank() == 0:
+            _write_diverged(str(error))
+        return  # a normal end: Ray Train must not restart a deterministic failure

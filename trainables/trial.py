@@ -17,6 +17,7 @@ import torch
 from pf_ray.candidate import fine_tune, make_candidate, score
 from pf_ray.config import Scoring
 from pf_ray.data import load_data
+from pf_ray.devices import training_device
 from pf_ray.errors import ConfigError
 from pf_ray.metrics import ACCURACY, EPOCH, PROXY_ACCURACY, SCORE
 from pf_ray.search_space import PerLayerSpace, proposal_from
@@ -53,14 +54,18 @@ def run_trial(learner_name: str, config: dict[str, Any], setup: TrialSetup) -> N
 
     if resources.workers_per_trial == 1 or search.scoring is Scoring.PROXY:
         torch.set_num_threads(resources.cpus_per_trial)
-        candidate = make_candidate(spec, baseline, data)
+        if resources.workers_per_trial == 1:  # the GPU Ray reserved for this trial (CUDA_VISIBLE_DEVICES), or the CPU
+            device = training_device(resources)
+        else:  # proxy scoring, Train workers configured: this process reserved no GPU of its own, only a CPU share
+            device = training_device(resources) if torch.cuda.is_available() else torch.device("cpu")
+        candidate = make_candidate(spec, baseline, data, device=device)
         if search.scoring is Scoring.PROXY:  # no fine-tuning: one report, the proxy is the accuracy
             proxy = candidate.static_metrics[PROXY_ACCURACY]
             tune.report({EPOCH: 1, ACCURACY: proxy, **candidate.static_metrics,
                          SCORE: score(proxy, candidate.static_metrics, search.reward)})
             return
         fine_tune(candidate, data, search.fine_tune, validation_subset=search.validation_subset,
-                  report=tune.report)
+                  report=tune.report, device=device)
         return
 
     from ray.tune.integration.ray_train import TuneReportCallback

@@ -25,6 +25,7 @@ from pf_ray.ops.int8 import (
     QatGraph,
     capture_dynamic_batch,
     int8_layers,
+    move_graph_,
     snap_to_int8_,
     symmetric_int8,
 )
@@ -84,12 +85,9 @@ class NativeInt8:
         self._float_model = copy.deepcopy(model).cpu()
         images = calibration_images(data, self.config.calibration_batches, seed=self.config.seed)
         device = next(model.parameters()).device
-        was_training = model.training
-        model.train()  # batch norm captured as in training: what the QAT conv-bn rewrite matches
-        try:
-            graph = capture_dynamic_batch(model, images[:2].to(device))
-        finally:
-            model.train(was_training)
+        # Captured on the CPU (batch norm as in training: what the QAT conv-bn rewrite matches), then moved to the
+        # training device with torch.export's device pass: .to() would leave device arguments baked into it.
+        graph = capture_dynamic_batch(copy.deepcopy(self._float_model).train(), images[:2], device=device)
         qat = QatGraph(prepare_qat_pt2e(graph, executorch_pte.xnnpack_quantizer(
             is_qat=True, per_channel=self.config.per_channel)))
         qat.observe(images)
@@ -149,7 +147,8 @@ class NativeInt8:
 
         if model is self._finalized and self._trained is not None:
             if self._converted is None:
-                trained = copy.deepcopy(self._trained).cpu()
+                trained = copy.deepcopy(self._trained)
+                move_graph_(trained.graph, "cpu")  # trained on a GPU: device arguments too, not only weights
                 trained.eval()
                 self._converted = convert_pt2e(trained.graph)
             return self._converted

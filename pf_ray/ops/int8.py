@@ -97,13 +97,42 @@ class QatGraph(nn.Module):
         self.train(True)
 
 
-def capture_dynamic_batch(model: nn.Module, example: torch.Tensor) -> torch.fx.GraphModule:
-    """``model`` captured by ``torch.export`` (in its current mode) with a dynamic batch dimension, as a module."""
+def capture_dynamic_batch(model: nn.Module, example: torch.Tensor,
+                          device: torch.device | str | None = None) -> torch.fx.GraphModule:
+    """``model`` captured by ``torch.export`` (in its current mode) with a dynamic batch dimension, as a module.
+
+    ``device``: where the captured graph should run, when not where it was captured (capture on the CPU, train on
+    a GPU): moved with ``torch.export``'s device pass, which also rewrites the device arguments and tensor
+    constants baked into the graph (``.to()`` moves only parameters and buffers)."""
     try:
-        return torch.export.export(model, (example,), dynamic_shapes=_DYNAMIC_BATCH).module()
+        program = torch.export.export(model, (example,), dynamic_shapes=_DYNAMIC_BATCH)
     except Exception as error:  # torch.export raises many types; all mean "cannot capture this model"
         raise ModelError(f"native_int8: torch.export cannot capture {type(model).__name__} with a dynamic batch "
                          f"dimension: {_first_line(error)}") from error
+    if device is not None and torch.device(device) != example.device:
+        from torch.export.passes import move_to_device_pass
+
+        program = move_to_device_pass(program, torch.device(device))
+    return program.module()
+
+
+def move_graph_(graph: torch.fx.GraphModule, device: torch.device | str) -> torch.fx.GraphModule:
+    """Move a captured (and pt2e-prepared) graph module to ``device`` in place: its parameters and buffers, the
+    plain tensor constants it reads with ``get_attr``, and every ``device=`` argument of its nodes (what
+    ``move_to_device_pass`` does for an ``ExportedProgram``, for the module a pt2e prepare returns)."""
+    device = torch.device(device)
+    graph.to(device)
+    for node in graph.graph.nodes:
+        if node.op == "get_attr":
+            owner, _, name = node.target.rpartition(".")
+            holder = graph.get_submodule(owner) if owner else graph
+            value = getattr(holder, name, None)
+            if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter) and value.device != device:
+                setattr(holder, name, value.to(device))
+        if isinstance(node.kwargs.get("device"), (torch.device, str)):
+            node.update_kwarg("device", device)
+    graph.recompile()
+    return graph
 
 
 def _first_line(error: BaseException) -> str:

@@ -412,5 +412,5 @@ def _write_weights_(module: nn.Module, weight: torch.Tensor, bias_change: torch.
     with torch.no_grad():
         module.weight.copy_(weight.reshape(module.weight.shape))
         if bias_change is not None:
-            module.bias.add_(bias_change.to(module.bias.dtype))
+            module.bias.add_(bias_change.to(module.bias))  # float64 on the CPU -> the bias's dtype and device
 

@@ -46,6 +46,16 @@ class ActivationQuantizer(nn.Module):
         self.register_buffer("running_min", torch.zeros((), device=device))
         self.register_buffer("running_max", torch.zeros((), device=device))
         self.register_buffer("observed", torch.zeros((), dtype=torch.bool, device=device))
+        self._seen = False  # a host-side copy of ``observed`` once it is True: no GPU sync per forward after that
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        self._seen = False  # the loaded ``observed`` decides again
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _observed(self) -> bool:
+        if not self._seen:
+            self._seen = bool(self.observed)
+        return self._seen
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, ema_decay={self.ema_decay}"
@@ -53,10 +63,11 @@ class ActivationQuantizer(nn.Module):
     @torch.no_grad()
     def observe(self, x: Tensor) -> None:
         low, high = x.detach().amin().float(), x.detach().amax().float()
-        if not self.observed:
+        if not self._observed():
             self.running_min.copy_(low)
             self.running_max.copy_(high)
             self.observed.fill_(True)
+            self._seen = True
         elif self.calibrating:
             self.running_min.copy_(torch.minimum(self.running_min, low))
             self.running_max.copy_(torch.maximum(self.running_max, high))
@@ -70,7 +81,7 @@ class ActivationQuantizer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.training or self.calibrating:
             self.observe(x)
-        if not self.observed:
+        if not self._observed():
             return x
         scale, zero_point = self.qparams()
         return fake_quantize(x, scale, zero_point, self.bits)

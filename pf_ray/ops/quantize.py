@@ -99,5 +99,8 @@ class _FakeQuantize(torch.autograd.Function):
 
 def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, bits: int) -> Tensor:
     """``dequantize(quantize(x))`` with the straight-through gradient: 1 where ``x``'s code was not clamped,
-    0 where it was."""
+    0 where it was. Computed in fp32 whatever ``x`` is (a bf16 activation under autocast: bf16's 8 significant
+    bits cannot hold an 8-bit grid's rounding); the result is fp32."""
+    if x.dtype in (torch.bfloat16, torch.float16):
+        x = x.float()
     return _FakeQuantize.apply(x, along_axis0(scale, x), along_axis0(zero_point, x), bits)
