@@ -37,14 +37,23 @@ def training_device(resources: ResourcesConfig, *, assigned: torch.device | str 
         if resources.use_gpu and assigned.type != "cuda":
             raise ConfigError(f"resources.use_gpu: true, but this worker was given device {str(assigned)!r}; "
                               f"CUDA available: {torch.cuda.is_available()}")
-        return assigned if resources.use_gpu else torch.device("cpu")
+        return _check_precision(resources, assigned if resources.use_gpu else torch.device("cpu"))
     if not resources.use_gpu:
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise ConfigError("resources.use_gpu: true, but this process sees no CUDA device (torch "
                           f"{torch.__version__}, CUDA build {torch.version.cuda}); run on a GPU node or set "
                           "resources.use_gpu to false")
-    return torch.device("cuda", torch.cuda.current_device())
+    return _check_precision(resources, torch.device("cuda", torch.cuda.current_device()))
+
+
+def _check_precision(resources: ResourcesConfig, device: torch.device) -> torch.device:
+    """``device``, once it is known to compute ``resources.precision`` (bf16 needs Ampere or later on CUDA; a
+    cluster's GPUs are only known here, in the trial, so preflight cannot always refuse it)."""
+    if resources.precision == BF16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"resources.precision: got 'bf16', but {torch.cuda.get_device_name(device)} has no bf16; "
+                          "set resources.precision to fp32")
+    return device
 
 
 def model_device(model: nn.Module) -> torch.device:

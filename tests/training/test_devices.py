@@ -194,3 +194,15 @@ def test_a_captured_graph_moves_with_its_device_arguments(how):
     assert devices and all(torch.device(device) == torch.device("meta") for device in devices)
     assert all(t.device.type == "meta" for t in [*graph.parameters(), *graph.buffers()])
     assert graph(torch.randn(4, 3, device="meta")).device.type == "meta"  # the batch dimension stays dynamic
+
+
+def test_bf16_on_a_gpu_without_it_is_refused_when_the_trial_starts(monkeypatch) -> None:
+    """A cluster's GPUs are known only in the trial: bf16 on one without it (a T4) ends with the field named."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args, **kwargs: "Tesla T4")
+    gpu = torch.device("cuda", 0)
+    with pytest.raises(ConfigError, match=r"resources.precision: got 'bf16', but Tesla T4 has no bf16"):
+        training_device(ResourcesConfig(use_gpu=True, precision="bf16"), assigned=gpu)
+    assert training_device(ResourcesConfig(use_gpu=True, precision="fp32"), assigned=gpu) == gpu
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    assert training_device(ResourcesConfig(use_gpu=True, precision="bf16"), assigned=gpu) == gpu
