@@ -51,3 +51,16 @@ def test_every_smoke_step_passes_on_the_cpu(tmp_path):
         "learner:native_int8_qat", "learner:full_precision"}
     ddp = next(s for s in summary["steps"] if s["step"] == "ddp")
     assert ddp["learners"] == ["nonuniform_quantization", "uniform_quantization_w8a8", "weight_sparsification"]
+
+
+def test_the_smoke_scripts_training_parts_import_without_ray():
+    """The GPU machines have no Ray: the learners, fit, the devices module and the script itself must import
+    without it (Ray made unimportable in a fresh interpreter)."""
+    code = ("import sys; sys.modules['ray'] = None\n"
+            "import pf_ray.train, pf_ray.candidate, pf_ray.learners, pf_ray.devices, pf_ray.checkpoint\n"
+            "sys.path.insert(0, 'bench'); import gpu_smoke\n"
+            "assert 'ray' not in {m.split('.')[0] for m, v in sys.modules.items() if v is not None}\n"
+            "print('ok')")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
