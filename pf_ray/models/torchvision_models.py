@@ -50,6 +50,27 @@ EXCLUDED: dict[str, str] = {
 }
 
 
+# The classifiers that cannot run, or export to ONNX, at a small input: the smallest square side they can, and why.
+# (The legacy ONNX exporter takes an AdaptiveAvgPool2d only when its output size divides the input's.)
+_VGG_SIDE = (224, "ONNX exports its AdaptiveAvgPool2d((7, 7)) only on a 7x7 (or 14x14...) feature map")
+SMALLEST_SIDES: dict[str, tuple[int, str]] = {
+    "alexnet": (224, "ONNX exports its AdaptiveAvgPool2d((6, 6)) only on a 6x6 (or 12x12...) feature map"),
+    "inception_v3": (75, "its strides and kernels"),
+    "maxvit_t": (224, "every stage's feature map must split into 7x7 windows"),
+    **{name: _VGG_SIDE for name in ("vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19",
+                                    "vgg19_bn")},
+}
+
+
+def example_input_shape(name: str, side: int = 64, in_channels: int = 3) -> tuple[int, int, int]:
+    """An input shape ``name`` (``resnet18`` or ``torchvision:resnet18``) runs and exports at: ``side`` x ``side``,
+    or its ``SMALLEST_SIDES`` entry where ``side`` is below it (ViTs need a side that is a multiple of their patch
+    size: 64 and 96 are, for every ViT of torchvision but vit_h_14's 14-pixel patches)."""
+    builder = name.removeprefix(PREFIX)
+    smallest = SMALLEST_SIDES.get(builder, (1, ""))[0]
+    return (in_channels, max(side, smallest), max(side, smallest))
+
+
 @functools.cache
 def _all_classifiers() -> tuple[str, ...]:
     return tuple(models.list_models(module=models))

@@ -184,9 +184,7 @@ class PrunableGroup:
     name: str  # the first layer (in forward order) whose outputs are these channels
     num_channels: int
     members: tuple[GroupMember, ...]
-    # Why the analysis cannot describe this group correctly ("" when it can): such a group must be left unpruned
-    # (``safe_pruning.structural_problem`` says so); its members may then be incomplete.
-    problem: str = ""
+    problem: str = ""  # why the analysis cannot describe it ("" if it can): left unpruned, its members may be partial
 
     @property
     def module_names(self) -> tuple[str, ...]:
@@ -421,9 +419,7 @@ def _describe_group(
     unmapped: Collection[nn.Module] = (),
 ) -> PrunableGroup | None:
     """Our view of a torch-pruning group, re-rooted at its first producing layer; None if not prunable. A group
-    whose channels pass through one of the ``unmapped`` reshapes gets a ``problem``.
-
-    ``tp_group`` may be an exception (its root's grouping raised): raised again here."""
+    through one of the ``unmapped`` reshapes gets a ``problem``; an exception (its root's grouping raised) is raised."""
     if isinstance(tp_group, BaseException):
         raise tp_group
     producers = [

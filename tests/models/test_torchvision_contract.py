@@ -22,15 +22,13 @@ from pf_ray.export.onnx import export_onnx
 from pf_ray.export.verify import MAX_ABS_DIFF, TOP1_AGREEMENT, agreement, onnx_session
 from pf_ray.metrics import model_stats
 from pf_ray.models import build_model, check_forward
-from pf_ray.models.torchvision_models import EXCLUDED, classifier_names
+from pf_ray.models.torchvision_models import EXCLUDED, classifier_names, example_input_shape
 from pf_ray.ops.macs_budget import macs_table, without_groups
 from pf_ray.ops.pruning import prune_channels_
 from pf_ray.ops.safe_pruning import SkippedGroup, unsafe_groups
 
 NUM_CLASSES = 10
 SIDE = 64  # pixels: small enough for 2 cores, large enough for every family's strides
-# Inputs for the models that need another size than 3 x SIDE x SIDE (the smallest they take).
-INPUT_SHAPES = {"inception_v3": (3, 75, 75), "maxvit_t": (3, 224, 224), "vit_h_14": (3, 70, 70)}
 TARGET_MACS_RATIO = 0.5  # prune toward half the MACs
 MACS_BOUND = 0.75  # what the contract asserts: the pruned model has at most this fraction of the MACs
 LOWEST_KEEP_RATIO = 0.3  # the uniform keep ratio never goes below this (and the safety check prunes to it)
@@ -59,10 +57,6 @@ class ContractResult:
     top1_agreement: float
     max_abs_diff: float
     seconds: float
-
-
-def input_shape_of(name: str) -> tuple[int, int, int]:
-    return INPUT_SHAPES.get(name, (3, SIDE, SIDE))
 
 
 def uniform_keep_ratio(model: nn.Module, input_shape: tuple[int, int, int], skipped: set[str]) -> float:
@@ -95,7 +89,7 @@ def prune_export_and_compare(name: str, folder) -> ContractResult:
     """Build ``torchvision:name``, leave its unsafe groups unpruned, prune the others toward half the MACs, export
     to ONNX and compare ONNX Runtime with PyTorch on NUM_IMAGES random images."""
     start = time.perf_counter()
-    shape = input_shape_of(name)
+    shape = example_input_shape(name, SIDE)  # larger for a few (SMALLEST_SIDES)
     torch.manual_seed(0)
     model = build_model(ModelConfig(f"torchvision:{name}"), in_channels=shape[0], num_classes=NUM_CLASSES,
                         input_shape=shape)
