@@ -35,6 +35,7 @@ LOWEST_KEEP_RATIO = 0.3  # the uniform keep ratio never goes below this (and the
 ROUND_TO = 8  # the channel_pruning learner's default
 NUM_IMAGES = 128  # ONNX Runtime vs PyTorch top-1: 99% allows one disagreement in 128
 MIN_AGREEMENT = 0.99
+MAX_LOGIT_DIFF = 1e-3  # ONNX Runtime vs PyTorch, relative to the largest logit (at least 1)
 CALIBRATION_IMAGES = 16  # one train-mode batch sets the batch-norm statistics
 
 # Models whose pruning falls short of MACS_BOUND (the safety check leaves groups that hold most MACs unpruned):
@@ -55,7 +56,9 @@ class ContractResult:
     num_groups: int  # prunable channel groups (torch-pruning's dependency analysis)
     skipped: tuple[SkippedGroup, ...]  # left unpruned, with why
     top1_agreement: float
-    max_abs_diff: float
+    max_abs_diff: float  # largest |ONNX Runtime logit - PyTorch logit|
+    max_logit: float  # largest |PyTorch logit|
+    num_predicted_classes: int  # distinct top-1 classes over the images (untrained models often predict one)
     seconds: float
 
 
@@ -85,6 +88,16 @@ def calibrate_batch_norm_(model: nn.Module, input_shape: tuple[int, int, int]) -
     model.eval()
 
 
+def randomize_zero_layers_(model: nn.Module) -> None:
+    """Give the layers torchvision initialises to zero (ViT's classifier head) small random weights: with zero
+    weights every image gets the same logits, and a top-1 comparison would compare nothing."""
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d)) and not module.weight.any():
+                module.weight.copy_(0.01 * torch.randn(module.weight.shape, generator=generator))
+
+
 def prune_export_and_compare(name: str, folder) -> ContractResult:
     """Build ``torchvision:name``, leave its unsafe groups unpruned, prune the others toward half the MACs, export
     to ONNX and compare ONNX Runtime with PyTorch on NUM_IMAGES random images."""
@@ -93,6 +106,7 @@ def prune_export_and_compare(name: str, folder) -> ContractResult:
     torch.manual_seed(0)
     model = build_model(ModelConfig(f"torchvision:{name}"), in_channels=shape[0], num_classes=NUM_CLASSES,
                         input_shape=shape)
+    randomize_zero_layers_(model)
     calibrate_batch_norm_(model, shape)
     check_forward(model, name, shape, NUM_CLASSES)
     before = model_stats(model, shape).macs
@@ -107,8 +121,11 @@ def prune_export_and_compare(name: str, folder) -> ContractResult:
     path = export_onnx(model, shape, folder / f"{name}.onnx")
     inputs = torch.randn(NUM_IMAGES, *shape, generator=torch.Generator().manual_seed(1))
     parity = agreement(model, onnx_session(path, threads=2), inputs)
+    with torch.no_grad():
+        logits = model(inputs)
     return ContractResult(name, before, after, ratio, len(groups), skipped, parity[TOP1_AGREEMENT],
-                          parity[MAX_ABS_DIFF], time.perf_counter() - start)
+                          parity[MAX_ABS_DIFF], float(logits.abs().max()), len(logits.argmax(1).unique()),
+                          time.perf_counter() - start)
 
 
 def check_contract(name: str, folder) -> None:
@@ -116,7 +133,8 @@ def check_contract(name: str, folder) -> None:
     print(f"\n{name}: MACs {result.macs_before / 1e6:.1f}M -> {result.macs_after / 1e6:.1f}M "
           f"({result.macs_after / result.macs_before:.3f}) at keep ratio {result.keep_ratio:.2f}; "
           f"{len(result.skipped)} of {result.num_groups} groups left unpruned; top-1 agreement "
-          f"{result.top1_agreement:.4f}, max |diff| {result.max_abs_diff:.2e}; {result.seconds:.1f} s")
+          f"{result.top1_agreement:.4f} ({result.num_predicted_classes} classes predicted), max |diff| "
+          f"{result.max_abs_diff:.2e} of logits up to {result.max_logit:.2e}; {result.seconds:.1f} s")
     for group in result.skipped:
         print(f"  left unpruned: {group.name}: {group.reason}")
     bound, why = REDUCTION_BOUNDS.get(name, (MACS_BOUND, ""))
@@ -126,6 +144,10 @@ def check_contract(name: str, folder) -> None:
     assert result.top1_agreement >= MIN_AGREEMENT, (
         f"{name}: ONNX Runtime agrees with PyTorch on {result.top1_agreement:.3f} of {NUM_IMAGES} images "
         f"(max |diff| {result.max_abs_diff:.2e})")
+    # An untrained model may give every random image the same class, so the logits are compared too
+    assert result.max_abs_diff <= MAX_LOGIT_DIFF * max(1.0, result.max_logit), (
+        f"{name}: ONNX Runtime's logits differ from PyTorch's by up to {result.max_abs_diff:.2e} (logits up to "
+        f"{result.max_logit:.2e})")
 
 
 @pytest.mark.parametrize("name", FAST_SUBSET)
