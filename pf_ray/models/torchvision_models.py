@@ -49,6 +49,10 @@ EXCLUDED: dict[str, str] = {
              "at 3x64x64 was stopped after 130 s on 2 cores, grouping its first layer): the windowed attention's "
              "reshapes across the channel axis" for name in ("swin_t", "swin_s", "swin_b", "swin_v2_t", "swin_v2_s",
                                                              "swin_v2_b")},
+    **{name: "pruning it where the safety check (ops.safe_pruning, at keep ratio 0.3 on a copy) found it safe fails "
+             "inside torch-pruning on the model itself (TypeError in its split handler: a split size of None, after "
+             "the channel shuffle's reshapes; shufflenet_v2_x0_5 and x1_5 pass)"
+       for name in ("shufflenet_v2_x1_0", "shufflenet_v2_x2_0")},
     "vit_h_14": "too large for the test machine (633M parameters, 2.5 GB in float32, over ONNX's 2 GB single-file "
                 "limit; 1017 GFLOPs at 224x224)",
 }
