@@ -43,6 +43,9 @@ _BUILDER_OPTIONS: dict[str, dict[str, object]] = {
 # compressed by learners that keep the channels (weight_sparsification, uniform_quantization, native_int8) where
 # the model allows it.
 EXCLUDED: dict[str, str] = {
+    "maxvit_t": "torch-pruning's dependency analysis does not finish within its bound (AnalysisLimits: 120 s; at "
+                "3x224x224 it was stopped after 120 s and +3.4 GB on 2 cores, grouping the 5th of 150 layers, a grid "
+                "attention's to_qkv): the window and grid partitions reshape across the channel axis",
     "regnet_y_128gf": "too large for the test machine (645M parameters, 2.6 GB in float32, over ONNX's 2 GB "
                       "single-file limit; 375 GFLOPs at 224x224)",
     **{name: "torch-pruning's dependency analysis does not finish within its bound (AnalysisLimits: 120 s; swin_t "
