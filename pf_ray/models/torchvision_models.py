@@ -49,7 +49,7 @@ EXCLUDED: dict[str, str] = {
     "regnet_y_128gf": "too large for the test machine (645M parameters, 2.6 GB in float32, over ONNX's 2 GB "
                       "single-file limit; 375 GFLOPs at 224x224)",
     **{name: "torch-pruning's dependency analysis does not finish within its bound (AnalysisLimits: 120 s; swin_t "
-             "at 3x64x64 was stopped after 130 s on 2 cores, grouping its first layer): the windowed attention's "
+             "at 3x64x64 was stopped after 130 s on 2 cores, grouping the 1st of 28 layers): the windowed attention's "
              "reshapes across the channel axis" for name in ("swin_t", "swin_s", "swin_b", "swin_v2_t", "swin_v2_s",
                                                              "swin_v2_b")},
     **{name: "pruning it where the safety check (ops.safe_pruning, at keep ratio 0.3 on a copy) found it safe fails "
