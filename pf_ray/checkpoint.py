@@ -130,7 +130,8 @@ def load_checkpoint(
         raise CheckpointError(f"checkpoint {str(path)!r} has {info.num_classes} classes; "
                               f"the dataset has {expect_num_classes}")
     try:
-        model = build_model(info.model, in_channels=info.input_shape[0], num_classes=info.num_classes)
+        model = build_model(info.model, in_channels=info.input_shape[0], num_classes=info.num_classes,
+                            input_shape=info.input_shape)
     except PfRayError as error:
         raise CheckpointError(f"checkpoint {str(path)!r}: cannot rebuild its model: {error}") from None
     try:

@@ -78,7 +78,8 @@ def train_baseline(config: ExperimentConfig, data: DataBundle, *, log: Log = pri
         return path
     torch.manual_seed(config.seed)
     torch.set_num_threads(config.resources.num_cpus or cpu_count())
-    model = build_model(config.model, in_channels=data.input_shape[0], num_classes=data.num_classes)
+    model = build_model(config.model, in_channels=data.input_shape[0], num_classes=data.num_classes,
+                        input_shape=data.input_shape)
     _train_and_save(path, model, config, data, "", {"config": to_dict(config)}, log=log, device=device)
     remote = remote_baseline(config)
     if remote is not None:
@@ -119,7 +120,8 @@ def imported_baseline_path(config: ExperimentConfig) -> Path:
 def load_given_weights(config: ExperimentConfig, data: DataBundle, state_dict: dict[str, torch.Tensor]
                        ) -> tuple[nn.Module, LoadedWeights]:
     """``model.name`` built for the dataset with ``state_dict`` loaded (head and stem adapted: pf_ray.weights)."""
-    model = build_model(config.model, in_channels=data.input_shape[0], num_classes=data.num_classes)
+    model = build_model(config.model, in_channels=data.input_shape[0], num_classes=data.num_classes,
+                        input_shape=data.input_shape)
     check_forward(model, config.model.name, data.input_shape, data.num_classes)
     loaded = load_state_dict_into(model, state_dict, data.input_shape, model_name=config.model.name,
                                   path=config.baseline.checkpoint)

@@ -86,7 +86,8 @@ def preflight(config: ExperimentConfig, *, log: Log = print) -> Prepared:
     config = spec.experiment
     get_trainable(spec.learner_name)  # a learner without one would fail only at the search, after the baseline
     data = load_data(config.dataset, seed=config.seed)
-    model = build_model(config.model, in_channels=data.input_shape[0], num_classes=data.num_classes)
+    model = build_model(config.model, in_channels=data.input_shape[0], num_classes=data.num_classes,
+                        input_shape=data.input_shape)
     check_forward(model, config.model.name, data.input_shape, data.num_classes)
     baseline_path: Path | None = None
     state_dict = given_state_dict(config)

@@ -1,6 +1,9 @@
-"""Models by name: CIFAR ResNets, MobileNet v1/v2, torchvision models, and user models ("file.py:function")."""
+"""Models by name: CIFAR ResNets, MobileNet v1/v2, every torchvision classifier ("torchvision:resnet50"), and user
+models ("file.py:function")."""
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import nn
@@ -8,23 +11,28 @@ from torch import nn
 from pf_ray.config import ModelConfig
 from pf_ray.errors import ConfigError, ModelError, PfRayError
 from pf_ray.models import mobilenet, resnet_cifar, torchvision_models  # noqa: F401  (registration)
+from pf_ray.models.torchvision_models import build_torchvision, is_torchvision_name
 from pf_ray.models.user import absolute_model_name, build_user_model, is_user_model, run_name_prefix
 from pf_ray.registry import MODELS
 
 __all__ = ["absolute_model_name", "build_model", "check_forward", "run_name_prefix"]
 
 
-def build_model(config: ModelConfig, *, in_channels: int, num_classes: int) -> nn.Module:
-    """Build the model ``config.name`` (registered name or user reference) with fresh weights.
+def build_model(config: ModelConfig, *, in_channels: int, num_classes: int,
+                input_shape: tuple[int, int, int] | None = None) -> nn.Module:
+    """Build the model ``config.name`` (registered name, ``torchvision:NAME`` or user reference) with fresh weights.
 
     Args:
         config: the model section; ``width_multiplier`` other than 1.0 needs a model that supports it.
         in_channels: channels of the input images (1 for Fashion-MNIST, 3 for CIFAR-10).
         num_classes: outputs of the classifier.
+        input_shape: (channels, height, width) of the images, when known: torchvision models with a fixed input
+            size (ViT, MaxViT) are built for it, and inputs too small for a torchvision model are refused.
 
     Raises:
         ConfigError: unknown name, or a width multiplier the model does not support.
-        ModelError: a user model cannot be imported, called, or did not return an ``nn.Module``.
+        ModelError: a user model cannot be imported, called, or did not return an ``nn.Module``; a torchvision
+            model cannot take ``input_shape``.
     """
     for field, value in (("in_channels", in_channels), ("num_classes", num_classes)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -33,12 +41,16 @@ def build_model(config: ModelConfig, *, in_channels: int, num_classes: int) -> n
         return build_user_model(
             config.name, in_channels=in_channels, num_classes=num_classes, width_multiplier=config.width_multiplier
         )
+    if is_torchvision_name(config.name):
+        factory = functools.partial(build_torchvision, config.name, input_shape=input_shape)
+    else:
+        try:
+            factory = MODELS.get(config.name)
+        except ConfigError as error:
+            raise ConfigError(f"model.name: {error} (or 'torchvision:NAME', 'path/to/file.py:function', "
+                              "'package.module:function')") from None
     try:
-        factory = MODELS.get(config.name)
-    except ConfigError as error:
-        raise ConfigError(f"model.name: {error} (or 'path/to/file.py:function', 'package.module:function')") from None
-    try:
-        model = factory(in_channels, num_classes, config.width_multiplier)
+        model = factory(in_channels=in_channels, num_classes=num_classes, width_multiplier=config.width_multiplier)
     except PfRayError:
         raise
     except Exception as error:  # a builder that cannot make this model (e.g. torchvision's own checks)

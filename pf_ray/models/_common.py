@@ -38,6 +38,6 @@ def require_unit_width(model_name: str, width_multiplier: float) -> None:
     if width_multiplier != 1.0:
         raise ConfigError(
             f"model.width_multiplier: got {width_multiplier!r}; model {model_name!r} has no width multiplier, "
-            "so only 1.0 is allowed (models with one: mobilenet_v1, mobilenet_v2, torchvision_mobilenet_v2, "
-            "torchvision_mobilenet_v3_small)"
+            "so only 1.0 is allowed (models with one: mobilenet_v1, mobilenet_v2, torchvision:mobilenet_v2, "
+            "torchvision:mobilenet_v3_small, torchvision:mobilenet_v3_large)"
         )

@@ -19,10 +19,13 @@ from torch import nn
 
 from pf_ray.errors import ConfigError, ModelError
 
+TORCHVISION_PREFIX = "torchvision:"  # pf_ray.models.torchvision_models.PREFIX (this module does not import torchvision)
+
 
 def is_user_model(name: str) -> bool:
-    """Registered names never contain ":"; user model references always do."""
-    return ":" in name
+    """Registered names never contain ":"; user model references always do (torchvision's, ``torchvision:NAME``,
+    are no user model: pf-ray builds them itself)."""
+    return ":" in name and not name.startswith(TORCHVISION_PREFIX)
 
 
 def absolute_model_name(name: str) -> str:

@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch_pruning as tp
 from torch import nn
+from torch_pruning.dependency import index_mapping as tp_index_mapping
 
 from pf_ray.errors import ModelError
 from pf_ray.hooks import forward_hooks
@@ -183,6 +184,7 @@ class PrunableGroup:
     name: str  # the first layer (in forward order) whose outputs are these channels
     num_channels: int
     members: tuple[GroupMember, ...]
+    problem: str = ""  # why the analysis cannot describe it ("" if it can): left unpruned, its members may be partial
 
     @property
     def module_names(self) -> tuple[str, ...]:
@@ -221,16 +223,17 @@ class GroupTrace:
         root = self.modules[name]
         pruner = self.graph.get_pruner_of_module(root)
         channels = list(range(self.graph.get_out_channels(root)))
-        return _describe_group(
-            self.graph, self.graph.get_pruning_group(root, pruner.prune_out_channels, channels), self.names, self.order
-        )
+        with _tolerant_reshapes():
+            return _describe_group(self.graph, self.graph.get_pruning_group(root, pruner.prune_out_channels, channels),
+                                   self.names, self.order)
 
     def remove_(self, name: str, channels: Sequence[int]) -> None:
         """Physically remove ``channels`` (indices of group ``name``) from every member of the group."""
         if channels:
             root = self.modules[name]
             pruner = self.graph.get_pruner_of_module(root)
-            self.graph.get_pruning_group(root, pruner.prune_out_channels, list(channels)).prune()
+            with _tolerant_reshapes():
+                self.graph.get_pruning_group(root, pruner.prune_out_channels, list(channels)).prune()
 
 
 @dataclass
@@ -304,16 +307,20 @@ def _trace(model: nn.Module, input_shape: Sequence[int], limits: AnalysisLimits)
             watchdog.at("tracing the forward pass")
             calls, output_layers = _record_layer_calls(model, example, names)
             watchdog.at("building the dependency graph")
-            with _analysis_errors(model, watchdog):
+            unmapped: set[nn.Module] = set()
+            with _analysis_errors(model, watchdog), _tolerant_reshapes(unmapped):
                 graph = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
         order = {name: position for position, (name, _, _) in enumerate(calls)}
-        groups = []
-        with _analysis_errors(model, watchdog):
-            for tp_group in _all_groups(graph, output_layers, names, watchdog):
-                group = _describe_group(graph, tp_group, names, order)
-                if group is not None:
-                    groups.append(group)
-    groups.sort(key=lambda g: order[g.name])
+        groups: dict[str, PrunableGroup] = {}
+        with _analysis_errors(model, watchdog), _tolerant_reshapes(unmapped):
+            for root, tp_group in _all_groups(graph, output_layers, names, watchdog):
+                try:
+                    group = _describe_group(graph, tp_group, names, order, unmapped)
+                except Exception as error:  # noqa: BLE001 - torch-pruning lost its way in this group only
+                    group = _undescribed_group(graph, root, names, order, error)
+                if group is not None and group.name not in groups:
+                    groups[group.name] = group
+    groups = sorted(groups.values(), key=lambda g: order[g.name])
 
     modules = dict(model.named_modules())
     layers = []
@@ -349,9 +356,10 @@ def _analysis_errors(model: nn.Module, watchdog: _Watchdog) -> Iterator[None]:
 
 
 def _all_groups(graph: tp.DependencyGraph, ignored: list[nn.Module], names: dict[nn.Module, str],
-                watchdog: _Watchdog) -> Iterator[Any]:
+                watchdog: _Watchdog) -> Iterator[tuple[nn.Module, Any]]:
     """torch-pruning's ``get_all_groups`` (1.6), step by step so that progress lines can name the layer at hand:
-    one group per conv/linear layer whose outputs no earlier group already covers."""
+    (root layer, its group) for each conv/linear layer whose outputs no earlier group already covers. A root whose
+    grouping raises comes with its exception instead of a group."""
     ignored = ignored + graph.IGNORED_LAYERS_IN_TRACING
     roots = [m for m in graph.module2node
              if isinstance(m, (tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR)) and m not in ignored]
@@ -361,14 +369,20 @@ def _all_groups(graph: tp.DependencyGraph, ignored: list[nn.Module], names: dict
         if root in covered or pruner is None or pruner.get_out_channels(root) is None:
             continue
         watchdog.at(f"grouping the outputs of {names.get(root, type(root).__name__)!r} ({position} of {len(roots)})")
-        tp_group = graph.get_pruning_group(root, pruner.prune_out_channels, list(range(pruner.get_out_channels(root))))
+        try:
+            tp_group = graph.get_pruning_group(root, pruner.prune_out_channels,
+                                               list(range(pruner.get_out_channels(root))))
+        except Exception as error:  # noqa: BLE001 - e.g. an IndexError through a channel shuffle (ShuffleNet-v2)
+            if root not in ignored:
+                yield root, error
+            continue
         prunable = True
         for item in tp_group:
             if graph.is_out_channel_pruning_fn(item.dep.handler):
                 covered.add(item.dep.target.module)
                 prunable = prunable and item.dep.target.module not in ignored
         if prunable:
-            yield tp_group
+            yield root, tp_group
 
 
 def _record_layer_calls(
@@ -401,9 +415,13 @@ def _tensors(value: Any) -> list[torch.Tensor]:
 
 
 def _describe_group(
-    graph: tp.DependencyGraph, tp_group: Any, names: dict[nn.Module, str], order: dict[str, int]
+    graph: tp.DependencyGraph, tp_group: Any, names: dict[nn.Module, str], order: dict[str, int],
+    unmapped: Collection[nn.Module] = (),
 ) -> PrunableGroup | None:
-    """Our view of a torch-pruning group, re-rooted at its first producing layer; None if not prunable."""
+    """Our view of a torch-pruning group, re-rooted at its first producing layer; None if not prunable. A group
+    through one of the ``unmapped`` reshapes gets a ``problem``; an exception (its root's grouping raised) is raised."""
+    if isinstance(tp_group, BaseException):
+        raise tp_group
     producers = [
         item.dep.target.module
         for item in tp_group
@@ -420,13 +438,62 @@ def _describe_group(
     pruner = graph.get_pruner_of_module(first)
     tp_group = graph.get_pruning_group(first, pruner.prune_out_channels, list(range(num_channels)))
     members = []
+    problem = ""
     for item in tp_group:
         if item.dep.target.type == tp.ops.OPTYPE.OUTPUT:
             return None  # these channels reach the model's output
+        if item.dep.target.module in unmapped or item.dep.source.module in unmapped:
+            problem = ("its channels pass through a reshape across the channel axis that the dependency analysis "
+                       "cannot map (e.g. a channel shuffle)")
         name = names.get(item.dep.target.module)
         if name is None:  # an operation without weights (add, reshape, concat...)
             continue
         dim = "out" if graph.is_out_channel_pruning_fn(item.dep.handler) else "in"
         members.append(GroupMember(name, dim, tuple(int(i) for i in item.idxs), tuple(int(i) for i in item.root_idxs)))
-    return PrunableGroup(names[first], num_channels, tuple(members))
+    return PrunableGroup(names[first], num_channels, tuple(members), problem)
+
+
+def _undescribed_group(graph: tp.DependencyGraph, root: nn.Module, names: dict[nn.Module, str],
+                       order: dict[str, int], error: BaseException) -> PrunableGroup | None:
+    """The outputs of ``root``, whose group torch-pruning could not build or describe: a group of that layer alone
+    with a ``problem``, so that it is listed as left unpruned (None for a layer the forward pass never called)."""
+    name = names.get(root)
+    num_channels = graph.get_out_channels(root)
+    if name not in order or num_channels is None or num_channels < 2:
+        return None
+    channels = tuple(range(num_channels))
+    text = str(error).strip().splitlines()
+    return PrunableGroup(name, num_channels, (GroupMember(name, "out", channels, channels),),
+                         f"the dependency analysis cannot follow its channels ({type(error).__name__}"
+                         f"{': ' + text[0][:120] if text else ''}; e.g. through a channel shuffle)")
+
+
+@contextmanager
+def _tolerant_reshapes(unmapped: set[nn.Module] | None = None) -> Iterator[None]:
+    """While torch-pruning (re)builds its index mappings (building the graph, and in every ``get_pruning_group``):
+    the reshapes whose mapping torch-pruning 1.6 cannot work out keep the identity mapping instead of failing the
+    whole analysis, and are added to ``unmapped``: the groups through them get a ``problem`` and are left unpruned.
+
+    Those are the reshapes of a tensor of 5 or more dimensions (torch-pruning handles 1-d and 4-d ones only, but
+    misses the sizes it checks that on under PyTorch 2, ``_saved_self_sym_sizes``, and maps them as flattenings:
+    millions of indices for torchvision ShuffleNet-v2's channel shuffle), and those where it divides by zero (it
+    infers 0 channels after the reshape: the shuffle's view from 4 to 5 dimensions)."""
+    unmapped = set() if unmapped is None else unmapped
+    original = tp_index_mapping.update_reshape_index_mapping
+
+    def tolerant(graph: tp.DependencyGraph, node: Any) -> None:
+        sizes = getattr(node.grad_fn, "_saved_self_sym_sizes", None)  # the reshape's input sizes
+        if sizes is not None and len(sizes) >= 5:
+            unmapped.add(node.module)
+            return
+        try:
+            original(graph, node)
+        except ZeroDivisionError:  # raised before any mapping is set: the reshape keeps the identity mapping
+            unmapped.add(node.module)
+
+    tp_index_mapping.update_reshape_index_mapping = tolerant
+    try:
+        yield
+    finally:
+        tp_index_mapping.update_reshape_index_mapping = original
 

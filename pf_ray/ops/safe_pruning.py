@@ -106,7 +106,10 @@ def structural_problem(group: PrunableGroup, modules: dict[str, nn.Module], roun
     channels (torch-pruning's index mapping lost its way, e.g. through a channel shuffle), or a grouped
     convolution that is not depthwise and whose groups could not stay aligned. Its outputs can be pruned (the same
     number of channels in each of its groups, ``pruning.channel_blocks``) when ``round_to`` is a multiple of its
-    groups; its inputs cannot (torch-pruning would cut every group's filters at the first group's positions)."""
+    groups; its inputs cannot (torch-pruning would cut every group's filters at the first group's positions). A
+    group the dependency analysis could not describe says why itself (``PrunableGroup.problem``)."""
+    if group.problem:
+        return group.problem
     for member in group.members:
         module = modules.get(member.module)
         size = _channels(module, member.dim)

@@ -11,7 +11,9 @@ from torch import nn
 from pf_ray.config import ModelConfig
 from pf_ray.errors import ConfigError, ModelError
 from pf_ray.metrics import model_stats
-from pf_ray.models import absolute_model_name, build_model
+from pf_ray.models import absolute_model_name, build_model, check_forward
+from pf_ray.models.torchvision_models import classifier_names, example_input_shape
+from pf_ray.models.user import is_user_model, run_name_prefix
 from pf_ray.registry import MODELS
 
 NUM_CLASSES = 5
@@ -267,3 +269,76 @@ def test_bad_sizes_are_rejected(field, value):
     kwargs = {"in_channels": 3, "num_classes": 10, field: value}
     with pytest.raises(ModelError, match=f"{field}: got {value}"):
         build_model(ModelConfig("resnet20"), **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# torchvision:NAME (every torchvision classifier; the pruning contract is tests/models/test_torchvision_contract.py).
+
+
+def build_torchvision_model(name, in_channels=3, num_classes=NUM_CLASSES, side=64, width_multiplier=1.0):
+    return build_model(ModelConfig(f"torchvision:{name}", width_multiplier=width_multiplier), in_channels=in_channels,
+                       num_classes=num_classes, input_shape=(in_channels, side, side))
+
+
+@pytest.mark.parametrize(("name", "side"), [("resnet18", 32), ("squeezenet1_1", 32), ("googlenet", 32),
+                                            ("vit_b_32", 64), ("swin_t", 32)])
+def test_torchvision_classifier_builds_for_the_dataset(name, side):
+    torch.manual_seed(0)
+    model = build_torchvision_model(name, in_channels=1, num_classes=7, side=side)
+    first = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    assert first.in_channels == 1
+    model.train()  # GoogLeNet and Inception-v3 are built without auxiliary heads: a tensor in training mode too
+    assert model(torch.randn(2, 1, side, side)).shape == (2, 7)
+
+
+def test_torchvision_names_are_no_user_models_and_the_old_names_are_aliases():
+    assert not is_user_model("torchvision:resnet18") and is_user_model("torchvision.models:resnet18")
+    assert run_name_prefix("torchvision:resnet18") == "torchvision_resnet18"
+    old = build_model(ModelConfig("torchvision_mobilenet_v2"), in_channels=3, num_classes=10)
+    new = build_model(ModelConfig("torchvision:mobilenet_v2"), in_channels=3, num_classes=10)
+    assert [p.shape for p in old.parameters()] == [p.shape for p in new.parameters()]
+
+
+def test_torchvision_width_multiplier_only_where_the_builder_has_one():
+    full = build_torchvision_model("mobilenet_v3_large")
+    half = build_torchvision_model("mobilenet_v3_large", width_multiplier=0.5)
+    assert sum(p.numel() for p in half.parameters()) < 0.5 * sum(p.numel() for p in full.parameters())
+    with pytest.raises(ConfigError, match=r"model\.width_multiplier: got 0\.5; model 'torchvision:resnet50' has no "
+                                          r"width multiplier, so only 1\.0 is allowed"):
+        build_torchvision_model("resnet50", width_multiplier=0.5)
+
+
+def test_an_unknown_torchvision_name_lists_close_matches_and_how_to_see_all():
+    with pytest.raises(ConfigError, match=r"model\.name: unknown torchvision classifier 'torchvision:resnet51'; close "
+                                          r"matches: torchvision:resnet50.*has 80 \(list them with python -c") as error:
+        build_torchvision_model("resnet51")
+    assert "\n" not in str(error.value)
+    with pytest.raises(ConfigError, match="unknown torchvision classifier 'torchvision:fasterrcnn_resnet50_fpn'"):
+        build_torchvision_model("fasterrcnn_resnet50_fpn")  # detection: not a classifier
+
+
+@pytest.mark.parametrize(("name", "side", "message"), [
+    ("vit_b_16", 40, r"'torchvision:vit_b_16' needs square inputs whose side is a multiple of its patch size 16 "
+                     r"\(e\.g\. 3x224x224\); the dataset gives 3x40x40"),
+    ("maxvit_t", 64, r"'torchvision:maxvit_t' needs inputs whose height and width split into 7x7 windows at every "
+                     r"stage, e\.g\. 3x224x224 .*; the dataset gives 3x64x64"),
+    ("inception_v3", 32, r"'torchvision:inception_v3' needs inputs of at least 75x75 pixels \(its strides and "
+                         r"kernels\); the dataset gives 3x32x32"),
+], ids=["vit_b_16", "maxvit_t", "inception_v3"])
+def test_a_torchvision_model_refuses_an_input_size_it_cannot_take_naming_the_size_it_needs(name, side, message):
+    with pytest.raises(ModelError, match=r"model\.name: " + message):
+        build_torchvision_model(name, side=side)
+
+
+def test_vit_is_built_for_the_dataset_s_input_size():
+    model = build_torchvision_model("vit_b_32", side=96).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 96, 96)).shape == (1, NUM_CLASSES)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", classifier_names())
+def test_every_torchvision_classifier_builds_for_one_channel_and_runs(name):
+    shape = example_input_shape(name, 64, in_channels=1)
+    model = build_model(ModelConfig(f"torchvision:{name}"), in_channels=1, num_classes=7, input_shape=shape)
+    check_forward(model, name, shape, 7)

@@ -67,7 +67,7 @@ def test_excluded_groups_can_be_given_and_are_checked():
 
 def test_nothing_safe_to_prune_is_a_config_error_naming_the_first_reason():
     with pytest.raises(ConfigError, match=r"nothing can be pruned in ShuffleUserNet: all 3 channel groups are left "
-                                          r"unpruned \(first, 'stem.0': the dependency analysis maps"):
+                                          r"unpruned \(first, 'stem.0': its channels pass through a reshape"):
         ChannelPruning(ChannelPruningConfig(round_to=1)).check(only_shuffles(), SHAPE)
     # round_to 8: the blocks' grouped convs are safe, but their 8 channels cannot lose one
     with pytest.raises(ConfigError, match=r"nothing can be pruned in ShuffleUserNet: 1 of its 3 channel groups are "

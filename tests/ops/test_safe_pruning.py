@@ -35,7 +35,7 @@ def test_the_unsafe_groups_of_a_shuffle_graph_are_named_with_the_reason():
     skipped = unsafe_groups(model, SHAPE, 0.1, 1, log=lines.append)  # round_to 1: grouped convs cannot stay even
     assert tuple(group.name for group in skipped) == SHUFFLED + GROUPED
     reasons = dict((group.name, group.reason) for group in skipped)
-    assert "channel shuffle" in reasons["stem.0"] and "16 output channels" in reasons["stem.0"]
+    assert "channel shuffle" in reasons["stem.0"] and "reshape across the channel axis" in reasons["stem.0"]
     assert "grouped convolution 'block1.branch.0' (groups=2)" in reasons["block1.branch.0"]
     assert "multiple of 2 (round_to is 1)" in reasons["block1.branch.0"]
     assert len(lines) == 3 and all("left unpruned" in line for line in lines)
@@ -124,11 +124,14 @@ def test_a_tiny_deadline_stops_the_grouping_of_a_real_model():
         trace_groups(tiny_resnet20(), (1, 16, 16), AnalysisLimits(seconds=1e-3))
 
 
-def test_a_graph_torch_pruning_fails_on_is_refused_in_one_line():
+def test_torchvision_shufflenet_is_analysed_and_its_shuffled_groups_left_unpruned():
     import torchvision
 
-    # torchvision's ShuffleNet-v2: torch-pruning 1.6 divides by zero in its reshape index mapping
-    with pytest.raises(ModelError, match=r"torch-pruning cannot analyse the channels of ShuffleNetV2 \(while building "
-                                         r"the dependency graph: ZeroDivisionError") as error:
-        prunable_groups(torchvision.models.shufflenet_v2_x0_5(num_classes=10), (3, 32, 32))
-    assert "\n" not in str(error.value)
+    # torch-pruning 1.6 divides by zero mapping the channel shuffle's reshape (and fails grouping some layers after
+    # it): those reshapes keep the identity mapping, and the groups through them are marked as problems
+    model = torchvision.models.shufflenet_v2_x0_5(num_classes=10)
+    groups = prunable_groups(model, (3, 32, 32))
+    problems = [group for group in groups if group.problem]
+    assert 0 < len(problems) < len(groups)
+    assert all("channel shuffle" in group.problem for group in problems)
+    assert "stage2.0.branch2.0" in {group.name for group in groups if not group.problem}  # inside a branch: safe
