@@ -77,6 +77,17 @@ def without_groups(table: MacsTable, excluded: Collection[str]) -> MacsTable:
     return MacsTable(tuple(table.names[i] for i in kept), tuple(table.sizes[i] for i in kept), layers)
 
 
+def uniform_keep_ratio(table: MacsTable, macs_ratio: float, round_to: int, lowest: float) -> float:
+    """The largest uniform keep ratio (to 0.01, at least ``lowest``) whose pruning of every group of ``table``
+    leaves at most ``macs_ratio`` of its MACs; ``lowest`` when none does (groups left whole hold too many: pass
+    ``without_groups(table, skipped)``)."""
+    full = table.macs([1.0] * len(table.names), round_to)
+    for percent in range(100, round(lowest * 100) - 1, -1):
+        if table.macs([percent / 100] * len(table.names), round_to) <= macs_ratio * full:
+            return percent / 100
+    return lowest
+
+
 @dataclass(frozen=True)
 class MacsBudget:
     """Channel pruning's budget: the MACs left by per-group keep ratios (after rounding), as a fraction of the

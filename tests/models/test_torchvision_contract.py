@@ -23,7 +23,7 @@ from pf_ray.export.verify import MAX_ABS_DIFF, TOP1_AGREEMENT, agreement, onnx_s
 from pf_ray.metrics import model_stats
 from pf_ray.models import build_model, check_forward
 from pf_ray.models.torchvision_models import EXCLUDED, classifier_names, example_input_shape
-from pf_ray.ops.macs_budget import macs_table, without_groups
+from pf_ray.ops.macs_budget import macs_table, uniform_keep_ratio, without_groups
 from pf_ray.ops.pruning import prune_channels_
 from pf_ray.ops.safe_pruning import SkippedGroup, unsafe_groups
 
@@ -60,18 +60,6 @@ class ContractResult:
     max_logit: float  # largest |PyTorch logit|
     num_predicted_classes: int  # distinct top-1 classes over the images (untrained models often predict one)
     seconds: float
-
-
-def uniform_keep_ratio(model: nn.Module, input_shape: tuple[int, int, int], skipped: set[str]) -> float:
-    """The largest uniform keep ratio (to 0.01) whose pruning of the groups not ``skipped`` leaves at most
-    TARGET_MACS_RATIO of the MACs; LOWEST_KEEP_RATIO if none does (the skipped groups hold too many)."""
-    table = without_groups(macs_table(model, input_shape), skipped)
-    full = table.macs([1.0] * len(table.names), ROUND_TO)
-    for percent in range(100, round(LOWEST_KEEP_RATIO * 100) - 1, -1):
-        ratio = percent / 100
-        if table.macs([ratio] * len(table.names), ROUND_TO) <= TARGET_MACS_RATIO * full:
-            return ratio
-    return LOWEST_KEEP_RATIO
 
 
 def calibrate_batch_norm_(model: nn.Module, input_shape: tuple[int, int, int]) -> None:
@@ -113,7 +101,8 @@ def prune_export_and_compare(name: str, folder) -> ContractResult:
     groups = macs_table(model, shape).names
     skipped = unsafe_groups(model, shape, LOWEST_KEEP_RATIO, ROUND_TO)
     skipped_names = {group.name for group in skipped}
-    ratio = uniform_keep_ratio(model, shape, skipped_names)
+    ratio = uniform_keep_ratio(without_groups(macs_table(model, shape), skipped_names), TARGET_MACS_RATIO, ROUND_TO,
+                               LOWEST_KEEP_RATIO)
     prune_channels_(model, shape, {g: ratio for g in groups if g not in skipped_names}, round_to=ROUND_TO,
                     criterion="l1")
     check_forward(model, name, shape, NUM_CLASSES)

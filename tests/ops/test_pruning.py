@@ -305,3 +305,17 @@ def test_resize_to_state_dict_round_trip(build, shape):
     fresh.load_state_dict(state_dict)  # strict: every shape matches
     assert torch.equal(_outputs(fresh, shape), _outputs(model, shape))
     assert model_stats(fresh, shape) == model_stats(model, shape)
+
+
+def test_the_uniform_keep_ratio_toward_a_macs_fraction_is_hand_computed() -> None:
+    """small_cnn on 1x8x8: conv 1->k1 (576 MACs a channel), conv k1->k2 (576 a pair), linear k2->10. At 0.68 the
+    counts are (5, 11): 34,670 of 78,496 MACs <= half; at 0.69 they are (6, 11): 41,582 > half. With the 16-channel
+    group left whole: k1 * 9,792 + 160 <= 39,248 needs k1 <= 3, which round(8 r) gives below 0.4375."""
+    from pf_ray.ops.macs_budget import macs_table, uniform_keep_ratio, without_groups
+    from tests.latency.conftest import small_cnn
+
+    table = macs_table(small_cnn(), (1, 8, 8))
+    assert table.macs([1.0, 1.0], 1) == 78_496
+    assert uniform_keep_ratio(table, 0.5, 1, lowest=0.1) == 0.68
+    assert uniform_keep_ratio(table, 0.01, 1, lowest=0.3) == 0.3  # unreachable: the floor
+    assert uniform_keep_ratio(without_groups(table, [table.names[1]]), 0.5, 1, lowest=0.1) == 0.43
