@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
 from typing import Any
 
 import torch
@@ -18,8 +18,13 @@ from torch import nn
 
 from pf_ray.errors import ConfigError, ModelError
 from pf_ray.ops import lasso
-from pf_ray.ops.channel_groups import MAC_LAYERS, GroupMember, GroupTrace, PrunableGroup, trace_groups
-from pf_ray.ops.feature_sampling import LayerSamples, residual_target, sample_layers
+from pf_ray.ops.channel_groups import MAC_LAYERS, GroupMember, PrunableGroup, trace_groups
+from pf_ray.ops.feature_sampling import LayerSamples, sample_layers
+
+# Where LASSO's regression inputs come from: "pruned": the model pruned so far, group by group (exact He et al.,
+# every candidate samples its own); "baseline": the baseline's, for every group (PocketFlow's one feature cache:
+# nothing depends on the candidate, so a search computes it once, ``feature_cache``)
+FEATURE_SOURCES = ("pruned", "baseline")
 
 # The field a user sets to choose per-group ratios; named in errors about the ratio vector.
 KEEP_RATIOS_FIELD = "learner.options.layer_keep_ratios"
@@ -196,6 +201,8 @@ def prune_channels_(
     points_per_image: int = 10,
     seed: int = 0,
     reconstruct: bool = True,
+    features: str = "pruned",
+    costs: MutableMapping[str, Any] | None = None,
 ) -> dict[str, int]:
     """Remove channels from ``model`` in place: group i keeps its best kept_channel_count(n_i, ratio_i)
     channels by ``criterion``. Returns the kept count of every group, by name.
@@ -217,16 +224,27 @@ def prune_channels_(
         points_per_image: ``"lasso"`` only: output positions sampled per image and layer.
         seed: ``"lasso"`` only: the sampled positions depend on it alone (with the layer and batch).
         reconstruct: ``"lasso"`` only: refit the consumers' weights after selection.
+        features: ``"lasso"`` only, one of ``FEATURE_SOURCES``. ``"pruned"`` as above; ``"baseline"``: every
+            group is selected and refit on the features of the model as passed in (no residual drift to correct),
+            from per-layer sufficient statistics (``lasso.refit_statistics``) computed once per model, batches and
+            settings and cached (``feature_cache``): a later candidate of the same search runs no forward pass.
+        costs: ``"lasso"`` only: filled with the seconds spent on what the candidate shares with its search
+            (``baseline``, and where it came from: ``baseline_source`` "computed", "memory" or "disk") and on its
+            own ``sampling``, ``selection`` and ``refit``.
     """
     if criterion not in CRITERIA:
         raise ConfigError(f"criterion: got {criterion!r}; allowed: {', '.join(CRITERIA)}")
     if criterion == "lasso" and batches is None:
         raise ConfigError("criterion 'lasso' needs training data: pass batches= (input mini-batches)")
+    if features not in FEATURE_SOURCES:
+        raise ConfigError(f"features: got {features!r}; allowed: {', '.join(FEATURE_SOURCES)}")
     trace = trace_groups(model, input_shape)
     ratios = _ratios_per_group(keep_ratios, [g.name for g in trace.groups])
     counts = [kept_channel_count(g.num_channels, r, round_to) for g, r in zip(trace.groups, ratios, strict=True)]
     if criterion == "lasso":
-        _prune_lasso_(
+        from pf_ray.ops.lasso_pruning import prune_lasso_  # here: lasso_pruning imports this module
+
+        prune_lasso_(
             model,
             trace,
             counts,
@@ -234,6 +252,8 @@ def prune_channels_(
             points_per_image=points_per_image,
             seed=seed,
             reconstruct=reconstruct,
+            features=features,
+            costs=costs if costs is not None else {},
         )
         return {group.name: kept for group, kept in zip(trace.groups, counts, strict=True)}
 
@@ -295,111 +315,3 @@ def is_grouped_conv(module: nn.Module) -> bool:
     """A convolution with groups that is not depthwise (one input and output channel per group)."""
     return isinstance(module, nn.Conv2d) and module.groups > 1 and not (
         module.groups == module.in_channels == module.out_channels)
-
-
-def _prune_lasso_(
-    model: nn.Module,
-    trace: GroupTrace,
-    counts: Sequence[int],
-    batches: list[torch.Tensor],
-    *,
-    points_per_image: int,
-    seed: int,
-    reconstruct: bool,
-) -> None:
-    todo = [(g.name, kept) for g, kept in zip(trace.groups, counts, strict=True) if kept < g.num_channels]
-    if not todo:
-        return
-    if not batches:
-        raise ConfigError("criterion 'lasso' needs training data: batches= is empty")
-    sampling = {"points_per_image": points_per_image, "seed": seed}
-    pruned = {name for name, _ in todo}
-    observed = list(
-        dict.fromkeys(m.module for g in trace.groups if g.name in pruned for m in lasso_consumers(model, g)[0])
-    )
-    # targets: the model as passed in (its outputs and residual partners), sampled once for every group
-    reference = sample_layers(model, observed, batches, keep_inputs=False, **sampling)
-    # which reference output channel each current output channel of an observed layer is
-    channels = {name: torch.arange(reference[name].outputs.shape[1]) for name in observed}
-
-    for name, kept in todo:
-        group = trace.current_group(name)
-        if group is None or kept >= group.num_channels:
-            continue
-        consumers, reason = lasso_consumers(model, group)
-        refits: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
-        blocks = channel_blocks(model, group)
-        if reason:
-            warnings.warn(f"group {name!r}: {reason}; its channels are chosen by L1 norm", stacklevel=3)
-            remove = _unkept(l1_channel_scores(model, group), kept, blocks)
-        else:
-            names = [member.module for member in consumers]
-            partners = [n for n in names if reference[n].partner is not None]
-            current = sample_layers(model, names, batches, keep_outputs=False, partners=partners, **sampling)
-            targets = {n: residual_target(reference[n], current[n], channels[n]) for n in names}
-            selection = lasso.select_channels(_problem(model, group, consumers, current, targets), kept)
-            remove = sorted(set(range(group.num_channels)) - set(selection.keep))
-            if blocks is not None:  # the LASSO's ranking, kept evenly across the convolution's groups
-                remove = _unkept(lasso.selection_scores(selection), kept, blocks)
-            if reconstruct:
-                refits = _refits(trace, group, consumers, current, targets, set(remove))
-        trace.remove_(name, remove)
-        _forget_channels(group, remove, channels)
-        for module_name, (weight, bias_change) in refits.items():
-            _write_weights_(trace.modules[module_name], weight, bias_change)
-
-
-def _refits(
-    trace: GroupTrace,
-    group: PrunableGroup,
-    consumers: Sequence[GroupMember],
-    samples: Mapping[str, LayerSamples],
-    targets: Mapping[str, torch.Tensor],
-    removed: set[int],
-) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
-    """Least-squares weights of every consumer for the input features (and output channels) that remain."""
-    refits = {}
-    for member in consumers:
-        module = trace.modules[member.module]
-        inputs = samples[member.module].inputs
-        dropped = {f for f, c in zip(member.indices, member.group_indices, strict=True) if c in removed}
-        kept_features = [f for f in range(inputs.shape[1]) if f not in dropped]
-        weight = module.weight.detach().reshape(module.weight.shape[0], module.weight.shape[1], -1)
-        target = targets[member.module]
-        # a consumer inside the group's residual stream loses some of its outputs too: refit only those that stay
-        lost = {
-            i
-            for m in group.members
-            if m.module == member.module and m.dim == "out"
-            for i, c in zip(m.indices, m.group_indices, strict=True)
-            if c in removed
-        }
-        if lost:
-            stay = [i for i in range(target.shape[1]) if i not in lost]
-            target, weight = target[:, stay], weight[stay]
-        refits[member.module] = lasso.least_squares_weights(
-            inputs, target, kept_features, weight, bias=module.bias is not None
-        )
-    return refits
-
-
-def _forget_channels(group: PrunableGroup, removed: Sequence[int], channels: dict[str, torch.Tensor]) -> None:
-    """Keep ``channels`` (layer -> reference channel of each current output) in step with a removal."""
-    removed_set = set(removed)
-    for member in group.members:
-        if member.dim == "out" and member.module in channels:
-            gone = {i for i, c in zip(member.indices, member.group_indices, strict=True) if c in removed_set}
-            keep = [i for i in range(len(channels[member.module])) if i not in gone]
-            channels[member.module] = channels[member.module][keep]
-
-
-def _write_weights_(module: nn.Module, weight: torch.Tensor, bias_change: torch.Tensor | None) -> None:
-    if weight.numel() != module.weight.numel():
-        raise ModelError(
-            f"reconstruction produced {tuple(weight.shape)} weights for a layer of shape {tuple(module.weight.shape)}"
-        )
-    with torch.no_grad():
-        module.weight.copy_(weight.reshape(module.weight.shape))
-        if bias_change is not None:
-            module.bias.add_(bias_change.to(module.bias.dtype))
-
