@@ -18,9 +18,9 @@ from torch import nn
 
 from pf_ray.errors import ConfigError, ModelError
 from pf_ray.ops import feature_cache, lasso
+from pf_ray.ops.channel_choice import channel_blocks, l1_channel_scores, lasso_consumers, lasso_problem, unkept_channels
 from pf_ray.ops.channel_groups import GroupMember, GroupTrace, PrunableGroup
 from pf_ray.ops.feature_sampling import LayerSamples, residual_target, sample_layers
-from pf_ray.ops.pruning import _problem, _unkept, channel_blocks, l1_channel_scores, lasso_consumers
 
 
 def prune_lasso_(
@@ -66,7 +66,7 @@ def prune_lasso_(
         blocks = channel_blocks(model, group)
         if reason:
             warnings.warn(f"group {name!r}: {reason}; its channels are chosen by L1 norm", stacklevel=3)
-            remove = _unkept(l1_channel_scores(model, group), kept, blocks)
+            remove = unkept_channels(l1_channel_scores(model, group), kept, blocks)
         else:
             names = [member.module for member in consumers]
             if features == "baseline":
@@ -84,10 +84,10 @@ def prune_lasso_(
                     current = sample_layers(model, names, batches, keep_outputs=False, partners=partners, **sampling)
                     targets = {n: residual_target(reference[n], current[n], channels[n]) for n in names}
                 with clock("selection"):
-                    selection = lasso.select_channels(_problem(model, group, consumers, current, targets), kept)
+                    selection = lasso.select_channels(lasso_problem(model, group, consumers, current, targets), kept)
             remove = sorted(set(range(group.num_channels)) - set(selection.keep))
             if blocks is not None:  # the LASSO's ranking, kept evenly across the convolution's groups
-                remove = _unkept(lasso.selection_scores(selection), kept, blocks)
+                remove = unkept_channels(lasso.selection_scores(selection), kept, blocks)
             if reconstruct:
                 with clock("refit"):
                     if features == "baseline":

@@ -14,7 +14,7 @@ from pf_ray.config import ModelConfig
 from pf_ray.errors import ConfigError
 from pf_ray.metrics import model_stats
 from pf_ray.models import build_model
-from pf_ray.ops import pruning
+from pf_ray.ops import channel_choice
 from pf_ray.ops.channel_groups import prunable_groups
 from pf_ray.ops.feature_sampling import _conv_patches, residual_target, sample_layers
 from pf_ray.ops.lasso import ChannelProblem, channel_problem, least_squares_weights, select_channels
@@ -362,7 +362,7 @@ def test_the_lasso_criterion_scores_the_selection_first():
 
 
 def test_groups_lasso_cannot_regress_fall_back_to_l1_with_a_warning(monkeypatch):
-    monkeypatch.setattr(pruning, "MAX_LASSO_FEATURES", 1)  # every consumer is now "too wide"
+    monkeypatch.setattr(channel_choice, "MAX_LASSO_FEATURES", 1)  # every consumer is now "too wide"
     batches = [torch.randn(16, 1, 8, 8, generator=_generator(0))]
     model, l1_model = _dead_and_useless_net(), _dead_and_useless_net()
     with pytest.warns(UserWarning, match=r"group '0': consumer '2' has 8 x 9 input features .* chosen by L1 norm"):
