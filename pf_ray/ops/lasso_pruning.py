@@ -71,13 +71,8 @@ def prune_lasso_(
             names = [member.module for member in consumers]
             if features == "baseline":
                 with clock("selection"):
-                    selection = lasso.select_channels(
-                        _sum(lasso.channel_problem_from_statistics(
-                            statistics[m.module], _in_baseline_features(trace.modules[m.module], inputs[m.module],
-                                                                       statistics[m.module].num_features
-                                                                       // statistics[m.module].kernel),
-                            inputs[m.module][list(m.indices)].tolist(), m.group_indices, group.num_channels,
-                            outputs=channels[m.module].tolist()) for m in consumers), kept)
+                    problem = _problem_from_statistics(trace, group, consumers, statistics, channels, inputs)
+                    selection = lasso.select_channels(problem, kept)
             else:
                 with clock("sampling"):
                     partners = [n for n in names if reference[n].partner is not None]
@@ -179,6 +174,28 @@ def _baseline_statistics(
 
     entry, where = feature_cache.cached(feature_cache.fingerprint(model, batches, settings), compute)
     return {n: lasso.RefitStatistics(**fields) for n, fields in entry.items()}, where
+
+
+def _problem_from_statistics(
+    trace: GroupTrace,
+    group: PrunableGroup,
+    consumers: Sequence[GroupMember],
+    statistics: Mapping[str, lasso.RefitStatistics],
+    channels: Mapping[str, torch.Tensor],
+    inputs: Mapping[str, torch.Tensor],
+) -> lasso.ChannelProblem:
+    """The group's regression (``lasso_problem``) from the baseline's statistics: each consumer's current weights
+    and features put in their baseline numbers, its outputs gone since left out."""
+    problems = []
+    for member in consumers:
+        layer = statistics[member.module]
+        weight = _in_baseline_features(trace.modules[member.module], inputs[member.module],
+                                       layer.num_features // layer.kernel)
+        features = inputs[member.module][list(member.indices)].tolist()
+        problems.append(lasso.channel_problem_from_statistics(
+            layer, weight, features, member.group_indices, group.num_channels,
+            outputs=channels[member.module].tolist()))
+    return _sum(problems)
 
 
 def _in_baseline_features(module: nn.Module, inputs: torch.Tensor, width: int) -> torch.Tensor:

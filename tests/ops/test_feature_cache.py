@@ -104,7 +104,7 @@ def test_baseline_features_choose_and_refit_the_first_group_as_the_pruned_model_
 
 def test_baseline_features_prune_every_group_to_a_working_model():
     model, costs = _prune(tiny_cnn(), features="baseline")
-    assert costs["sampling"] == 0.0 if "sampling" in costs else True
+    assert "sampling" not in costs  # no forward pass of its own: everything came from the baseline's statistics
     assert model(torch.randn(2, *SHAPE)).shape == (2, 10)
     reference = tiny_cnn()
     assert sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in reference.parameters())
