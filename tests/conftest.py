@@ -25,6 +25,19 @@ def ray_session():
 
 
 @pytest.fixture(autouse=True, scope="session")
+def _feature_cache(tmp_path_factory):
+    """LASSO's feature cache (pf_ray.ops.feature_cache) in a folder of the session's own, never ~/.cache; set in
+    the environment, so the runs the tests start in subprocesses use it too."""
+    previous = os.environ.get("PF_RAY_FEATURE_CACHE")
+    os.environ["PF_RAY_FEATURE_CACHE"] = str(tmp_path_factory.mktemp("feature_cache"))
+    yield
+    if previous is None:
+        os.environ.pop("PF_RAY_FEATURE_CACHE", None)
+    else:
+        os.environ["PF_RAY_FEATURE_CACHE"] = previous
+
+
+@pytest.fixture(autouse=True, scope="session")
 def _one_torch_thread():
     """Two cores are shared by pytest, Ray workers and trials: one intra-op thread each avoids oversubscription
     (seen: a convolution 14x slower with two threads under load)."""

@@ -8,8 +8,10 @@ left unpruned: ``excluded_groups``.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Collection
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +31,7 @@ from pf_ray.ops.latency_budget import LatencyBudget, LatencySource, WholeGroups
 from pf_ray.ops.macs_budget import MacsBudget, macs_table, without_groups
 from pf_ray.ops.precision_space import check_precision_search, join_tail, precision_features
 from pf_ray.ops.precision_space import dimension_names as precision_dimension_names
-from pf_ray.ops.pruning import CRITERIA, KEEP_RATIOS_FIELD, kept_channel_count, prune_channels_
+from pf_ray.ops.pruning import CRITERIA, FEATURE_SOURCES, KEEP_RATIOS_FIELD, kept_channel_count, prune_channels_
 from pf_ray.ops.safe_pruning import SkippedGroup, structural_problems, unsafe_groups
 from pf_ray.registry import LEARNERS
 from pf_ray.search_space import PerLayerSpace, layer_features
@@ -57,6 +59,10 @@ class ChannelPruningConfig:
     reconstruct: bool = True  # lasso: refit the consumers of pruned channels by least squares
     num_batches: int = 10  # lasso: training mini-batches (of 64) whose features drive selection
     points_per_image: int = 10  # lasso: output positions sampled per image and layer
+    # lasso: whose features each group is selected and refit on: "pruned" (the model pruned so far: He et al.,
+    # exact; each candidate samples its own) or "baseline" (the baseline's, as PocketFlow did: candidate-independent,
+    # so a search computes them once, pf_ray.ops.feature_cache, and later candidates run no forward pass)
+    features: str = "pruned"
     group_size: int = 0  # 0: prune every group at once; k: k groups at a time, fine-tuning in between
     group_fine_tune_steps: int = 50  # Adam steps after each group of groups (group_size > 0)
     group_learning_rate: float = 0.001  # Adam's learning rate for those steps
@@ -91,6 +97,7 @@ class ChannelPruningConfig:
             check_range("round_to", self.round_to, low=1)
         check_range("min_keep_ratio", self.min_keep_ratio, low=0.0, high=1.0, low_inclusive=False)
         check_choice("criterion", self.criterion, CRITERIA)
+        check_choice("features", self.features, FEATURE_SOURCES)
         check_range("num_batches", self.num_batches, low=1)
         check_range("points_per_image", self.points_per_image, low=1)
         check_range("group_size", self.group_size, low=0)
@@ -122,6 +129,16 @@ def search_dimensions(model: nn.Module, input_shape: tuple[int, int, int], exclu
 
 def _log(line: str) -> None:
     print(line, flush=True)
+
+
+def _cost_line(features: str, seconds: float, costs: dict[str, Any]) -> str:
+    """The LASSO pruning's cost: what this candidate paid of its own (its per-candidate cost) and what it shares
+    with the search's other candidates (the baseline's features: computed by the first, then read)."""
+    own = seconds - costs.get("baseline", 0.0)
+    split = ", ".join(f"{what} {costs.get(what, 0.0):.1f} s" for what in ("sampling", "selection", "refit"))
+    return (f"channel_pruning: LASSO pruning {seconds:.1f} s: per candidate {own:.1f} s ({split}); shared with the "
+            f"search {costs.get('baseline', 0.0):.1f} s (baseline features {costs.get('baseline_source', 'none')}, "
+            f"features: {features})")
 
 
 @LEARNERS.register("channel_pruning", config=ChannelPruningConfig)
@@ -340,9 +357,13 @@ class ChannelPruning:
             "points_per_image": config.points_per_image,
             "seed": config.seed,
             "reconstruct": config.reconstruct,
+            "features": config.features,
         }
         if config.group_size == 0:
-            self.kept_channels = prune_channels_(model, data.input_shape, ratios, **options)
+            start, costs = time.perf_counter(), {}
+            self.kept_channels = prune_channels_(model, data.input_shape, ratios, costs=costs, **options)
+            if config.criterion == "lasso":
+                _log(_cost_line(config.features, time.perf_counter() - start, costs))
             return model
         # group fine-tuning: each chunk is selected on features of the model pruned and fine-tuned so far
         self.kept_channels = {}

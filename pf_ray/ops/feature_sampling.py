@@ -78,6 +78,7 @@ class _Sampler:
         keep_inputs: bool,
         keep_outputs: bool,
         partners: Collection[str] | None,
+        batch_offset: int = 0,
     ) -> None:
         modules = dict(model.named_modules())
         self.layers = {name: modules[name] for name in names}
@@ -88,6 +89,7 @@ class _Sampler:
         self.keep_inputs = keep_inputs
         self.keep_outputs = keep_outputs
         self.expected_partners = None if partners is None else set(partners)
+        self.batch_offset = batch_offset
         self.inputs: dict[str, list[torch.Tensor]] = {name: [] for name in names}
         self.outputs: dict[str, list[torch.Tensor]] = {name: [] for name in names}
         self.partners: dict[str, list[torch.Tensor]] = {name: [] for name in names}
@@ -136,7 +138,7 @@ class _Sampler:
 
     def _generator(self, name: str) -> torch.Generator:
         # the same points in every model that has a layer of this name: reference and pruned model agree
-        key = zlib.crc32(f"{self.seed}/{name}/{self.batch_index}".encode())
+        key = zlib.crc32(f"{self.seed}/{name}/{self.batch_offset + self.batch_index}".encode())
         return torch.Generator().manual_seed(key)
 
     def _layer_hook(self, module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
@@ -239,6 +241,7 @@ def sample_layers(
     keep_inputs: bool = True,
     keep_outputs: bool = True,
     partners: Collection[str] | None = None,
+    batch_offset: int = 0,
 ) -> dict[str, LayerSamples]:
     """Run ``batches`` through ``model`` (eval mode, no gradients; modes restored) and sample the conv/linear
     layers ``names`` at ``points_per_image`` random output positions per image (all of them if fewer).
@@ -252,6 +255,8 @@ def sample_layers(
         keep_inputs / keep_outputs: which of ``LayerSamples.inputs`` / ``outputs`` to keep (memory).
         partners: the layers known (from an earlier pass over the same architecture) to feed a residual add.
             When given, each forward pass stops as soon as every layer and these partners are sampled.
+        batch_offset: the index of the first batch (positions depend on it): a long sequence of batches sampled
+            a few at a time gets the same points as in one call.
     """
     modules = dict(model.named_modules())
     for name in names:
@@ -266,6 +271,7 @@ def sample_layers(
         keep_inputs=keep_inputs,
         keep_outputs=keep_outputs,
         partners=partners,
+        batch_offset=batch_offset,
     )
     return sampler.run(model, batches)
 

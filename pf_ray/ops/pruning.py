@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
 from typing import Any
 
 import torch
@@ -18,34 +18,29 @@ from torch import nn
 
 from pf_ray.errors import ConfigError, ModelError
 from pf_ray.ops import lasso
-from pf_ray.ops.channel_groups import MAC_LAYERS, GroupMember, GroupTrace, PrunableGroup, trace_groups
-from pf_ray.ops.feature_sampling import LayerSamples, residual_target, sample_layers
+from pf_ray.ops.channel_choice import (  # noqa: F401  (also imported from here)
+    MAX_LASSO_FEATURES,
+    channel_blocks,
+    is_grouped_conv,
+    l1_channel_scores,
+    lasso_consumers,
+    lasso_problem,
+    unkept_channels,
+)
+from pf_ray.ops.channel_groups import PrunableGroup, trace_groups
+from pf_ray.ops.feature_sampling import sample_layers
+from pf_ray.ops.lasso_pruning import prune_lasso_
+
+# Where LASSO's regression inputs come from: "pruned": the model pruned so far, group by group (exact He et al.,
+# every candidate samples its own); "baseline": the baseline's, for every group (PocketFlow's one feature cache:
+# nothing depends on the candidate, so a search computes it once, ``feature_cache``)
+FEATURE_SOURCES = ("pruned", "baseline")
 
 # The field a user sets to choose per-group ratios; named in errors about the ratio vector.
 KEEP_RATIOS_FIELD = "learner.options.layer_keep_ratios"
 
 # Channel importance: a criterion is a callable (model, group) -> Tensor(num_channels), higher = keep.
 Criterion = Callable[..., torch.Tensor]  # (model, group, **data) -> (num_channels,) scores
-
-
-def l1_channel_scores(model: nn.Module, group: PrunableGroup) -> torch.Tensor:
-    """(num_channels,) L1 norm of each channel's filters, summed over the group's producing layers."""
-    modules = dict(model.named_modules())
-    scores = torch.zeros(group.num_channels, dtype=torch.float64)
-    for member in group.members:
-        module = modules[member.module]
-        if member.dim != "out" or not isinstance(module, MAC_LAYERS):
-            continue  # consumers' input slices and batch norms do not score
-        # weight is (out, in/groups, *kernel) or (out, in): one row per output channel
-        norms = module.weight.detach().abs().flatten(1).sum(1).to("cpu", torch.float64)
-        indices = torch.tensor(member.indices)
-        scores.index_add_(0, torch.tensor(member.group_indices), norms[indices])
-    return scores
-
-
-# Widest consumer (input features of the group x kernel positions) that LASSO regresses on: its Gram matrix grows
-# with the square (5000^2 float64 = 200 MB). A wider one sends its group to L1 selection.
-MAX_LASSO_FEATURES = 5000
 
 
 def lasso_channel_scores(
@@ -75,64 +70,11 @@ def lasso_channel_scores(
     names = [member.module for member in consumers]
     samples = sample_layers(model, names, batches, points_per_image=points_per_image, seed=seed)
     targets = {name: samples[name].outputs for name in names}
-    return lasso.selection_scores(lasso.select_channels(_problem(model, group, consumers, samples, targets), num_kept))
+    problem = lasso_problem(model, group, consumers, samples, targets)
+    return lasso.selection_scores(lasso.select_channels(problem, num_kept))
 
 
 CRITERIA: dict[str, Criterion] = {"l1": l1_channel_scores, "lasso": lasso_channel_scores}
-
-
-def lasso_consumers(model: nn.Module, group: PrunableGroup) -> tuple[list[GroupMember], str]:
-    """The members of ``group`` that LASSO regresses: the dense conv/linear layers whose inputs are the group's
-    channels. A depthwise conv between producer and consumer is no consumer: its channels go with the group (one
-    filter per channel) and the dense layer after it is regressed on the depthwise outputs, which is what
-    removing a channel changes. Returns (consumers, "") or ([], why LASSO cannot select this group's channels).
-    """
-    modules = dict(model.named_modules())
-    consumers = []
-    for member in group.members:
-        module = modules[member.module]
-        if member.dim != "in":
-            continue
-        if isinstance(module, nn.Conv2d) and module.groups != 1:
-            continue  # grouped/depthwise: its channels follow the group; it is not regressed
-        if not isinstance(module, (nn.Conv2d, nn.Linear)):
-            continue
-        kernel = math.prod(module.kernel_size) if isinstance(module, nn.Conv2d) else 1
-        if len(member.indices) * kernel > MAX_LASSO_FEATURES:
-            return [], (
-                f"consumer {member.module!r} has {len(member.indices)} x {kernel} input features "
-                f"(LASSO handles up to {MAX_LASSO_FEATURES})"
-            )
-        consumers.append(member)
-    if not consumers:
-        return [], "no dense conv/linear layer consumes its channels"
-    return consumers, ""
-
-
-def _problem(
-    model: nn.Module,
-    group: PrunableGroup,
-    consumers: Sequence[GroupMember],
-    samples: Mapping[str, LayerSamples],
-    targets: Mapping[str, torch.Tensor],
-) -> lasso.ChannelProblem:
-    """The group's regression: one problem per consumer, stacked (channel c has one coefficient for all)."""
-    modules = dict(model.named_modules())
-    problems = [
-        lasso.channel_problem(
-            samples[m.module].inputs,
-            modules[m.module].weight,
-            targets[m.module],
-            m.indices,
-            m.group_indices,
-            group.num_channels,
-        )
-        for m in consumers
-    ]
-    total = problems[0]
-    for problem in problems[1:]:
-        total = total + problem
-    return total
 
 
 def kept_channel_count(num_channels: int, keep_ratio: float, round_to: int) -> int:
@@ -196,6 +138,8 @@ def prune_channels_(
     points_per_image: int = 10,
     seed: int = 0,
     reconstruct: bool = True,
+    features: str = "pruned",
+    costs: MutableMapping[str, Any] | None = None,
 ) -> dict[str, int]:
     """Remove channels from ``model`` in place: group i keeps its best kept_channel_count(n_i, ratio_i)
     channels by ``criterion``. Returns the kept count of every group, by name.
@@ -217,16 +161,25 @@ def prune_channels_(
         points_per_image: ``"lasso"`` only: output positions sampled per image and layer.
         seed: ``"lasso"`` only: the sampled positions depend on it alone (with the layer and batch).
         reconstruct: ``"lasso"`` only: refit the consumers' weights after selection.
+        features: ``"lasso"`` only, one of ``FEATURE_SOURCES``. ``"pruned"`` as above; ``"baseline"``: every
+            group is selected and refit on the features of the model as passed in (no residual drift to correct),
+            from per-layer sufficient statistics (``lasso.refit_statistics``) computed once per model, batches and
+            settings and cached (``feature_cache``): a later candidate of the same search runs no forward pass.
+        costs: ``"lasso"`` only: filled with the seconds spent on what the candidate shares with its search
+            (``baseline``, and where it came from: ``baseline_source`` "computed", "memory" or "disk") and on its
+            own ``sampling``, ``selection`` and ``refit``.
     """
     if criterion not in CRITERIA:
         raise ConfigError(f"criterion: got {criterion!r}; allowed: {', '.join(CRITERIA)}")
     if criterion == "lasso" and batches is None:
         raise ConfigError("criterion 'lasso' needs training data: pass batches= (input mini-batches)")
+    if features not in FEATURE_SOURCES:
+        raise ConfigError(f"features: got {features!r}; allowed: {', '.join(FEATURE_SOURCES)}")
     trace = trace_groups(model, input_shape)
     ratios = _ratios_per_group(keep_ratios, [g.name for g in trace.groups])
     counts = [kept_channel_count(g.num_channels, r, round_to) for g, r in zip(trace.groups, ratios, strict=True)]
     if criterion == "lasso":
-        _prune_lasso_(
+        prune_lasso_(
             model,
             trace,
             counts,
@@ -234,6 +187,8 @@ def prune_channels_(
             points_per_image=points_per_image,
             seed=seed,
             reconstruct=reconstruct,
+            features=features,
+            costs=costs if costs is not None else {},
         )
         return {group.name: kept for group, kept in zip(trace.groups, counts, strict=True)}
 
@@ -250,167 +205,17 @@ def prune_channels_(
                 f"criterion {criterion!r} returned shape {tuple(scores.shape)} for group "
                 f"{group.name!r}; expected ({group.num_channels},)"
             )
-        plans.append((group, kept, _unkept(scores, kept, channel_blocks(model, group))))
+        plans.append((group, kept, unkept_channels(scores, kept, channel_blocks(model, group))))
     for group, _, remove in plans:
         trace.remove_(group.name, remove)
     return {group.name: kept for group, kept, _ in plans}
 
 
-def _unkept(scores: torch.Tensor, kept: int, blocks: Sequence[Any] | None = None) -> list[int]:
-    """The channels not among the ``kept`` best by ``scores``; with ``blocks`` (a key per channel), the same
-    number kept in each block (``channel_blocks``)."""
-    order = torch.argsort(scores, descending=True, stable=True).tolist()  # stable: ties keep the lower index
-    if blocks is None:
-        keep = set(order[:kept])
-    else:
-        members: dict[Any, list[int]] = {}
-        for channel in order:
-            members.setdefault(blocks[channel], []).append(channel)
-        if kept % len(members):
-            raise ModelError(f"{kept} channels cannot be kept evenly in {len(members)} convolution groups; keep a "
-                             "multiple of the groups (learner.options.round_to)")
-        keep = {channel for block in members.values() for channel in block[: kept // len(members)]}
-    return [i for i in range(len(scores)) if i not in keep]
-
-
-def channel_blocks(model: nn.Module, group: PrunableGroup) -> list[tuple[int, ...]] | None:
-    """For a group whose channels are the outputs of a grouped (not depthwise) convolution: the convolution group
-    of each channel (a tuple, one entry per such convolution), which must all keep the same number of channels
-    for the convolution to stay one with the same groups. None for a group without one."""
-    modules = dict(model.named_modules())
-    keys: list[list[int]] = [[] for _ in range(group.num_channels)]
-    found = False
-    for member in group.members:
-        module = modules[member.module]
-        if member.dim != "out" or not is_grouped_conv(module):
-            continue
-        found = True
-        size = module.out_channels // module.groups
-        for index, channel in zip(member.indices, member.group_indices, strict=True):
-            keys[channel].append(index // size)
-    return [tuple(key) for key in keys] if found else None
-
-
 def group_multiples(model: nn.Module, input_shape: Sequence[int]) -> tuple[int, ...]:
     """Per prunable group (forward order): the multiple its kept count must be, the number of convolution groups
     its channels are spread over (``channel_blocks``), 1 for a group without a grouped convolution."""
-    trace = trace_groups(model, input_shape)
     multiples = []
-    for group in trace.groups:
+    for group in trace_groups(model, input_shape).groups:
         blocks = channel_blocks(model, group)
         multiples.append(1 if blocks is None else len(set(blocks)))
     return tuple(multiples)
-
-
-def is_grouped_conv(module: nn.Module) -> bool:
-    """A convolution with groups that is not depthwise (one input and output channel per group)."""
-    return isinstance(module, nn.Conv2d) and module.groups > 1 and not (
-        module.groups == module.in_channels == module.out_channels)
-
-
-def _prune_lasso_(
-    model: nn.Module,
-    trace: GroupTrace,
-    counts: Sequence[int],
-    batches: list[torch.Tensor],
-    *,
-    points_per_image: int,
-    seed: int,
-    reconstruct: bool,
-) -> None:
-    todo = [(g.name, kept) for g, kept in zip(trace.groups, counts, strict=True) if kept < g.num_channels]
-    if not todo:
-        return
-    if not batches:
-        raise ConfigError("criterion 'lasso' needs training data: batches= is empty")
-    sampling = {"points_per_image": points_per_image, "seed": seed}
-    pruned = {name for name, _ in todo}
-    observed = list(
-        dict.fromkeys(m.module for g in trace.groups if g.name in pruned for m in lasso_consumers(model, g)[0])
-    )
-    # targets: the model as passed in (its outputs and residual partners), sampled once for every group
-    reference = sample_layers(model, observed, batches, keep_inputs=False, **sampling)
-    # which reference output channel each current output channel of an observed layer is
-    channels = {name: torch.arange(reference[name].outputs.shape[1]) for name in observed}
-
-    for name, kept in todo:
-        group = trace.current_group(name)
-        if group is None or kept >= group.num_channels:
-            continue
-        consumers, reason = lasso_consumers(model, group)
-        refits: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
-        blocks = channel_blocks(model, group)
-        if reason:
-            warnings.warn(f"group {name!r}: {reason}; its channels are chosen by L1 norm", stacklevel=3)
-            remove = _unkept(l1_channel_scores(model, group), kept, blocks)
-        else:
-            names = [member.module for member in consumers]
-            partners = [n for n in names if reference[n].partner is not None]
-            current = sample_layers(model, names, batches, keep_outputs=False, partners=partners, **sampling)
-            targets = {n: residual_target(reference[n], current[n], channels[n]) for n in names}
-            selection = lasso.select_channels(_problem(model, group, consumers, current, targets), kept)
-            remove = sorted(set(range(group.num_channels)) - set(selection.keep))
-            if blocks is not None:  # the LASSO's ranking, kept evenly across the convolution's groups
-                remove = _unkept(lasso.selection_scores(selection), kept, blocks)
-            if reconstruct:
-                refits = _refits(trace, group, consumers, current, targets, set(remove))
-        trace.remove_(name, remove)
-        _forget_channels(group, remove, channels)
-        for module_name, (weight, bias_change) in refits.items():
-            _write_weights_(trace.modules[module_name], weight, bias_change)
-
-
-def _refits(
-    trace: GroupTrace,
-    group: PrunableGroup,
-    consumers: Sequence[GroupMember],
-    samples: Mapping[str, LayerSamples],
-    targets: Mapping[str, torch.Tensor],
-    removed: set[int],
-) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
-    """Least-squares weights of every consumer for the input features (and output channels) that remain."""
-    refits = {}
-    for member in consumers:
-        module = trace.modules[member.module]
-        inputs = samples[member.module].inputs
-        dropped = {f for f, c in zip(member.indices, member.group_indices, strict=True) if c in removed}
-        kept_features = [f for f in range(inputs.shape[1]) if f not in dropped]
-        weight = module.weight.detach().reshape(module.weight.shape[0], module.weight.shape[1], -1)
-        target = targets[member.module]
-        # a consumer inside the group's residual stream loses some of its outputs too: refit only those that stay
-        lost = {
-            i
-            for m in group.members
-            if m.module == member.module and m.dim == "out"
-            for i, c in zip(m.indices, m.group_indices, strict=True)
-            if c in removed
-        }
-        if lost:
-            stay = [i for i in range(target.shape[1]) if i not in lost]
-            target, weight = target[:, stay], weight[stay]
-        refits[member.module] = lasso.least_squares_weights(
-            inputs, target, kept_features, weight, bias=module.bias is not None
-        )
-    return refits
-
-
-def _forget_channels(group: PrunableGroup, removed: Sequence[int], channels: dict[str, torch.Tensor]) -> None:
-    """Keep ``channels`` (layer -> reference channel of each current output) in step with a removal."""
-    removed_set = set(removed)
-    for member in group.members:
-        if member.dim == "out" and member.module in channels:
-            gone = {i for i, c in zip(member.indices, member.group_indices, strict=True) if c in removed_set}
-            keep = [i for i in range(len(channels[member.module])) if i not in gone]
-            channels[member.module] = channels[member.module][keep]
-
-
-def _write_weights_(module: nn.Module, weight: torch.Tensor, bias_change: torch.Tensor | None) -> None:
-    if weight.numel() != module.weight.numel():
-        raise ModelError(
-            f"reconstruction produced {tuple(weight.shape)} weights for a layer of shape {tuple(module.weight.shape)}"
-        )
-    with torch.no_grad():
-        module.weight.copy_(weight.reshape(module.weight.shape))
-        if bias_change is not None:
-            module.bias.add_(bias_change.to(module.bias))  # float64 on the CPU -> the bias's dtype and device
-

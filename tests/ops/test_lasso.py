@@ -14,7 +14,7 @@ from pf_ray.config import ModelConfig
 from pf_ray.errors import ConfigError
 from pf_ray.metrics import model_stats
 from pf_ray.models import build_model
-from pf_ray.ops import pruning
+from pf_ray.ops import channel_choice
 from pf_ray.ops.channel_groups import prunable_groups
 from pf_ray.ops.feature_sampling import _conv_patches, residual_target, sample_layers
 from pf_ray.ops.lasso import ChannelProblem, channel_problem, least_squares_weights, select_channels
@@ -241,8 +241,22 @@ def test_alpha_search_hits_every_count_exactly():
 def test_a_count_the_lasso_path_jumps_over_is_still_met():
     # channels 0 and 1 explain the target almost equally: the window with exactly one of them is ~1e-5 wide
     problem = ChannelProblem(gram=np.diag([1.0, 1.0, 1.0]), correlation=np.array([0.799999, 0.8, 0.1]), energy=1.0)
-    selection = select_channels(problem, 1, max_bisections=5)
+    selection = select_channels(problem, 1, max_bisections=5, use_path=False)
     assert selection.keep == (1,) and not selection.exact  # the larger coefficient of the last alpha keeping 2
+    on_path = select_channels(problem, 1, max_bisections=5)  # the LARS path sees the narrow window itself
+    assert on_path.keep == (1,) and on_path.exact and on_path.alpha < 0.8
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_lars_path_keeps_what_the_alpha_search_keeps(seed):
+    generator = _generator(seed)
+    inputs = (torch.randn(400, 6, generator=generator) @ torch.randn(6, 24, generator=generator)
+              + 0.3 * torch.randn(400, 24, generator=generator)).reshape(400, 24, 1)
+    weight = torch.randn(10, 24, generator=generator)
+    problem = channel_problem(inputs, weight, inputs.flatten(1) @ weight.T, range(24), range(24), 24)
+    for count in (3, 8, 12, 20):
+        searched = select_channels(problem, count, use_path=False)
+        assert select_channels(problem, count).keep == searched.keep, count
 
 
 def test_too_few_informative_channels_are_topped_up_by_correlation_then_index():
@@ -348,7 +362,7 @@ def test_the_lasso_criterion_scores_the_selection_first():
 
 
 def test_groups_lasso_cannot_regress_fall_back_to_l1_with_a_warning(monkeypatch):
-    monkeypatch.setattr(pruning, "MAX_LASSO_FEATURES", 1)  # every consumer is now "too wide"
+    monkeypatch.setattr(channel_choice, "MAX_LASSO_FEATURES", 1)  # every consumer is now "too wide"
     batches = [torch.randn(16, 1, 8, 8, generator=_generator(0))]
     model, l1_model = _dead_and_useless_net(), _dead_and_useless_net()
     with pytest.warns(UserWarning, match=r"group '0': consumer '2' has 8 x 9 input features .* chosen by L1 norm"):
