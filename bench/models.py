@@ -7,8 +7,9 @@ one batch of random images so the logits are not all alike):
 1. the channel groups the safety check leaves unpruned (``ops.safe_pruning.unsafe_groups`` at keep ratio 0.3,
    round_to 8, as channel_pruning's default);
 2. the largest uniform keep ratio of the other groups that reaches half the MACs (``uniform_keep_ratio``);
-3. pruning wall time: L1 selection, and LASSO selection with reconstruction (He et al.) on 10 batches of 32
-   random images, as a search's first trial (nothing shared yet) and as a later trial of the same search;
+3. pruning wall time: L1 selection, and (for ``--lasso-models``) LASSO selection with reconstruction (He et al.)
+   on 10 batches of 32 random images, as a search's first trial (nothing shared yet) and as a later trial of the
+   same search, with features from the model being pruned (exact, the default) and from the baseline;
 4. MACs and parameters before and after (the L1-pruned model: LASSO keeps the same counts);
 5. ONNX Runtime FP32 and static INT8 (QDQ, 64 calibration images) latency at batch 1 with 1 thread, the four
    models of one network interleaved over rounds (a change in machine load hits all of them alike);
@@ -38,6 +39,7 @@ from _common import Results, interleaved_latency, log, result_header
 FAMILIES = ["resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_large", "shufflenet_v2_x0_5", "squeezenet1_0",
             "densenet121", "efficientnet_b0", "regnet_x_400mf", "convnext_tiny"]
 QUICK = ["resnet18", "mobilenet_v3_small", "squeezenet1_0"]
+LASSO_MODELS = ["resnet18", "mobilenet_v2"]  # LASSO on all ten would take hours here
 NUM_CLASSES = 10
 TARGET_MACS_RATIO = 0.5
 LOWEST_KEEP_RATIO = 0.3
@@ -52,12 +54,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--side", type=int, default=96, help="input height and width in pixels")
     parser.add_argument("--rounds", type=int, default=5, help="latency rounds, the models interleaved")
     parser.add_argument("--repeats", type=int, default=50, help="timed runs per model and round")
-    parser.add_argument("--no-lasso", action="store_true", help="skip the LASSO timings (the slowest part)")
+    parser.add_argument("--lasso-models", nargs="*", default=LASSO_MODELS,
+                        help="the models whose LASSO pruning is timed (minutes each on 2 cores)")
     parser.add_argument("--quick", action="store_true", help=f"{QUICK} at 64 px, 3 rounds of 20")
     parser.add_argument("--out", type=Path, default=Path("bench/results/models.json"))
     args = parser.parse_args(argv)
     if args.quick:
         args.models, args.side, args.rounds, args.repeats = args.models or QUICK, 64, 3, 20
+        args.lasso_models = [m for m in args.lasso_models if m in args.models]
     models = args.models or FAMILIES
     results = Results(args.out, {**result_header("models.py", argv, args), "cpu": cpu_description(), "models": []})
     for name in models:
@@ -112,7 +116,7 @@ def measure(name: str, args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     kept = prune_channels_(pruned, shape, ratios, round_to=ROUND_TO, criterion="l1")
     l1_seconds = time.perf_counter() - started
-    lasso = None if args.no_lasso else lasso_seconds(model, shape, ratios, kept)
+    lasso = lasso_seconds(model, shape, ratios, kept) if name in args.lasso_models else None
 
     before, after = model_stats(model, shape), model_stats(pruned, shape)
     generator = torch.Generator().manual_seed(1)
@@ -144,24 +148,35 @@ def measure(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def lasso_seconds(model: Any, shape: tuple[int, int, int], ratios: dict[str, float],
-                  expected: dict[str, int]) -> dict[str, float]:
-    """LASSO pruning of ``model`` at ``ratios`` (with reconstruction), timed as a search's first trial and as a
-    later one (the second call of the same search); the counts must be those L1 kept."""
+                  expected: dict[str, int]) -> dict[str, Any]:
+    """LASSO pruning of ``model`` at ``ratios`` (with reconstruction), timed as a search's first trial (nothing
+    shared yet: a fresh feature cache) and as a later one (the second call of the same search), for each feature
+    source (``prune_channels_``'s ``features``); the counts must be those L1 kept."""
+    import os
+
     import torch
 
     from pf_ray.ops.pruning import prune_channels_
 
     generator = torch.Generator().manual_seed(4)
     batches = [torch.randn(LASSO_BATCH_SIZE, *shape, generator=generator) for _ in range(LASSO_BATCHES)]
-    times = []
-    for _ in range(2):
-        candidate = copy.deepcopy(model)
-        started = time.perf_counter()
-        kept = prune_channels_(candidate, shape, ratios, round_to=ROUND_TO, criterion="lasso", batches=batches)
-        times.append(time.perf_counter() - started)
-        if kept != expected:
-            raise RuntimeError(f"LASSO kept {kept}; L1 kept {expected}")
-    return {"first_seconds": round(times[0], 2), "later_seconds": round(times[1], 2)}
+    timings: dict[str, Any] = {}
+    for features in ("pruned", "baseline"):
+        with tempfile.TemporaryDirectory() as cache:
+            os.environ["PF_RAY_FEATURE_CACHE"] = cache  # the first trial of a new search finds nothing
+            times = []
+            for trial in (1, 2):
+                candidate, costs = copy.deepcopy(model), {}
+                started = time.perf_counter()
+                kept = prune_channels_(candidate, shape, ratios, round_to=ROUND_TO, criterion="lasso",
+                                       batches=batches, features=features, costs=costs)
+                times.append(time.perf_counter() - started)
+                log(f"  LASSO features={features} trial {trial}: {times[-1]:.1f} s {costs}")
+                if kept != expected:
+                    raise RuntimeError(f"LASSO kept {kept}; L1 kept {expected}")
+            timings[features] = {"first_seconds": round(times[0], 1), "later_seconds": round(times[1], 1)}
+    os.environ.pop("PF_RAY_FEATURE_CACHE", None)
+    return timings
 
 
 def calibrate_batch_norm_(model: Any, shape: tuple[int, int, int]) -> None:
@@ -188,13 +203,14 @@ def summary_line(row: dict[str, Any]) -> str:
 
 def markdown_table(rows: list[dict[str, Any]], side: int) -> str:
     header = ("| model | input | MACs before -> after | params before -> after | groups left unpruned | "
-              "pruning s: L1 / LASSO first / later | ORT FP32 ms before -> after | ORT INT8 ms before -> after | "
+              "pruning s: L1 / LASSO first, later (exact) / later (baseline features) | ORT FP32 ms before -> after | ORT INT8 ms before -> after | "
               "top-1 agreement FP32 / INT8 | max logit diff |")
     lines = [header, "|" + "---|" * 10]
     for row in rows:
         lasso = row["lasso"]
-        cost = f"{row['l1_seconds']:.1f} / " + (f"{lasso['first_seconds']:.1f} / {lasso['later_seconds']:.1f}"
-                                                 if lasso else "- / -")
+        cost = f"{row['l1_seconds']:.1f} / " + (
+            f"{lasso['pruned']['first_seconds']:.0f}, {lasso['pruned']['later_seconds']:.0f} / "
+            f"{lasso['baseline']['later_seconds']:.0f}" if lasso else "not timed")
         ms = row["latency_ms"]
         lines.append(
             f"| {row['model']} | {row['input_shape'][1]}x{row['input_shape'][2]} | "
