@@ -218,7 +218,7 @@ def remove_unkept_channels_(
     """
     key = f"_discrimination_aware_selection_{id(kept)}"
     CRITERIA[key] = lambda _model, group: kept[group.name].to(torch.float64)
-    ratios = [int(kept[group.name].sum()) / group.num_channels for group in groups]
+    ratios = {group.name: int(kept[group.name].sum()) / group.num_channels for group in groups}  # others: whole
     try:
         return prune_channels_(model, input_shape, ratios, round_to=1, criterion=key)
     finally:

@@ -185,3 +185,28 @@ def test_the_knapsack_start_has_a_value_per_searched_group_only():
     start = learner.starting_proposal(model, data, space)
     assert len(start) == len(space.names) == len(GROUPED + PLAIN)
     assert 0.4 < space.budget.cost(start) <= 0.5
+
+
+def test_discrimination_aware_pruning_leaves_the_same_graph_safe(tmp_path):
+    """The other channel pruner: its check leaves the shuffled group and the grouped convolutions' outputs (whose
+    groups its greedy selection does not keep equal) unpruned, and a trial prunes the plain convolutions."""
+    from pf_ray.learners.discrimination_aware_pruning import (
+        DiscriminationAwarePruning,
+        DiscriminationAwarePruningConfig,
+    )
+
+    model, data = shuffle_user_net(), tiny_data(SHAPE)
+    config = DiscriminationAwarePruningConfig(keep_ratio=0.5, num_stages=2, round_to=2, stage_fine_tune_steps=2,
+                                              batch_size=8)
+    learner = DiscriminationAwarePruning(config)
+    learner.check(model, SHAPE)
+    assert tuple(group.name for group in learner.skipped_groups()) == SHUFFLED + GROUPED
+    trial = DiscriminationAwarePruning(from_dict(DiscriminationAwarePruningConfig, to_dict(learner.checked_config())))
+    pruned = trial.prepare(copy.deepcopy(model), data)
+    assert pruned.expand[0].out_channels == 16 and pruned.mid[0].out_channels == 16  # 32 -> half
+    assert pruned.stem[0].out_channels == 16 and pruned.block1.branch[0].out_channels == 8  # whole
+    assert pruned.eval()(torch.randn(2, *SHAPE)).shape == (2, 10)
+    assert export_onnx(pruned, SHAPE, tmp_path / "pruned.onnx").exists()
+
+    with pytest.raises(ConfigError, match="discrimination_aware_pruning: nothing can be pruned"):
+        DiscriminationAwarePruning(config).check(only_shuffles(), SHAPE)
