@@ -201,7 +201,7 @@ def _problem_from_statistics(
 def _in_baseline_features(module: nn.Module, inputs: torch.Tensor, width: int) -> torch.Tensor:
     """``module``'s weight (out, in, kernel) with its input features put back where they were in the model as
     passed in (``inputs``: which one of its ``width`` each current feature is); those gone since weigh zero."""
-    weight = module.weight.detach().reshape(module.weight.shape[0], module.weight.shape[1], -1)
+    weight = module.weight.detach().cpu().reshape(module.weight.shape[0], module.weight.shape[1], -1)  # stats: CPU
     full = torch.zeros(weight.shape[0], width, weight.shape[2], dtype=weight.dtype)
     full[:, inputs] = weight
     return full
