@@ -160,7 +160,7 @@ def reload_on_cpu(path: Path, inputs: torch.Tensor, work: Path) -> torch.Tensor:
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     if done.returncode != 0:
         raise RuntimeError(f"CPU-only reload failed: {done.stderr.strip().splitlines()[-1:]}")
-    return torch.load(work / "logits.pt")
+    return torch.load(work / "logits.pt", weights_only=True)
 
 
 # --- steps -------------------------------------------------------------------------------------------------------

@@ -244,13 +244,15 @@ def _from_lars_path(problem: ChannelProblem, num_kept: int, scale: float) -> Las
     from sklearn.linear_model import lars_path_gram
 
     num_channels = len(problem.correlation)
+    if not (np.isfinite(problem.gram).all() and np.isfinite(problem.correlation).all()):
+        return None  # sklearn's LARS retries a non-finite Gram until 2**i overflows (a diverged model's features)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
             alphas, _, path = lars_path_gram(Xy=problem.correlation, Gram=(problem.gram + problem.gram.T) / 2,
                                              n_samples=num_channels, method="lasso", positive=True,
                                              max_iter=4 * num_channels)
-    except (ValueError, np.linalg.LinAlgError, FloatingPointError):
+    except (ValueError, OverflowError, np.linalg.LinAlgError, FloatingPointError):
         return None
     counts = np.count_nonzero(path, axis=0)  # (path points,) from the largest alpha down
     hits = np.nonzero(counts == num_kept)[0]

@@ -75,6 +75,7 @@ print("RESULT " + json.dumps(out))
 
 
 @pytest.mark.ray
+@pytest.mark.slow  # 17 s: a Ray of its own with a fake GPU, in a subprocess
 def test_use_gpu_trains_the_baseline_in_a_gpu_task_with_the_same_checkpoint(tmp_path):
     # Ray refuses more GPUs than CUDA_VISIBLE_DEVICES lists: fake ones need it unset.
     env = {key: value for key, value in os.environ.items() if key != "CUDA_VISIBLE_DEVICES"}

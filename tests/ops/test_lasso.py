@@ -392,3 +392,16 @@ def test_a_depthwise_conv_is_pruned_with_its_group_and_the_dense_layer_after_it_
     assert model_stats(pruned, shape).macs == macs_after(model, shape, ratios, 1)
     with torch.no_grad():
         assert torch.isfinite(pruned(torch.randn(4, *shape))).all()
+
+
+def test_a_non_finite_problem_is_left_to_the_alpha_search() -> None:
+    """A diverged model's features (inf in the Gram matrix) make sklearn's LARS retry until an int overflows: the
+    path is not tried, and the alpha search decides as it did before the path existed."""
+    import numpy as np
+
+    from pf_ray.ops.lasso import ChannelProblem, _from_lars_path
+
+    gram = np.eye(4)
+    gram[1, 1] = np.inf
+    problem = ChannelProblem(gram=gram, correlation=np.ones(4), energy=1.0)
+    assert _from_lars_path(problem, 2, 1.0) is None

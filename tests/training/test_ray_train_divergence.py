@@ -14,7 +14,7 @@ from pf_ray.models import build_model
 from pf_ray.spec import RunSpec
 from pf_ray.strict import from_dict
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.slow]  # 17 s; the gloo NaN test (test_distributed.py) is in the default run
 
 TINY = {
     "model": {"name": "resnet20"},
